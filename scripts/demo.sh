@@ -1,0 +1,25 @@
+#!/usr/bin/env bash
+# `make demo`: build a small MoE model here (no download), then inspect, split, verify and merge it.
+set -euo pipefail
+DIR=.demo
+MODEL=$DIR/demo-qwen2moe-f16.gguf
+PACK=$DIR/demo-qwen2moe.pack
+mkdir -p "$DIR"
+step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
+
+step "build a tiny qwen2moe test model (routed experts + a shared expert)"
+[ -f "$MODEL" ] || smoe-gguf make-test-model --arch qwen2moe --preset tiny --dtype f16 -o "$MODEL"
+
+step "inspect: what is core, what is a leaf"
+smoe-gguf inspect "$MODEL"
+
+step "split into a pack: dense core + one shard per leaf + manifest"
+smoe-gguf split "$MODEL" -o "$PACK" --force
+echo "files in the pack: $(find "$PACK" -type f | wc -l)"
+
+step "verify every part against the manifest"
+smoe-gguf verify "$PACK"
+
+step "merge back and compare with the source byte for byte"
+smoe-gguf merge "$PACK" -o "$DIR/merged.gguf" --force
+cmp "$MODEL" "$DIR/merged.gguf" && echo "merged file is byte-identical to the source"

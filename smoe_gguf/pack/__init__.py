@@ -1,0 +1,1 @@
+"""The pack: `split` a MoE GGUF into a dense core + per-leaf shards, `verify` it, `merge` it back."""
