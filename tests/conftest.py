@@ -1,0 +1,24 @@
+"""Shared fixtures."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+
+from smoe_gguf.testmodels import build_test_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str], Path]:
+    """``tiny_model(arch, dtype) -> Path``: a tiny test model (seed 0), built once per session."""
+    root = tmp_path_factory.mktemp("tiny_models")
+    built: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str) -> Path:
+        if (arch, dtype) not in built:
+            built[(arch, dtype)] = build_test_model(root / f"{arch}-{dtype}.gguf", arch, "tiny", dtype)
+        return built[(arch, dtype)]
+
+    return get
