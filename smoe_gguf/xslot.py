@@ -1,0 +1,398 @@
+"""The X-Slot: a ggml buffer type whose memory is reserved address space, filled slice by slice.
+
+llama.cpp is told (``tensor_buft_overrides``) to put every routed-expert tensor in an ``XSLOT``
+buffer. Its ``alloc_buffer`` only reserves address space (anonymous ``MAP_NORESERVE``), so a
+tensor of any size costs nothing until a page is written. While the model loads, ``is_host`` is
+false and ``set_tensor`` copies nothing: llama.cpp's own bytes for the experts are dropped, and we
+only record where each tensor lives. Afterwards ``is_host`` is true, so the CPU backend computes
+directly on the reserved memory, and the caller makes expert slices resident (:meth:`XSlot.fill_slice`
+/ :meth:`XSlot.load_slice` copy, :meth:`XSlot.map_slice` maps a page-aligned file range) or evicts
+them (map fresh anonymous pages over them) between the router and the expert matmuls.
+
+Page accounting. Slice ``e`` of a tensor is the byte range ``[addr + e*S, addr + (e+1)*S)``;
+tensors start page-aligned (``get_alignment`` is at least the page size) but ``S`` need not be
+a page multiple, so the first and last page of a slice may hold bytes of its neighbours. Loading a
+slice writes (and so makes resident) every page it touches. Evicting it releases every page it
+touches that no *still-resident* slice of the same tensor touches; a boundary page shared with a
+resident neighbour stays until that neighbour goes too. Hence, exactly:
+
+    physically resident pages == union of the pages touched by resident slices
+
+(:meth:`XSlot.resident_page_bytes` computes it from the bookkeeping, :meth:`XSlot.mincore_bytes`
+asks the kernel) and, per resident slice, at most ``ceil(S / page) + 1`` pages, i.e. the slack
+over the logical :attr:`XSlot.resident_bytes` is below one page plus the rounding of ``S`` per
+resident slice (:meth:`XSlot.page_slack_bound`).
+
+``mincore`` also counts a page that was only *read*: reading a never-written anonymous page maps
+the kernel's shared zero page. The gate guarantees that llama.cpp reads only resident slices, so
+the two counts agree; a reader of non-resident slices (the negative control in the tests, a
+checksum over the whole tensor) makes ``mincore`` report more than the memory really used.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import archs
+from . import ggml_abi as abi
+from .errors import SmoeError
+
+PAGE = mmap.PAGESIZE
+ALIGNMENT = max(4096, PAGE)
+
+_PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
+if sys.platform == "darwin":
+    _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x40
+else:
+    _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
+_MAP_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
+_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+# Fault a slice's pages in with one call before copying into it (instead of one fault per 4 KiB
+# page during the copy): 1 MiB slices from a page-cached file, 2.8 GB/s instead of 2.3 GB/s
+# on the project machine. Linux >= 5.14; switched off when the kernel refuses it.
+_MADV_POPULATE_WRITE: int | None = 23 if sys.platform.startswith("linux") else None
+_MADV_POPULATE_READ: int | None = 22 if sys.platform.startswith("linux") else None
+
+
+@dataclass(frozen=True)
+class Region:
+    """Where one expert tensor lives in the X-Slot."""
+
+    name: str
+    address: int
+    nbytes: int
+    ne: tuple[int, int, int, int]
+    nb: tuple[int, int, int, int]
+    n_expert: int  # ne of the outermost non-trivial dimension
+    slice_bytes: int  # nb of that dimension: one expert's contiguous bytes
+
+    def slice_address(self, expert: int) -> int:
+        return self.address + expert * self.slice_bytes
+
+
+def _map_anon(address: int, size: int, fixed: bool) -> int:
+    flags = _MAP_ANON | (_MAP_FIXED if fixed else 0)
+    got = abi.libc_mmap(address if fixed else None, size, _PROT_RW, flags, -1, 0)
+    if got is None or got == abi.MAP_FAILED or (fixed and got != address):
+        err = ctypes.get_errno()
+        raise SmoeError(f"X-Slot: mmap of {size} bytes failed: {os.strerror(err)}")
+    if _MADV_NOHUGEPAGE is not None:
+        # A transparent huge page would make one written 4 KiB page cost 2 MiB and break the
+        # page accounting; a fresh MAP_FIXED mapping is a new VMA, so advise it every time.
+        abi.libc_madvise(got, size, _MADV_NOHUGEPAGE)
+    return int(got)
+
+
+class XSlot:
+    """One X-Slot buffer type (``XSLOT``) and the buffers llama.cpp allocates from it.
+
+    Use: pass :meth:`tensor_buft_overrides` as ``llama_model_params.tensor_buft_overrides``, load
+    the model, call :meth:`finish_loading`, then :meth:`load_slice` / :meth:`evict_slice`.
+    Not thread-safe; every method is meant to run on the thread that calls ``llama_decode``.
+    Keep the object alive until ``llama_model_free`` has returned: ggml calls back into it
+    (``free_buffer`` included) through raw pointers.
+    """
+
+    def __init__(self, name: str = "XSLOT") -> None:
+        abi.ensure_layout()
+        self._name = ctypes.create_string_buffer(name.encode())
+        self._name_address = ctypes.addressof(self._name)
+        self.loading = True
+        self.regions: dict[str, Region] = {}
+        self.buffers: dict[int, tuple[int, int]] = {}  # ggml buffer -> (base, size)
+        self.offered_bytes = 0  # bytes llama.cpp handed to set_tensor while loading (dropped)
+        self._region_bytes = 0  # sum of nbytes of all regions
+        self.error: str | None = None  # why a tensor was refused (llama.cpp then fails the load)
+        self.resident_bytes = 0  # logical: sum of slice_bytes of resident slices
+        self._resident: dict[str, bytearray] = {}  # tensor name -> one flag per expert
+        self._views: dict[str, memoryview] = {}  # tensor name -> writable view of its bytes
+        self._override_array: ctypes.Array[abi.LlamaTensorBuftOverride] | None = None
+        self._override_patterns: list[bytes] = []
+        self._populate = _MADV_POPULATE_WRITE is not None
+
+        # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
+        self._buft_iface = abi.GgmlBackendBufferTypeI(
+            get_name=abi.BUFT_GET_NAME(self._get_name),
+            alloc_buffer=abi.BUFT_ALLOC_BUFFER(self._alloc_buffer),
+            get_alignment=abi.BUFT_GET_ALIGNMENT(self._get_alignment),
+            get_max_size=abi.BUFT_GET_MAX_SIZE(),  # NULL: SIZE_MAX
+            get_alloc_size=abi.BUFT_GET_ALLOC_SIZE(),  # NULL: ggml_nbytes
+            is_host=abi.BUFT_IS_HOST(self._is_host),
+        )
+        self._buft_struct = abi.GgmlBackendBufferType(
+            iface=self._buft_iface, device=abi.cpu_device(), context=None
+        )
+        self.buft: int = ctypes.addressof(self._buft_struct)
+        self._buffer_iface = abi.GgmlBackendBufferI(
+            free_buffer=abi.BUF_FREE_BUFFER(self._free_buffer),
+            get_base=abi.BUF_GET_BASE(self._get_base),
+            init_tensor=abi.BUF_INIT_TENSOR(self._init_tensor),
+            memset_tensor=abi.BUF_MEMSET_TENSOR(self._memset_tensor),
+            set_tensor=abi.BUF_SET_TENSOR(self._set_tensor),
+            get_tensor=abi.BUF_GET_TENSOR(self._get_tensor),
+            set_tensor_2d=abi.BUF_SET_TENSOR_2D(),
+            get_tensor_2d=abi.BUF_GET_TENSOR_2D(),
+            cpy_tensor=abi.BUF_CPY_TENSOR(),
+            clear=abi.BUF_CLEAR(self._clear),
+            reset=abi.BUF_RESET(),
+        )
+
+    # ---------------------------------------------------------------- llama.cpp plumbing
+
+    def tensor_buft_overrides(self, patterns: tuple[str, ...] = (archs.EXPERT_TENSOR_PATTERN,)) -> int:
+        """Address of a NULL-terminated ``llama_model_tensor_buft_override`` array sending every
+        tensor matching one of ``patterns`` to this X-Slot. The array lives as long as ``self``."""
+        self._override_patterns = [p.encode() for p in patterns]
+        arr = (abi.LlamaTensorBuftOverride * (len(patterns) + 1))()
+        for i, p in enumerate(self._override_patterns):
+            arr[i].pattern = p
+            arr[i].buft = self.buft
+        arr[len(patterns)].pattern = None
+        arr[len(patterns)].buft = None
+        self._override_array = arr
+        return ctypes.addressof(arr)
+
+    def finish_loading(self) -> None:
+        """Call after ``llama_model_load_from_file`` returns: from now on ``is_host`` answers true.
+
+        It also turns true by itself once llama.cpp has offered every byte of every X-Slot tensor
+        to ``set_tensor``: with ``is_host`` still false, creating a context aborts the process
+        (ggml: "pre-allocated tensor ... in a buffer (XSLOT) that cannot run the operation").
+        """
+        if self.error is not None:
+            raise SmoeError(self.error)
+        self.loading = False
+
+    # ---------------------------------------------------------------- slices
+
+    def slice_address(self, tensor_name: str, expert: int) -> int:
+        return self.regions[tensor_name].slice_address(expert)
+
+    def is_resident(self, tensor_name: str, expert: int) -> bool:
+        return bool(self._resident[tensor_name][expert])
+
+    def fill_slice(self, tensor_name: str, expert: int, fill: Callable[[memoryview], object]) -> None:
+        """Make a slice resident: ``fill(view)`` must write all of ``view`` (the slice's bytes).
+
+        If ``fill`` raises, the pages it may have touched are released again and the slice stays
+        non-resident, so the page accounting holds."""
+        r = self.regions[tensor_name]
+        s = r.slice_bytes
+        if self._populate:
+            lo, hi = self._pages(r, expert)
+            if abi.libc_madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
+                self._populate = False  # old kernel: let the copy fault the pages in
+        flags = self._resident[tensor_name]
+        was_resident = flags[expert]
+        try:
+            fill(self._views[tensor_name][expert * s : (expert + 1) * s])
+        except BaseException:
+            flags[expert] = 1
+            self.resident_bytes += 0 if was_resident else s
+            self.evict_slice(tensor_name, expert)
+            raise
+        if not was_resident:
+            flags[expert] = 1
+            self.resident_bytes += s
+
+    def load_slice(self, tensor_name: str, expert: int, fd: int, file_offset: int) -> None:
+        """Copy slice ``expert`` of ``tensor_name`` from ``fd`` at ``file_offset`` (the slice's bytes)."""
+
+        def read(view: memoryview) -> None:
+            done = 0
+            while done < len(view):
+                n = os.preadv(fd, [view[done:]], file_offset + done)
+                if n <= 0:
+                    raise SmoeError(f"X-Slot: short read for {tensor_name}[{expert}] at offset {file_offset + done}")
+                done += n
+
+        self.fill_slice(tensor_name, expert, read)
+
+    def map_slice(self, tensor_name: str, expert: int, fd: int, file_offset: int) -> None:
+        """Zero-copy variant of :meth:`load_slice`: map the file's bytes over the slice
+        (``MAP_PRIVATE | MAP_FIXED``, populated). The slice must start and end on page boundaries
+        and ``file_offset`` must be a page multiple. The pages are the file's page-cache pages
+        (``mincore`` reports their cache residency); each mapped slice is one VMA of the process
+        (``vm.max_map_count``, 65530 by default, bounds how many can be mapped at once); the file
+        must not be truncated while mapped (SIGBUS)."""
+        r = self.regions[tensor_name]
+        address, s = r.slice_address(expert), r.slice_bytes
+        if address % PAGE or s % PAGE or file_offset % PAGE:
+            raise SmoeError(
+                f"X-Slot: {tensor_name}[{expert}] cannot be mapped: slice {s} bytes at file offset "
+                f"{file_offset} is not page-aligned (use load_slice)"
+            )
+        got = abi.libc_mmap(address, s, _PROT_RW, mmap.MAP_PRIVATE | _MAP_FIXED, fd, file_offset)
+        if got != address:
+            raise SmoeError(f"X-Slot: mmap of {tensor_name}[{expert}] failed: {os.strerror(ctypes.get_errno())}")
+        if _MADV_POPULATE_READ is not None:
+            # read-populate: map the page-cache pages now, without copying them (MAP_POPULATE on a
+            # writable private mapping write-faults, i.e. copies every page: no faster than load_slice)
+            abi.libc_madvise(address, s, _MADV_POPULATE_READ)
+        flags = self._resident[tensor_name]
+        if not flags[expert]:
+            flags[expert] = 1
+            self.resident_bytes += s
+
+    def evict_slice(self, tensor_name: str, expert: int) -> None:
+        """Give the pages of a slice back to the system, all but boundary pages a resident neighbour uses."""
+        flags = self._resident[tensor_name]
+        if not flags[expert]:
+            return
+        r = self.regions[tensor_name]
+        flags[expert] = 0
+        self.resident_bytes -= r.slice_bytes
+        lo, hi = self._free_span(r, flags, expert)
+        if lo < hi:
+            _map_anon(lo, hi - lo, fixed=True)
+
+    def evict_all(self) -> None:
+        for name, flags in self._resident.items():
+            for e in range(len(flags)):
+                if flags[e]:
+                    self.evict_slice(name, e)
+
+    @staticmethod
+    def _pages(r: Region, expert: int) -> tuple[int, int]:
+        start = r.slice_address(expert)
+        end = start + r.slice_bytes
+        return start - start % PAGE, -(-end // PAGE) * PAGE
+
+    def _free_span(self, r: Region, flags: bytearray, expert: int) -> tuple[int, int]:
+        s = r.slice_bytes
+        lo, hi = self._pages(r, expert)
+        start = r.slice_address(expert)
+        if lo < start:  # first page holds the tail of earlier slices
+            first = max(0, (lo - r.address) // s)
+            if any(flags[first:expert]):
+                lo += PAGE
+        if start + s < hi:  # last page holds the head of later slices (or tensor padding)
+            last = min(r.n_expert - 1, (hi - 1 - r.address) // s)
+            if any(flags[expert + 1 : last + 1]):
+                hi -= PAGE
+        return lo, hi
+
+    # ---------------------------------------------------------------- accounting
+
+    def resident_page_bytes(self) -> int:
+        """Bytes of the pages touched by resident slices (what the kernel should report)."""
+        pages: set[int] = set()
+        for name, flags in self._resident.items():
+            r = self.regions[name]
+            for e in range(r.n_expert):
+                if flags[e]:
+                    lo, hi = self._pages(r, e)
+                    pages.update(range(lo, hi, PAGE))
+        return len(pages) * PAGE
+
+    def page_slack_bound(self, n_slices: int, slice_bytes: int) -> int:
+        """Upper bound of (page bytes - logical bytes) for ``n_slices`` resident slices of ``slice_bytes``."""
+        per_slice = (-(-slice_bytes // PAGE) + 1) * PAGE - slice_bytes
+        return n_slices * per_slice
+
+    def mincore_bytes(self) -> int:
+        """Resident bytes of all X-Slot buffers as the kernel reports them (``mincore``)."""
+        total = 0
+        for base, size in self.buffers.values():
+            n_pages = -(-size // PAGE)
+            vec = (ctypes.c_uint8 * n_pages)()
+            if abi.libc_mincore(base, n_pages * PAGE, vec) != 0:
+                raise SmoeError(f"X-Slot: mincore failed: {os.strerror(ctypes.get_errno())}")
+            total += int(np.count_nonzero(np.ctypeslib.as_array(vec) & 1))
+        return total * PAGE
+
+    # ---------------------------------------------------------------- ggml callbacks
+
+    def _get_name(self, buft: int) -> int:
+        return self._name_address
+
+    def _get_alignment(self, buft: int) -> int:
+        return ALIGNMENT
+
+    def _is_host(self, buft: int) -> bool:
+        return not self.loading
+
+    def _alloc_buffer(self, buft: int, size: int) -> int:
+        try:
+            reserve = -(-size // PAGE) * PAGE
+            base = _map_anon(0, reserve, fixed=False)
+            buf = abi.ggml_backend_buffer_init(self.buft, self._buffer_iface, None, size)
+            if not buf:
+                abi.libc_munmap(base, reserve)
+                return 0
+            self.buffers[int(buf)] = (base, reserve)
+            return int(buf)
+        except Exception as e:  # noqa: BLE001 - must not cross into C; NULL makes llama.cpp fail loudly
+            print(f"smoe-gguf X-Slot: alloc_buffer({size}) failed: {e}", file=sys.stderr)
+            return 0
+
+    def _free_buffer(self, buffer: int) -> None:
+        base, size = self.buffers.pop(buffer)
+        for name in [n for n, r in self.regions.items() if base <= r.address < base + size]:
+            flags = self._resident.pop(name)
+            self.resident_bytes -= self.regions[name].slice_bytes * sum(flags)
+            self._region_bytes -= self.regions[name].nbytes
+            del self.regions[name]
+            del self._views[name]
+        abi.libc_munmap(base, size)
+
+    def _get_base(self, buffer: int) -> int:
+        return self.buffers[buffer][0]
+
+    def _init_tensor(self, buffer: int, tensor: int) -> int:
+        t = abi.tensor_at(tensor)
+        if t.view_src:
+            return abi.GGML_STATUS_SUCCESS
+        name = t.name.decode()
+        ne = tuple(t.ne)
+        nb = tuple(t.nb)
+        d = abi.GGML_MAX_DIMS - 1
+        while d > 0 and ne[d] == 1:
+            d -= 1
+        nbytes = abi.ggml_nbytes(tensor)
+        r = Region(name, int(t.data), nbytes, ne, nb, ne[d], nb[d])  # type: ignore[arg-type]
+        # Refusing a tensor fails the allocation, and llama.cpp fails the load with an error.
+        if r.slice_bytes * r.n_expert != r.nbytes:
+            self.error = f"X-Slot: tensor {name} is not {r.n_expert} contiguous expert slices"
+            return abi.GGML_STATUS_FAILED
+        if r.address % PAGE:  # the page accounting assumes no page is shared between tensors
+            self.error = f"X-Slot: tensor {name} does not start on a page boundary"
+            return abi.GGML_STATUS_FAILED
+        self.regions[name] = r
+        self._region_bytes += nbytes
+        self._resident[name] = bytearray(r.n_expert)
+        self._views[name] = memoryview((ctypes.c_uint8 * nbytes).from_address(r.address)).cast("B")
+        return abi.GGML_STATUS_SUCCESS
+
+    def _set_tensor(self, buffer: int, tensor: int, data: int, offset: int, size: int) -> None:
+        if self.loading:
+            self.offered_bytes += size  # llama.cpp's copy of the experts: counted, not copied
+            if self.offered_bytes >= self._region_bytes:
+                self.loading = False
+            return
+        ctypes.memmove(abi.tensor_at(tensor).data + offset, data, size)
+
+    def _get_tensor(self, buffer: int, tensor: int, data: int, offset: int, size: int) -> None:
+        ctypes.memmove(data, abi.tensor_at(tensor).data + offset, size)
+
+    def _memset_tensor(self, buffer: int, tensor: int, value: int, offset: int, size: int) -> None:
+        ctypes.memset(abi.tensor_at(tensor).data + offset, value, size)
+
+    def _clear(self, buffer: int, value: int) -> None:
+        base, size = self.buffers[buffer]
+        if value == 0:  # fresh anonymous pages are zero: clearing also releases the memory
+            _map_anon(base, size, fixed=True)
+            for name, r in self.regions.items():
+                if base <= r.address < base + size:
+                    flags = self._resident[name]
+                    self.resident_bytes -= r.slice_bytes * sum(flags)
+                    flags[:] = bytes(len(flags))
+        else:
+            ctypes.memset(base, value, size)
