@@ -1,0 +1,223 @@
+"""The router gate: a ``cb_eval`` that stops the graph after each layer's expert selection.
+
+llama.cpp's scheduler asks ``cb_eval(t, ask=True)`` for every graph node; the gate answers true
+for ``ffn_moe_topk-<layer>`` (the ids of the selected experts, written by ``build_moe_ffn``) and
+for any other node prefix it was given. The scheduler then computes the graph up to that node
+and calls ``cb_eval(t, ask=False)``. The expert matmuls run only after that call returns, so
+whatever it makes resident is what they read.
+
+The callback is C (``_gatecb.c``): the ask for each of the ~450 nodes of a token, and a top-k
+gate whose leaves are all resident (a hit: it stamps the shared access arrays the eviction
+policies read), never enter Python. Only a miss, or a node of another kind, calls back into
+Python: ``on_experts(layer, ids)`` must make the leaves resident before it returns;
+``on_node(kind, layer, tensor_address)`` handles the other kinds.
+With :attr:`gating` off the gate asks for nothing: llama.cpp computes each graph in one piece,
+exactly as without a callback (for a budget that holds every leaf, once all are resident).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from collections.abc import Callable
+from ctypes import POINTER, Structure, c_bool, c_char, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
+
+import numpy as np
+
+from . import archs
+from . import ggml_abi as abi
+from .errors import SmoeError
+from .policy import AccessState
+
+ExpertsHook = Callable[[int, np.ndarray], None]
+NodeHook = Callable[[int, int, int], None]  # (kind, layer, tensor address)
+
+KIND_TOPK = 0
+_KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
+MAX_PREFIX = 4
+PREFIX_LEN = 32
+
+_SLOW = ctypes.CFUNCTYPE(c_int32, c_void_p, c_int32, c_int32, c_int32)
+_TENSOR_GET = ctypes.CFUNCTYPE(None, c_void_p, c_void_p, c_size_t, c_size_t)
+
+
+class _GateStruct(Structure):
+    """``struct smoe_gate`` in _gatecb.c (checked against its sizeof at load)."""
+
+    _fields_ = [
+        ("gating", c_int32),
+        ("n_prefix", c_int32),
+        ("prefix_len", c_int32 * MAX_PREFIX),
+        ("kind", c_int32 * MAX_PREFIX),
+        ("prefix", (c_char * PREFIX_LEN) * MAX_PREFIX),
+        ("off_ne", c_int64),
+        ("off_nb", c_int64),
+        ("off_name", c_int64),
+        ("n_layer", c_int32),
+        ("n_expert", c_int32),
+        ("resident", POINTER(c_uint8)),
+        ("last_use", POINTER(c_uint64)),
+        ("uses", POINTER(c_uint32)),
+        ("clock", POINTER(c_uint64)),
+        ("fast_hits", c_uint64),
+        ("fast_gates", c_uint64),
+        ("ids", POINTER(c_int32)),
+        ("ids_cap", c_int64),
+        ("ids_rows", c_int32),
+        ("ids_cols", c_int32),
+        ("ids_row_stride", c_int64),
+        ("tensor_get", c_void_p),
+        ("slow", _SLOW),
+        ("failed", c_int32),
+    ]
+
+
+def _load_lib() -> ctypes.CDLL:
+    spec = importlib.util.find_spec("smoe_gguf._gatecb")
+    if spec is None or spec.origin is None:
+        raise SmoeError("smoe_gguf._gatecb is not built: reinstall the package (`make install` or `pip install -e .`)")
+    lib = ctypes.CDLL(spec.origin)
+    lib.smoe_gate_sizeof.restype = c_size_t
+    if lib.smoe_gate_sizeof() != ctypes.sizeof(_GateStruct):
+        raise SmoeError(f"smoe_gguf._gatecb does not match gate.py (struct of {lib.smoe_gate_sizeof()} "
+                        f"bytes, expected {ctypes.sizeof(_GateStruct)}): rebuild the package")
+    return lib
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        _LIB = _load_lib()
+    return _LIB
+
+
+class Gate:
+    """``cb_eval`` for ``llama_context_params``: call :meth:`install` on the params.
+
+    ``state`` holds the residency the C path checks (``state.resident``) and stamps on hits;
+    without one every top-k gate goes to ``on_experts``. ``ids`` passed to ``on_experts`` are int32
+    ``[n_tokens, n_expert_used]`` (one row per token of the micro-batch), valid only during the
+    call. It is not called for a node with no rows (llama.cpp's last layer computes only the
+    tokens whose logits are wanted: none for a prompt chunk whose batch asks for no output).
+    An exception in a hook stops the graph: call :meth:`check` after every ``llama_decode``
+    (the decode itself reports success in that case; its output is garbage).
+    Keep the object alive as long as the context that holds the callback.
+    """
+
+    def __init__(
+        self,
+        on_experts: ExpertsHook,
+        state: AccessState | None = None,
+        n_layer: int = 512,
+        n_expert: int = 512,
+        max_ids: int = 1 << 16,
+        nodes: dict[str, int] | None = None,
+        on_node: NodeHook | None = None,
+    ) -> None:
+        abi.ensure_layout()
+        self._lib = _lib()
+        self.on_experts = on_experts
+        self.on_node = on_node
+        self.state = state if state is not None else AccessState.new(n_layer, n_expert)
+        self.error: BaseException | None = None
+        self.py_gates = 0
+        s = self.state
+        st = _GateStruct()
+        nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
+        if len(nodes) > MAX_PREFIX:
+            raise SmoeError(f"at most {MAX_PREFIX} gated node kinds")
+        for i, (node, kind) in enumerate(nodes.items()):
+            prefix = (node + "-").encode()
+            if len(prefix) >= PREFIX_LEN:
+                raise SmoeError(f"gate node name {node!r} is too long")
+            st.prefix[i].value = prefix
+            st.prefix_len[i] = len(prefix)
+            st.kind[i] = kind
+        st.n_prefix = len(nodes)
+        st.off_ne = abi.GgmlTensor.ne.offset  # type: ignore[attr-defined]
+        st.off_nb = abi.GgmlTensor.nb.offset  # type: ignore[attr-defined]
+        st.off_name = abi.TENSOR_NAME_OFFSET
+        st.n_layer, st.n_expert = s.n_layer, s.n_expert
+        for name in ("resident", "last_use", "uses", "clock"):
+            arr = getattr(s, name)
+            if not arr.flags.c_contiguous:
+                raise SmoeError(f"access state {name} must be contiguous")
+            setattr(st, name, arr.ctypes.data_as(type(getattr(st, name))))
+        self._ids = np.zeros(max(max_ids, 1024), np.int32)
+        st.ids = self._ids.ctypes.data_as(POINTER(c_int32))
+        st.ids_cap = self._ids.size
+        st.tensor_get = ctypes.cast(abi.ggml_backend_tensor_get, c_void_p).value
+        self._slow = _SLOW(self._on_slow)  # referenced: C holds the pointer
+        st.slow = self._slow
+        st.gating = 1
+        self._st = st
+        self.user_data = ctypes.addressof(st)
+        self.callback = abi.EvalCallback(ctypes.cast(self._lib.smoe_gate_cb, c_void_p).value)
+
+    def install(self, cparams: object) -> None:
+        """Point ``cparams.cb_eval`` / ``cb_eval_user_data`` at this gate."""
+        cparams.cb_eval = self.callback  # type: ignore[attr-defined]
+        cparams.cb_eval_user_data = self.user_data  # type: ignore[attr-defined]
+
+    @property
+    def gating(self) -> bool:
+        return bool(self._st.gating)
+
+    @gating.setter
+    def gating(self, on: bool) -> None:
+        self._st.gating = 1 if on else 0
+
+    @property
+    def fast_hits(self) -> int:
+        """Leaf hits served by the C path (distinct leaves per gate)."""
+        return int(self._st.fast_hits)
+
+    @property
+    def n_gated(self) -> int:
+        """Top-k gates with rows seen, by either path."""
+        return int(self._st.fast_gates) + self.py_gates
+
+    def check(self) -> None:
+        """Raise the hooks' failure, if any, and clear it."""
+        if self.error is not None:
+            err, self.error = self.error, None
+            if isinstance(err, SmoeError):
+                raise err
+            raise SmoeError(f"X-Slot gate failed: {err!r}") from err
+
+    # ------------------------------------------------------------------------ Python path
+
+    def _on_slow(self, t: int, kind: int, layer: int, n_tokens: int) -> int:
+        try:
+            if kind == KIND_TOPK:
+                st = self._st
+                ids = np.lib.stride_tricks.as_strided(
+                    self._ids, shape=(st.ids_rows, st.ids_cols), strides=(st.ids_row_stride * 4, 4), writeable=False
+                )
+                self.py_gates += 1
+                self.on_experts(layer, ids)
+            elif kind == _KIND_TOPK_UNREAD:
+                ids = self._read(t)
+                if ids.shape[0]:
+                    self.py_gates += 1
+                    self.on_experts(layer, ids)
+            elif self.on_node is not None:
+                self.on_node(kind, layer, t)
+            return 1
+        except BaseException as e:  # noqa: BLE001 - must not unwind into C
+            if self.error is None:  # keep the first failure: later ones follow from it
+                self.error = e
+            return 0
+
+    def _read(self, t: int) -> np.ndarray:
+        tt = abi.tensor_at(t)
+        n_used, n_tokens, row_stride = tt.ne[0], tt.ne[1], tt.nb[1]
+        if n_tokens == 0:
+            return np.zeros((0, n_used), np.int32)
+        nbytes = abi.ggml_nbytes(t)
+        buf = np.empty(nbytes // 4 + 1, np.int32)
+        abi.ggml_backend_tensor_get(t, buf.ctypes.data, 0, nbytes)
+        return np.lib.stride_tricks.as_strided(buf, shape=(n_tokens, n_used), strides=(row_stride, 4), writeable=False)

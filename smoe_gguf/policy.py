@@ -1,0 +1,123 @@
+"""Eviction policies over leaves, as pure functions of the access state.
+
+The access state is a few arrays indexed by (layer, expert): which leaves are resident, the
+clock of each leaf's last use and how often it was used. The gate's C hot path stamps them on
+hits, the residency on misses, and a trace replay in Python the same way, so a policy makes
+the same choice live and in replay. The clock advances once per gate (one layer of one
+micro-batch), so layer order is visible in it.
+
+Policies:
+
+``lru``
+    evict the leaf used longest ago.
+``lfru``
+    frequency-weighted LRU: a leaf's score is its use count decayed by its age
+    (``uses * 0.5 ** (age / half_life)``, half-life in gates); evict the lowest score.
+    A leaf used often survives a burst of one-off leaves that plain LRU would keep.
+``least-stale``
+    evict the leaf whose layer comes furthest in the future in layer order: after layer
+    ``c``, layer ``c+1`` is needed next and layer ``c`` last. Among leaves of that layer,
+    LRU. (SpecMD's observation: a leaf just used by its layer is the least urgent one.)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from .errors import SmoeError
+
+
+@dataclass
+class AccessState:
+    """What policies look at. Arrays are ``[n_layer, n_expert]``; C writes into them in place."""
+
+    n_layer: int
+    n_expert: int
+    resident: np.ndarray  # uint8: 1 when the leaf is in the X-Slot
+    last_use: np.ndarray  # uint64: clock of the leaf's last use (0: never)
+    uses: np.ndarray  # uint32: gates that selected the leaf
+    clock: np.ndarray  # uint64[1]: +1 per gate
+    pinned: np.ndarray  # uint8: never evicted (--pin)
+
+    @classmethod
+    def new(cls, n_layer: int, n_expert: int) -> "AccessState":
+        shape = (n_layer, n_expert)
+        return cls(
+            n_layer, n_expert,
+            np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
+            np.zeros(1, np.uint64), np.zeros(shape, np.uint8),
+        )
+
+    def tick(self) -> int:
+        self.clock[0] += 1
+        return int(self.clock[0])
+
+    def record(self, layer: int, experts: list[int], now: int) -> None:
+        """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate)."""
+        self.last_use[layer, experts] = now
+        self.uses[layer, experts] += 1
+
+
+class Policy:
+    """Chooses which resident leaf to evict. ``victim`` gets a mask of leaves it may evict."""
+
+    name = "?"
+
+    def victim(self, s: AccessState, evictable: np.ndarray, layer: int) -> tuple[int, int] | None:
+        """The leaf to evict among ``evictable`` (bool ``[n_layer, n_expert]``), or None if none is.
+
+        ``layer`` is the layer being gated now.
+        """
+        flat = np.flatnonzero(evictable)
+        if flat.size == 0:
+            return None
+        k = int(flat[self._pick(s, flat, layer)])
+        return divmod(k, s.n_expert)
+
+    def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
+        raise NotImplementedError
+
+
+class LRU(Policy):
+    name = "lru"
+
+    def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
+        return int(np.argmin(s.last_use.ravel()[flat]))
+
+
+class LFRU(Policy):
+    name = "lfru"
+
+    def __init__(self, half_life: float | None = None) -> None:
+        self.half_life = half_life  # in gates; default: 4 passes over the layers
+
+    def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
+        half = self.half_life or 4.0 * s.n_layer
+        age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / half
+        score = s.uses.ravel()[flat].astype(np.float64) * np.exp2(-age)
+        # ties (e.g. never-used leaves): least recently used first
+        order = np.lexsort((s.last_use.ravel()[flat], score))
+        return int(order[0])
+
+
+class LeastStale(Policy):
+    name = "least-stale"
+
+    def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
+        layers = flat // s.n_expert
+        # distance in layer order until the leaf's layer is gated again: layer+1 -> 0 ... layer -> L-1
+        until = (layers - layer - 1) % s.n_layer
+        order = np.lexsort((s.last_use.ravel()[flat], -until))
+        return int(order[0])
+
+
+POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFRU, LeastStale)}
+
+
+def make_policy(name: str) -> Policy:
+    try:
+        return POLICIES[name]()
+    except KeyError:
+        raise SmoeError(f"unknown policy {name!r}: choose one of {', '.join(POLICIES)}", 2) from None
