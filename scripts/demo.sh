@@ -23,3 +23,6 @@ smoe-gguf verify "$PACK"
 step "merge back and compare with the source byte for byte"
 smoe-gguf merge "$PACK" -o "$DIR/merged.gguf" --force
 cmp "$MODEL" "$DIR/merged.gguf" && echo "merged file is byte-identical to the source"
+
+step "generate from the pack with the experts paged through a 25% X-Slot"
+smoe-gguf run "$PACK" -p "The quick brown fox" -n 48 --budget 25% --stats

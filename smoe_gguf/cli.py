@@ -170,6 +170,72 @@ def merge(
     out.print(f"[green]wrote[/] {output} (sha256 matches the source)")
 
 
+@app.command()
+def run(
+    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
+    prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt.")],
+    n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Tokens to generate.")] = 64,
+    budget: Annotated[
+        str | None,
+        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
+                     "Default: what fits in available memory minus 1 GiB."),
+    ] = None,
+    seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
+    temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8).")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
+    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never.")] = "first",
+    stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, figures.")] = False,
+) -> None:
+    """Generate text with the experts paged through a byte-budgeted X-Slot, bit-exact."""
+    from .engine import Engine
+
+    if n_tokens < 1:
+        raise SmoeError("--n-tokens must be at least 1", exit_code=2)
+    with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums) as eng:
+        if budget is None and not as_json:
+            err.print(f"budget: {human(eng.budget)} (available memory minus 1 GiB; set --budget to change)")
+
+        def stream(tok: int, piece: bytes) -> None:
+            if not as_json:
+                sys.stdout.write(piece.decode("utf-8", errors="replace"))
+                sys.stdout.flush()
+
+        gen = eng.generate(prompt, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True)
+        figures: dict[str, Any] = {
+            "prompt_tokens": gen.stats.prompt_tokens,
+            "generated_tokens": gen.stats.generated_tokens,
+            "prefill_tps": round(gen.stats.prefill_tps, 2),
+            "decode_tps": round(gen.stats.decode_tps, 2),
+            "ttft_seconds": round(gen.stats.ttft_seconds, 4),
+            **eng.stats(),
+        }
+        if as_json:
+            out.print_json(json.dumps({"text": gen.text, "tokens": gen.tokens, **figures}))
+            return
+        sys.stdout.write("\n")
+        if stats:
+            table = Table(title="smoe-gguf run", show_header=False)
+            table.add_column(style="bold")
+            table.add_column(justify="right")
+            rows = [
+                ("prefill", f"{figures['prefill_tps']:.1f} tok/s ({figures['prompt_tokens']} tokens, micro-batch {figures['n_ubatch']})"),
+                ("decode", f"{figures['decode_tps']:.1f} tok/s ({figures['generated_tokens']} tokens)"),
+                ("time to first token", f"{figures['ttft_seconds']:.3f} s"),
+                ("start-up", f"{figures['startup_seconds']:.2f} s, {human(figures['startup_read_bytes'])} read (core {human(figures['core_bytes'])})"),
+                ("leaves loaded", str(figures["leaves_loaded"])),
+                ("hit rate", f"{figures['hit_rate'] * 100:.1f}% ({figures['hits']} hits, {figures['misses']} misses)"),
+                ("bytes read from shards", human(figures["bytes_read"]) + (" (O_DIRECT)" if figures["direct_io"] else "")),
+                ("stalled on leaves", f"{figures['stall_seconds']:.3f} s (checksums {figures['checksum_seconds']:.3f} s)"),
+                ("peak resident experts", f"{human(figures['peak_resident_bytes'])} of {human(figures['budget_bytes'])} budget"),
+                ("process peak RSS", human(figures["peak_rss_bytes"])),
+            ]
+            for k, v in rows:
+                table.add_row(k, v)
+            out.print(table)
+
+
 @app.command("make-test-model")
 def make_test_model(
     output: Annotated[Path, typer.Option("-o", "--output", help="The GGUF file to write.")],

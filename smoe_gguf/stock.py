@@ -76,10 +76,36 @@ class GreedyRun:
     logits: list[np.ndarray] = field(repr=False)
 
 
-def model_params(n_gpu_layers: int = 0) -> llama_cpp.llama_model_params:
-    """Default model params, CPU only unless told otherwise."""
+_PLAIN_EXPERTS: list[object] = []  # keeps the override array of plain_experts alive
+
+
+def _plain_expert_overrides() -> int:
+    """``-ot exps=CPU``: every routed-expert tensor in llama.cpp's plain CPU buffer type."""
+    if not _PLAIN_EXPERTS:
+        from smoe_gguf import archs
+        from smoe_gguf import ggml_abi as abi
+
+        pattern = archs.EXPERT_TENSOR_PATTERN.encode()
+        arr = (abi.LlamaTensorBuftOverride * 2)()
+        arr[0].pattern = pattern
+        arr[0].buft = abi.ggml_backend_cpu_buffer_type()
+        _PLAIN_EXPERTS.extend([pattern, arr])
+    return ctypes.addressof(_PLAIN_EXPERTS[1])  # type: ignore[arg-type]
+
+
+def model_params(n_gpu_layers: int = 0, plain_experts: bool = False) -> llama_cpp.llama_model_params:
+    """Default model params, CPU only unless told otherwise.
+
+    ``plain_experts``: keep the routed experts in the plain CPU buffer type, as llama.cpp's
+    ``-ot exps=CPU`` does, instead of letting the CPU backend repack them (on x86 it repacks
+    Q4_0/Q4_K/Q8_0/IQ4_NL... into interleaved layouts with their own kernels, which sum in
+    another order). This is the stock configuration the X-Slot is bit-exact against: the X-Slot
+    holds leaves in file layout, as the plain CPU buffer does. The dense core is repacked either way.
+    """
     p = llama_cpp.llama_model_default_params()
     p.n_gpu_layers = n_gpu_layers
+    if plain_experts:
+        p.tensor_buft_overrides = _plain_expert_overrides()
     return p
 
 
@@ -199,7 +225,7 @@ def run_greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int,
 
 
 def greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int = 32, n_ctx: int = 512,
-           n_threads: int = 2, n_batch: int = 512, n_ubatch: int = 512) -> GreedyRun:
-    """Greedy-decode ``n_tokens`` tokens with unmodified llama.cpp on the CPU."""
-    return run_greedy(model_path, prompt, n_tokens, model_params(),
+           n_threads: int = 2, n_batch: int = 512, n_ubatch: int = 512, plain_experts: bool = False) -> GreedyRun:
+    """Greedy-decode ``n_tokens`` tokens with unmodified llama.cpp on the CPU (see model_params)."""
+    return run_greedy(model_path, prompt, n_tokens, model_params(plain_experts=plain_experts),
                       context_params(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch))

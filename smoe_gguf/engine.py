@@ -1,0 +1,392 @@
+"""The engine: a llama.cpp session whose routed experts live in the X-Slot, paged by the gate.
+
+Loading a pack: llama.cpp gets the pack's ``core.gguf`` (split 1 of 2) and a sparse *expert stub*
+(split 2: the expert tensors' infos, then a hole) written to a temporary directory, so it never
+sees a real expert byte. Every routed-expert tensor is sent to the X-Slot by
+``tensor_buft_overrides``; the load reads with O_DIRECT (``LLAMA_LOAD_MODE_DIRECT_IO``), so
+start-up reads the core from disk and only zeros from the stub's hole (no disk I/O, nothing left
+in the page cache). Loading a plain GGUF works the same way but reads (and drops) its expert bytes
+once at start-up; leaves are then read from it by offset.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import re
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import llama_cpp
+import numpy as np
+import psutil
+
+from . import stock
+from .errors import SmoeError
+from .gate import Gate
+from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
+from .moe import analyze
+from .pack import manifest as mf
+from .residency import Residency, page_cost
+from .store import LeafStore
+from .xslot import XSlot
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MEMORY_MARGIN = 1 << 30
+
+
+def parse_budget(text: str, total_expert_bytes: int) -> int:
+    """``512MiB``, ``4G``, ``1500000`` (bytes) or ``25%`` (of all expert bytes) -> bytes."""
+    t = text.strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2) from None
+        if not 0 < pct <= 100:
+            raise SmoeError(f"bad budget {text!r}: a percentage must be in (0, 100]", 2)
+        return int(total_expert_bytes * pct / 100)
+    m = _SIZE_RE.match(t)
+    if m is None:
+        raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+@dataclass
+class Source:
+    """What the engine loads: the files llama.cpp opens and where the leaves come from."""
+
+    path: Path
+    kind: str  # "pack" or "gguf"
+    llama_paths: list[Path]
+    store: LeafStore
+    core_bytes: int
+    expert_bytes: int
+    n_expert: int
+    n_expert_used: int
+    stub_dir: tempfile.TemporaryDirectory[str] | None = None
+
+
+def write_expert_stub(path: Path, m: mf.Manifest) -> int:
+    """Split 2 of a pack's model: the expert tensors' infos and a hole of their size. Its size."""
+    infos, rel = [], 0
+    for t in m.tensors:
+        if t.where == "leaves":
+            infos.append(encode_tensor_info(t.name, t.ggml_type, tuple(t.shape), rel))
+            rel = align_up(rel + t.nbytes, m.alignment)
+    kvs = [encode_kv("general.alignment", T_UINT32, m.alignment), encode_kv("split.no", T_UINT16, 1)]
+    with open(path, "wb") as f:
+        data = write_header(f, 3, kvs, infos, m.alignment)
+        f.truncate(data + rel)
+    return data + rel
+
+
+def open_source(path: Path, checksums: str = "first") -> Source:
+    if path.is_dir():
+        m = mf.load(path)
+        stub_dir = tempfile.TemporaryDirectory(prefix="smoe-stub-")
+        stub = Path(stub_dir.name) / "experts-stub.gguf"
+        write_expert_stub(stub, m)
+        return Source(
+            path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums),
+            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, stub_dir,
+        )
+    model = analyze(read_layout(path)).require_moe()
+    return Source(
+        path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums),
+        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used,
+    )
+
+
+def _io_read_bytes() -> int:
+    try:
+        return int(psutil.Process().io_counters().read_bytes)  # type: ignore[attr-defined]
+    except (AttributeError, psutil.Error):
+        return 0
+
+
+@dataclass
+class GenStats:
+    prompt_tokens: int = 0
+    generated_tokens: int = 0
+    prefill_seconds: float = 0.0
+    decode_seconds: float = 0.0
+    ttft_seconds: float = 0.0
+
+    @property
+    def prefill_tps(self) -> float:
+        return self.prompt_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tps(self) -> float:
+        n = self.generated_tokens - 1  # the first token comes from prefill
+        return n / self.decode_seconds if self.decode_seconds and n > 0 else 0.0
+
+
+@dataclass
+class Generation:
+    tokens: list[int]
+    text: str
+    logits: list[np.ndarray] = field(repr=False, default_factory=list)
+    stats: GenStats = field(default_factory=GenStats)
+
+
+class Engine:
+    """One model, one context, experts paged through an X-Slot of ``budget`` bytes."""
+
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        budget: int | str | None = None,
+        n_ctx: int = 2048,
+        n_threads: int | None = None,
+        n_batch: int = 512,
+        n_ubatch: int = 512,
+        checksums: str = "first",
+        n_gpu_layers: int = 0,
+        policy: str = "lru",
+    ) -> None:
+        t0 = time.perf_counter()
+        io0 = _io_read_bytes()
+        self.source = open_source(Path(path), checksums)
+        src = self.source
+        self.xslot = XSlot()
+        self._model = None
+        self._ctx = None
+        try:
+            self.budget = self._resolve_budget(budget)
+            self._load_model(n_gpu_layers)
+            n_layer = 1 + max(layer for layer, _e in src.store.leaves)
+            self.residency = Residency(self.xslot, src.store, self.budget, n_layer, src.n_expert, policy)
+            # One layer's selected leaves must fit at once: shrink the micro-batch until they do.
+            need_per_token = src.n_expert_used * self.residency.max_leaf_cost
+            min_budget = need_per_token
+            if self.budget < min_budget:
+                raise SmoeError(
+                    f"budget {self.budget} bytes is below the minimum for one token: "
+                    f"{min_budget} bytes ({src.n_expert_used} leaves of {self.residency.max_leaf_cost})"
+                )
+            full_layer = src.n_expert * self.residency.max_leaf_cost
+            self.n_ubatch = n_ubatch if self.budget >= full_layer else max(1, min(n_ubatch, self.budget // need_per_token))
+            self.n_batch = max(n_batch, self.n_ubatch)
+            self.gate = Gate(self.residency.on_experts, state=self.residency.state,
+                             max_ids=self.n_ubatch * src.n_expert + 1024)
+            cp = stock.context_params(n_ctx=n_ctx, n_threads=n_threads or _default_threads(),
+                                      n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+            self.gate.install(cp)
+            cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
+            self.cparams = cp
+            self._ctx = stock.new_context(self._model, cp)
+            self.vocab = llama_cpp.llama_model_get_vocab(self._model)
+            self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
+            self.n_past = 0
+        except BaseException:
+            self.close()
+            raise
+        self.startup_seconds = time.perf_counter() - t0
+        self.startup_read_bytes = _io_read_bytes() - io0
+
+    # ---------------------------------------------------------------------------- setup
+
+    def _resolve_budget(self, budget: int | str | None) -> int:
+        # Percentages are of the X-Slot footprint of all leaves (their bytes rounded to the pages
+        # they can touch), so 100% holds every leaf.
+        total = self.source.store.footprint(page_cost)
+        if budget is None:
+            avail = psutil.virtual_memory().available - self.source.core_bytes - MEMORY_MARGIN
+            return max(0, min(total, avail))
+        return budget if isinstance(budget, int) else parse_budget(budget, total)
+
+    def _load_model(self, n_gpu_layers: int) -> None:
+        mp = stock.model_params(n_gpu_layers=n_gpu_layers)
+        mp.tensor_buft_overrides = self.xslot.tensor_buft_overrides()
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_DIRECT_IO
+        paths = self.source.llama_paths
+        stock.LOG.install()
+        stock.LOG.clear()
+        arr = (ctypes.c_char_p * len(paths))(*[str(p).encode() for p in paths])
+        self._model = llama_cpp.llama_model_load_from_splits(arr, len(paths), mp)
+        if self.source.stub_dir is not None:
+            self.source.stub_dir.cleanup()
+            self.source.stub_dir = None
+        if not self._model:
+            raise SmoeError(f"llama.cpp could not load {self.source.path}: {stock.LOG.reason() or 'unknown error'}")
+        self.xslot.finish_loading()
+
+    def close(self) -> None:
+        if self._ctx is not None:
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+        if self._model is not None:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+        self.source.store.close()
+        if self.source.stub_dir is not None:
+            self.source.stub_dir.cleanup()
+
+    def __enter__(self) -> "Engine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # ---------------------------------------------------------------------------- text
+
+    def tokenize(self, text: str) -> list[int]:
+        return stock.tokenize_with(self.vocab, text)
+
+    def token_piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(256)
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
+        return buf.raw[: max(n, 0)]
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # ---------------------------------------------------------------------------- decoding
+
+    def decode(self, tokens: list[int]) -> None:
+        """Append ``tokens`` to the context (in chunks of n_batch); raise on any gate failure."""
+        n_ctx = llama_cpp.llama_n_ctx(self._ctx)
+        if self.n_past + len(tokens) > n_ctx:
+            raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
+        for start in range(0, len(tokens), self.n_batch):
+            chunk = tokens[start : start + self.n_batch]
+            arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
+            stock.LOG.clear()
+            rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            self.gate.check()
+            # Every leaf resident under a budget that holds them all: stop gating, so llama.cpp
+            # computes each graph in one piece, as stock does.
+            self.gate.gating = not self.residency.holds_everything()
+            if rc != 0:
+                raise SmoeError(f"llama_decode failed (code {rc}): {stock.LOG.reason() or 'no reason given'}")
+            self.n_past += len(chunk)
+
+    def logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        if not ptr:
+            raise SmoeError("llama.cpp returned no logits")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+
+    def generate(
+        self,
+        prompt: str | list[int],
+        n_tokens: int,
+        temp: float = 0.0,
+        seed: int = 0,
+        keep_logits: bool = False,
+        stop_at_eog: bool = False,
+        on_token: Callable[[int, bytes], None] | None = None,
+    ) -> Generation:
+        """Prefill ``prompt``, then sample ``n_tokens`` (argmax when ``temp`` is 0)."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise SmoeError("the prompt is empty")
+        stats = GenStats(prompt_tokens=len(tokens))
+        sampler = _Sampler(temp, seed)
+        out: list[int] = []
+        logits: list[np.ndarray] = []
+        text = bytearray()
+        try:
+            t0 = time.perf_counter()
+            self.decode(tokens)
+            stats.prefill_seconds = time.perf_counter() - t0
+            t1 = time.perf_counter()
+            for i in range(n_tokens):
+                lg = self.logits()
+                if keep_logits:
+                    logits.append(lg)
+                tok = sampler.pick(self._ctx, lg)
+                if i == 0:
+                    stats.ttft_seconds = time.perf_counter() - t0
+                    t1 = time.perf_counter()
+                out.append(tok)
+                piece = self.token_piece(tok)
+                text += piece
+                if on_token is not None:
+                    on_token(tok, piece)
+                if stop_at_eog and self.is_eog(tok):
+                    break
+                if i + 1 < n_tokens:
+                    self.decode([tok])
+            stats.decode_seconds = time.perf_counter() - t1
+        finally:
+            sampler.free()
+        stats.generated_tokens = len(out)
+        return Generation(out, text.decode("utf-8", errors="replace"), logits, stats)
+
+    def stats(self) -> dict[str, float | int | bool]:
+        r = self.residency.stats
+        st = self.source.store.stats
+        return {
+            "budget_bytes": self.budget,
+            "n_ubatch": self.n_ubatch,
+            "startup_seconds": round(self.startup_seconds, 3),
+            "startup_read_bytes": self.startup_read_bytes,
+            "core_bytes": self.source.core_bytes,
+            "leaves_loaded": r.leaves_loaded,
+            "hits": r.hits + self.gate.fast_hits,
+            "misses": r.misses,
+            "hit_rate": round(_ratio(r.hits + self.gate.fast_hits, r.misses), 4),
+            "evictions": r.evictions,
+            "bytes_read": st.bytes_read,
+            "stall_seconds": round(r.stall_seconds, 4),
+            "checksum_seconds": round(st.hash_seconds, 4),
+            "peak_resident_bytes": r.peak_bytes,
+            "resident_bytes_now": self.residency.used,
+            "direct_io": self.source.store.direct_io_used,
+            "peak_rss_bytes": _peak_rss(),
+        }
+
+
+class _Sampler:
+    """argmax for temp 0 (bit-comparable with stock greedy), else llama.cpp's temp + dist(seed)."""
+
+    def __init__(self, temp: float, seed: int) -> None:
+        self.chain = None
+        if temp > 0:
+            sp = llama_cpp.llama_sampler_chain_default_params()
+            self.chain = llama_cpp.llama_sampler_chain_init(sp)
+            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_temp(temp))
+            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def pick(self, ctx: object, logits: np.ndarray) -> int:
+        if self.chain is None:
+            return int(np.argmax(logits))
+        return int(llama_cpp.llama_sampler_sample(self.chain, ctx, -1))
+
+    def free(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def _ratio(hits: int, misses: int) -> float:
+    return hits / (hits + misses) if hits + misses else 1.0
+
+
+def _default_threads() -> int:
+    return max(1, min(8, os.cpu_count() or 1))
+
+
+def _peak_rss() -> int:
+    try:
+        import resource
+
+        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+        return int(kb if os.uname().sysname == "Darwin" else kb * 1024)
+    except (ImportError, OSError):
+        return 0
+

@@ -1,0 +1,204 @@
+"""The X-Slot runtime against stock llama.cpp on the same source file: bit-exact, in budget."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import psutil
+import pytest
+
+from smoe_gguf import stock
+from smoe_gguf.engine import Engine, parse_budget
+from smoe_gguf.errors import SmoeError
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.pack.split import split
+from smoe_gguf.residency import page_cost
+from smoe_gguf.testmodels import ARCHS, DTYPES, build_test_model
+
+from .cli_helpers import run_cli
+
+PROMPT = "The quick brown fox jumps over the lazy dog, and then"
+N_TOKENS = 32
+ALL = [(a, d) for a in ARCHS for d in DTYPES]
+
+
+@pytest.fixture(scope="module")
+def pack_of(tmp_path_factory: pytest.TempPathFactory, tiny_model):
+    root = tmp_path_factory.mktemp("engine-packs")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str) -> Path:
+        if (arch, dtype) not in cache:
+            cache[(arch, dtype)] = root / f"{arch}-{dtype}.pack"
+            split(tiny_model(arch, dtype), cache[(arch, dtype)])
+        return cache[(arch, dtype)]
+
+    return get
+
+
+def _reference(model: Path, eng: Engine) -> stock.GreedyRun:
+    # Stock llama.cpp with the very micro-batch the engine uses (the engine shrinks it for small
+    # budgets; llama.cpp's own logits depend on it) and its experts in the plain CPU buffer
+    # (`-ot exps=CPU`: not repacked, the layout the X-Slot holds).
+    return stock.greedy(model, PROMPT, n_tokens=N_TOKENS, n_batch=eng.n_batch, n_ubatch=eng.n_ubatch,
+                        plain_experts=True)
+
+
+def _same(a: stock.GreedyRun, tokens: list[int], logits: list[np.ndarray]) -> bool:
+    return a.tokens == tokens and all(np.array_equal(x, y) for x, y in zip(a.logits, logits, strict=True))
+
+
+def _budgets(pack: Path) -> dict[str, str | int]:
+    m = mf.load(pack)
+    minimum = m.n_expert_used * max(sum(page_cost(p.length) for p in lf.parts) for lf in m.leaves)
+    return {"min": minimum, "25%": "25%", "100%": "100%"}
+
+
+@pytest.mark.parametrize("arch,dtype", ALL)
+def test_bit_exact_against_stock_at_min_25_and_100_percent(arch: str, dtype: str, tiny_model, pack_of) -> None:
+    src, pack = tiny_model(arch, dtype), pack_of(arch, dtype)
+    for label, budget in _budgets(pack).items():
+        with Engine(pack, budget=budget, n_ctx=256, n_threads=2) as eng:
+            gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+            ref = _reference(src, eng)
+            assert _same(ref, gen.tokens, gen.logits), f"{arch}/{dtype} at budget {label} differs from stock"
+            r = eng.residency.stats
+            assert r.peak_bytes <= eng.budget
+            if label != "100%":
+                assert r.evictions > 0, "a small budget must make the LRU evict"
+            assert eng.xslot.mincore_bytes() <= eng.budget
+
+
+def test_plain_gguf_runs_bit_exact_too(tiny_model) -> None:
+    src = tiny_model("qwen2moe", "q8_0")
+    with Engine(src, budget="25%", n_ctx=256, n_threads=2) as eng:
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+
+
+def test_negative_control_gate_off_differs(tiny_model, pack_of) -> None:
+    # With the gate loading nothing, the experts read zeros: the comparison must be able to fail.
+    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
+        eng.residency.enabled = False
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert not _same(_reference(src, eng), gen.tokens, gen.logits)
+        assert eng.residency.stats.gates > 0 and eng.xslot.resident_bytes == 0
+
+
+def test_budget_holds_measured_by_mincore_at_every_gate(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f32")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2) as eng:
+        seen: list[int] = []
+        hook = eng.residency.on_experts
+
+        def measured(layer: int, ids: np.ndarray) -> None:
+            hook(layer, ids)
+            seen.append(eng.xslot.mincore_bytes())
+
+        eng.gate.on_experts = measured
+        eng.generate(PROMPT, N_TOKENS)
+        assert seen and max(seen) <= eng.budget
+        assert max(seen) > eng.budget // 2  # the measure sees real pages, not nothing
+
+
+def test_budget_below_one_token_is_refused_with_the_minimum(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    code, _, stderr = run_cli("run", str(pack), "-p", "hi", "-n", "2", "--budget", "4KiB")
+    assert code == 1 and "below the minimum for one token" in stderr and "bytes (4 leaves of" in stderr
+
+
+def test_small_budget_shrinks_the_micro_batch(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    with Engine(pack, budget="10%", n_ctx=256, n_threads=2) as eng:
+        assert eng.n_ubatch < 512
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
+        assert eng.n_ubatch == 512
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "corrupt"])
+def test_a_bad_shard_is_named_when_first_read(damage: str, tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "f16"), pack)
+    m = mf.load(pack)
+    for leaf in m.leaves:  # damage every leaf of layer 0, so the first token needs one of them
+        if leaf.layer != 0:
+            continue
+        path = pack / leaf.file
+        if damage == "missing":
+            path.unlink()
+        elif damage == "truncated":
+            with open(path, "r+b") as f:
+                f.truncate(leaf.parts[0].offset + 10)
+        else:
+            data = bytearray(path.read_bytes())
+            data[leaf.parts[0].offset + 3] ^= 0x40
+            path.write_bytes(bytes(data))
+    expected = {"missing": "is missing", "truncated": "is truncated", "corrupt": "checksum mismatch"}[damage]
+    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "4", "--budget", "100%")
+    assert code == 1 and "layer 0 expert" in stderr and expected in stderr, stderr
+
+
+def test_run_cli_json_and_stats(tiny_model, pack_of) -> None:
+    src, pack = tiny_model("mixtral", "q4_k"), pack_of("mixtral", "q4_k")
+    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "8", "--budget", "25%", "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    ref = stock.greedy(src, PROMPT, n_tokens=8, n_ubatch=res["n_ubatch"], n_batch=max(512, res["n_ubatch"]),
+                       plain_experts=True)
+    assert res["tokens"][: len(ref.tokens)] == ref.tokens[: len(res["tokens"])]
+    for key in ("prefill_tps", "decode_tps", "ttft_seconds", "leaves_loaded", "hit_rate", "bytes_read",
+                "stall_seconds", "peak_resident_bytes", "budget_bytes", "peak_rss_bytes", "startup_seconds"):
+        assert key in res
+    assert res["peak_resident_bytes"] <= res["budget_bytes"] and res["bytes_read"] > 0
+    code, stdout, _ = run_cli("run", str(pack), "-p", PROMPT, "-n", "4", "--budget", "100%", "--stats")
+    assert code == 0 and "hit rate" in stdout and "peak resident experts" in stdout
+
+
+def test_parse_budget() -> None:
+    assert parse_budget("512MiB", 10) == 512 << 20
+    assert parse_budget("4G", 10) == 4 << 30
+    assert parse_budget("1500", 10) == 1500
+    assert parse_budget("25%", 1000) == 250
+    for bad in ("lots", "0%", "120%", "-5"):
+        with pytest.raises(SmoeError):
+            parse_budget(bad, 1000)
+
+
+def _drop_page_cache(root: Path) -> None:
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def _read_bytes() -> int:
+    return int(psutil.Process().io_counters().read_bytes)
+
+
+@pytest.mark.skipif(not hasattr(os, "posix_fadvise"), reason="needs posix_fadvise to drop the page cache")
+def test_startup_reads_grow_with_the_core_not_the_model(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Issue 3.4 on the `medium` test model (1.5 GiB of experts): with the pack's pages dropped
+    from the page cache, loading reads at most core x 1.05 + 16 MiB from disk."""
+    root = tmp_path_factory.mktemp("medium")
+    src = build_test_model(root / "medium.gguf", "qwen3moe", "medium", "f16")
+    pack = root / "medium.pack"
+    split(src, pack)
+    src.unlink()  # only the pack is needed; spare the disk
+    m = mf.load(pack)
+    assert m.expert_bytes >= 1 << 30
+    _drop_page_cache(pack)
+    before = _read_bytes()
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2) as eng:
+        load_read = _read_bytes() - before
+        limit = int(m.core_bytes * 1.05) + (16 << 20)
+        assert eng.startup_read_bytes <= limit
+        assert load_read <= limit, f"start-up read {load_read} bytes, core is {m.core_bytes}"
+        assert load_read >= m.core_bytes // 2, "the I/O counter sees the core being read"
+        assert eng.source.store.stats.bytes_read == 0  # no leaf was read before the first token
