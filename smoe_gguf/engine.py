@@ -164,7 +164,7 @@ class Engine:
             self.residency = Residency(self.xslot, src.store, self.budget, n_layer, src.n_expert, policy)
             # One layer's selected leaves must fit at once: shrink the micro-batch until they do.
             need_per_token = src.n_expert_used * self.residency.max_leaf_cost
-            min_budget = need_per_token
+            min_budget = self.min_budget = need_per_token
             if self.budget < min_budget:
                 raise SmoeError(
                     f"budget {self.budget} bytes is below the minimum for one token: "
@@ -279,6 +279,32 @@ class Engine:
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
         self.n_past = 0
+
+    def truncate(self, n_keep: int) -> None:
+        """Roll the context back to its first ``n_keep`` tokens (KV cache removal)."""
+        if not 0 <= n_keep <= self.n_past:
+            raise SmoeError(f"cannot keep {n_keep} of {self.n_past} tokens")
+        if n_keep < self.n_past:
+            if not llama_cpp.llama_memory_seq_rm(llama_cpp.llama_get_memory(self._ctx), 0, n_keep, -1):
+                raise SmoeError("llama.cpp could not remove tokens from the KV cache")
+            self.n_past = n_keep
+
+    @property
+    def n_ctx(self) -> int:
+        return int(llama_cpp.llama_n_ctx(self._ctx))
+
+    def set_budget(self, budget: int | str) -> None:
+        """Change the X-Slot budget live (shrinking evicts at once); refuses less than one token needs."""
+        b = budget if isinstance(budget, int) else parse_budget(budget, self.source.store.footprint(page_cost))
+        if b < self.min_budget:
+            raise SmoeError(f"budget {b} bytes is below the minimum for one token: {self.min_budget} bytes")
+        full_layer = self.source.n_expert * self.residency.max_leaf_cost
+        if b < full_layer and b // self.min_budget < self.n_ubatch:
+            raise SmoeError(f"budget {b} bytes is too small for this context's micro-batch of {self.n_ubatch} "
+                            f"tokens; restart with this budget")
+        self.residency.set_budget(b)
+        self.budget = b
+        self.gate.gating = not self.residency.holds_everything()
 
     def generate(
         self,
