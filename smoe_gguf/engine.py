@@ -155,6 +155,7 @@ class Engine:
         self.source = open_source(Path(path), checksums)
         src = self.source
         self.xslot = XSlot()
+        self.residency: Residency | None = None
         self._model = None
         self._ctx = None
         try:
@@ -218,6 +219,8 @@ class Engine:
         self.xslot.finish_loading()
 
     def close(self) -> None:
+        if getattr(self, "residency", None) is not None:
+            self.residency.close()
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -263,12 +266,24 @@ class Engine:
             stock.LOG.clear()
             rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             self.gate.check()
-            # Every leaf resident under a budget that holds them all: stop gating, so llama.cpp
-            # computes each graph in one piece, as stock does.
-            self.gate.gating = not self.residency.holds_everything()
+            self.residency.reap_failures()
+            self._after_decode()
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {stock.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
+
+    def _after_decode(self) -> None:
+        """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
+        background (layer order); once all are resident the gate stops asking for nodes, so
+        llama.cpp computes each graph in one piece, exactly as stock does."""
+        r = self.residency
+        if r.holds_everything():
+            self.gate.gating = False
+            return
+        self.gate.gating = True
+        if self.budget >= r.total_cost and not r.in_flight:
+            missing = [(int(layer), int(e)) for layer, e in zip(*np.nonzero(r.state.resident == 0))]
+            r.prefetch(missing, evict=False)
 
     def logits(self) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
@@ -304,7 +319,7 @@ class Engine:
                             f"tokens; restart with this budget")
         self.residency.set_budget(b)
         self.budget = b
-        self.gate.gating = not self.residency.holds_everything()
+        self._after_decode()
 
     def generate(
         self,
@@ -367,6 +382,9 @@ class Engine:
             "misses": r.misses,
             "hit_rate": round(_ratio(r.hits + self.gate.fast_hits, r.misses), 4),
             "evictions": r.evictions,
+            "prefetched": r.prefetched,
+            "prefetch_late": r.late,
+            "prefetch_wasted": r.prefetch_wasted,
             "bytes_read": st.bytes_read,
             "stall_seconds": round(r.stall_seconds, 4),
             "checksum_seconds": round(st.hash_seconds, 4),

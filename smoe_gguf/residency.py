@@ -5,12 +5,23 @@ touch one page more than its length suggests, and pages are what the system coun
 bytes the kernel reports as resident in the X-Slot never exceed the budget. The leaves the gate
 asks for at a layer are in use by that layer's matmuls and are never evicted to make room for
 each other; the engine sizes the micro-batch so that one layer's working set always fits.
+
+Fetching. A miss is loaded by the gate's thread while the graph waits (a stall). Leaves can also
+be *prefetched*: :meth:`Residency.prefetch` (called from the gate's thread, at a graph node or
+between decodes) charges the budget at once, evicting if it must, and hands the leaf to a
+background I/O thread that fills it while llama.cpp computes; the leaf becomes visible to the
+gate (``state.resident``) only when its bytes are complete. All evictions happen in the gate's
+thread, at moments when the only leaves being read are those of the node being gated, which are
+protected, so a prefetch never evicts a leaf in use. A gate that needs a leaf still queued
+loads it itself; one already being read waits for it (the wait is stall time, per layer).
 """
 
 from __future__ import annotations
 
 import mmap
+import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,19 +43,21 @@ def page_cost(nbytes: int) -> int:
 
 @dataclass
 class ResidencyStats:
-    hits: int = 0
-    misses: int = 0
-    leaves_loaded: int = 0
+    hits: int = 0  # leaves found resident by a gate seen in Python (the C path counts its own)
+    misses: int = 0  # leaves a gate needed that were not resident (loaded or waited for)
+    late: int = 0  # ... of which a prefetch was already bringing in
+    leaves_loaded: int = 0  # by the gate's thread
+    prefetched: int = 0  # leaves loaded by the I/O thread
+    prefetch_wasted: int = 0  # prefetched leaves evicted before any gate used them
     evictions: int = 0
-    stall_seconds: float = 0.0  # time the gate spent bringing leaves in
-    peak_bytes: int = 0  # peak of charged bytes
+    stall_seconds: float = 0.0  # time the gate spent bringing leaves in or waiting for them
+    peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
     per_layer_misses: dict[int, int] = field(default_factory=dict)
+    per_layer_stall: dict[int, float] = field(default_factory=dict)
 
-    @property
-    def hit_rate(self) -> float:
-        n = self.hits + self.misses
-        return self.hits / n if n else 1.0
+
+_QUEUED, _LOADING = 1, 2
 
 
 class Residency:
@@ -60,7 +73,7 @@ class Residency:
         self.xslot = xslot
         self.store = store
         self.budget = budget
-        self.used = 0
+        self.used = 0  # charged bytes: resident leaves and leaves in flight
         self.state = AccessState.new(n_layer, n_expert)
         self.policy: Policy = make_policy(policy)
         self.stats = ResidencyStats()
@@ -74,6 +87,14 @@ class Residency:
                     if r is None or r.slice_bytes != p.length:
                         raise SmoeError(f"X-Slot has no {p.length}-byte slices of {p.tensor}: pack and model differ")
         self.total_cost = sum(self._cost[layer] for (layer, _e) in store.leaves)
+        # in flight: leaf -> _QUEUED | _LOADING; guarded by _cv
+        self._flight: dict[tuple[int, int], int] = {}
+        self._queue: deque[tuple[int, int]] = deque()
+        self._unused_prefetch: set[tuple[int, int]] = set()
+        self._failed: dict[tuple[int, int], BaseException] = {}
+        self._cv = threading.Condition()
+        self._worker: threading.Thread | None = None
+        self._closing = False
 
     def leaf_cost(self, layer: int) -> int:
         return self._cost[layer]
@@ -86,9 +107,15 @@ class Residency:
     def n_resident(self) -> int:
         return int(np.count_nonzero(self.state.resident))
 
+    @property
+    def in_flight(self) -> int:
+        return len(self._flight)
+
     def holds_everything(self) -> bool:
         """Every leaf resident (under a budget that holds them all): nothing left to gate."""
-        return self.used == self.total_cost
+        return self.used == self.total_cost and not self._flight
+
+    # ------------------------------------------------------------------ the gate's hook
 
     def on_experts(self, layer: int, ids: np.ndarray) -> None:
         """The gate's hook: make every leaf in ``ids`` of ``layer`` resident, evicting others."""
@@ -101,26 +128,66 @@ class Residency:
         resident = s.resident[layer]
         t0 = None
         for e in wanted:
+            key = (layer, e)
             if resident[e]:
                 self.stats.hits += 1
+                self._unused_prefetch.discard(key)
                 continue
             if t0 is None:
                 t0 = time.perf_counter()
             self.stats.misses += 1
             self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
+            if key in self._flight and self._claim_or_wait(key):
+                self.stats.late += 1
+                self._unused_prefetch.discard(key)
+                continue
             cost = self._cost[layer]
             self._make_room(cost, layer, wanted)
-            self._load(layer, e)
-            resident[e] = 1
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            try:
+                self._load(layer, e)
+            except BaseException:
+                self.used -= cost
+                raise
+            resident[e] = 1
+            self.stats.leaves_loaded += 1
         s.record(layer, wanted, now)
         if t0 is not None:
-            self.stats.stall_seconds += time.perf_counter() - t0
+            dt = time.perf_counter() - t0
+            self.stats.stall_seconds += dt
+            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
 
-    def _make_room(self, cost: int, layer: int, in_use: list[int]) -> None:
+    def _claim_or_wait(self, key: tuple[int, int]) -> bool:
+        """A leaf the gate needs is in flight: take it back if still queued (False: load it
+        yourself, its charge is released), else wait until the I/O thread is done (True)."""
+        with self._cv:
+            if self._flight.get(key) == _QUEUED:
+                del self._flight[key]
+                self._queue.remove(key)
+                self.used -= self._cost[key[0]]
+                return False
+            while key in self._flight:
+                self._cv.wait()
+            err = self._failed.pop(key, None)
+        if err is not None:
+            self.used -= self._cost[key[0]]
+            return False  # load it here: the error, if it persists, is raised with its message
+        return True
+
+    def reap_failures(self) -> None:
+        """Release the charge of prefetches that failed and that no gate needed (gate thread)."""
+        if self._failed:
+            with self._cv:
+                failed, self._failed = self._failed, {}
+            for key in failed:
+                self.used -= self._cost[key[0]]
+
+    def _make_room(self, cost: int, layer: int, in_use: list[int]) -> bool:
+        """Evict until ``cost`` more bytes fit, never a leaf of ``in_use`` at ``layer``, a pinned
+        one or one in flight. Raises if impossible."""
         if self.used + cost <= self.budget:
-            return
+            return True
         s = self.state
         evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
         evictable[layer, in_use] = False  # the node being gated reads these
@@ -133,25 +200,126 @@ class Residency:
                 )
             evictable[victim] = False
             self.evict(victim)
+        return True
 
     def evict(self, key: tuple[int, int]) -> None:
+        """Release a resident leaf (gate thread only)."""
         layer, e = key
+        self.state.resident[layer, e] = 0
         for p in self.store.parts(layer, e):
             self.xslot.evict_slice(p.tensor, e)
-        self.state.resident[layer, e] = 0
         self.used -= self._cost[layer]
         self.stats.evictions += 1
+        if key in self._unused_prefetch:
+            self._unused_prefetch.discard(key)
+            self.stats.prefetch_wasted += 1
 
     def _load(self, layer: int, e: int) -> None:
         for i, p in enumerate(self.store.parts(layer, e)):
             self.xslot.fill_slice(p.tensor, e, lambda view, i=i: self.store.read_part(layer, e, i, view))
-        self.stats.leaves_loaded += 1
+
+    # ------------------------------------------------------------------ prefetch
+
+    def prefetch(self, keys: list[tuple[int, int]], layer: int = 0, in_use: list[int] | None = None,
+                 evict: bool = True) -> int:
+        """Queue ``keys`` for the I/O thread (gate thread only). Each is charged now; room is
+        made by evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``,
+        nor one just queued. Stops at the first leaf that does not fit. Returns how many were queued."""
+        if not self.enabled:
+            return 0
+        s = self.state
+        queued = 0
+        protect = list(in_use or [])
+        for key in keys:
+            kl, ke = key
+            if s.resident[kl, ke] or key in self._flight:
+                continue
+            cost = self._cost[kl]
+            if self.used + cost > self.budget:
+                if not evict:
+                    break
+                evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
+                evictable[layer, protect] = False
+                for qk in keys[: keys.index(key)]:
+                    evictable[qk] = False
+                while self.used + cost > self.budget:
+                    victim = self.policy.victim(s, evictable, layer)
+                    if victim is None:
+                        return queued
+                    evictable[victim] = False
+                    self.evict(victim)
+            self.used += cost
+            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            with self._cv:
+                self._flight[key] = _QUEUED
+                self._queue.append(key)
+                self._cv.notify_all()
+            queued += 1
+        if queued:
+            self._ensure_worker()
+        return queued
+
+    def _ensure_worker(self) -> None:
+        if self._worker is None:
+            self._worker = threading.Thread(target=self._work, name="smoe-io", daemon=True)
+            self._worker.start()
+
+    def _work(self) -> None:
+        while True:
+            with self._cv:
+                while not self._queue and not self._closing:
+                    self._cv.wait()
+                if self._closing:
+                    return
+                key = self._queue.popleft()
+                self._flight[key] = _LOADING
+            layer, e = key
+            err: BaseException | None = None
+            try:
+                self._load(layer, e)
+            except BaseException as ex:  # noqa: BLE001 - reported to the gate that needs it
+                err = ex
+            with self._cv:
+                if err is None:
+                    self.state.resident[layer, e] = 1
+                    self.state.last_use[layer, e] = self.state.clock[0]  # recent: not the first victim
+                    self._unused_prefetch.add(key)
+                    self.stats.prefetched += 1
+                else:  # its charge is released by the gate thread (reap_failures / _claim_or_wait)
+                    self._failed[key] = err
+                del self._flight[key]
+                self._cv.notify_all()
+
+    def drain(self) -> None:
+        """Wait until nothing is in flight."""
+        with self._cv:
+            while self._flight:
+                self._cv.wait()
+
+    def close(self) -> None:
+        with self._cv:
+            self._queue.clear()
+            for key, st in list(self._flight.items()):
+                if st == _QUEUED:
+                    del self._flight[key]
+                    self.used -= self._cost[key[0]]
+            self._closing = True
+            self._cv.notify_all()
+            while self._flight:
+                self._cv.wait()
+        if self._worker is not None:
+            self._worker.join()
+            self._worker = None
+
+    # ------------------------------------------------------------------ budget
 
     def set_budget(self, budget: int) -> None:
         """Change the budget live; shrinking evicts at once (policy order)."""
+        self.drain()
         self.budget = budget
         self._make_room(0, 0, [])
 
     def clear(self) -> None:
+        self.drain()
         for layer, e in zip(*np.nonzero(self.state.resident)):
             self.evict((int(layer), int(e)))

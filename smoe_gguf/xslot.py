@@ -35,6 +35,7 @@ import ctypes
 import mmap
 import os
 import sys
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -116,6 +117,10 @@ class XSlot:
         self._override_array: ctypes.Array[abi.LlamaTensorBuftOverride] | None = None
         self._override_patterns: list[bytes] = []
         self._populate = _MADV_POPULATE_WRITE is not None
+        # Fills of different slices may run in I/O threads while another thread evicts: a slice
+        # is claimed (its flag set) under this lock before its pages are written, so an eviction
+        # of a neighbour never releases a boundary page being filled. Copies run outside it.
+        self._lock = threading.Lock()
 
         # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
         self._buft_iface = abi.GgmlBackendBufferTypeI(
@@ -185,22 +190,20 @@ class XSlot:
         non-resident, so the page accounting holds."""
         r = self.regions[tensor_name]
         s = r.slice_bytes
+        flags = self._resident[tensor_name]
+        with self._lock:  # claim the slice's pages first (see __init__)
+            if not flags[expert]:
+                flags[expert] = 1
+                self.resident_bytes += s
         if self._populate:
             lo, hi = self._pages(r, expert)
             if abi.libc_madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
                 self._populate = False  # old kernel: let the copy fault the pages in
-        flags = self._resident[tensor_name]
-        was_resident = flags[expert]
         try:
             fill(self._views[tensor_name][expert * s : (expert + 1) * s])
         except BaseException:
-            flags[expert] = 1
-            self.resident_bytes += 0 if was_resident else s
             self.evict_slice(tensor_name, expert)
             raise
-        if not was_resident:
-            flags[expert] = 1
-            self.resident_bytes += s
 
     def load_slice(self, tensor_name: str, expert: int, fd: int, file_offset: int) -> None:
         """Copy slice ``expert`` of ``tensor_name`` from ``fd`` at ``file_offset`` (the slice's bytes)."""
@@ -237,21 +240,23 @@ class XSlot:
             # writable private mapping write-faults, i.e. copies every page: no faster than load_slice)
             abi.libc_madvise(address, s, _MADV_POPULATE_READ)
         flags = self._resident[tensor_name]
-        if not flags[expert]:
-            flags[expert] = 1
-            self.resident_bytes += s
+        with self._lock:
+            if not flags[expert]:
+                flags[expert] = 1
+                self.resident_bytes += s
 
     def evict_slice(self, tensor_name: str, expert: int) -> None:
         """Give the pages of a slice back to the system, all but boundary pages a resident neighbour uses."""
         flags = self._resident[tensor_name]
-        if not flags[expert]:
-            return
-        r = self.regions[tensor_name]
-        flags[expert] = 0
-        self.resident_bytes -= r.slice_bytes
-        lo, hi = self._free_span(r, flags, expert)
-        if lo < hi:
-            _map_anon(lo, hi - lo, fixed=True)
+        with self._lock:
+            if not flags[expert]:
+                return
+            r = self.regions[tensor_name]
+            flags[expert] = 0
+            self.resident_bytes -= r.slice_bytes
+            lo, hi = self._free_span(r, flags, expert)
+            if lo < hi:
+                _map_anon(lo, hi - lo, fixed=True)
 
     def evict_all(self) -> None:
         for name, flags in self._resident.items():

@@ -1,0 +1,74 @@
+"""Asynchronous fetching: prefetches charge the budget at once, never evict a leaf in use, and a
+failed prefetch surfaces as the named error of the leaf when a gate needs it."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoe_gguf.engine import Engine
+from smoe_gguf.errors import SmoeError
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.pack.split import split
+
+from .test_engine import N_TOKENS, PROMPT, _budgets, _reference, _same, pack_of  # noqa: F401 - fixture
+
+
+def test_full_budget_warms_in_the_background_then_stops_gating(tiny_model, pack_of) -> None:  # noqa: F811
+    src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
+        r = eng.residency
+        eng.decode(eng.tokenize("Hi"))  # routes to a few leaves; the rest is queued for the I/O thread
+        r.drain()
+        assert r.stats.prefetched > 0
+        assert r.n_resident == len(eng.source.store.leaves) and r.used == r.total_cost
+        eng.reset()
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert not eng.gate.gating, "every leaf resident: llama.cpp must compute each graph in one piece"
+        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+
+
+def test_prefetch_charges_now_and_protects_the_leaves_in_use(pack_of) -> None:  # noqa: F811
+    pack = pack_of("qwen3moe", "f16")
+    with Engine(pack, budget=_budgets(pack)["min"], n_ctx=256, n_threads=2) as eng:
+        r = eng.residency
+        n_used = eng.source.n_expert_used
+        in_use = list(range(n_used))
+        r.on_experts(0, np.array(in_use))
+        assert r.used == r.budget  # the minimum budget is exactly one layer's selected leaves
+        # Everything else of layers 0 and 1 asked for: nothing of in_use may go, so nothing fits.
+        wanted = [(0, e) for e in range(n_used, 2 * n_used)] + [(1, e) for e in range(n_used)]
+        assert r.prefetch(wanted, layer=0, in_use=in_use) == 0
+        assert all(r.state.resident[0, e] for e in in_use)
+        # Once layer 0 is no longer in use, the prefetch evicts it and charges before any byte moves.
+        queued = r.prefetch([(1, e) for e in range(n_used)], layer=1, in_use=[])
+        assert queued == n_used and r.used <= r.budget
+        r.drain()
+        assert all(r.state.resident[1, e] for e in range(n_used))
+        assert not any(r.state.resident[0, e] for e in in_use)
+        assert eng.xslot.mincore_bytes() <= r.budget and r.stats.peak_bytes <= r.budget
+        # The gate then finds them resident: no load, no stall.
+        loaded = r.stats.leaves_loaded
+        r.on_experts(1, np.array(range(n_used)))
+        assert r.stats.leaves_loaded == loaded
+
+
+def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "f16"), pack)
+    leaf = next(lf for lf in mf.load(pack).leaves if lf.layer == 1 and lf.expert == 2)
+    path = pack / leaf.file
+    data = bytearray(path.read_bytes())
+    data[leaf.parts[0].offset + 5] ^= 0x01
+    path.write_bytes(bytes(data))
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
+        r = eng.residency
+        assert r.prefetch([(1, 2), (1, 3)]) == 2
+        r.drain()
+        assert not r.state.resident[1, 2] and r.state.resident[1, 3]
+        with pytest.raises(SmoeError, match="layer 1 expert 2.*checksum mismatch"):
+            r.on_experts(1, np.array([2, 3]))
+        r.reap_failures()
+        assert r.used == r.leaf_cost(1)  # only (1, 3) is still charged
