@@ -7,7 +7,8 @@
  *     leaf's last use and use count in the shared arrays (what the eviction policies read) and
  *     return, still without entering Python;
  *   - anything else (a miss, or another kind of node) calls the Python hook, which makes the
- *     leaves resident (or reads the node) before the graph goes on.
+ *     leaves resident (or reads the node) before the graph goes on. With every_gate set, every
+ *     top-k gate calls it (a trace records all accesses; speculation reads the router input).
  * With gating off (every leaf resident under a budget that holds them all) every ask answers
  * false, so llama.cpp computes the graph in one piece exactly as it does without a callback.
  *
@@ -48,6 +49,7 @@ struct smoe_gate {
     tensor_get_fn tensor_get;
     slow_fn slow;
     int32_t failed;          /* set when the Python hook failed: stop the graph */
+    int32_t every_gate;      /* 1: every top-k gate goes to Python (tracing, speculation) */
 };
 
 static int match(const struct smoe_gate *g, const char *name) {
@@ -80,6 +82,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     g->ids_rows = (int32_t)n_tokens;
     g->ids_cols = (int32_t)n_used;
     g->ids_row_stride = (int64_t)(nb[1] / 4);
+    if (g->every_gate) return g->slow(t, 0, layer, (int32_t)n_tokens) != 0;
 
     uint64_t now = ++g->clock;
     int64_t base = (int64_t)layer * g->n_expert;

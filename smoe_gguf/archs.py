@@ -38,7 +38,8 @@ EXPERT_TENSOR_PATTERN = r"\.ffn_(gate|up|down|gate_up)_exps\."
 # every MoE architecture. Format: "<name>-<layer>".
 NODE_TOPK = "ffn_moe_topk"
 NODE_ROUTER_INPUT = "ffn_norm"
-NODE_BEFORE_DOWN = ("ffn_moe_swiglu", "ffn_moe_geglu", "ffn_moe_silu", "ffn_moe_gelu", "ffn_moe_relu")
+# The activation node just before the down matmul (part pipelining gates it); gpt-oss names its own.
+NODE_BEFORE_DOWN = ("ffn_moe_swiglu", "ffn_moe_swiglu_oai", "ffn_moe_geglu")
 
 
 @dataclass(frozen=True)

@@ -12,13 +12,14 @@ once at start-up; leaves are then read from it by offset.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
-import re
 import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import llama_cpp
 import numpy as np
@@ -26,35 +27,18 @@ import psutil
 
 from . import stock
 from .errors import SmoeError
-from .gate import Gate
+from . import archs
+from .gate import KIND_BEFORE_DOWN, Gate
 from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
 from .moe import analyze
 from .pack import manifest as mf
-from .residency import Residency, page_cost
+from .residency import Residency, page_cost, parse_budget
+from . import profile as tree_map
+from .profile import Profile
+from .speculate import DEFAULT_THRESHOLD, Speculator
+from .trace import Trace
 from .store import LeafStore
 from .xslot import XSlot
-
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-MEMORY_MARGIN = 1 << 30
-
-
-def parse_budget(text: str, total_expert_bytes: int) -> int:
-    """``512MiB``, ``4G``, ``1500000`` (bytes) or ``25%`` (of all expert bytes) -> bytes."""
-    t = text.strip()
-    if t.endswith("%"):
-        try:
-            pct = float(t[:-1])
-        except ValueError:
-            raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2) from None
-        if not 0 < pct <= 100:
-            raise SmoeError(f"bad budget {text!r}: a percentage must be in (0, 100]", 2)
-        return int(total_expert_bytes * pct / 100)
-    m = _SIZE_RE.match(t)
-    if m is None:
-        raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2)
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
-
 
 @dataclass
 class Source:
@@ -68,6 +52,7 @@ class Source:
     expert_bytes: int
     n_expert: int
     n_expert_used: int
+    model_id: str  # the source's identity (profiles are keyed by it)
     stub_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
@@ -93,13 +78,30 @@ def open_source(path: Path, checksums: str = "first") -> Source:
         write_expert_stub(stub, m)
         return Source(
             path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums),
-            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, stub_dir,
+            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, stub_dir,
         )
     model = analyze(read_layout(path)).require_moe()
     return Source(
         path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums),
-        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used,
+        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
     )
+
+
+def model_identity(path: Path) -> tuple[str, int, int]:
+    """(identity, layers, experts per layer) of a pack or a plain MoE GGUF, without loading it."""
+    if path.is_dir():
+        m = mf.load(path)
+        return m.source.sha256, m.n_layer, m.n_expert
+    model = analyze(read_layout(path)).require_moe()
+    return _gguf_identity(path), model.n_layer, model.n_expert
+
+
+def _gguf_identity(path: Path) -> str:
+    """A plain GGUF's identity without hashing gigabytes: its size and the sha256 of its first MiB
+    (header, metadata and tensor table: what a different model cannot share)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return hashlib.sha256(str(path.stat().st_size).encode() + b"\0" + head).hexdigest()
 
 
 def _io_read_bytes() -> int:
@@ -149,7 +151,17 @@ class Engine:
         checksums: str = "first",
         n_gpu_layers: int = 0,
         policy: str = "lru",
+        trace: str | os.PathLike[str] | None = None,
+        speculate: bool = True,
+        speculate_threshold: float = DEFAULT_THRESHOLD,
+        profile: str | os.PathLike[str] | None = "auto",
+        learn: bool = True,
+        pin: int = 0,
+        pipeline: bool = True,
     ) -> None:
+        """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
+        model; None: no profile). ``learn``: merge this session's leaf use into it at close.
+        ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy."""
         t0 = time.perf_counter()
         io0 = _io_read_bytes()
         self.source = open_source(Path(path), checksums)
@@ -161,8 +173,7 @@ class Engine:
         try:
             self.budget = self._resolve_budget(budget)
             self._load_model(n_gpu_layers)
-            n_layer = 1 + max(layer for layer, _e in src.store.leaves)
-            self.residency = Residency(self.xslot, src.store, self.budget, n_layer, src.n_expert, policy)
+            self.residency = Residency.over(self.xslot, src.store, self.budget, src.n_expert, policy)
             # One layer's selected leaves must fit at once: shrink the micro-batch until they do.
             need_per_token = src.n_expert_used * self.residency.max_leaf_cost
             min_budget = self.min_budget = need_per_token
@@ -171,14 +182,22 @@ class Engine:
                     f"budget {self.budget} bytes is below the minimum for one token: "
                     f"{min_budget} bytes ({src.n_expert_used} leaves of {self.residency.max_leaf_cost})"
                 )
-            full_layer = src.n_expert * self.residency.max_leaf_cost
-            self.n_ubatch = n_ubatch if self.budget >= full_layer else max(1, min(n_ubatch, self.budget // need_per_token))
+            self.warnings: list[str] = []
+            self._open_profile(profile, learn, pin)
+            self.n_ubatch = self.residency.micro_batch(src.n_expert_used, n_ubatch, self.budget - self.pinned_bytes)
             self.n_batch = max(n_batch, self.n_ubatch)
+            # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
+            # parts meanwhile by the I/O thread, awaited at the node before the down matmul.
+            pipelined = pipeline and self.budget < self.residency.total_cost
+            self.residency.pipeline = pipelined
+            down_nodes = {n: KIND_BEFORE_DOWN for n in archs.NODE_BEFORE_DOWN} if pipelined else {}
             self.gate = Gate(self.residency.on_experts, state=self.residency.state,
-                             max_ids=self.n_ubatch * src.n_expert + 1024)
+                             max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
+                             on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
             cp = stock.context_params(n_ctx=n_ctx, n_threads=n_threads or _default_threads(),
                                       n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
+            self._orchestrate(trace, speculate, speculate_threshold, Path(path).name)
             cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
             self.cparams = cp
             self._ctx = stock.new_context(self._model, cp)
@@ -190,8 +209,79 @@ class Engine:
             raise
         self.startup_seconds = time.perf_counter() - t0
         self.startup_read_bytes = _io_read_bytes() - io0
+        if self._warm:  # the profile's most used leaves, in the background, as far as the budget goes
+            self.residency.prefetch(self._warm, evict=False)
 
     # ---------------------------------------------------------------------------- setup
+
+    def _open_profile(self, profile: str | os.PathLike[str] | None, learn: bool, pin: int) -> None:
+        """Read the tree-map, pin its hottest leaves, warm the X-Slot with the next ones."""
+        src, r = self.source, self.residency
+        self.profile: Profile | None = None
+        self.profile_path = None if profile is None else (
+            tree_map.default_path(src.model_id) if str(profile) == "auto" else Path(profile))
+        self._learn = learn and self.profile_path is not None
+        self.pinned_bytes = 0
+        self._warm: list[tuple[int, int]] = []
+        if self.profile_path is None:
+            if pin:
+                raise SmoeError("--pin needs a profile (drop --no-profile)", 2)
+            return
+        self.profile, self._profile_writable = tree_map.load(
+            self.profile_path, src.model_id, r.n_layer, src.n_expert, self.warnings.append)
+        hot = self.profile.hottest(r.n_layer * src.n_expert)
+        if pin:
+            room = self.budget - self.min_budget  # one token's leaves must still fit beside the pins
+            pins: list[tuple[int, int]] = []
+            for key in hot[:pin]:
+                cost = r.leaf_cost(key[0])
+                if self.pinned_bytes + cost > room:
+                    break
+                pins.append(key)
+                self.pinned_bytes += cost
+            if len(pins) < pin:
+                why = ("the profile knows no more used leaves" if len(pins) == len(hot)
+                       else "no more fit beside one token's leaves")
+                self.warnings.append(f"--pin {pin}: {len(pins)} leaves pinned ({why})")
+            r.prefetch(pins, evict=False)
+            r.drain()
+            for key in pins:
+                r.state.pinned[key] = 1
+        self._warm = hot if self.budget < r.total_cost else []  # prefetched once start-up is done
+
+    def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool, threshold: float, name: str) -> None:
+        """Attach the gate observers: the trace, next-layer speculation, the tree-map recorder."""
+        src, r = self.source, self.residency
+        if trace is not None:
+            r.trace = Trace(trace, {
+                "n_layer": r.n_layer, "n_expert": src.n_expert, "n_expert_used": src.n_expert_used,
+                "leaf_cost": {str(k): v for k, v in sorted(r.costs.items())}, "total_cost": r.total_cost,
+                "source": name})
+            self.gate.every_gate = True  # hits too must reach the trace
+        paging = self.budget < r.total_cost
+        self.speculator: Speculator | None = None
+        if speculate and paging:
+            self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold)
+            self.gate.observe(self.speculator)
+        self.recorder: tree_map.Recorder | None = None
+        if paging and (self._learn or self.profile is not None):
+            self.recorder = tree_map.Recorder(r, self.profile, src.n_expert)
+            self.gate.observe(self.recorder)
+
+    def save_profile(self) -> tree_map.Profile | None:
+        """Merge this session's leaf use into the profile (done by close() unless learn=False)."""
+        if not self._learn or self.recorder is None or not self._profile_writable:
+            return None
+        self.recorder.cut()
+        windows, self.recorder.windows = self.recorder.windows, []
+        if not windows:
+            return None
+        try:
+            return tree_map.save(self.profile_path, self.source.model_id, self.residency.n_layer,
+                                 self.source.n_expert, windows, self.warnings.append)
+        except OSError as e:
+            self.warnings.append(f"profile {self.profile_path} not saved: {e.strerror or e}")
+            return None
 
     def _resolve_budget(self, budget: int | str | None) -> int:
         # Percentages are of the X-Slot footprint of all leaves (their bytes rounded to the pages
@@ -219,8 +309,13 @@ class Engine:
         self.xslot.finish_loading()
 
     def close(self) -> None:
+        if getattr(self, "recorder", None) is not None:
+            self.save_profile()
+            self.recorder = None
         if getattr(self, "residency", None) is not None:
             self.residency.close()
+            if self.residency.trace is not None:
+                self.residency.trace.close()
         if self._ctx is not None:
             llama_cpp.llama_free(self._ctx)
             self._ctx = None
@@ -260,12 +355,17 @@ class Engine:
         n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         if self.n_past + len(tokens) > n_ctx:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
+        if self.recorder is not None and len(tokens) > 1:
+            self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
+            if self.residency.trace is not None:
+                self.residency.trace.begin(self.n_past)
             stock.LOG.clear()
             rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             self.gate.check()
+            self.residency.finish_all()
             self.residency.reap_failures()
             self._after_decode()
             if rc != 0:
@@ -313,8 +413,7 @@ class Engine:
         b = budget if isinstance(budget, int) else parse_budget(budget, self.source.store.footprint(page_cost))
         if b < self.min_budget:
             raise SmoeError(f"budget {b} bytes is below the minimum for one token: {self.min_budget} bytes")
-        full_layer = self.source.n_expert * self.residency.max_leaf_cost
-        if b < full_layer and b // self.min_budget < self.n_ubatch:
+        if self.residency.micro_batch(self.source.n_expert_used, self.n_ubatch, b) < self.n_ubatch:
             raise SmoeError(f"budget {b} bytes is too small for this context's micro-batch of {self.n_ubatch} "
                             f"tokens; restart with this budget")
         self.residency.set_budget(b)
@@ -330,8 +429,13 @@ class Engine:
         keep_logits: bool = False,
         stop_at_eog: bool = False,
         on_token: Callable[[int, bytes], None] | None = None,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Generation:
-        """Prefill ``prompt``, then sample ``n_tokens`` (argmax when ``temp`` is 0)."""
+        """Prefill ``prompt``, then sample ``n_tokens`` (argmax when ``temp`` is 0).
+
+        ``prompt`` is appended to what the context already holds (``n_past``), so a chat can
+        continue a conversation with only its new tokens. ``should_stop`` is asked after each
+        token; when it says yes, sampling ends there. The last token sampled is never decoded."""
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise SmoeError("the prompt is empty")
@@ -360,6 +464,8 @@ class Engine:
                     on_token(tok, piece)
                 if stop_at_eog and self.is_eog(tok):
                     break
+                if should_stop is not None and should_stop():
+                    break
                 if i + 1 < n_tokens:
                     self.decode([tok])
             stats.decode_seconds = time.perf_counter() - t1
@@ -368,7 +474,7 @@ class Engine:
         stats.generated_tokens = len(out)
         return Generation(out, text.decode("utf-8", errors="replace"), logits, stats)
 
-    def stats(self) -> dict[str, float | int | bool]:
+    def stats(self) -> dict[str, Any]:
         r = self.residency.stats
         st = self.source.store.stats
         return {
@@ -392,6 +498,7 @@ class Engine:
             "resident_bytes_now": self.residency.used,
             "direct_io": self.source.store.direct_io_used,
             "peak_rss_bytes": _peak_rss(),
+            "speculation": self.speculator.stats.summary(self.speculator.threshold) if self.speculator else None,
         }
 
 

@@ -10,7 +10,9 @@ The callback is C (``_gatecb.c``): the ask for each of the ~450 nodes of a token
 gate whose leaves are all resident (a hit: it stamps the shared access arrays the eviction
 policies read), never enter Python. Only a miss, or a node of another kind, calls back into
 Python: ``on_experts(layer, ids)`` must make the leaves resident before it returns;
-``on_node(kind, layer, tensor_address)`` handles the other kinds.
+``on_node(kind, layer, tensor_address)`` handles the other kinds. Observers
+(:meth:`Gate.observe`: the trace, next-layer speculation) make every top-k gate call Python;
+each is called after ``on_experts`` with the top-k node, whose inputs it may read.
 With :attr:`gating` off the gate asks for nothing: llama.cpp computes each graph in one piece,
 exactly as without a callback (for a budget that holds every leaf, once all are resident).
 """
@@ -31,8 +33,10 @@ from .policy import AccessState
 
 ExpertsHook = Callable[[int, np.ndarray], None]
 NodeHook = Callable[[int, int, int], None]  # (kind, layer, tensor address)
+GateObserver = Callable[[int, int, np.ndarray], None]  # (layer, top-k node address, ids)
 
 KIND_TOPK = 0
+KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
 PREFIX_LEN = 32
@@ -69,6 +73,7 @@ class _GateStruct(Structure):
         ("tensor_get", c_void_p),
         ("slow", _SLOW),
         ("failed", c_int32),
+        ("every_gate", c_int32),
     ]
 
 
@@ -124,6 +129,7 @@ class Gate:
         self.state = state if state is not None else AccessState.new(n_layer, n_expert)
         self.error: BaseException | None = None
         self.py_gates = 0
+        self.observers: list[GateObserver] = []
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -156,6 +162,20 @@ class Gate:
         self._st = st
         self.user_data = ctypes.addressof(st)
         self.callback = abi.EvalCallback(ctypes.cast(self._lib.smoe_gate_cb, c_void_p).value)
+
+    def observe(self, observer: GateObserver) -> None:
+        """Call ``observer(layer, node, ids)`` after every top-k gate (all gates then enter Python)."""
+        self.observers.append(observer)
+        self._st.every_gate = 1
+
+    @property
+    def every_gate(self) -> bool:
+        """True: every top-k gate calls Python (``on_experts`` sees hits too, e.g. for a trace)."""
+        return bool(self._st.every_gate)
+
+    @every_gate.setter
+    def every_gate(self, on: bool) -> None:
+        self._st.every_gate = 1 if on or self.observers else 0
 
     def install(self, cparams: object) -> None:
         """Point ``cparams.cb_eval`` / ``cb_eval_user_data`` at this gate."""
@@ -197,13 +217,11 @@ class Gate:
                 ids = np.lib.stride_tricks.as_strided(
                     self._ids, shape=(st.ids_rows, st.ids_cols), strides=(st.ids_row_stride * 4, 4), writeable=False
                 )
-                self.py_gates += 1
-                self.on_experts(layer, ids)
+                self._topk(t, layer, ids)
             elif kind == _KIND_TOPK_UNREAD:
                 ids = self._read(t)
                 if ids.shape[0]:
-                    self.py_gates += 1
-                    self.on_experts(layer, ids)
+                    self._topk(t, layer, ids)
             elif self.on_node is not None:
                 self.on_node(kind, layer, t)
             return 1
@@ -211,6 +229,12 @@ class Gate:
             if self.error is None:  # keep the first failure: later ones follow from it
                 self.error = e
             return 0
+
+    def _topk(self, t: int, layer: int, ids: np.ndarray) -> None:
+        self.py_gates += 1
+        self.on_experts(layer, ids)
+        for observer in self.observers:
+            observer(layer, t, ids)
 
     def _read(self, t: int) -> np.ndarray:
         tt = abi.tensor_at(t)

@@ -19,9 +19,11 @@ loads it itself; one already being read waits for it (the wait is stall time, pe
 from __future__ import annotations
 
 import mmap
+import re
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -29,6 +31,7 @@ import numpy as np
 from .errors import SmoeError
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
+from .trace import Trace
 from .xslot import XSlot
 
 PAGE = mmap.PAGESIZE
@@ -41,6 +44,28 @@ def page_cost(nbytes: int) -> int:
     return (-(-nbytes // PAGE) + 1) * PAGE
 
 
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
+_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
+MEMORY_MARGIN = 1 << 30
+
+
+def parse_budget(text: str, total_expert_bytes: int) -> int:
+    """``512MiB``, ``4G``, ``1500000`` (bytes) or ``25%`` (of all expert bytes) -> bytes."""
+    t = text.strip()
+    if t.endswith("%"):
+        try:
+            pct = float(t[:-1])
+        except ValueError:
+            raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2) from None
+        if not 0 < pct <= 100:
+            raise SmoeError(f"bad budget {text!r}: a percentage must be in (0, 100]", 2)
+        return int(total_expert_bytes * pct / 100)
+    m = _SIZE_RE.match(t)
+    if m is None:
+        raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2)
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
 @dataclass
 class ResidencyStats:
     hits: int = 0  # leaves found resident by a gate seen in Python (the C path counts its own)
@@ -49,15 +74,17 @@ class ResidencyStats:
     leaves_loaded: int = 0  # by the gate's thread
     prefetched: int = 0  # leaves loaded by the I/O thread
     prefetch_wasted: int = 0  # prefetched leaves evicted before any gate used them
+    prefetch_cancelled: int = 0  # queued prefetches dropped to make room for a gate
     evictions: int = 0
     stall_seconds: float = 0.0  # time the gate spent bringing leaves in or waiting for them
+    down_stall_seconds: float = 0.0  # ... of which waiting for down parts (pipelining)
     peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
     per_layer_misses: dict[int, int] = field(default_factory=dict)
     per_layer_stall: dict[int, float] = field(default_factory=dict)
 
 
-_QUEUED, _LOADING = 1, 2
+_QUEUED, _LOADING, _DOWN, _DOWN_LOADING = 1, 2, 3, 4
 
 
 class Residency:
@@ -68,33 +95,68 @@ class Residency:
     """
 
     def __init__(
-        self, xslot: XSlot, store: LeafStore, budget: int, n_layer: int, n_expert: int, policy: str = "lru"
+        self,
+        cost: dict[int, int],
+        n_expert: int,
+        budget: int,
+        policy: str = "lru",
+        fill: Callable[[int, int, int | None], None] | None = None,
+        release: Callable[[int, int], None] | None = None,
     ) -> None:
-        self.xslot = xslot
-        self.store = store
+        """``cost[layer]``: bytes charged per leaf of that layer. ``fill(layer, expert, stage)``
+        brings a leaf's parts of ``stage`` (None: all) in (any thread), ``release(layer, expert)``
+        gives them back (gate thread); without them the residency only keeps the books (replay)."""
         self.budget = budget
         self.used = 0  # charged bytes: resident leaves and leaves in flight
-        self.state = AccessState.new(n_layer, n_expert)
+        self.n_layer = 1 + max(cost)
+        self.state = AccessState.new(self.n_layer, n_expert)
         self.policy: Policy = make_policy(policy)
         self.stats = ResidencyStats()
         self.enabled = True  # False: the gate loads nothing (negative control only)
-        self._cost: dict[int, int] = {}
-        for (layer, _e), parts in store.leaves.items():
-            if layer not in self._cost:
-                self._cost[layer] = sum(page_cost(p.length) for p in parts)
-                for p in parts:
-                    r = xslot.regions.get(p.tensor)
-                    if r is None or r.slice_bytes != p.length:
-                        raise SmoeError(f"X-Slot has no {p.length}-byte slices of {p.tensor}: pack and model differ")
-        self.total_cost = sum(self._cost[layer] for (layer, _e) in store.leaves)
-        # in flight: leaf -> _QUEUED | _LOADING; guarded by _cv
+        self._cost = dict(cost)
+        self._fill = fill or (lambda layer, e, stage: None)
+        self._release = release or (lambda layer, e: None)
+        self.total_cost = n_expert * sum(self._cost.values())
+        self.trace: Trace | None = None
+        # in flight: leaf -> _QUEUED | _LOADING (prefetch), _DOWN | _DOWN_LOADING (down parts); guarded by _cv
         self._flight: dict[tuple[int, int], int] = {}
-        self._queue: deque[tuple[int, int]] = deque()
+        self._queue: deque[tuple[int, int]] = deque()  # prefetches
+        self._down_queue: deque[tuple[int, int]] = deque()  # stage-1 parts of leaves being gated (first)
+        self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
+        self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
         self._unused_prefetch: set[tuple[int, int]] = set()
         self._failed: dict[tuple[int, int], BaseException] = {}
         self._cv = threading.Condition()
         self._worker: threading.Thread | None = None
         self._closing = False
+
+    @classmethod
+    def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
+        """Leaves of ``store`` paged into ``xslot``."""
+        cost: dict[int, int] = {}
+        for (layer, _e), parts in store.leaves.items():
+            if layer not in cost:
+                cost[layer] = sum(page_cost(p.length) for p in parts)
+                for p in parts:
+                    r = xslot.regions.get(p.tensor)
+                    if r is None or r.slice_bytes != p.length:
+                        raise SmoeError(f"X-Slot has no {p.length}-byte slices of {p.tensor}: pack and model differ")
+
+        def fill(layer: int, e: int, stage: int | None) -> None:
+            for i, p in enumerate(store.parts(layer, e)):
+                if stage is None or p.stage == stage:
+                    xslot.fill_slice(p.tensor, e, lambda view, i=i: store.read_part(layer, e, i, view))
+
+        def release(layer: int, e: int) -> None:
+            for p in store.parts(layer, e):
+                xslot.evict_slice(p.tensor, e)
+
+        return cls(cost, n_expert, budget, policy, fill, release)
+
+    @property
+    def costs(self) -> dict[int, int]:
+        """Bytes charged per leaf, by layer."""
+        return dict(self._cost)
 
     def leaf_cost(self, layer: int) -> int:
         return self._cost[layer]
@@ -102,6 +164,15 @@ class Residency:
     @property
     def max_leaf_cost(self) -> int:
         return max(self._cost.values())
+
+    def micro_batch(self, n_expert_used: int, n_ubatch: int, budget: int | None = None) -> int:
+        """The largest micro-batch (<= ``n_ubatch`` tokens) whose leaves at one layer always fit
+        ``budget`` (default: the current one): all of ``n_ubatch`` if a whole layer fits, else
+        budget / one token's leaves."""
+        b = self.budget if budget is None else budget
+        if b >= self.state.n_expert * self.max_leaf_cost:
+            return n_ubatch
+        return max(1, min(n_ubatch, b // (n_expert_used * self.max_leaf_cost)))
 
     @property
     def n_resident(self) -> int:
@@ -122,10 +193,14 @@ class Residency:
         self.stats.gates += 1
         if not self.enabled:
             return
+        if self._down_pending:  # a layer whose down node was not gated (never expected): finish it now
+            self.finish_all()
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
         s = self.state
         now = s.tick()
         resident = s.resident[layer]
+        if self.trace is not None:
+            self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
         t0 = None
         for e in wanted:
             key = (layer, e)
@@ -142,21 +217,87 @@ class Residency:
                 self._unused_prefetch.discard(key)
                 continue
             cost = self._cost[layer]
-            self._make_room(cost, layer, wanted)
+            if not self._make_room(cost, layer, wanted, for_gate=True):
+                raise SmoeError(
+                    f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
+                    f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch"
+                )
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
             try:
-                self._load(layer, e)
+                self._fill(layer, e, 0 if self.pipeline else None)
             except BaseException:
+                self._release(layer, e)
                 self.used -= cost
                 raise
-            resident[e] = 1
             self.stats.leaves_loaded += 1
+            if self.pipeline:  # resident once its down parts are in (finish_layer)
+                with self._cv:
+                    self._flight[key] = _DOWN
+                    self._down_queue.append(key)
+                    self._cv.notify_all()
+                self._down_pending.setdefault(layer, []).append(key)
+                self._ensure_worker()
+                continue
+            resident[e] = 1
         s.record(layer, wanted, now)
         if t0 is not None:
             dt = time.perf_counter() - t0
             self.stats.stall_seconds += dt
             self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+
+    def finish_layer(self, layer: int) -> None:
+        """At the node before ``layer``'s down matmul (pipelining): its leaves' down parts must be
+        in. Those still queued are read here; those being read are waited for (stall)."""
+        keys = self._down_pending.pop(layer, None)
+        if not keys:
+            return
+        t0 = time.perf_counter()
+        for key in keys:
+            with self._cv:
+                mine = key in self._down_queue
+                if mine:
+                    self._down_queue.remove(key)
+                while not mine and key in self._flight:
+                    self._cv.wait()
+                err = self._failed.pop(key, None)
+            try:
+                if mine:
+                    self._fill(key[0], key[1], 1)
+                elif err is not None:
+                    raise err
+            except BaseException:
+                with self._cv:
+                    self._flight.pop(key, None)
+                self._release(*key)
+                self.used -= self._cost[key[0]]
+                for k in keys:  # the other leaves of this layer are dropped with it
+                    if k != key and not self.state.resident[k]:
+                        self._await_down(k)
+                raise
+            with self._cv:
+                self._flight.pop(key, None)
+            self.state.resident[key] = 1
+        dt = time.perf_counter() - t0
+        self.stats.down_stall_seconds += dt
+        self.stats.stall_seconds += dt
+        self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+
+    def finish_all(self) -> None:
+        for layer in list(self._down_pending):
+            self.finish_layer(layer)
+
+    def _await_down(self, key: tuple[int, int]) -> None:
+        """Drop a half-loaded leaf after a failure in its layer (its charge and pages released)."""
+        with self._cv:
+            if key in self._down_queue:
+                self._down_queue.remove(key)
+            while self._flight.get(key) == _DOWN_LOADING:
+                self._cv.wait()
+            self._flight.pop(key, None)
+            self._failed.pop(key, None)
+        self._release(*key)
+        self.used -= self._cost[key[0]]
 
     def _claim_or_wait(self, key: tuple[int, int]) -> bool:
         """A leaf the gate needs is in flight: take it back if still queued (False: load it
@@ -183,40 +324,57 @@ class Residency:
             for key in failed:
                 self.used -= self._cost[key[0]]
 
-    def _make_room(self, cost: int, layer: int, in_use: list[int]) -> bool:
-        """Evict until ``cost`` more bytes fit, never a leaf of ``in_use`` at ``layer``, a pinned
-        one or one in flight. Raises if impossible."""
+    def _make_room(self, cost: int, layer: int, in_use: list[int], also: list[tuple[int, int]] = (),
+                   for_gate: bool = False) -> bool:
+        """Evict (policy order) until ``cost`` more bytes fit, never a leaf of ``in_use`` at
+        ``layer``, one of ``also``, a pinned one or one in flight. For the gate (``for_gate``),
+        prefetches are worth less than what the node needs now: once nothing is left to evict,
+        queued prefetches are cancelled, newest first, then loading ones are waited for (they
+        land evictable). False if it cannot."""
         if self.used + cost <= self.budget:
             return True
         s = self.state
-        evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
-        evictable[layer, in_use] = False  # the node being gated reads these
+        evictable = None
         while self.used + cost > self.budget:
+            if evictable is None:
+                evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
+                evictable[layer, in_use] = False  # the node being gated reads these
+                for key in also:
+                    evictable[key] = False
             victim = self.policy.victim(s, evictable, layer)
-            if victim is None:
-                raise SmoeError(
-                    f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
-                    f"({len(in_use)} x {cost} bytes): raise --budget or lower the micro-batch"
-                )
-            evictable[victim] = False
-            self.evict(victim)
+            if victim is not None:
+                evictable[victim] = False
+                self.evict(victim)
+            elif for_gate and self._flight:
+                self._cancel_or_wait()
+                evictable = None
+            else:
+                return False
         return True
+
+    def _cancel_or_wait(self) -> None:
+        """Release the newest queued prefetch, or wait for a load in progress to land (gate thread)."""
+        with self._cv:
+            if self._queue:
+                key = self._queue.pop()
+                del self._flight[key]
+                self.used -= self._cost[key[0]]
+                self.stats.prefetch_cancelled += 1
+                return
+            if self._flight:
+                self._cv.wait()
+        self.reap_failures()
 
     def evict(self, key: tuple[int, int]) -> None:
         """Release a resident leaf (gate thread only)."""
         layer, e = key
         self.state.resident[layer, e] = 0
-        for p in self.store.parts(layer, e):
-            self.xslot.evict_slice(p.tensor, e)
+        self._release(layer, e)
         self.used -= self._cost[layer]
         self.stats.evictions += 1
         if key in self._unused_prefetch:
             self._unused_prefetch.discard(key)
             self.stats.prefetch_wasted += 1
-
-    def _load(self, layer: int, e: int) -> None:
-        for i, p in enumerate(self.store.parts(layer, e)):
-            self.xslot.fill_slice(p.tensor, e, lambda view, i=i: self.store.read_part(layer, e, i, view))
 
     # ------------------------------------------------------------------ prefetch
 
@@ -230,24 +388,13 @@ class Residency:
         s = self.state
         queued = 0
         protect = list(in_use or [])
-        for key in keys:
+        for i, key in enumerate(keys):
             kl, ke = key
             if s.resident[kl, ke] or key in self._flight:
                 continue
             cost = self._cost[kl]
-            if self.used + cost > self.budget:
-                if not evict:
-                    break
-                evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
-                evictable[layer, protect] = False
-                for qk in keys[: keys.index(key)]:
-                    evictable[qk] = False
-                while self.used + cost > self.budget:
-                    victim = self.policy.victim(s, evictable, layer)
-                    if victim is None:
-                        return queued
-                    evictable[victim] = False
-                    self.evict(victim)
+            if self.used + cost > self.budget and (not evict or not self._make_room(cost, layer, protect, keys[:i])):
+                break
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
             with self._cv:
@@ -267,27 +414,28 @@ class Residency:
     def _work(self) -> None:
         while True:
             with self._cv:
-                while not self._queue and not self._closing:
+                while not self._queue and not self._down_queue and not self._closing:
                     self._cv.wait()
                 if self._closing:
                     return
-                key = self._queue.popleft()
-                self._flight[key] = _LOADING
+                down = bool(self._down_queue)
+                key = self._down_queue.popleft() if down else self._queue.popleft()
+                self._flight[key] = _DOWN_LOADING if down else _LOADING
             layer, e = key
             err: BaseException | None = None
             try:
-                self._load(layer, e)
+                self._fill(layer, e, 1 if down else None)
             except BaseException as ex:  # noqa: BLE001 - reported to the gate that needs it
                 err = ex
             with self._cv:
-                if err is None:
+                if err is not None:  # its charge is released by the gate thread
+                    self._failed[key] = err
+                elif not down:
                     self.state.resident[layer, e] = 1
                     self.state.last_use[layer, e] = self.state.clock[0]  # recent: not the first victim
                     self._unused_prefetch.add(key)
                     self.stats.prefetched += 1
-                else:  # its charge is released by the gate thread (reap_failures / _claim_or_wait)
-                    self._failed[key] = err
-                del self._flight[key]
+                del self._flight[key]  # a leaf's down parts: finish_layer makes it resident
                 self._cv.notify_all()
 
     def drain(self) -> None:
@@ -299,8 +447,10 @@ class Residency:
     def close(self) -> None:
         with self._cv:
             self._queue.clear()
+            self._down_queue.clear()
+            self._down_pending.clear()
             for key, st in list(self._flight.items()):
-                if st == _QUEUED:
+                if st in (_QUEUED, _DOWN):
                     del self._flight[key]
                     self.used -= self._cost[key[0]]
             self._closing = True
@@ -317,7 +467,7 @@ class Residency:
         """Change the budget live; shrinking evicts at once (policy order)."""
         self.drain()
         self.budget = budget
-        self._make_room(0, 0, [])
+        self._make_room(0, 0, [])  # nothing is in use between decodes: always succeeds
 
     def clear(self) -> None:
         self.drain()

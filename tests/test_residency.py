@@ -37,6 +37,7 @@ def test_prefetch_charges_now_and_protects_the_leaves_in_use(pack_of) -> None:  
         n_used = eng.source.n_expert_used
         in_use = list(range(n_used))
         r.on_experts(0, np.array(in_use))
+        r.finish_layer(0)  # the down node (part pipelining)
         assert r.used == r.budget  # the minimum budget is exactly one layer's selected leaves
         # Everything else of layers 0 and 1 asked for: nothing of in_use may go, so nothing fits.
         wanted = [(0, e) for e in range(n_used, 2 * n_used)] + [(1, e) for e in range(n_used)]
@@ -72,3 +73,20 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
             r.on_experts(1, np.array([2, 3]))
         r.reap_failures()
         assert r.used == r.leaf_cost(1)  # only (1, 3) is still charged
+
+
+def test_a_bad_down_part_read_by_the_pipeline_is_named(tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "f16"), pack)
+    for leaf in mf.load(pack).leaves:  # the down part (stage 1) of every leaf of layer 0
+        if leaf.layer == 0:
+            down = next(p for p in leaf.parts if p.stage == 1)
+            path = pack / leaf.file
+            data = bytearray(path.read_bytes())
+            data[down.offset + 7] ^= 0x10
+            path.write_bytes(bytes(data))
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        assert eng.residency.pipeline
+        with pytest.raises(SmoeError, match=r"layer 0 expert \d+.*checksum mismatch"):
+            eng.generate(PROMPT, 4)
+        assert eng.residency.used <= eng.budget

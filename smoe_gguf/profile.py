@@ -1,0 +1,312 @@
+"""The tree-map: a per-user profile of which leaves fire together, learnt from use.
+
+Evidence. A :class:`Recorder` (a gate observer) counts, per *window* (a prompt, then every
+:data:`WINDOW_TOKENS` generated tokens), how often each leaf (layer, expert) was selected. A
+window is a sparse vector over all leaves; leaves that fire together share windows.
+
+Profile. Per model (its source's sha256), a JSON file under the user's cache directory
+(``$XDG_CACHE_HOME/smoe-gguf/profiles/``, or ``--profile PATH``) holds, versioned:
+
+- ``usage``: decayed use count of every leaf (what warms the X-Slot at load and what ``--pin``
+  pins);
+- ``windows``: the most recent windows with a weight that decays (``DECAY`` per session that
+  saves), at most :data:`MAX_WINDOWS`;
+- ``tree``: the branches, rebuilt at every save by recursive spherical k-means over the
+  windows (branching <= :data:`BRANCHING`, depth <= :data:`MAX_DEPTH`): each node has the
+  leaves its windows use most (its *centroid*).
+
+Saving re-reads the file under an exclusive lock (``fcntl.flock`` on ``<file>.lock``), merges this
+session's evidence into it, and replaces it atomically: two processes saving at once both count.
+A file that is corrupt, of another version or of another model is ignored with a warning (the
+first two are rewritten on save; another model's is left alone), never a crash.
+
+Use. At load the profile's most used leaves are prefetched within the budget; ``--pin N`` keeps
+the N most used resident. At a prompt, the branch closest to the leaves its first layers
+selected is found (descending the tree by cosine similarity) and its leaves in later layers
+are prefetched while the prompt is computed.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .residency import Residency
+
+FORMAT = "smoe-profile"
+VERSION = 1
+DECAY = 0.9  # weight kept by old evidence at each save
+MAX_WINDOWS = 256
+MIN_WEIGHT = 0.05
+WINDOW_TOKENS = 32
+BRANCHING = 4
+MAX_DEPTH = 3
+MIN_NODE_WINDOWS = 4
+TOP_LEAVES = 64  # leaves kept per tree node
+PROMPT_LAYERS = 2  # layers of the prompt used to choose a branch
+
+Warn = Callable[[str], None]
+
+
+def default_path(model_id: str) -> Path:
+    base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+    return base / "smoe-gguf" / "profiles" / f"{model_id[:32]}.json"
+
+
+@dataclass
+class Node:
+    weight: float  # summed window weight
+    leaves: list[tuple[int, int, float]]  # (layer, expert, share of the node's selections), most first
+    children: list["Node"] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        return {"weight": round(self.weight, 4), "leaves": [[l, e, round(s, 5)] for l, e, s in self.leaves],
+                "children": [c.to_json() for c in self.children]}
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Node":
+        return cls(float(d["weight"]), [(int(l), int(e), float(s)) for l, e, s in d["leaves"]],
+                   [cls.from_json(c) for c in d.get("children", [])])
+
+
+@dataclass
+class Profile:
+    model_id: str
+    n_layer: int
+    n_expert: int
+    usage: np.ndarray  # float64 [n_layer, n_expert]
+    windows: list[tuple[float, dict[int, float]]]  # (weight, flat leaf index -> count)
+    tree: Node | None = None
+    sessions: int = 0
+
+    @classmethod
+    def empty(cls, model_id: str, n_layer: int, n_expert: int) -> "Profile":
+        return cls(model_id, n_layer, n_expert, np.zeros((n_layer, n_expert)), [])
+
+    # ------------------------------------------------------------------ files
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": FORMAT, "version": VERSION, "model": self.model_id,
+            "n_layer": self.n_layer, "n_expert": self.n_expert, "sessions": self.sessions,
+            "usage": np.round(self.usage, 4).tolist(),
+            "windows": [[round(w, 5), {str(k): round(v, 3) for k, v in win.items()}] for w, win in self.windows],
+            "tree": self.tree.to_json() if self.tree else None,
+        }
+
+    @classmethod
+    def from_json(cls, d: dict[str, Any]) -> "Profile":
+        usage = np.asarray(d["usage"], np.float64)
+        if usage.shape != (int(d["n_layer"]), int(d["n_expert"])):
+            raise ValueError("usage has the wrong shape")
+        windows = [(float(w), {int(k): float(v) for k, v in win.items()}) for w, win in d["windows"]]
+        tree = Node.from_json(d["tree"]) if d.get("tree") else None
+        return cls(str(d["model"]), int(d["n_layer"]), int(d["n_expert"]), usage, windows, tree,
+                   int(d.get("sessions", 0)))
+
+    # ------------------------------------------------------------------ evidence
+
+    def merge(self, windows: list[dict[int, float]]) -> None:
+        """Decay old evidence, add a session's windows, rebuild the tree."""
+        self.usage *= DECAY
+        self.windows = [(w * DECAY, win) for w, win in self.windows if w * DECAY >= MIN_WEIGHT]
+        for win in windows:
+            if not win:
+                continue
+            self.windows.append((1.0, win))
+            for k, v in win.items():
+                self.usage.flat[k] += v
+        self.windows = self.windows[-MAX_WINDOWS:]
+        self.sessions += 1
+        self.tree = build_tree(self.windows, self.n_layer * self.n_expert, self.n_expert)
+
+    def hottest(self, n: int) -> list[tuple[int, int]]:
+        """The ``n`` most used leaves, most first (leaves never used are not listed)."""
+        flat = np.argsort(-self.usage, axis=None, kind="stable")[:n]
+        return [divmod(int(k), self.n_expert) for k in flat if self.usage.flat[k] > 0]
+
+    def branch_for(self, counts: np.ndarray, layers: int) -> Node | None:
+        """Descend the tree toward the node whose first ``layers`` layers look most like ``counts``
+        (``[n_layer, n_expert]``, only those layers used); None without a tree."""
+        node = self.tree
+        if node is None:
+            return None
+        q = counts[:layers].ravel()
+        if not q.any():
+            return None
+        q = q / np.linalg.norm(q)
+        while node.children:
+            best, best_sim = None, 0.0
+            for child in node.children:
+                v = np.zeros(layers * self.n_expert)
+                for l, e, s in child.leaves:
+                    if l < layers:
+                        v[l * self.n_expert + e] = s
+                n = np.linalg.norm(v)
+                sim = float(q @ v / n) if n else 0.0
+                if sim > best_sim:
+                    best, best_sim = child, sim
+            if best is None:
+                break
+            node = best
+        return node
+
+
+def build_tree(windows: list[tuple[float, dict[int, float]]], dim: int, n_expert: int) -> Node | None:
+    if not windows:
+        return None
+    x = np.zeros((len(windows), dim))
+    w = np.zeros(len(windows))
+    for i, (wt, win) in enumerate(windows):
+        for k, v in win.items():
+            x[i, k] = v
+        w[i] = wt
+    return _node(x, w, n_expert, 0)
+
+
+def _node(x: np.ndarray, w: np.ndarray, n_expert: int, depth: int) -> Node:
+    total = (x * w[:, None]).sum(axis=0)
+    share = total / max(total.sum(), 1e-12)
+    top = np.argsort(-share, kind="stable")[:TOP_LEAVES]
+    node = Node(float(w.sum()), [(*divmod(int(k), n_expert), float(share[k])) for k in top if share[k] > 0])
+    if depth + 1 >= MAX_DEPTH or len(x) < 2 * MIN_NODE_WINDOWS:
+        return node
+    labels = _kmeans(x, w, min(BRANCHING, len(x) // MIN_NODE_WINDOWS))
+    if len(set(labels.tolist())) < 2:
+        return node
+    for c in sorted(set(labels.tolist()), key=lambda c: -w[labels == c].sum()):
+        sel = labels == c
+        node.children.append(_node(x[sel], w[sel], n_expert, depth + 1))
+    return node
+
+
+def _kmeans(x: np.ndarray, w: np.ndarray, k: int, iters: int = 20) -> np.ndarray:
+    """Weighted spherical k-means with deterministic farthest-point seeding."""
+    xn = x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+    centers = [xn[int(np.argmax(w))]]
+    for _ in range(1, k):
+        sim = np.max(xn @ np.array(centers).T, axis=1)
+        centers.append(xn[int(np.argmin(sim))])
+    c = np.array(centers)
+    labels = np.zeros(len(x), int)
+    for _ in range(iters):
+        new = np.argmax(xn @ c.T, axis=1)
+        if _ and np.array_equal(new, labels):
+            break
+        labels = new
+        for j in range(k):
+            m = labels == j
+            if m.any():
+                v = (xn[m] * w[m, None]).sum(axis=0)
+                c[j] = v / max(np.linalg.norm(v), 1e-12)
+    return labels
+
+
+# ---------------------------------------------------------------------- load / save
+
+
+def load(path: Path, model_id: str, n_layer: int, n_expert: int, warn: Warn) -> tuple[Profile, bool]:
+    """The profile at ``path`` (empty if there is none or it cannot be used), and whether a save
+    may write that file (False for another model's profile)."""
+    empty = Profile.empty(model_id, n_layer, n_expert)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        return empty, True
+    except (OSError, UnicodeDecodeError) as e:
+        warn(f"profile {path} cannot be read ({e}); starting a new one")
+        return empty, True
+    try:
+        d = json.loads(text)
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ValueError("not a smoe-gguf profile")
+    except ValueError as e:
+        warn(f"profile {path} is corrupt ({e}); ignoring it, a new one replaces it")
+        return empty, True
+    if d.get("version") != VERSION:
+        warn(f"profile {path} is version {d.get('version')}, this is {VERSION}; ignoring it, a new one replaces it")
+        return empty, True
+    if d.get("model") != model_id or d.get("n_layer") != n_layer or d.get("n_expert") != n_expert:
+        warn(f"profile {path} belongs to another model; ignoring it (and leaving it alone)")
+        return empty, False
+    try:
+        return Profile.from_json(d), True
+    except (KeyError, TypeError, ValueError) as e:
+        warn(f"profile {path} is corrupt ({e}); ignoring it, a new one replaces it")
+        return empty, True
+
+
+def save(path: Path, model_id: str, n_layer: int, n_expert: int, windows: list[dict[int, float]], warn: Warn) -> Profile | None:
+    """Merge a session's windows into the profile at ``path`` under an exclusive lock, atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        prof, writable = load(path, model_id, n_layer, n_expert, lambda _m: None)
+        if not writable:
+            warn(f"profile {path} belongs to another model: not saved")
+            return None
+        prof.merge(windows)
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                json.dump(prof.to_json(), f, separators=(",", ":"))
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return prof
+
+
+# ---------------------------------------------------------------------- live
+
+
+class Recorder:
+    """Gate observer: counts leaf selections per window; at a prompt, prefetches its branch."""
+
+    def __init__(self, residency: Residency, profile: Profile | None, n_expert: int) -> None:
+        self.residency = residency
+        self.profile = profile
+        self.n_expert = n_expert
+        self.windows: list[dict[int, float]] = []
+        self._counts = np.zeros((residency.n_layer, n_expert))
+        self._tokens = 0
+        self._prompt_layers_seen = -1  # >= 0 while the first layers of a prompt are being gated
+        self.branch_prefetches = 0
+
+    def start_prompt(self) -> None:
+        self.cut()
+        self._prompt_layers_seen = 0
+
+    def cut(self) -> None:
+        if self._counts.any():
+            nz = np.flatnonzero(self._counts)
+            self.windows.append({int(k): float(self._counts.flat[k]) for k in nz})
+            self._counts[:] = 0
+        self._tokens = 0
+
+    def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
+        np.add.at(self._counts[layer], ids.ravel(), 1)
+        if layer == 0:
+            self._tokens += ids.shape[0]
+        if self._prompt_layers_seen >= 0 and layer == PROMPT_LAYERS - 1:
+            self._prompt_layers_seen = -1
+            self._prefetch_branch(layer, ids)
+        if layer == self.residency.n_layer - 1 and self._tokens >= WINDOW_TOKENS:
+            self.cut()
+
+    def _prefetch_branch(self, layer: int, ids: np.ndarray) -> None:
+        if self.profile is None:
+            return
+        node = self.profile.branch_for(self._counts, PROMPT_LAYERS)
+        if node is None:
+            return
+        keys = [(l, e) for l, e, _s in node.leaves if l >= PROMPT_LAYERS]
+        self.branch_prefetches += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist())

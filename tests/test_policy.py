@@ -1,0 +1,113 @@
+"""Eviction policies on crafted access sequences, and trace record / replay."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoe_gguf.errors import SmoeError
+from smoe_gguf.policy import AccessState, make_policy
+from smoe_gguf.residency import Residency
+from smoe_gguf.trace import load, replay
+
+from .cli_helpers import run_cli
+from .test_engine import PROMPT, pack_of  # noqa: F401 - fixture
+
+A, B, C, D = 0, 1, 2, 3
+
+
+def _books(policy: str, n_layer: int = 1, n_expert: int = 4, budget_leaves: int = 2) -> Residency:
+    """A residency without I/O whose leaves cost 1 byte each."""
+    return Residency({layer: 1 for layer in range(n_layer)}, n_expert, budget_leaves, policy)
+
+
+def _resident(r: Residency, layer: int = 0) -> set[int]:
+    return set(np.flatnonzero(r.state.resident[layer]).tolist())
+
+
+def _gates(r: Residency, seq: list[tuple[int, list[int]]]) -> None:
+    for layer, experts in seq:
+        r.on_experts(layer, np.array(experts, np.int32))
+
+
+def test_lru_evicts_the_leaf_used_longest_ago() -> None:
+    r = _books("lru")
+    _gates(r, [(0, [A]), (0, [B]), (0, [A]), (0, [C])])
+    assert _resident(r) == {A, C}
+    assert (r.stats.hits, r.stats.misses, r.stats.evictions) == (1, 3, 1)
+
+
+def test_lfru_keeps_a_frequent_leaf_through_a_burst_that_lru_would_evict_it_for() -> None:
+    seq = [(0, [A]), (0, [A]), (0, [A]), (0, [B]), (0, [C])]
+    lru, lfru = _books("lru"), _books("lfru")
+    _gates(lru, seq)
+    _gates(lfru, seq)
+    assert _resident(lru) == {B, C}  # A was least recent
+    assert _resident(lfru) == {A, C}  # A's three uses outweigh B's one, slightly more recent
+
+
+def test_least_stale_evicts_what_layer_order_needs_last() -> None:
+    # Layer 1 is being gated; layers 2 and 3 come next, layer 1 itself only after a full pass.
+    s = AccessState.new(4, 2)
+    s.clock[0] = 10
+    for (layer, e), t in {(1, 0): 10, (2, 0): 3, (3, 0): 9}.items():
+        s.resident[layer, e] = 1
+        s.last_use[layer, e] = t
+    evictable = s.resident.astype(bool)
+    assert make_policy("lru").victim(s, evictable, 1) == (2, 0)  # oldest, yet needed next
+    assert make_policy("least-stale").victim(s, evictable, 1) == (1, 0)
+    evictable[1, 0] = False
+    assert make_policy("least-stale").victim(s, evictable, 1) == (3, 0)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfru", "least-stale"])
+def test_leaves_in_use_and_pinned_leaves_are_never_evicted(policy: str) -> None:
+    r = _books(policy, n_expert=6, budget_leaves=3)
+    r.state.pinned[0, D] = 1
+    _gates(r, [(0, [D])])
+    for experts in ([A, B], [C, A], [B, C], [E := 4, A], [5, E]):
+        _gates(r, [(0, experts)])
+        assert set(experts) <= _resident(r) and D in _resident(r)
+        assert r.used <= r.budget
+    with pytest.raises(SmoeError, match="cannot hold one layer's selected leaves"):
+        _gates(r, [(0, [A, B, C])])  # three leaves + the pinned one in a budget of three
+
+
+def test_unknown_policy_is_refused() -> None:
+    with pytest.raises(SmoeError, match="unknown policy 'mru': choose one of lru, lfru, least-stale"):
+        make_policy("mru")
+
+
+def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_path: Path) -> None:  # noqa: F811
+    pack = pack_of("qwen3moe", "f16")
+    trace = tmp_path / "t.jsonl"
+    # Reactive (no speculation, no profile): the live run's decisions are the policy's alone.
+    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "16", "--budget", "25%",
+                                   "--trace", str(trace), "--json", "--no-speculate", "--no-profile")
+    assert code == 0, stderr
+    live = json.loads(stdout)
+    data = load(trace)
+    assert data.header["n_expert_used"] == 4 and len(data.events) > 0
+    # Every gate is in the trace (hits served by the C path included).
+    assert data.live_hits == live["hits"] and data.live_accesses - data.live_hits == live["misses"]
+    # Replay without a model, same budget, same policy: the same decisions as live.
+    again = replay(data, live["budget_bytes"], "lru")
+    assert (again.hits, again.misses) == (live["hits"], live["misses"])
+    assert replay(data, live["budget_bytes"], "lfru") == replay(data, live["budget_bytes"], "lfru")
+    code, stdout, _ = run_cli("replay", str(trace), "--budget", "10%,25%,50%", "--json")
+    rows = json.loads(stdout)
+    assert code == 0 and len(rows) == 9
+    rates = {(r["budget"], r["policy"]): r["hit_rate"] for r in rows}
+    assert rates[("50%", "lru")] >= rates[("10%", "lru")]
+
+
+def test_replay_refuses_what_is_not_a_trace(tmp_path: Path) -> None:
+    bad = tmp_path / "x.jsonl"
+    bad.write_text('{"hello": 1}\n')
+    code, _, stderr = run_cli("replay", str(bad))
+    assert code == 1 and "is not a smoe-gguf trace" in stderr
+    code, _, stderr = run_cli("replay", str(tmp_path / "missing.jsonl"))
+    assert code == 1 and "no such trace" in stderr
