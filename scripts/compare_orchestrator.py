@@ -69,6 +69,8 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--learn-tokens", type=int, default=32)
     ap.add_argument("--json-out", default="")
+    ap.add_argument("--ablate", action="store_true",
+                    help="also run the orchestrator without part pipelining and without speculation")
     a = ap.parse_args()
     work = Path(tempfile.mkdtemp(prefix="smoe-compare-"))
     profile = work / "profile.json"
@@ -90,21 +92,31 @@ def main() -> None:
         with con.status(f"{budget}: full orchestrator ({best})"):
             full = _run(a.model, budget, a.n, a.threads, policy=best, speculate=True, profile=profile,
                         learn=False, pipeline=True)
-        rows.append({"budget": budget, "replay_hit_rates": {p: round(r, 4) for p, r in rates.items()},
-                     "best_policy": best, "reactive": reactive, "orchestrator": full,
-                     "same_tokens": reactive["tokens"] == full["tokens"]})
+        row = {"budget": budget, "replay_hit_rates": {p: round(r, 4) for p, r in rates.items()},
+               "best_policy": best, "reactive": reactive, "orchestrator": full,
+               "same_tokens": reactive["tokens"] == full["tokens"]}
+        if a.ablate:
+            for name, kw in (("no pipelining", {"pipeline": False, "speculate": True}),
+                             ("no speculation", {"pipeline": True, "speculate": False})):
+                with con.status(f"{budget}: orchestrator, {name}"):
+                    row[name] = _run(a.model, budget, a.n, a.threads, policy=best, profile=profile, learn=False, **kw)
+                row["same_tokens"] = row["same_tokens"] and row[name]["tokens"] == reactive["tokens"]
+        rows.append(row)
     table = Table(title=f"reactive LRU vs full orchestrator: {Path(a.model).name}, {a.n} tokens, side by side")
     for col in ("budget", "system", "decode tok/s", "TTFT s", "hit rate", "MB read/token", "stall s/token",
-                "spec. precision", "spec. recall", "same tokens"):
+                "down-part stall s", "spec. precision", "spec. recall", "same tokens"):
         table.add_column(col, justify="left" if col in ("budget", "system") else "right")
+    systems = ("reactive", "orchestrator", "no pipelining", "no speculation")
     for r in rows:
-        for name in ("reactive", "orchestrator"):
+        for name in [n for n in systems if n in r]:
             s = r[name]
             spec = s.get("speculation") or {}
-            label = "reactive LRU" if name == "reactive" else f"orchestrator ({r['best_policy']})"
+            label = {"reactive": "reactive LRU", "orchestrator": f"orchestrator ({r['best_policy']})"}.get(
+                name, f"orchestrator, {name}")
             table.add_row(r["budget"], label, f"{s['decode_tps']:.2f}", f"{s['ttft_seconds']:.2f}",
                           f"{s['hit_rate'] * 100:.1f}%", f"{s['bytes_per_token'] / 1e6:.1f}",
-                          f"{s['stall_per_token']:.3f}", f"{spec.get('precision', 0) * 100:.0f}%" if spec else "-",
+                          f"{s['stall_per_token']:.3f}", f"{s['down_stall_seconds']:.2f}",
+                          f"{spec.get('precision', 0) * 100:.0f}%" if spec else "-",
                           f"{spec.get('recall', 0) * 100:.0f}%" if spec else "-", str(r["same_tokens"]))
     con.print(table)
     for r in rows:
@@ -112,7 +124,7 @@ def main() -> None:
                   + ", ".join(f"{p} {v * 100:.1f}%" for p, v in r["replay_hit_rates"].items()))
     if a.json_out:
         for r in rows:
-            for name in ("reactive", "orchestrator"):
+            for name in [n for n in systems if n in r]:
                 r[name].pop("tokens", None)
         Path(a.json_out).write_text(json.dumps(rows, indent=1))
 

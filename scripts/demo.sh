@@ -26,3 +26,15 @@ cmp "$MODEL" "$DIR/merged.gguf" && echo "merged file is byte-identical to the so
 
 step "generate from the pack with the experts paged through a 25% X-Slot"
 smoe-gguf run "$PACK" -p "The quick brown fox" -n 48 --budget 25% --stats
+
+step "chat with it (the tiny model's weights are random: expect gibberish, in its chat template)"
+if [ -t 0 ] && [ -t 1 ]; then
+  echo "Your prompt is prefilled while you type; /stats shows the time to first token, Ctrl-D leaves."
+  read -r -p "Start the chat now? [Y/n] " answer || answer=n
+  case "$answer" in
+    [nN]*) echo "skipped; later: smoe-gguf chat $PACK --budget 25%" ;;
+    *) smoe-gguf chat "$PACK" --budget 25% -n 64 ;;
+  esac
+else
+  echo "skipped: not a terminal (run \`smoe-gguf chat $PACK --budget 25%\` in one)"
+fi

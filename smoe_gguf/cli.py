@@ -59,6 +59,27 @@ def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, in
         yield update
 
 
+# Options of every command that runs a model: how leaves are fetched and evicted.
+PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lru, lfru (frequency-weighted LRU) or "
+                                        "least-stale (layer order).")]
+NoSpeculateOpt = Annotated[bool, typer.Option("--no-speculate", help="Do not prefetch the next layer's "
+                                              "guessed experts.")]
+ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="The tree-map profile file (default: one per model "
+                                                 "under ~/.cache/smoe-gguf/profiles).")]
+NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read nor write a profile.")]
+NoLearnOpt = Annotated[bool, typer.Option("--no-learn", help="Use the profile but do not add this session to it.")]
+PinOpt = Annotated[int, typer.Option(help="Keep the profile's N most used leaves resident, outside the policy.")]
+
+
+def orchestrator_options(policy: str, no_speculate: bool, profile: Path | None, no_profile: bool,
+                         no_learn: bool, pin: int) -> dict[str, Any]:
+    """Engine keyword arguments from the options above."""
+    if pin < 0:
+        raise SmoeError("--pin must be 0 or more", exit_code=2)
+    return {"policy": policy, "speculate": not no_speculate,
+            "profile": None if no_profile else (profile or "auto"), "learn": not no_learn, "pin": pin}
+
+
 @app.command()
 def inspect(
     model: Annotated[Path, typer.Argument(help="A GGUF file.")],
@@ -187,22 +208,48 @@ def run(
     checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never.")] = "first",
     stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, figures.")] = False,
+    policy: PolicyOpt = "lru",
+    no_speculate: NoSpeculateOpt = False,
+    profile: ProfileOpt = None,
+    no_profile: NoProfileOpt = False,
+    no_learn: NoLearnOpt = False,
+    pin: PinOpt = 0,
+    trace: Annotated[Path | None, typer.Option(help="Record every leaf access to this file (JSON lines), "
+                                               "for `smoe-gguf replay`.")] = None,
+    chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template, as "
+                                       "`smoe-gguf chat` does (same micro-batches: same tokens).")] = False,
+    system: Annotated[str | None, typer.Option(help="A system message (with --chat).")] = None,
 ) -> None:
     """Generate text with the experts paged through a byte-budgeted X-Slot, bit-exact."""
     from .engine import Engine
+    from .template import CHAT_UBATCH, ChatTemplate, ReplyText, conversation
 
     if n_tokens < 1:
         raise SmoeError("--n-tokens must be at least 1", exit_code=2)
-    with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums) as eng:
+    if system is not None and not chat:
+        raise SmoeError("--system needs --chat", exit_code=2)
+    with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums, trace=trace,
+                **({"n_ubatch": CHAT_UBATCH} if chat else {}),
+                **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin)) as eng:
+        reply = None
+        if chat:
+            template = ChatTemplate.of(eng._model)
+            prompt = template.render(conversation(system, prompt))
+            reply = ReplyText(template.stop_text)  # the fallback format's replies end at "User:"
+        for w in eng.warnings:
+            err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
         if budget is None and not as_json:
             err.print(f"budget: {human(eng.budget)} (available memory minus 1 GiB; set --budget to change)")
 
         def stream(tok: int, piece: bytes) -> None:
+            if reply is not None and not eng.is_eog(tok):
+                reply.add(piece)
             if not as_json:
                 sys.stdout.write(piece.decode("utf-8", errors="replace"))
                 sys.stdout.flush()
 
-        gen = eng.generate(prompt, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True)
+        gen = eng.generate(prompt, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True,
+                           should_stop=None if reply is None else lambda: reply.stopped)
         figures: dict[str, Any] = {
             "prompt_tokens": gen.stats.prompt_tokens,
             "generated_tokens": gen.stats.generated_tokens,
@@ -226,14 +273,149 @@ def run(
                 ("start-up", f"{figures['startup_seconds']:.2f} s, {human(figures['startup_read_bytes'])} read (core {human(figures['core_bytes'])})"),
                 ("leaves loaded", str(figures["leaves_loaded"])),
                 ("hit rate", f"{figures['hit_rate'] * 100:.1f}% ({figures['hits']} hits, {figures['misses']} misses)"),
+                ("prefetched", f"{figures['prefetched']} leaves ({figures['prefetch_late']} arrived late, "
+                               f"{figures['prefetch_wasted']} evicted unused)"),
+                *([("next-layer speculation", f"precision {spec['precision'] * 100:.0f}%, recall "
+                                              f"{spec['recall'] * 100:.0f}% (threshold {spec['threshold']})")]
+                  if (spec := figures.get("speculation")) else []),
                 ("bytes read from shards", human(figures["bytes_read"]) + (" (O_DIRECT)" if figures["direct_io"] else "")),
-                ("stalled on leaves", f"{figures['stall_seconds']:.3f} s (checksums {figures['checksum_seconds']:.3f} s)"),
+                ("stalled on leaves", f"{figures['stall_seconds']:.3f} s (per decoded token: median "
+                                      f"{figures['stall_per_token_p50'] * 1e3:.1f} ms, p95 {figures['stall_per_token_p95'] * 1e3:.1f} ms; "
+                                      f"checksums {figures['checksum_seconds']:.3f} s)"),
                 ("peak resident experts", f"{human(figures['peak_resident_bytes'])} of {human(figures['budget_bytes'])} budget"),
                 ("process peak RSS", human(figures["peak_rss_bytes"])),
             ]
             for k, v in rows:
                 table.add_row(k, v)
             out.print(table)
+
+
+@app.command()
+def replay(
+    trace_file: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace written by `run --trace`.")],
+    policy: Annotated[str, typer.Option(help="Comma-separated policies: lru, lfru, least-stale, or all.")] = "all",
+    budget: Annotated[str, typer.Option(help="Comma-separated budgets: bytes (512MiB) or % of all expert bytes.")] = "10%,25%,50%",
+    as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
+) -> None:
+    """Replay a recorded trace under eviction policies and budgets, without a model: hit rates."""
+    from .policy import POLICIES
+    from .residency import parse_budget
+    from .trace import load, replay as do_replay
+
+    data = load(trace_file)
+    policies = list(POLICIES) if policy == "all" else [p.strip() for p in policy.split(",") if p.strip()]
+    budgets = [(b.strip(), parse_budget(b, data.total_cost)) for b in budget.split(",") if b.strip()]
+    results = [(label, do_replay(data, b, p)) for label, b in budgets for p in policies]
+    if as_json:
+        out.print_json(json.dumps([
+            {"policy": r.policy, "budget": label, "budget_bytes": r.budget, "hit_rate": round(r.hit_rate, 4),
+             "hits": r.hits, "misses": r.misses, "evictions": r.evictions, "bytes_loaded": r.bytes_loaded}
+            for label, r in results]))
+        return
+    live = data.live_hits / max(1, data.live_accesses)
+    table = Table(title=f"replay {trace_file.name}: {len(data.events)} gates, live hit rate {live * 100:.1f}%")
+    for col in ("budget", "policy", "hit rate", "misses", "evictions", "bytes loaded"):
+        table.add_column(col, justify="left" if col in ("budget", "policy") else "right")
+    for label, r in results:
+        table.add_row(f"{label} ({human(r.budget)})", r.policy, f"{r.hit_rate * 100:.1f}%", str(r.misses),
+                      str(r.evictions), human(r.bytes_loaded))
+    out.print(table)
+
+
+@app.command()
+def profile(
+    model: Annotated[Path, typer.Argument(help="A pack directory or a plain MoE GGUF.")],
+    prompts: Annotated[Path | None, typer.Option(help="A text file, one prompt per line: run each and "
+                                                 "learn which leaves fire together.")] = None,
+    show: Annotated[bool, typer.Option("--show", help="Print the tree-map (branches and their leaves).")] = False,
+    n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Tokens to generate per prompt.")] = 32,
+    budget: Annotated[str, typer.Option(help="X-Slot budget while learning (paging must be on to see routing).")] = "25%",
+    profile_file: ProfileOpt = None,
+    threads: Annotated[int | None, typer.Option(help="CPU threads.")] = None,
+) -> None:
+    """Learn (--prompts) and show (--show) the per-user tree-map of leaves that fire together."""
+    from . import profile as tree_map
+    from .engine import Engine, model_identity
+
+    if prompts is None and not show:
+        raise SmoeError("give --prompts FILE to learn, --show to print the tree-map, or both", exit_code=2)
+    model_id, n_layer, n_expert = model_identity(model)
+    path = profile_file or tree_map.default_path(model_id)
+    if prompts is not None:
+        try:
+            lines = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
+        except (OSError, UnicodeDecodeError) as e:
+            raise SmoeError(f"cannot read prompts {prompts}: {e}") from None
+        if not lines:
+            raise SmoeError(f"{prompts} holds no prompt")
+        with Engine(model, budget=budget, n_threads=threads, profile=path) as eng:
+            for w in eng.warnings:
+                err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+            if eng.recorder is None:
+                raise SmoeError("the budget holds every leaf: nothing is paged, nothing to learn; lower --budget")
+            with Progress(TextColumn("[bold]learning"), BarColumn(), TextColumn("{task.completed}/{task.total} prompts"),
+                          console=err, transient=True, disable=not sys.stderr.isatty()) as bar:
+                task = bar.add_task("learn", total=len(lines))
+                for line in lines:
+                    eng.reset()
+                    eng.generate(line, n_tokens)
+                    bar.advance(task)
+            prof = eng.save_profile()
+        if prof is not None:
+            out.print(f"[green]learnt[/] {len(lines)} prompts into {path} ({len(prof.windows)} windows, "
+                      f"{prof.sessions} sessions)")
+    if show:
+        prof, _ = tree_map.load(path, model_id, n_layer, n_expert,
+                                lambda m: err.print(f"[yellow]warning:[/] {m}", soft_wrap=True))
+        if prof.tree is None:
+            out.print(f"no profile yet at {path}: run `smoe-gguf profile {model} --prompts FILE`, or any run")
+            return
+        out.print(_render_tree(prof, path))
+
+
+def _render_tree(prof: Any, path: Path) -> Any:
+    from rich.tree import Tree
+
+    def label(node: Any, name: str) -> str:
+        leaves = ", ".join(f"L{l}·E{e} {s * 100:.0f}%" for l, e, s in node.leaves[:6])
+        return f"[bold]{name}[/] weight {node.weight:.1f}: {leaves}"
+
+    def add(tree: Any, node: Any, name: str) -> None:
+        for i, child in enumerate(node.children):
+            add(tree.add(label(child, f"{name}.{i}")), child, f"{name}.{i}")
+
+    root = Tree(f"{label(prof.tree, 'tree-map')} ({prof.sessions} sessions, {len(prof.windows)} windows) — {path}")
+    add(root, prof.tree, "branch")
+    return root
+
+
+@app.command()
+def chat(
+    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
+    budget: Annotated[
+        str | None,
+        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
+                     "Default: what fits in available memory minus 1 GiB."),
+    ] = None,
+    system: Annotated[str | None, typer.Option(help="A system message for the conversation.")] = None,
+    policy: PolicyOpt = "lru",
+    n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Most tokens per reply.")] = 256,
+    seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
+    temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8).")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
+    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never.")] = "first",
+    typeahead: Annotated[bool, typer.Option("--typeahead/--no-typeahead",
+                                            help="Prefill the prompt while it is typed.")] = True,
+    debug_tokens: Annotated[bool, typer.Option("--debug-tokens", hidden=True,
+                                               help="Print each reply's token ids (for tests).")] = False,
+) -> None:
+    """Chat with the model's own chat template; your prompt is prefilled while you type."""
+    from .chat import run_chat
+
+    if n_tokens < 1:
+        raise SmoeError("--n-tokens must be at least 1", exit_code=2)
+    run_chat(model, budget, system, policy, n_tokens, temp, seed, threads, ctx, checksums, typeahead, debug_tokens)
 
 
 @app.command("make-test-model")

@@ -357,6 +357,7 @@ class Engine:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
         if self.recorder is not None and len(tokens) > 1:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
+        stall0 = self.residency.stats.stall_seconds
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
@@ -371,6 +372,8 @@ class Engine:
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {stock.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
+        if len(tokens) == 1:
+            self.residency.stats.token_stalls.append(self.residency.stats.stall_seconds - stall0)
 
     def _after_decode(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
@@ -491,8 +494,13 @@ class Engine:
             "prefetched": r.prefetched,
             "prefetch_late": r.late,
             "prefetch_wasted": r.prefetch_wasted,
+            "prefetch_cancelled": r.prefetch_cancelled,
             "bytes_read": st.bytes_read,
             "stall_seconds": round(r.stall_seconds, 4),
+            "down_stall_seconds": round(r.down_stall_seconds, 4),
+            "stall_per_token_p50": round(float(np.percentile(r.token_stalls, 50)), 4) if r.token_stalls else 0.0,
+            "stall_per_token_p95": round(float(np.percentile(r.token_stalls, 95)), 4) if r.token_stalls else 0.0,
+            "stall_per_layer": {layer: round(v, 4) for layer, v in sorted(r.per_layer_stall.items())},
             "checksum_seconds": round(st.hash_seconds, 4),
             "peak_resident_bytes": r.peak_bytes,
             "resident_bytes_now": self.residency.used,

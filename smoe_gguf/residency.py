@@ -82,6 +82,7 @@ class ResidencyStats:
     gates: int = 0
     per_layer_misses: dict[int, int] = field(default_factory=dict)
     per_layer_stall: dict[int, float] = field(default_factory=dict)
+    token_stalls: list[float] = field(default_factory=list)  # stall of each single-token decode
 
 
 _QUEUED, _LOADING, _DOWN, _DOWN_LOADING = 1, 2, 3, 4
