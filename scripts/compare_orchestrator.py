@@ -41,7 +41,7 @@ LEARN = [
 ]
 
 
-def _run(model: str, budget: str, n: int, threads: int, **kw: Any) -> dict[str, Any]:
+def _run(model: str, budget: str, n: int, threads: int | None, **kw: Any) -> dict[str, Any]:
     with Engine(model, budget=budget, n_ctx=1024, n_threads=threads, **kw) as eng:
         times: list[float] = []
         tokens: list[int] = []
@@ -66,7 +66,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--budgets", default="10%,25%,50%")
     ap.add_argument("-n", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=None, help="default: the engine's (cores - 1 while paging)")
     ap.add_argument("--learn-tokens", type=int, default=32)
     ap.add_argument("--json-out", default="")
     ap.add_argument("--ablate", action="store_true",

@@ -28,7 +28,7 @@ import psutil
 from . import stock
 from .errors import SmoeError
 from . import archs
-from .gate import KIND_BEFORE_DOWN, Gate
+from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
 from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
 from .moe import analyze
 from .pack import manifest as mf
@@ -194,7 +194,9 @@ class Engine:
             self.gate = Gate(self.residency.on_experts, state=self.residency.state,
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
-            cp = stock.context_params(n_ctx=n_ctx, n_threads=n_threads or _default_threads(),
+            paging = self.budget < self.residency.total_cost
+            self.n_threads = n_threads or _default_threads(paging)
+            cp = stock.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
                                       n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
             self._orchestrate(trace, speculate, speculate_threshold, Path(path).name)
@@ -263,6 +265,7 @@ class Engine:
         if speculate and paging:
             self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold)
             self.gate.observe(self.speculator)
+        self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
         self.recorder: tree_map.Recorder | None = None
         if paging and (self._learn or self.profile is not None):
             self.recorder = tree_map.Recorder(r, self.profile, src.n_expert)
@@ -357,7 +360,9 @@ class Engine:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
         if self.recorder is not None and len(tokens) > 1:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
-        stall0 = self.residency.stats.stall_seconds
+        if len(tokens) > 1 and self.gate.observers:
+            self.gate.observing = True  # the prompt's branch is found by observing its first layers
+        stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
@@ -373,7 +378,20 @@ class Engine:
                 raise SmoeError(f"llama_decode failed (code {rc}): {stock.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
         if len(tokens) == 1:
-            self.residency.stats.token_stalls.append(self.residency.stats.stall_seconds - stall0)
+            stall = self.residency.stats.stall_seconds - stall0
+            self.residency.stats.token_stalls.append(stall)
+            self._adapt(time.perf_counter() - t0, stall)
+
+    def _adapt(self, seconds: float, stall: float) -> None:
+        if not self.gate.observers:
+            return
+        was = self.gate.observing
+        on = self.observer_switch.tick(seconds, stall)
+        if self.recorder is not None and not was:
+            self.recorder.token_unobserved()
+        if on and not was and self.speculator is not None:
+            self.speculator.forget()  # its last guesses are stale
+        self.gate.observing = on
 
     def _after_decode(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
@@ -483,6 +501,7 @@ class Engine:
         return {
             "budget_bytes": self.budget,
             "n_ubatch": self.n_ubatch,
+            "n_threads": self.n_threads,
             "startup_seconds": round(self.startup_seconds, 3),
             "startup_read_bytes": self.startup_read_bytes,
             "core_bytes": self.source.core_bytes,
@@ -506,6 +525,7 @@ class Engine:
             "resident_bytes_now": self.residency.used,
             "direct_io": self.source.store.direct_io_used,
             "peak_rss_bytes": _peak_rss(),
+            "observer_pauses": self.observer_switch.pauses,
             "speculation": self.speculator.stats.summary(self.speculator.threshold) if self.speculator else None,
         }
 
@@ -536,8 +556,14 @@ def _ratio(hits: int, misses: int) -> float:
     return hits / (hits + misses) if hits + misses else 1.0
 
 
-def _default_threads() -> int:
-    return max(1, min(8, os.cpu_count() or 1))
+def _default_threads(paging: bool) -> int:
+    """Compute threads: the usable cores (at most 8), less one while paging. ggml's threads meet
+    at spinning barriers many times per token (more with the gate splitting the graph); when one
+    of them loses its core, to the I/O thread or to any other process, the others spin until it
+    is back. On 2 cores with a busy neighbour, 2 threads decoded 0.8 tok/s where 1 did 150
+    (reference model, 25% budget): one core is left to the I/O thread and the gate."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, min(8, cores - 1 if paging else cores))
 
 
 def _peak_rss() -> int:

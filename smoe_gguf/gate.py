@@ -130,6 +130,8 @@ class Gate:
         self.error: BaseException | None = None
         self.py_gates = 0
         self.observers: list[GateObserver] = []
+        self._observing = True  # observers are called (see :attr:`observing`)
+        self._every = False  # every gate to Python regardless (a trace)
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -166,7 +168,7 @@ class Gate:
     def observe(self, observer: GateObserver) -> None:
         """Call ``observer(layer, node, ids)`` after every top-k gate (all gates then enter Python)."""
         self.observers.append(observer)
-        self._st.every_gate = 1
+        self._sync()
 
     @property
     def every_gate(self) -> bool:
@@ -175,7 +177,22 @@ class Gate:
 
     @every_gate.setter
     def every_gate(self, on: bool) -> None:
-        self._st.every_gate = 1 if on or self.observers else 0
+        self._every = on
+        self._sync()
+
+    @property
+    def observing(self) -> bool:
+        """False: observers are skipped and hits stay in C (the engine pauses observers while
+        there is no stall for them to hide)."""
+        return self._observing
+
+    @observing.setter
+    def observing(self, on: bool) -> None:
+        self._observing = on
+        self._sync()
+
+    def _sync(self) -> None:
+        self._st.every_gate = 1 if self._every or (self._observing and self.observers) else 0
 
     def install(self, cparams: object) -> None:
         """Point ``cparams.cb_eval`` / ``cb_eval_user_data`` at this gate."""
@@ -233,7 +250,7 @@ class Gate:
     def _topk(self, t: int, layer: int, ids: np.ndarray) -> None:
         self.py_gates += 1
         self.on_experts(layer, ids)
-        for observer in self.observers:
+        for observer in self.observers if self._observing else ():
             observer(layer, t, ids)
 
     def _read(self, t: int) -> np.ndarray:
@@ -245,3 +262,40 @@ class Gate:
         buf = np.empty(nbytes // 4 + 1, np.int32)
         abi.ggml_backend_tensor_get(t, buf.ctypes.data, 0, nbytes)
         return np.lib.stride_tricks.as_strided(buf, shape=(n_tokens, n_used), strides=(row_stride, 4), writeable=False)
+
+
+class ObserverSwitch:
+    """Whether a gate's observers (speculation, the tree-map) pay for themselves, decided from
+    decode timings. Each observer costs a call into Python at every top-k gate; it pays only
+    where it hides more stall than that. So decode alternates: ``window`` tokens with observers,
+    ``window`` without; then holds the faster of the two for ``hold`` tokens and measures again,
+    sooner if a token stalls longer than the faster window's mean token (a change of topic).
+    :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
+
+    def __init__(self, window: int = 8, hold: int = 128) -> None:
+        self.window, self.hold = window, hold
+        self.phase = "on"  # "on", "off": measuring with / without; "hold": keeping the faster
+        self.observing = True
+        self.pauses = 0  # times observers were found not to pay
+        self._seconds, self._n = 0.0, 0
+        self._means: dict[str, float] = {}
+
+    def tick(self, seconds: float, stall: float) -> bool:
+        self._seconds += seconds
+        self._n += 1
+        if self.phase in ("on", "off") and self._n >= self.window:
+            self._means[self.phase] = self._seconds / self._n
+            if self.phase == "on":
+                self._enter("off", False)
+            else:
+                faster_on = self._means["on"] < self._means["off"]
+                self.pauses += not faster_on
+                self._enter("hold", faster_on)
+        elif self.phase == "hold" and (self._n >= self.hold or stall > min(self._means.values())):
+            self._enter("on", True)
+        return self.observing
+
+    def _enter(self, phase: str, observing: bool) -> None:
+        self.phase, self.observing = phase, observing
+        self._seconds, self._n = 0.0, 0
+

@@ -278,6 +278,11 @@ class Recorder:
         self.windows: list[dict[int, float]] = []
         self._counts = np.zeros((residency.n_layer, n_expert))
         self._tokens = 0
+        # Gates this observer did not see (observers paused: see gate.ObserverSwitch) are
+        # recovered at each cut from the gate's own per-leaf counters: what they counted since
+        # the last cut, less what this observer saw (one per gate that selected the leaf).
+        self._uses_base = residency.state.uses.astype(np.int64)
+        self._seen = np.zeros((residency.n_layer, n_expert), np.int64)
         self._prompt_layers_seen = -1  # >= 0 while the first layers of a prompt are being gated
         self.branch_prefetches = 0
 
@@ -285,7 +290,17 @@ class Recorder:
         self.cut()
         self._prompt_layers_seen = 0
 
+    def token_unobserved(self) -> None:
+        """A decoded token whose gates this observer did not see: windows still end every
+        WINDOW_TOKENS tokens."""
+        self._tokens += 1
+        if self._tokens >= WINDOW_TOKENS:
+            self.cut()
+
     def cut(self) -> None:
+        uses = self.residency.state.uses.astype(np.int64)
+        self._counts += np.maximum(uses - self._uses_base - self._seen, 0)
+        self._uses_base, self._seen[:] = uses, 0
         if self._counts.any():
             nz = np.flatnonzero(self._counts)
             self.windows.append({int(k): float(self._counts.flat[k]) for k in nz})
@@ -293,7 +308,9 @@ class Recorder:
         self._tokens = 0
 
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
-        np.add.at(self._counts[layer], ids.ravel(), 1)
+        flat = ids.ravel()
+        np.add.at(self._counts[layer], flat, 1)
+        self._seen[layer, np.unique(flat)] += 1
         if layer == 0:
             self._tokens += ids.shape[0]
         if self._prompt_layers_seen >= 0 and layer == PROMPT_LAYERS - 1:

@@ -107,6 +107,10 @@ class Speculator:
 
     # ------------------------------------------------------------------ the observer
 
+    def forget(self) -> None:
+        """Drop guesses not yet scored (the gate skipped observers for a while)."""
+        self._pending.clear()
+
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
         single = ids.shape[0] == 1
         guessed = self._pending.pop(layer, None)
@@ -133,11 +137,16 @@ class Speculator:
 
     def _score(self, layer: int, p: np.ndarray, actual: set[int]) -> None:
         top = np.argsort(-p)[: 2 * self.n_used]
-        for t, counts in [*self.stats.sweep.items(), (None, self.stats.per_layer.setdefault(layer, [0, 0, 0]))]:
-            guess = set(top[p[top] >= (self.threshold if t is None else t)].tolist())
-            counts[0] += len(guess & actual)
-            counts[1] += len(guess)
-            counts[2] += len(actual)
+        ptop = p[top]
+        hit = np.isin(top, list(actual))
+        thresholds = np.array([*self.stats.sweep, self.threshold])
+        sel = ptop[None, :] >= thresholds[:, None]  # [threshold, guess]
+        tp, guessed = (sel & hit).sum(axis=1).tolist(), sel.sum(axis=1).tolist()
+        counts = [*self.stats.sweep.values(), self.stats.per_layer.setdefault(layer, [0, 0, 0])]
+        for c, a, b in zip(counts, tp, guessed):
+            c[0] += a
+            c[1] += b
+            c[2] += len(actual)
 
     def _router_input(self, node: int, layer: int) -> np.ndarray | None:
         """``x_L`` of the (single) token: the second source of ``ffn_moe_logits-L``, found by

@@ -44,6 +44,29 @@ def test_tree_separates_leaves_that_fire_together_and_a_prompt_finds_its_branch(
     assert prof.hottest(2) == [(0, 0), (0, 1)] or set(prof.hottest(2)) <= {(0, 0), (0, 1), (0, 5), (0, 6)}
 
 
+def test_recorder_counts_gates_it_did_not_observe() -> None:
+    """With observers paused (decode found faster without them) the gates still count: the
+    recorder takes them from the gate's per-leaf counters at the next cut."""
+    from smoe_gguf.residency import Residency
+
+    r = Residency({layer: 1 for layer in range(N_LAYER)}, N_EXPERT, budget=N_LAYER * N_EXPERT)
+    rec = tm.Recorder(r, None, N_EXPERT)
+    for layer in range(N_LAYER):  # one observed token: the gate selects, then the observer sees
+        ids = np.array([[5]], np.int32)
+        r.on_experts(layer, ids)
+        rec(layer, 0, ids)
+    for _ in range(tm.WINDOW_TOKENS):  # unobserved tokens: only the gate runs
+        for layer in range(N_LAYER):
+            r.on_experts(layer, np.array([[2]], np.int32))
+        rec.token_unobserved()
+    # the window ended after WINDOW_TOKENS tokens, observed or not; nothing counted twice
+    assert len(rec.windows) == 1
+    assert rec.windows[0] == {layer * N_EXPERT + e: n for layer in range(N_LAYER)
+                              for e, n in ((5, 1.0), (2, tm.WINDOW_TOKENS - 1.0))}
+    rec.cut()
+    assert rec.windows[1] == {layer * N_EXPERT + 2: 1.0 for layer in range(N_LAYER)}
+
+
 def test_old_evidence_decays() -> None:
     prof = tm.Profile.empty("m", N_LAYER, N_EXPERT)
     prof.merge([_win((0, 0))])
