@@ -1,0 +1,873 @@
+"""`make bench`: stock llama.cpp against smoe-gguf, side by side, cold, on one or more MoE models.
+
+    python scripts/bench.py models/reference-qwen3moe.gguf models/medium-qwen3moe-f16.gguf \
+        --budgets 10%,25%,50%,100% -n 32
+
+Rows, per model (every row is a fresh subprocess, run after the model's pages were dropped from
+the page cache, so peak RSS, CPU time and memory limits are per row):
+
+  (a) stock llama.cpp, the model fully resident (mmap + MAP_POPULATE, experts in the plain CPU
+      buffer as with ``-ot exps=CPU``: the configuration smoe-gguf is bit-exact against);
+  (b) the same under a memory cgroup of smoe-gguf's budget + the dense core + ``--cgroup-margin``
+      (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``; "unavailable: <reason>" where neither);
+  (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining) and
+      the full orchestrator (the best policy by replay of the reactive trace, next-layer
+      speculation, part pipelining, a tree-map profile learnt beforehand from other prompts);
+  (d) on a GPU build only: stock with the core on the GPU and experts on the CPU, and smoe-gguf
+      with the core on the GPU;
+  physical limit: 1 / (active bytes per token / memory bandwidth + missed bytes per token / disk
+      bandwidth), both bandwidths measured here at start, the missed bytes smoe-gguf's best.
+
+Outputs: a table on stdout, ``<out>/results.json``, ``<out>/report.md``, ``<out>/plot.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import mmap
+import os
+import platform
+import resource
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+ROW_MARK = "BENCH-ROW "
+
+PROMPTS: list[str] = [
+    "Analyze how Steve Wozniak's use of the 6502's 'zero page' addressing to optimize the Apple II's memory "
+    "cycles parallels the metabolic efficiency of CRISPR-Cas9 protein binding during off-target DNA sequence "
+    "searching.",
+    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted lists.\"\"\"\n",
+    "The Treaty of Westphalia in 1648 ended the Thirty Years' War and shaped European sovereignty because",
+    "Solve for x: 3x + 7 = 22. First, subtract 7 from both sides, which gives",
+]
+# Learnt into the orchestrator's tree-map before the timed rows; none is a bench prompt.
+LEARN_PROMPTS: list[str] = [
+    "The 6502 processor has an 8-bit data bus and a 16-bit address bus.",
+    "#include <stdio.h>\nint main(int argc, char **argv) {",
+    "The French Revolution began in 1789 and transformed the social order of Europe.",
+    "CRISPR-Cas9 uses a guide RNA to find a matching DNA sequence.",
+    "SELECT customer_id, SUM(total) FROM orders GROUP BY customer_id;",
+    "Photosynthesis converts light energy into chemical energy stored in glucose.",
+]
+ENERGY_NONE = "n/a (no RAPL/NVML)"
+
+
+# ------------------------------------------------------------------------------ pure helpers
+
+
+def physical_limit_tps(active_bytes_per_token: float, missed_bytes_per_token: float,
+                       mem_bw: float, disk_bw: float, overlap: bool = True) -> float:
+    """Decode tok/s that memory bandwidth (every active byte read once per token) and disk
+    bandwidth (every missed byte read once from disk) allow; bandwidths in bytes/s. ``overlap``:
+    reads fully hidden behind compute (an upper bound: the slower of the two); else one after
+    the other (their sum)."""
+    mem = active_bytes_per_token / mem_bw
+    disk = missed_bytes_per_token / disk_bw if missed_bytes_per_token else 0.0
+    seconds = max(mem, disk) if overlap else mem + disk
+    return 1.0 / seconds if seconds > 0 else float("inf")
+
+
+def same_tokens(mine: list[list[int]], ref: list[list[int]]) -> tuple[bool, int]:
+    """Whether two runs' tokens agree, prompt by prompt, over the tokens both generated (a row
+    stopped by its time cap generates fewer); and how many tokens were compared."""
+    if len(mine) != len(ref):
+        return False, 0
+    n = 0
+    for x, y in zip(mine, ref):
+        k = min(len(x), len(y))
+        if x[:k] != y[:k]:
+            return False, n
+        n += k
+    return True, n
+
+
+def parse_budgets(text: str) -> list[str]:
+    out = [b.strip() for b in text.split(",") if b.strip()]
+    if not out:
+        raise SystemExit("--budgets: give at least one budget, e.g. 10%,25%")
+    return out
+
+
+def budget_fraction(budget: str) -> float | None:
+    return float(budget.rstrip("%")) / 100 if budget.endswith("%") else None
+
+
+def _fmt(v: Any, spec: str, scale: float = 1.0, none: str = "-") -> str:
+    if v is None or isinstance(v, str):
+        return none if v is None else v
+    return format(v * scale, spec)
+
+
+COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
+    ("model", lambda r: r["model"]),
+    ("row", lambda r: r["row"]),
+    ("system", lambda r: r["system"]),
+    ("budget", lambda r: r.get("budget") or "-"),
+    ("decode tok/s", lambda r: _fmt(r.get("decode_tps"), ".2f")),
+    ("tokens", lambda r: str(r["generated_tokens"]) if r.get("generated_tokens") is not None else "-"),
+    ("prefill tok/s", lambda r: _fmt(r.get("prefill_tps"), ".1f")),
+    ("TTFT s", lambda r: _fmt(r.get("ttft_seconds"), ".3f")),
+    ("MB read/token", lambda r: _fmt(r.get("bytes_per_token"), ".2f", 1e-6)),
+    ("hit rate", lambda r: _fmt(r.get("hit_rate"), ".1f", 100) + ("%" if isinstance(r.get("hit_rate"), float) else "")),
+    ("stall s/token", lambda r: _fmt(r.get("stall_per_token"), ".4f")),
+    ("peak RSS MB", lambda r: _fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)),
+    ("CPU s/token", lambda r: _fmt(r.get("cpu_per_token"), ".3f")),
+    ("J/token", lambda r: r.get("energy") or ENERGY_NONE),
+    ("tokens = (a)", lambda r: _same(r.get("same_as_a"))),
+    ("bit-exact", lambda r: _same(r.get("bit_exact"))),
+]
+
+
+def _same(v: Any) -> str:
+    return "-" if v is None else ("yes" if v else "NO")
+
+
+def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
+    """Each row as its table cells; a row with an error shows it in the first figure's cell."""
+    out = []
+    for r in rows:
+        cells = [f(r) for _, f in COLUMNS]
+        if r.get("error"):
+            cells[4] = r["error"]
+            for i in range(5, len(cells)):
+                cells[i] = "-"
+        out.append(cells)
+    return out
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> str:
+    head = [c for c, _ in COLUMNS]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join("---" for _ in head) + "|"]
+    for cells in table_rows(rows):
+        lines.append("| " + " | ".join(c.replace("|", "\\|") for c in cells) + " |")
+    return "\n".join(lines)
+
+
+def print_table(rows: list[dict[str, Any]], title: str) -> None:
+    try:
+        from rich.console import Console
+        from rich.table import Table
+    except ImportError:
+        print(title)
+        print(markdown_table(rows))
+        return
+    t = Table(title=title)
+    for c, _ in COLUMNS:
+        t.add_column(c, justify="left" if c in ("model", "row", "system", "budget") else "right")
+    for cells in table_rows(rows):
+        t.add_row(*cells)
+    Console(width=250).print(t)
+
+
+def write_report(out: Path, result: dict[str, Any]) -> None:
+    m = result["machine"]
+    lines = [
+        "# smoe-gguf benchmark", "",
+        f"Command: `{result['command']}`", "",
+        f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.1f} GiB, {m['os']}; "
+        f"llama-cpp-python {m['llama_cpp']}; GPU offload: {m['gpu_offload']}.",
+        f"Measured: memory bandwidth {m['mem_bw'] / 1e9:.1f} GB/s (numpy copy, read + write counted), "
+        f"disk bandwidth {m['disk_bw'] / 1e9:.2f} GB/s (O_DIRECT sequential read, cold).",
+        f"Page cache: {result['cache_drop']}. Energy: {result['energy_source']}.",
+        f"Prompts: {len(result['prompts'])} x {result['n']} greedy tokens each "
+        "(the same for every row).", "",
+        markdown_table(result["rows"]), "",
+        "Columns: decode tok/s = decode tokens / decode seconds over all prompts; prefill tok/s = prompt "
+        "tokens / prefill seconds; TTFT = the first (coldest) prompt's prefill + first token, after "
+        "loading; MB read/token = bytes read from disk during decode / decode tokens (smoe-gguf: leaf "
+        "bytes its store read; stock: the process's read_bytes); hit rate and stall: decode phase; "
+        "CPU s/token = user + system CPU seconds of prompts and decode / generated tokens; peak RSS: the "
+        "row's process. tokens = (a): the same tokens as row (a). bit-exact: the same tokens as stock "
+        "llama.cpp with experts in the plain CPU buffer at the same n_ubatch (smoe-gguf shrinks the "
+        "micro-batch at small budgets).", "",
+    ]
+    for note in result["notes"]:
+        lines.append(f"- {note}")
+    if result.get("plot"):
+        lines += ["", f"![decode tok/s and bytes per token against budget]({Path(result['plot']).name})"]
+    (out / "report.md").write_text("\n".join(lines) + "\n")
+
+
+def plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
+        return None
+    models = list(dict.fromkeys(r["model"] for r in rows))
+    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
+    for i, model in enumerate(models):
+        mrows = [r for r in rows if r["model"] == model and not r.get("error")]
+        systems = list(dict.fromkeys(r["system"] for r in mrows if r.get("budget")))
+        for system in systems:
+            pts = sorted((budget_fraction(r["budget"]) or 0, r) for r in mrows
+                         if r["system"] == system and r.get("budget") and budget_fraction(r["budget"]) is not None)
+            if not pts:
+                continue
+            xs = [p[0] * 100 for p in pts]
+            axes[i][0].plot(xs, [p[1].get("decode_tps") or 0 for p in pts], marker="o", label=system)
+            if system != "physical limit":
+                axes[i][1].plot(xs, [(p[1].get("bytes_per_token") or 0) / 1e6 for p in pts], marker="o", label=system)
+        for r in mrows:
+            if not r.get("budget"):  # full-resident stock: a horizontal line
+                axes[i][0].axhline(r.get("decode_tps") or 0, linestyle="--",
+                                   color="black" if r["row"] == "limit" else "gray", label=f"{r['system']} (no misses)"
+                                   if r["row"] == "limit" else r["system"])
+        axes[i][0].set(title=f"{model}: decode tok/s", xlabel="budget, % of expert bytes", ylabel="tok/s")
+        axes[i][1].set(title=f"{model}: MB read per token", xlabel="budget, % of expert bytes", ylabel="MB/token")
+        axes[i][1].set_yscale("symlog", linthresh=1.0)
+        axes[i][0].legend(fontsize=7)
+        axes[i][1].legend(fontsize=7)
+    fig.tight_layout()
+    path = out / "plot.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+# ------------------------------------------------------------------------------ machine
+
+
+def drop_file_cache(paths: Iterable[Path]) -> None:
+    for root in paths:
+        for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
+            if p.is_file():
+                fd = os.open(p, os.O_RDONLY)
+                try:
+                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+                finally:
+                    os.close(fd)
+
+
+def drop_caches(paths: Iterable[Path], mode: str) -> str:
+    """Drop the page cache ("global": /proc/sys/vm/drop_caches, falling back to per-file
+    posix_fadvise DONTNEED; "files": per file only). Returns how it was done."""
+    paths = list(paths)
+    os.sync()
+    drop_file_cache(paths)
+    if mode == "global":
+        try:
+            Path("/proc/sys/vm/drop_caches").write_text("1\n")
+            return "global (/proc/sys/vm/drop_caches) + posix_fadvise DONTNEED on the model files"
+        except OSError as e:
+            return f"posix_fadvise DONTNEED on the model files (drop_caches: {e.strerror})"
+    return "posix_fadvise DONTNEED on the model files"
+
+
+def measure_mem_bw(nbytes: int = 256 << 20, repeat: int = 3) -> float:
+    import numpy as np
+
+    a = np.ones(nbytes // 8)
+    b = np.empty_like(a)
+    best = float("inf")
+    for _ in range(repeat):
+        t = time.perf_counter()
+        np.copyto(b, a)
+        best = min(best, time.perf_counter() - t)
+    return 2 * nbytes / best  # read + write
+
+
+def measure_disk_bw(path: Path, limit: int = 512 << 20, block: int = 4 << 20) -> float:
+    files = sorted(p for p in ([path, *path.rglob("*")] if path.is_dir() else [path]) if p.is_file())
+    drop_file_cache(files)
+    buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
+    done, t = 0, time.perf_counter()
+    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
+    for f in files:
+        fd = os.open(f, flags)
+        try:
+            off = 0
+            while done < limit:
+                n = os.preadv(fd, [buf], off)
+                if n <= 0:
+                    break
+                done += n
+                off += n
+                if n < block:
+                    break
+        finally:
+            os.close(fd)
+        if done >= limit:
+            break
+    buf.close()
+    return done / max(time.perf_counter() - t, 1e-9)
+
+
+def machine_info() -> dict[str, Any]:
+    import llama_cpp
+    import psutil
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {
+        "cpu": cpu, "cores": os.cpu_count(), "memory_gib": psutil.virtual_memory().total / 2**30,
+        "os": f"{platform.system()} {platform.release()}", "python": platform.python_version(),
+        "llama_cpp": getattr(llama_cpp, "__version__", "?"),
+        "gpu_offload": bool(llama_cpp.llama_supports_gpu_offload()),
+    }
+
+
+class Energy:
+    """Joules from RAPL (package domains) or NVML (GPU 0); ``source`` says which, or why none."""
+
+    def __init__(self) -> None:
+        self.rapl = sorted(Path("/sys/class/powercap").glob("intel-rapl:[0-9]*/energy_uj")) \
+            if Path("/sys/class/powercap").is_dir() else []
+        self.rapl = [p for p in self.rapl if p.parent.name.count(":") == 1 and os.access(p, os.R_OK)]
+        self.nvml: Any = None
+        if not self.rapl:
+            try:
+                import pynvml  # type: ignore[import-not-found]
+
+                pynvml.nvmlInit()
+                self.nvml = (pynvml, pynvml.nvmlDeviceGetHandleByIndex(0))
+            except Exception:  # noqa: BLE001 - no NVML is an answer
+                self.nvml = None
+        self.source = "RAPL (CPU package)" if self.rapl else "NVML (GPU 0)" if self.nvml else ENERGY_NONE
+
+    def read(self) -> float | None:
+        if self.rapl:
+            return sum(int(p.read_text()) for p in self.rapl) / 1e6
+        if self.nvml:
+            lib, h = self.nvml
+            return lib.nvmlDeviceGetTotalEnergyConsumption(h) / 1e3
+        return None
+
+
+# ------------------------------------------------------------------------------ cgroups
+
+
+def make_cgroup(limit: int, name: str) -> tuple[Path | None, str]:
+    """A child memory cgroup of this process's own with ``limit`` bytes: (its directory, "") or
+    (None, why not)."""
+    if sys.platform == "darwin":
+        return None, "unavailable: macOS has no memory cgroups"
+    if not sys.platform.startswith("linux"):
+        return None, f"unavailable: no memory cgroups on {sys.platform}"
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError as e:
+        return None, f"unavailable: /proc/self/cgroup: {e.strerror}"
+    v1 = [ln.split(":", 2)[2] for ln in lines if ln.split(":", 2)[1] == "memory"]
+    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    candidates: list[tuple[Path, str]] = []
+    if v1 and Path("/sys/fs/cgroup/memory").is_dir():
+        candidates += [(Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes"),
+                       (Path("/sys/fs/cgroup/memory"), "memory.limit_in_bytes")]
+    if v2 and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+        candidates += [(Path("/sys/fs/cgroup") / v2[0].lstrip("/"), "memory.max")]
+    if not candidates:
+        return None, "unavailable: no memory cgroup controller mounted"
+    reason = ""
+    for parent, knob in candidates:
+        d = parent / name
+        try:
+            d.mkdir()
+        except OSError as e:
+            reason = f"cannot create {d}: {e.strerror}"
+            continue
+        try:
+            (d / knob).write_text(f"{limit}\n")
+            if knob == "memory.limit_in_bytes" and (d / "memory.memsw.limit_in_bytes").exists():
+                try:  # no swap here, but where there is, the limit must cover it too
+                    (d / "memory.memsw.limit_in_bytes").write_text(f"{limit}\n")
+                except OSError:
+                    pass
+            return d, ""
+        except OSError as e:
+            reason = f"cannot set {d / knob}: {e.strerror}"
+            remove_cgroup(d)
+    return None, f"unavailable: {reason}"
+
+
+def cgroup_peak(d: Path) -> int | None:
+    for knob in ("memory.max_usage_in_bytes", "memory.peak"):
+        try:
+            return int((d / knob).read_text())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def remove_cgroup(d: Path) -> None:
+    for _ in range(20):
+        try:
+            if (d / "memory.force_empty").exists():
+                try:
+                    (d / "memory.force_empty").write_text("0\n")
+                except OSError:
+                    pass
+            d.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+# ------------------------------------------------------------------------------ row runner (child)
+
+
+def _cpu_seconds() -> float:
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    return ru.ru_utime + ru.ru_stime
+
+
+def _peak_rss(ru: resource.struct_rusage) -> int:
+    """This process's peak RSS. Linux: VmHWM (ru_maxrss carries the parent's peak across exec)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
+
+
+def _io_read() -> int:
+    try:
+        import psutil
+
+        return int(psutil.Process().io_counters().read_bytes)
+    except Exception:  # noqa: BLE001
+        return 0
+
+
+class _Meter:
+    """Per-prompt timings and counters, summed over prompts."""
+
+    def __init__(self) -> None:
+        self.tokens: list[list[int]] = []
+        self.prompt_tokens = 0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self.decode_tokens = 0
+        self.ttft: list[float] = []
+        self.decode_bytes = 0
+        self.prefill_bytes = 0
+        self.cpu = 0.0
+
+    def result(self) -> dict[str, Any]:
+        n_gen = sum(len(t) for t in self.tokens)
+        return {
+            "tokens": self.tokens,
+            "prompt_tokens": self.prompt_tokens,
+            "generated_tokens": n_gen,
+            "decode_tps": self.decode_tokens / self.decode_s if self.decode_s else None,
+            "prefill_tps": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
+            "ttft_seconds": self.ttft[0] if self.ttft else None,
+            "ttft_mean_seconds": sum(self.ttft) / len(self.ttft) if self.ttft else None,
+            "bytes_per_token": self.decode_bytes / self.decode_tokens if self.decode_tokens else None,
+            "prefill_bytes": self.prefill_bytes,
+            "cpu_seconds": self.cpu,
+            "cpu_per_token": self.cpu / n_gen if n_gen else None,
+        }
+
+
+def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
+    import llama_cpp
+    import numpy as np
+
+    from smoe_gguf import stock
+
+    mp = stock.model_params(n_gpu_layers=spec.get("n_gpu_layers", 0), plain_experts=spec.get("plain_experts", True))
+    n_ubatch = spec.get("n_ubatch", 512)
+    n_batch = max(512, n_ubatch)
+    cp = stock.context_params(n_ctx=spec["n_ctx"], n_threads=spec["threads"] or os.cpu_count() or 2, n_batch=n_batch, n_ubatch=n_ubatch)
+    t0, io0 = time.perf_counter(), _io_read()
+    model = stock.load_model(spec["model"], mp)
+    ctx = stock.new_context(model, cp)
+    out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "load_read_bytes": _io_read() - io0,
+                           "n_ubatch": n_ubatch}
+    vocab = llama_cpp.llama_model_get_vocab(model)
+    n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
+    m = _Meter()
+    try:
+        for prompt in spec["prompts"]:
+            llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
+            toks = stock.tokenize_with(vocab, prompt)
+            c0, io0, t0 = _cpu_seconds(), _io_read(), time.perf_counter()
+            for s in range(0, len(toks), n_batch):
+                stock._decode(ctx, toks[s:s + n_batch])
+            m.prefill_s += time.perf_counter() - t0
+            gen: list[int] = []
+            t1 = time.perf_counter()
+            cap = spec.get("prompt_seconds")
+            for i in range(spec["n"]):
+                tok = int(np.argmax(stock._last_logits(ctx, n_vocab)))
+                gen.append(tok)
+                if i == 0:
+                    m.ttft.append(time.perf_counter() - t0)
+                    m.prefill_bytes += _io_read() - io0
+                    io1, t1 = _io_read(), time.perf_counter()
+                if i + 1 >= spec["n"] or (cap and time.perf_counter() - t0 > cap):
+                    break
+                stock._decode(ctx, [tok])
+            if len(gen) > 1:
+                m.decode_s += time.perf_counter() - t1
+                m.decode_tokens += len(gen) - 1
+                m.decode_bytes += _io_read() - io1
+            m.cpu += _cpu_seconds() - c0
+            m.prompt_tokens += len(toks)
+            m.tokens.append(gen)
+    finally:
+        llama_cpp.llama_free(ctx)
+        llama_cpp.llama_model_free(model)
+    out.update(m.result())
+    return out
+
+
+def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
+    from smoe_gguf.engine import Engine
+
+    t0 = time.perf_counter()
+    kw = {k: spec[k] for k in ("policy", "speculate", "pipeline") if k in spec}
+    with Engine(spec["model"], budget=spec["budget"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
+                n_gpu_layers=spec.get("n_gpu_layers", 0), profile=spec.get("profile"), learn=False,
+                trace=spec.get("trace"), **kw) as eng:
+        out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "load_read_bytes": eng.startup_read_bytes}
+        m = _Meter()
+        hits = misses = 0
+        stall = 0.0
+        for prompt in spec["prompts"]:
+            eng.reset()
+            snap: dict[str, Any] = {}
+
+            def first(_tok: int, _piece: bytes, snap: dict[str, Any] = snap) -> None:
+                if not snap:
+                    snap.update(eng.stats())
+
+            s0 = eng.stats()
+            c0 = _cpu_seconds()
+            cap, tp = spec.get("prompt_seconds"), time.perf_counter()
+            gen = eng.generate(prompt, spec["n"], on_token=first,
+                               should_stop=lambda: bool(cap) and time.perf_counter() - tp > cap)
+            m.cpu += _cpu_seconds() - c0
+            s1 = eng.stats()
+            m.tokens.append(gen.tokens)
+            m.prompt_tokens += gen.stats.prompt_tokens
+            m.prefill_s += gen.stats.prefill_seconds
+            m.ttft.append(gen.stats.ttft_seconds)
+            m.prefill_bytes += snap["bytes_read"] - s0["bytes_read"]
+            if gen.stats.generated_tokens > 1:
+                m.decode_s += gen.stats.decode_seconds
+                m.decode_tokens += gen.stats.generated_tokens - 1
+                m.decode_bytes += s1["bytes_read"] - snap["bytes_read"]
+                hits += s1["hits"] - snap["hits"]
+                misses += s1["misses"] - snap["misses"]
+                stall += s1["stall_seconds"] - snap["stall_seconds"]
+        st = eng.stats()
+        out.update(m.result())
+        out.update({
+            "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
+            "stall_per_token": stall / m.decode_tokens if m.decode_tokens else None,
+            "budget_bytes": st["budget_bytes"], "core_bytes": st["core_bytes"], "n_ubatch": st["n_ubatch"],
+            "hit_rate_all": st["hit_rate"], "bytes_read_all": st["bytes_read"], "direct_io": st["direct_io"],
+            "speculation": st.get("speculation"), "warnings": list(getattr(eng, "warnings", [])),
+        })
+    return out
+
+
+def _learn(spec: dict[str, Any]) -> dict[str, Any]:
+    from smoe_gguf.engine import Engine
+
+    with Engine(spec["model"], budget=spec["budget"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
+                profile=spec["profile"], learn=True, speculate=False) as eng:
+        for p in spec["prompts"]:
+            eng.reset()
+            eng.generate(p, spec["n"])
+    return {"profile": spec["profile"]}
+
+
+def run_row(spec: dict[str, Any]) -> dict[str, Any]:
+    """Run one row in this process and return its figures (the child side of ``bench.py row``)."""
+    if spec.get("cgroup"):
+        Path(spec["cgroup"], "cgroup.procs").write_text(f"{os.getpid()}\n")
+    energy = Energy()
+    e0 = energy.read()
+    kind = spec["kind"]
+    out = _run_stock(spec) if kind == "stock" else _run_smoe(spec) if kind == "smoe" else _learn(spec)
+    e1 = energy.read()
+    if e0 is not None and e1 is not None and out.get("generated_tokens"):
+        out["energy"] = f"{(e1 - e0) / out['generated_tokens']:.3f} ({energy.source}, incl. load)"
+    ru = resource.getrusage(resource.RUSAGE_SELF)
+    out["peak_rss_bytes"] = _peak_rss(ru)
+    out["cpu_seconds_total"] = ru.ru_utime + ru.ru_stime
+    return out
+
+
+def child_main(argv: list[str]) -> None:
+    spec = json.loads(argv[0])
+    try:
+        res = run_row(spec)
+    except Exception as e:  # noqa: BLE001 - the parent shows it in the row
+        res = {"error": f"{type(e).__name__}: {e}"}
+    sys.stdout.write(ROW_MARK + json.dumps(res) + "\n")
+    sys.stdout.flush()
+
+
+# ------------------------------------------------------------------------------ parent
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        self.a = args
+        self.argv = argv
+        self.rows: list[dict[str, Any]] = []
+        self.notes: list[str] = []
+        self.cache_drop = ""
+        self.work = Path(tempfile.mkdtemp(prefix="smoe-bench-"))
+
+    def spawn(self, spec: dict[str, Any], files: list[Path], cgroup: Path | None = None) -> dict[str, Any]:
+        """Drop the page cache for ``files``, run one row in a fresh process, return its figures."""
+        cap = self.a.row_seconds / max(1, len(spec.get("prompts", [])) or 1) if self.a.row_seconds else None
+        spec = {"threads": self.a.threads, "n_ctx": self.a.n_ctx, "prompt_seconds": cap, **spec}
+        if cgroup is not None:
+            spec["cgroup"] = str(cgroup)
+        self.cache_drop = drop_caches(files, self.a.drop)
+        cmd = [sys.executable, str(Path(__file__).resolve()), "row", json.dumps(spec)]
+        t0 = time.perf_counter()
+        try:
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.row_timeout)
+        except subprocess.TimeoutExpired:
+            return {"error": f"timed out after {self.a.row_timeout} s"}
+        wall = time.perf_counter() - t0
+        for line in p.stdout.splitlines():
+            if line.startswith(ROW_MARK):
+                res = json.loads(line[len(ROW_MARK):])
+                res["wall_seconds"] = wall
+                return res
+        why = "killed by the OOM killer (memory limit)" if p.returncode in (-9, 137) else f"exit {p.returncode}"
+        tail = " ".join((p.stderr or "").strip().splitlines()[-2:])[-200:]
+        return {"error": f"{why}{': ' + tail if tail else ''}"}
+
+    def add(self, model: str, row: str, system: str, budget: str | None, res: dict[str, Any], **extra: Any) -> dict[str, Any]:
+        r = {"model": model, "row": row, "system": system, "budget": budget, **res, **extra}
+        self.rows.append(r)
+        label = f"{model} ({row}) {system} {budget or ''}".strip()
+        if r.get("error"):
+            print(f"  {label}: {r['error']}", flush=True)
+        else:
+            print(f"  {label}: decode {r.get('decode_tps') or 0:.2f} tok/s, "
+                  f"{(r.get('bytes_per_token') or 0) / 1e6:.2f} MB/token", flush=True)
+        return r
+
+    def bench_model(self, gguf: Path, mem_bw: float, disk_bw: float) -> None:
+        from smoe_gguf.gguf_layout import read_layout
+        from smoe_gguf.moe import analyze
+
+        a = self.a
+        name = gguf.name.removesuffix(".gguf")
+        pack = gguf.with_suffix(".pack")
+        source = pack if pack.is_dir() and not a.no_pack else gguf
+        moe = analyze(read_layout(gguf)).require_moe()
+        embd = sum(t.nbytes for t in moe.core_tensors if t.name == "token_embd.weight")
+        active = moe.core_bytes - embd + moe.active_expert_bytes_per_token
+        print(f"{name}: core {moe.core_bytes / 1e6:.0f} MB, experts {moe.expert_bytes / 1e6:.0f} MB, "
+              f"active {active / 1e6:.0f} MB/token; smoe-gguf runs {source}", flush=True)
+        base = {"prompts": self.prompts, "n": a.n}
+        stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
+
+        row_a = self.add(name, "a", "stock llama.cpp, fully resident", None,
+                         self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files),
+                         same_as_a=True, bit_exact=True)
+        ref_tokens: dict[int, list[list[int]] | None] = {512: row_a.get("tokens")}
+
+        profile = self.work / f"{name}-profile.json"
+        learn = self.spawn({"kind": "learn", "model": str(source), "profile": str(profile), "budget": "100%",
+                            "prompts": LEARN_PROMPTS[:a.learn_prompts], "n": a.learn_tokens}, [])
+        if learn.get("error"):
+            self.notes.append(f"{name}: learning the orchestrator's profile failed ({learn['error']}); "
+                              "the orchestrator ran without one")
+        have_profile = profile.is_file()
+
+        smoe_rows: list[dict[str, Any]] = []
+        for budget in a.budgets:
+            trace = self.work / f"{name}-{budget.rstrip('%')}.trace.jsonl"
+            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, self.spawn(
+                {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
+                 "speculate": False, "profile": None, "pipeline": False, "trace": str(trace)}, smoe_files))
+            policy = "lru"
+            if not rr.get("error") and trace.is_file():
+                from smoe_gguf.policy import POLICIES
+                from smoe_gguf.trace import load, replay
+
+                data = load(trace)
+                rates = {p: replay(data, rr["budget_bytes"], p).hit_rate for p in POLICIES}
+                policy = max(rates, key=lambda p: (rates[p], p == "lru"))
+                rr["replay_hit_rates"] = rates
+                trace.unlink()
+            ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
+                {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
+                 "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": True},
+                smoe_files), policy=policy)
+            smoe_rows += [rr, ro]
+
+            budget_bytes = rr.get("budget_bytes") or ro.get("budget_bytes")
+            if budget_bytes is None:
+                self.add(name, "b", "stock llama.cpp, mmap, memory cgroup", budget,
+                         {"error": "no smoe-gguf budget to match (its rows failed)"})
+                continue
+            limit = budget_bytes + moe.core_bytes + a.cgroup_margin
+            cg, why = make_cgroup(limit, f"smoe-bench-{os.getpid()}-{budget.rstrip('%')}")
+            if cg is None:
+                self.add(name, "b", "stock llama.cpp, mmap, memory cgroup", budget, {"error": why}, limit_bytes=limit)
+                continue
+            try:
+                res = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files, cg)
+                res["cgroup_peak_bytes"] = cgroup_peak(cg)
+            finally:
+                remove_cgroup(cg)
+            self.add(name, "b", "stock llama.cpp, mmap, memory cgroup", budget, res, limit_bytes=limit)
+
+        if llama_gpu():
+            self.add(name, "d", "stock llama.cpp, core on GPU, experts on CPU", None, self.spawn(
+                {**base, "kind": "stock", "model": str(gguf), "plain_experts": True, "n_gpu_layers": 999}, stock_files))
+            for budget in a.budgets:
+                self.add(name, "d", "smoe-gguf, core on GPU", budget, self.spawn(
+                    {**base, "kind": "smoe", "model": str(source), "budget": budget, "n_gpu_layers": 999,
+                     "profile": str(profile) if have_profile else None}, smoe_files))
+        else:
+            self.notes.append("row (d) omitted: this llama-cpp-python build has no GPU offload (CPU only)")
+
+        # bit-exactness: against stock at the same n_ubatch (warm: these runs are references, not rows)
+        mine = [r for r in self.rows if r["model"] == name]
+        for r in mine:
+            if r.get("error") or r.get("tokens") is None:
+                continue
+            if r["row"] != "a":
+                r["same_as_a"], r["tokens_compared_a"] = same_tokens(r["tokens"], row_a["tokens"]) \
+                    if row_a.get("tokens") else (None, 0)
+            nu = r.get("n_ubatch", 512)
+            if r["row"] in ("c", "d") and r["system"].startswith("smoe"):
+                if nu not in ref_tokens:
+                    ref = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True,
+                                      "n_ubatch": nu, "prompt_seconds": None}, [])
+                    ref_tokens[nu] = ref.get("tokens")
+                    if ref.get("error"):
+                        self.notes.append(f"{name}: stock reference at n_ubatch {nu} failed: {ref['error']}")
+                ref_t = ref_tokens[nu]
+                r["bit_exact"], r["tokens_compared"] = same_tokens(r["tokens"], ref_t) if ref_t else (None, 0)
+            elif r["row"] == "b":
+                r["bit_exact"] = r["same_as_a"]
+
+        # physical limit, per budget: smoe-gguf's fewest missed bytes per token
+        self.add(name, "limit", "physical limit", None,
+                 {"decode_tps": physical_limit_tps(active, 0, mem_bw, disk_bw), "bytes_per_token": 0.0,
+                  "decode_tps_serial": physical_limit_tps(active, 0, mem_bw, disk_bw, overlap=False)})
+        for budget in a.budgets:
+            missed = [r["bytes_per_token"] for r in smoe_rows
+                      if r.get("budget") == budget and r.get("bytes_per_token") is not None]
+            if missed:
+                self.add(name, "limit", "physical limit", budget,
+                         {"decode_tps": physical_limit_tps(active, min(missed), mem_bw, disk_bw),
+                          "decode_tps_serial": physical_limit_tps(active, min(missed), mem_bw, disk_bw, overlap=False),
+                          "bytes_per_token": min(missed)})
+        for r in mine:
+            r.setdefault("active_bytes_per_token", active)
+
+    def run(self) -> dict[str, Any]:
+        a = self.a
+        self.prompts = PROMPTS[:a.prompts]
+        models = [Path(m) for m in a.models]
+        for m in models:
+            if not m.is_file():
+                raise SystemExit(f"no such model: {m}")
+        load0 = os.getloadavg()
+        print("measuring memory and disk bandwidth", flush=True)
+        mem_bw = measure_mem_bw()
+        disk_bw = measure_disk_bw(models[0])
+        machine = {**machine_info(), "mem_bw": mem_bw, "disk_bw": disk_bw}
+        print(f"memory {mem_bw / 1e9:.1f} GB/s, disk {disk_bw / 1e9:.2f} GB/s", flush=True)
+        t0 = time.perf_counter()
+        for m in models:
+            self.bench_model(m, mem_bw, disk_bw)
+        energy = Energy().source
+        self.notes.append(f"energy: {energy}; CPU-seconds per token are given instead" if energy == ENERGY_NONE
+                          else f"energy: {energy}")
+        self.notes.append(f"row (b): memory limit = smoe-gguf's budget + dense core + {a.cgroup_margin >> 20} MiB "
+                          "for the runtime (KV cache, compute buffers, Python); llama.cpp's mmap pages are "
+                          "charged to it and re-read from disk when evicted")
+        self.notes.append("physical limit: 1 / max(active bytes per token / memory bandwidth, missed bytes per "
+                          "token / disk bandwidth), reads fully overlapped with compute (an upper bound; "
+                          "results.json also has decode_tps_serial, 1 / their sum); active = dense core without "
+                          "the embedding table + the selected experts; missed = the smoe-gguf row with the "
+                          "fewest bytes read per token at that budget")
+        if a.row_seconds:
+            self.notes.append(f"each row decodes for at most {a.row_seconds} s in all (split evenly over the "
+                              "prompts; the tokens column says how many were generated); token equality is "
+                              "checked over the tokens both runs generated")
+        load1 = os.getloadavg()
+        self.notes.append(f"load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
+                          f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} cores: "
+                          "a load above the core count means other work shared the CPU and the speeds are low")
+        shutil.rmtree(self.work, ignore_errors=True)
+        return {
+            "command": a.command or " ".join(["scripts/bench.py", *self.argv]),
+            "machine": machine, "prompts": self.prompts, "n": a.n, "budgets": a.budgets,
+            "cache_drop": self.cache_drop, "energy_source": energy, "notes": self.notes,
+            "seconds": time.perf_counter() - t0, "rows": self.rows,
+        }
+
+
+def llama_gpu() -> bool:
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "row":
+        child_main(argv[1:])
+        return {}
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("models", nargs="+", help="MoE GGUF files; a sibling NAME.pack is what smoe-gguf runs")
+    ap.add_argument("--budgets", type=parse_budgets, default=parse_budgets("10%,25%,50%,100%"))
+    ap.add_argument("-n", type=int, default=32, help="greedy tokens per prompt")
+    ap.add_argument("--prompts", type=int, default=3, help=f"how many of the {len(PROMPTS)} prompts (Wozniak first)")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="compute threads (default: stock all cores, smoe-gguf its own default: one less while paging)")
+    ap.add_argument("--n-ctx", type=int, default=512)
+    ap.add_argument("--learn-prompts", type=int, default=4)
+    ap.add_argument("--learn-tokens", type=int, default=16)
+    ap.add_argument("--cgroup-margin", type=int, default=256 << 20, help="bytes on top of budget + core")
+    ap.add_argument("--drop", choices=("global", "files"), default="global", help="how to drop the page cache")
+    ap.add_argument("--no-pack", action="store_true", help="run smoe-gguf on the GGUF even where a pack exists")
+    ap.add_argument("--row-timeout", type=int, default=900, help="kill a row's process after this many seconds")
+    ap.add_argument("--row-seconds", type=float, default=45.0,
+                    help="stop a row's generation after this many seconds in all (0: never); keeps `make bench` bounded")
+    ap.add_argument("--out", type=Path, default=Path("bench"))
+    ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    result = Bench(a, argv).run()
+    a.out.mkdir(parents=True, exist_ok=True)
+    p = plot(a.out, result["rows"])
+    result["plot"] = str(p) if p else None
+    (a.out / "results.json").write_text(json.dumps(result, indent=1))
+    write_report(a.out, result)
+    print_table(result["rows"], f"smoe-gguf bench: {len(result['prompts'])} prompts x {a.n} tokens, "
+                                f"cold, {result['seconds']:.0f} s")
+    for note in result["notes"]:
+        print(f"- {note}")
+    print(f"wrote {a.out / 'results.json'}, {a.out / 'report.md'}" + (f", {p}" if p else ""))
+    return result
+
+
+if __name__ == "__main__":
+    main()
