@@ -579,6 +579,8 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             "budget_bytes": st["budget_bytes"], "core_bytes": st["core_bytes"], "n_ubatch": st["n_ubatch"],
             "hit_rate_all": st["hit_rate"], "bytes_read_all": st["bytes_read"], "direct_io": st["direct_io"],
             "speculation": st.get("speculation"), "warnings": list(getattr(eng, "warnings", [])),
+            "n_threads": st.get("n_threads"), "observer_pauses": st.get("observer_pauses"),
+            "prefetched": st.get("prefetched"),
         })
     return out
 
@@ -675,6 +677,8 @@ class Bench:
         name = gguf.name.removesuffix(".gguf")
         pack = gguf.with_suffix(".pack")
         source = pack if pack.is_dir() and not a.no_pack else gguf
+        if source == pack:
+            check_pack_source(pack, gguf)
         moe = analyze(read_layout(gguf)).require_moe()
         embd = sum(t.nbytes for t in moe.core_tensors if t.name == "token_embd.weight")
         active = moe.core_bytes - embd + moe.active_expert_bytes_per_token
@@ -689,12 +693,15 @@ class Bench:
         ref_tokens: dict[int, list[list[int]] | None] = {512: row_a.get("tokens")}
 
         profile = self.work / f"{name}-profile.json"
-        learn = self.spawn({"kind": "learn", "model": str(source), "profile": str(profile), "budget": "100%",
+        # learnt while paging (a budget that holds every leaf stops gating once full: nothing to learn)
+        learn = self.spawn({"kind": "learn", "model": str(source), "profile": str(profile), "budget": "50%",
                             "prompts": LEARN_PROMPTS[:a.learn_prompts], "n": a.learn_tokens}, [])
         if learn.get("error"):
             self.notes.append(f"{name}: learning the orchestrator's profile failed ({learn['error']}); "
                               "the orchestrator ran without one")
         have_profile = profile.is_file()
+        if not have_profile and not learn.get("error"):
+            self.notes.append(f"{name}: the learning run wrote no profile; the orchestrator ran without one")
 
         smoe_rows: list[dict[str, Any]] = []
         for budget in a.budgets:
@@ -823,6 +830,21 @@ class Bench:
             "cache_drop": self.cache_drop, "energy_source": energy, "notes": self.notes,
             "seconds": time.perf_counter() - t0, "rows": self.rows,
         }
+
+
+def check_pack_source(pack: Path, gguf: Path) -> None:
+    """Refuse a pack split from another file than ``gguf`` (a model rebuilt since): its rows would
+    compare two different models."""
+    import hashlib
+
+    src = json.loads((pack / "manifest.json").read_text())["source"]
+    h = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    if src["size"] != gguf.stat().st_size or src["sha256"] != h.hexdigest():
+        raise SystemExit(f"{pack} was split from another {src['file']} than {gguf}: split it again "
+                         f"(smoe-gguf split {gguf} -o {pack} --force)")
 
 
 def llama_gpu() -> bool:

@@ -124,3 +124,11 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     b = [r for r in rows if r["row"] == "b"]
     assert len(b) == 2 and all(r.get("error", "").startswith("unavailable") or r["same_as_a"] for r in b)
     assert [r["budget"] for r in rows if r["row"] == "limit"] == [None, "25%", "100%"]
+    assert not [n for n in res["notes"] if "profile" in n], res["notes"]  # the orchestrator had its tree-map
+
+
+def test_a_pack_split_from_another_file_is_refused(tiny_model: Callable[[str, str], Path], tmp_path: Path) -> None:
+    split(tiny_model("qwen3moe", "f16"), tmp_path / "x.pack")
+    bench.check_pack_source(tmp_path / "x.pack", tiny_model("qwen3moe", "f16"))  # the same file: fine
+    with pytest.raises(SystemExit, match="split it again"):
+        bench.check_pack_source(tmp_path / "x.pack", tiny_model("qwen3moe", "q8_0"))
