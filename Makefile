@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean
+.PHONY: install test demo clean reference-model bench
 
 install: $(STAMP)
 
@@ -24,3 +24,46 @@ demo: install
 
 clean:
 	rm -rf .demo .pytest_cache
+
+# The reference MoE (README, "Reference model"): trained here from the machine's own text in
+# under 20 minutes on 2 cores, built once into models/ and reused (delete the .gguf to rebuild).
+REF_MODEL := models/reference-qwen3moe.gguf
+REF_STAMP := $(VENV)/.reference-stamp
+
+reference-model: $(REF_MODEL)
+
+$(REF_MODEL): | $(REF_STAMP)
+	$(BIN)/python scripts/build_reference_model.py -o $@
+
+# the `reference` extra (torch, CPU wheel; matplotlib) into .venv, installing the project first
+# if it is not there (an installed project is not reinstalled: that would rebuild its extension)
+$(REF_STAMP):
+	@test -f $(STAMP) || $(MAKE) install
+	$(BIN)/python -c 'import torch, matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[reference]'
+	@touch $@
+
+# `make bench` (issue 6): stock llama.cpp vs smoe-gguf, cold, side by side; writes bench/results.json,
+# bench/report.md, bench/plot.png. Any model: make bench MODEL=models/x.gguf BUDGETS=10%,25% N=16
+# (a sibling models/x.pack is what smoe-gguf runs where it exists). Default: the reference model
+# (`make reference-model`, about 18 minutes the first time) and the `medium` random model, each built here with its pack if missing.
+MEDIUM_MODEL := models/medium-qwen3moe-f16.gguf
+MODEL   ?= $(REF_MODEL) $(MEDIUM_MODEL)
+BUDGETS ?= 10%,25%,50%,100%
+N       ?= 32
+PROMPTS ?= 3
+ROW_SECONDS ?= 45
+BENCH_ARGS ?=
+
+$(MEDIUM_MODEL):
+	@test -f $(STAMP) || $(MAKE) install
+	$(BIN)/smoe-gguf make-test-model --arch qwen3moe --preset medium -o $@
+
+models/%.pack: models/%.gguf
+	$(BIN)/smoe-gguf split $< -o $@ --force
+
+bench: $(MODEL) $(patsubst %.gguf,%.pack,$(filter models/%.gguf,$(MODEL)))
+	@test -f $(STAMP) || $(MAKE) install
+	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]'
+	nice -n 5 $(BIN)/python scripts/bench.py $(MODEL) --budgets '$(BUDGETS)' -n $(N) --prompts $(PROMPTS) \
+		--row-seconds $(ROW_SECONDS) \
+		--out bench --command 'make bench MODEL="$(strip $(MODEL))" BUDGETS=$(BUDGETS) N=$(N)' $(BENCH_ARGS)
