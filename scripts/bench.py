@@ -8,7 +8,8 @@ the page cache, so peak RSS, CPU time and memory limits are per row):
 
   (a) stock llama.cpp, the model fully resident (mmap + MAP_POPULATE, experts in the plain CPU
       buffer as with ``-ot exps=CPU``: the configuration smoe-gguf is bit-exact against);
-  (b) the same under a memory cgroup of smoe-gguf's budget + the dense core + ``--cgroup-margin``
+  (b) the same under a memory cgroup of what smoe-gguf's rows used at that budget (their peak RSS:
+      budget + dense core + runtime; budget + core + ``--cgroup-margin`` where they failed)
       (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``; "unavailable: <reason>" where neither);
   (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining) and
       the full orchestrator (the best policy by replay of the reactive trace, next-layer
@@ -730,7 +731,10 @@ class Bench:
                 self.add(name, "b", "stock llama.cpp, mmap, memory cgroup", budget,
                          {"error": "no smoe-gguf budget to match (its rows failed)"})
                 continue
-            limit = budget_bytes + moe.core_bytes + a.cgroup_margin
+            # the memory smoe-gguf used at this budget (its peak RSS: budget, core, runtime);
+            # without one, the budget + core + a margin for the runtime
+            rss = [r["peak_rss_bytes"] for r in (rr, ro) if not r.get("error") and r.get("peak_rss_bytes")]
+            limit = max(rss) if rss else budget_bytes + moe.core_bytes + a.cgroup_margin
             cg, why = make_cgroup(limit, f"smoe-bench-{os.getpid()}-{budget.rstrip('%')}")
             if cg is None:
                 self.add(name, "b", "stock llama.cpp, mmap, memory cgroup", budget, {"error": why}, limit_bytes=limit)
@@ -807,9 +811,10 @@ class Bench:
         energy = Energy().source
         self.notes.append(f"energy: {energy}; CPU-seconds per token are given instead" if energy == ENERGY_NONE
                           else f"energy: {energy}")
-        self.notes.append(f"row (b): memory limit = smoe-gguf's budget + dense core + {a.cgroup_margin >> 20} MiB "
-                          "for the runtime (KV cache, compute buffers, Python); llama.cpp's mmap pages are "
-                          "charged to it and re-read from disk when evicted")
+        self.notes.append("row (b): memory limit = the peak RSS of smoe-gguf's rows at that budget (budget + dense "
+                          "core + its runtime: KV cache, compute buffers, Python), or where they failed the budget "
+                          f"+ core + {a.cgroup_margin >> 20} MiB; llama.cpp's mmap pages are charged to it and "
+                          "re-read from disk when evicted")
         self.notes.append("physical limit: 1 / max(active bytes per token / memory bandwidth, missed bytes per "
                           "token / disk bandwidth), reads fully overlapped with compute (an upper bound; "
                           "results.json also has decode_tps_serial, 1 / their sum); active = dense core without "
@@ -868,7 +873,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--n-ctx", type=int, default=512)
     ap.add_argument("--learn-prompts", type=int, default=4)
     ap.add_argument("--learn-tokens", type=int, default=16)
-    ap.add_argument("--cgroup-margin", type=int, default=256 << 20, help="bytes on top of budget + core")
+    ap.add_argument("--cgroup-margin", type=int, default=256 << 20,
+                    help="row (b) where smoe-gguf's rows failed: bytes on top of budget + core")
     ap.add_argument("--drop", choices=("global", "files"), default="global", help="how to drop the page cache")
     ap.add_argument("--no-pack", action="store_true", help="run smoe-gguf on the GGUF even where a pack exists")
     ap.add_argument("--row-timeout", type=int, default=900, help="kill a row's process after this many seconds")

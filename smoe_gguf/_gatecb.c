@@ -50,6 +50,11 @@ struct smoe_gate {
     slow_fn slow;
     int32_t failed;          /* set when the Python hook failed: stop the graph */
     int32_t every_gate;      /* 1: every top-k gate goes to Python (tracing, speculation) */
+    uint8_t *node_wanted;    /* [n_layer]: nodes of other kinds are asked for only in layers
+                                where this is set (NULL: always). Python sets it at a top-k gate
+                                that left work for that layer's later node (down parts in
+                                flight); the scheduler asks for a node only after the earlier
+                                nodes' callbacks have returned, so the flag is set in time. */
 };
 
 static int match(const struct smoe_gate *g, const char *name) {
@@ -62,7 +67,14 @@ static int match(const struct smoe_gate *g, const char *name) {
 bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     struct smoe_gate *g = (struct smoe_gate *)user_data;
     const char *name = (const char *)t + g->off_name;
-    if (ask) return g->gating && match(g, name) >= 0;
+    if (ask) {
+        if (!g->gating) return false;
+        int k = match(g, name);
+        if (k < 0) return false;
+        if (g->kind[k] == 0 || g->node_wanted == NULL) return true;
+        int32_t layer = (int32_t)atoi(name + g->prefix_len[k]);
+        return layer < 0 || layer >= g->n_layer || g->node_wanted[layer];
+    }
 
     int i = match(g, name);
     if (i < 0) return true;

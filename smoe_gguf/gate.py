@@ -74,6 +74,7 @@ class _GateStruct(Structure):
         ("slow", _SLOW),
         ("failed", c_int32),
         ("every_gate", c_int32),
+        ("node_wanted", POINTER(c_uint8)),
     ]
 
 
@@ -129,6 +130,7 @@ class Gate:
         self.state = state if state is not None else AccessState.new(n_layer, n_expert)
         self.error: BaseException | None = None
         self.py_gates = 0
+        self.py_nodes = 0  # nodes of other kinds seen in Python (the down node: only where wanted)
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._every = False  # every gate to Python regardless (a trace)
@@ -149,7 +151,7 @@ class Gate:
         st.off_nb = abi.GgmlTensor.nb.offset  # type: ignore[attr-defined]
         st.off_name = abi.TENSOR_NAME_OFFSET
         st.n_layer, st.n_expert = s.n_layer, s.n_expert
-        for name in ("resident", "last_use", "uses", "clock"):
+        for name in ("resident", "last_use", "uses", "clock", "node_wanted"):
             arr = getattr(s, name)
             if not arr.flags.c_contiguous:
                 raise SmoeError(f"access state {name} must be contiguous")
@@ -240,6 +242,7 @@ class Gate:
                 if ids.shape[0]:
                     self._topk(t, layer, ids)
             elif self.on_node is not None:
+                self.py_nodes += 1
                 self.on_node(kind, layer, t)
             return 1
         except BaseException as e:  # noqa: BLE001 - must not unwind into C
@@ -269,7 +272,8 @@ class ObserverSwitch:
     decode timings. Each observer costs a call into Python at every top-k gate; it pays only
     where it hides more stall than that. So decode alternates: ``window`` tokens with observers,
     ``window`` without; then holds the faster of the two for ``hold`` tokens and measures again,
-    sooner if a token stalls longer than the faster window's mean token (a change of topic).
+    sooner if half of the last ``window`` tokens each stalled longer than the faster window's mean
+    token took (a change of topic: one stalling token alone is not).
     :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
 
     def __init__(self, window: int = 8, hold: int = 128) -> None:
@@ -279,6 +283,7 @@ class ObserverSwitch:
         self.pauses = 0  # times observers were found not to pay
         self._seconds, self._n = 0.0, 0
         self._means: dict[str, float] = {}
+        self._stalls: list[float] = []  # the last ``window`` tokens' stalls, while holding
 
     def tick(self, seconds: float, stall: float) -> bool:
         self._seconds += seconds
@@ -291,11 +296,15 @@ class ObserverSwitch:
                 faster_on = self._means["on"] < self._means["off"]
                 self.pauses += not faster_on
                 self._enter("hold", faster_on)
-        elif self.phase == "hold" and (self._n >= self.hold or stall > min(self._means.values())):
-            self._enter("on", True)
+        elif self.phase == "hold":
+            fast = min(self._means.values())
+            self._stalls = [*self._stalls[1 - self.window:], stall]
+            sustained = 2 * sum(x > fast for x in self._stalls) >= self.window
+            if self._n >= self.hold or sustained:
+                self._enter("on", True)
         return self.observing
 
     def _enter(self, phase: str, observing: bool) -> None:
         self.phase, self.observing = phase, observing
-        self._seconds, self._n = 0.0, 0
+        self._seconds, self._n, self._stalls = 0.0, 0, []
 

@@ -40,6 +40,7 @@ class AccessState:
     uses: np.ndarray  # uint32: gates that selected the leaf
     clock: np.ndarray  # uint64[1]: +1 per gate
     pinned: np.ndarray  # uint8: never evicted (--pin)
+    node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
 
     @classmethod
     def new(cls, n_layer: int, n_expert: int) -> "AccessState":
@@ -47,7 +48,7 @@ class AccessState:
         return cls(
             n_layer, n_expert,
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
-            np.zeros(1, np.uint64), np.zeros(shape, np.uint8),
+            np.zeros(1, np.uint64), np.zeros(shape, np.uint8), np.zeros(n_layer, np.uint8),
         )
 
     def tick(self) -> int:

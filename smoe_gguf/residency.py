@@ -78,6 +78,7 @@ class ResidencyStats:
     evictions: int = 0
     stall_seconds: float = 0.0  # time the gate spent bringing leaves in or waiting for them
     down_stall_seconds: float = 0.0  # ... of which waiting for down parts (pipelining)
+    down_nodes: int = 0  # layer passes whose down node the gate stopped at (down parts in flight)
     peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
     per_layer_misses: dict[int, int] = field(default_factory=dict)
@@ -238,6 +239,9 @@ class Residency:
                     self._down_queue.append(key)
                     self._cv.notify_all()
                 self._down_pending.setdefault(layer, []).append(key)
+                if not s.node_wanted[layer]:
+                    s.node_wanted[layer] = 1  # the gate stops at this layer's down node
+                    self.stats.down_nodes += 1
                 self._ensure_worker()
                 continue
             resident[e] = 1
@@ -251,6 +255,7 @@ class Residency:
         """At the node before ``layer``'s down matmul (pipelining): its leaves' down parts must be
         in. Those still queued are read here; those being read are waited for (stall)."""
         keys = self._down_pending.pop(layer, None)
+        self.state.node_wanted[layer] = 0
         if not keys:
             return
         t0 = time.perf_counter()
@@ -450,6 +455,7 @@ class Residency:
             self._queue.clear()
             self._down_queue.clear()
             self._down_pending.clear()
+            self.state.node_wanted[:] = 0
             for key, st in list(self._flight.items()):
                 if st in (_QUEUED, _DOWN):
                     del self._flight[key]

@@ -26,9 +26,11 @@ def test_observers_paused_when_they_cost_more_than_they_hide() -> None:
     feed(sw, 4, 0.020)  # with observers: slower
     out = feed(sw, 4, 0.010)
     assert out[-1] is False and sw.phase == "hold" and sw.pauses == 1
-    assert feed(sw, 5, 0.010) == [False] * 5
-    # a token that stalls longer than a fast token takes: a change of topic, measure again at once
-    assert sw.tick(0.5, 0.4) is True
+    assert feed(sw, 2, 0.010) == [False] * 2
+    assert feed(sw, 1, 0.5, stall=0.4) == [False]  # one stalling token: not yet a change of topic
+    assert feed(sw, 2, 0.010) == [False] * 2
+    # tokens that stall, on average, longer than a fast token takes: a change of topic, measure again
+    assert feed(sw, 1, 0.5, stall=0.4) == [True]  # 2 of the last 4: half
     assert sw.phase == "on"
 
 

@@ -75,6 +75,19 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
         assert r.used == r.leaf_cost(1)  # only (1, 3) is still charged
 
 
+def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of) -> None:  # noqa: F811
+    """Part pipelining stops the graph at a layer's down node only when that layer's top-k gate
+    left down parts to finish; a layer whose leaves were all resident runs through (a graph split
+    costs the compute threads a barrier). Bit-exact either way."""
+    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        r = eng.residency
+        assert r.pipeline
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert 0 < r.stats.down_nodes == eng.gate.py_nodes < eng.gate.n_gated
+        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+
+
 def test_a_bad_down_part_read_by_the_pipeline_is_named(tiny_model, tmp_path: Path) -> None:
     pack = tmp_path / "p.pack"
     split(tiny_model("qwen3moe", "f16"), pack)
