@@ -768,7 +768,9 @@ class Bench:
                     {**base, "kind": "smoe", "model": str(source), "budget": budget, "n_gpu_layers": 999,
                      "profile": str(profile) if have_profile else None}, smoe_files))
         else:
-            self.notes.append("row (d) omitted: this llama-cpp-python build has no GPU offload (CPU only)")
+            note = "row (d) omitted: this llama-cpp-python build has no GPU offload (CPU only)"
+            if note not in self.notes:
+                self.notes.append(note)
 
         # bit-exactness: against stock at the same n_ubatch (warm: these runs are references, not rows)
         mine = [r for r in self.rows if r["model"] == name]
