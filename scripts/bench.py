@@ -241,14 +241,10 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
 
 
 def drop_file_cache(paths: Iterable[Path]) -> None:
-    for root in paths:
-        for p in [root, *root.rglob("*")] if root.is_dir() else [root]:
-            if p.is_file():
-                fd = os.open(p, os.O_RDONLY)
-                try:
-                    os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-                finally:
-                    os.close(fd)
+    from smoe_gguf.store import drop_page_cache
+
+    for p in paths:
+        drop_page_cache(p)
 
 
 def drop_caches(paths: Iterable[Path], mode: str) -> str:

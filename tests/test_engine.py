@@ -15,6 +15,7 @@ from smoe_gguf.engine import Engine, parse_budget
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
+from smoe_gguf.store import drop_page_cache
 from smoe_gguf.residency import page_cost
 from smoe_gguf.testmodels import ARCHS, DTYPES, build_test_model
 
@@ -168,16 +169,6 @@ def test_parse_budget() -> None:
             parse_budget(bad, 1000)
 
 
-def _drop_page_cache(root: Path) -> None:
-    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
-        if path.is_file():
-            fd = os.open(path, os.O_RDONLY)
-            try:
-                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-            finally:
-                os.close(fd)
-
-
 def _read_bytes() -> int:
     return int(psutil.Process().io_counters().read_bytes)
 
@@ -193,7 +184,7 @@ def test_startup_reads_grow_with_the_core_not_the_model(tmp_path_factory: pytest
     src.unlink()  # only the pack is needed; spare the disk
     m = mf.load(pack)
     assert m.expert_bytes >= 1 << 30
-    _drop_page_cache(pack)
+    drop_page_cache(pack)
     before = _read_bytes()
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2) as eng:
         load_read = _read_bytes() - before
