@@ -13,7 +13,8 @@ the page cache, so peak RSS, CPU time and memory limits are per row):
       (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``; "unavailable: <reason>" where neither);
   (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining) and
       the full orchestrator (the best policy by replay of the reactive trace, next-layer
-      speculation, part pipelining, a tree-map profile learnt beforehand from other prompts);
+      speculation, a tree-map profile learnt beforehand from other prompts; part pipelining stays
+      off, as in `run` by default: it measured slower here);
   (d) on a GPU build only: stock with the core on the GPU and experts on the CPU, and smoe-gguf
       with the core on the GPU;
   physical limit: 1 / (active bytes per token / memory bandwidth + missed bytes per token / disk
@@ -732,7 +733,7 @@ class Bench:
                 trace.unlink()
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
                 {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
-                 "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": True},
+                 "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
                 smoe_files), policy=policy)
             smoe_rows += [rr, ro]
 

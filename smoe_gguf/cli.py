@@ -69,14 +69,17 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="The tree-map
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read nor write a profile.")]
 NoLearnOpt = Annotated[bool, typer.Option("--no-learn", help="Use the profile but do not add this session to it.")]
 PinOpt = Annotated[int, typer.Option(help="Keep the profile's N most used leaves resident, outside the policy.")]
+PipelineOpt = Annotated[bool, typer.Option("--pipeline", help="Part pipelining: a missed leaf's down parts are read "
+                                           "while its gate/up matmuls run (off by default: on this project's test "
+                                           "machine it cost more than it hid; see README).")]
 
 
 def orchestrator_options(policy: str, no_speculate: bool, profile: Path | None, no_profile: bool,
-                         no_learn: bool, pin: int) -> dict[str, Any]:
+                         no_learn: bool, pin: int, pipeline: bool = False) -> dict[str, Any]:
     """Engine keyword arguments from the options above."""
     if pin < 0:
         raise SmoeError("--pin must be 0 or more", exit_code=2)
-    return {"policy": policy, "speculate": not no_speculate,
+    return {"policy": policy, "speculate": not no_speculate, "pipeline": pipeline,
             "profile": None if no_profile else (profile or "auto"), "learn": not no_learn, "pin": pin}
 
 
@@ -214,6 +217,7 @@ def run(
     no_profile: NoProfileOpt = False,
     no_learn: NoLearnOpt = False,
     pin: PinOpt = 0,
+    pipeline: PipelineOpt = False,
     trace: Annotated[Path | None, typer.Option(help="Record every leaf access to this file (JSON lines), "
                                                "for `smoe-gguf replay`.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template, as "
@@ -230,7 +234,7 @@ def run(
         raise SmoeError("--system needs --chat", exit_code=2)
     with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums, trace=trace,
                 **({"n_ubatch": CHAT_UBATCH} if chat else {}),
-                **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin)) as eng:
+                **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)) as eng:
         reply = None
         if chat:
             template = ChatTemplate.of(eng._model)

@@ -157,7 +157,7 @@ class Engine:
         profile: str | os.PathLike[str] | None = "auto",
         learn: bool = True,
         pin: int = 0,
-        pipeline: bool = True,
+        pipeline: bool = False,
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.

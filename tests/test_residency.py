@@ -12,6 +12,7 @@ from smoe_gguf.engine import Engine
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
+from smoe_gguf.testmodels import ARCHS
 
 from .test_engine import N_TOKENS, PROMPT, _budgets, _reference, _same, pack_of  # noqa: F401 - fixture
 
@@ -75,12 +76,14 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
         assert r.used == r.leaf_cost(1)  # only (1, 3) is still charged
 
 
-def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of) -> None:  # noqa: F811
-    """Part pipelining stops the graph at a layer's down node only when that layer's top-k gate
-    left down parts to finish; a layer whose leaves were all resident runs through (a graph split
-    costs the compute threads a barrier). Bit-exact either way."""
-    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
-    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+@pytest.mark.parametrize("arch", ARCHS)
+def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of, arch: str) -> None:  # noqa: F811
+    """Part pipelining (off by default, --pipeline) stops the graph at a layer's down node only
+    when that layer's top-k gate left down parts to finish; a layer whose leaves were all resident
+    runs through (a graph split costs the compute threads a barrier). Bit-exact on every
+    architecture (gpt-oss has its own activation node)."""
+    src, pack = tiny_model(arch, "f16"), pack_of(arch, "f16")
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, speculate=False, pipeline=True) as eng:
         r = eng.residency
         assert r.pipeline
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
@@ -98,7 +101,7 @@ def test_a_bad_down_part_read_by_the_pipeline_is_named(tiny_model, tmp_path: Pat
             data = bytearray(path.read_bytes())
             data[down.offset + 7] ^= 0x10
             path.write_bytes(bytes(data))
-    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, pipeline=True) as eng:
         assert eng.residency.pipeline
         with pytest.raises(SmoeError, match=r"layer 0 expert \d+.*checksum mismatch"):
             eng.generate(PROMPT, 4)
