@@ -174,6 +174,9 @@ class Engine:
             self.budget = self._resolve_budget(budget)
             self._load_model(n_gpu_layers)
             self.residency = Residency.over(self.xslot, src.store, self.budget, src.n_expert, policy)
+            # Below a budget that holds every leaf, leaves are paged: what the threads, pipelining,
+            # speculation, the tree-map and the warm start are chosen for (at start-up).
+            self.paging = self.budget < self.residency.total_cost
             # One layer's selected leaves must fit at once: shrink the micro-batch until they do.
             need_per_token = src.n_expert_used * self.residency.max_leaf_cost
             min_budget = self.min_budget = need_per_token
@@ -188,14 +191,13 @@ class Engine:
             self.n_batch = max(n_batch, self.n_ubatch)
             # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
             # parts meanwhile by the I/O thread, awaited at the node before the down matmul.
-            pipelined = pipeline and self.budget < self.residency.total_cost
+            pipelined = pipeline and self.paging
             self.residency.pipeline = pipelined
             down_nodes = {n: KIND_BEFORE_DOWN for n in archs.NODE_BEFORE_DOWN} if pipelined else {}
             self.gate = Gate(self.residency.on_experts, state=self.residency.state,
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
-            paging = self.budget < self.residency.total_cost
-            self.n_threads = n_threads or _default_threads(paging)
+            self.n_threads = n_threads or _default_threads(self.paging)
             cp = stock.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
                                       n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
@@ -249,7 +251,7 @@ class Engine:
             r.drain()
             for key in pins:
                 r.state.pinned[key] = 1
-        self._warm = hot if self.budget < r.total_cost else []  # prefetched once start-up is done
+        self._warm = hot if self.paging else []  # prefetched once start-up is done
 
     def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool, threshold: float, name: str) -> None:
         """Attach the gate observers: the trace, next-layer speculation, the tree-map recorder."""
@@ -260,14 +262,13 @@ class Engine:
                 "leaf_cost": {str(k): v for k, v in sorted(r.costs.items())}, "total_cost": r.total_cost,
                 "source": name})
             self.gate.every_gate = True  # hits too must reach the trace
-        paging = self.budget < r.total_cost
         self.speculator: Speculator | None = None
-        if speculate and paging:
+        if speculate and self.paging:
             self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold)
             self.gate.observe(self.speculator)
         self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
         self.recorder: tree_map.Recorder | None = None
-        if paging and (self._learn or self.profile is not None):
+        if self.paging and (self._learn or self.profile is not None):
             self.recorder = tree_map.Recorder(r, self.profile, src.n_expert)
             self.gate.observe(self.recorder)
 
