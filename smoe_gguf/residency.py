@@ -341,12 +341,16 @@ class Residency:
             return True
         s = self.state
         evictable = None
+        landed = -1  # prefetches landed when evictable was taken (the I/O thread adds more)
         while self.used + cost > self.budget:
             if evictable is None:
+                self.reap_failures()  # failed prefetches give their charge back
+                landed = self.stats.prefetched
                 evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
                 evictable[layer, in_use] = False  # the node being gated reads these
                 for key in also:
                     evictable[key] = False
+                continue
             victim = self.policy.victim(s, evictable, layer)
             if victim is not None:
                 evictable[victim] = False
@@ -354,6 +358,8 @@ class Residency:
             elif for_gate and self._flight:
                 self._cancel_or_wait()
                 evictable = None
+            elif self.stats.prefetched != landed or self._failed:
+                evictable = None  # a prefetch landed (evictable now) or failed since the snapshot
             else:
                 return False
         return True

@@ -57,6 +57,35 @@ def test_prefetch_charges_now_and_protects_the_leaves_in_use(pack_of) -> None:  
         assert r.stats.leaves_loaded == loaded
 
 
+def test_a_prefetch_landing_while_the_gate_makes_room_is_evictable() -> None:
+    """The gate takes a snapshot of the evictable leaves; a prefetch that lands after it (here:
+    while the gate evicts another leaf) must still be evicted when the gate needs its room, not
+    reported as a budget too small. Found as a rare failure of a full test run on a fresh clone."""
+    import threading
+
+    from smoe_gguf.residency import Residency
+
+    a_may_land = threading.Event()
+    r: Residency
+
+    def fill(layer: int, e: int, _stage: int | None) -> None:
+        if (layer, e) == (0, 1):  # prefetch A: lands only when allowed
+            assert a_may_land.wait(10)
+
+    def release(layer: int, e: int) -> None:
+        if (layer, e) == (0, 0):  # the gate evicts X: A lands meanwhile
+            a_may_land.set()
+            r.drain()
+
+    r = Residency({0: 1, 1: 3}, 4, budget=3, fill=fill, release=release)
+    r.on_experts(0, np.array([[0]]))  # X resident (1 byte)
+    assert r.prefetch([(0, 1)], layer=0, in_use=[0]) == 1  # A charged and loading (1 byte)
+    r.on_experts(1, np.array([[0]]))  # B needs all 3 bytes: X and then A must go
+    assert r.state.resident[1, 0] and not r.state.resident[0, 0] and not r.state.resident[0, 1]
+    assert r.used == 3 == r.budget
+    r.close()
+
+
 def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp_path: Path) -> None:
     pack = tmp_path / "p.pack"
     split(tiny_model("qwen3moe", "f16"), pack)
