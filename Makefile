@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install test demo clean reference-model bench
+.PHONY: install lint test demo clean reference-model bench
 
 install: $(STAMP)
 
@@ -16,7 +16,10 @@ $(STAMP): pyproject.toml smoe_gguf/_gatecb.c
 	$(BIN)/python -m pip install -q -e '.[test]'
 	@touch $(STAMP)
 
-test: install
+lint: install
+	$(BIN)/ruff check smoe_gguf tests scripts
+
+test: install lint
 	$(BIN)/python -m pytest -q
 
 demo: install
@@ -56,7 +59,7 @@ BENCH_ARGS ?=
 
 $(MEDIUM_MODEL):
 	@test -f $(STAMP) || $(MAKE) install
-	$(BIN)/smoe-gguf make-test-model --arch qwen3moe --preset medium -o $@
+	$(BIN)/python scripts/make_test_model.py --arch qwen3moe --preset medium -o $@
 
 models/%.pack: models/%.gguf
 	$(BIN)/smoe-gguf split $< -o $@ --force

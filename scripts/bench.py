@@ -1,24 +1,30 @@
 """`make bench`: stock llama.cpp against smoe-gguf, side by side, cold, on one or more MoE models.
 
-    python scripts/bench.py models/reference-qwen3moe.gguf models/medium-qwen3moe-f16.gguf \
-        --budgets 10%,25%,50%,100% -n 32
+    python scripts/bench.py models/reference-qwen3moe.gguf models/reference-large-qwen3moe.gguf \
+        --budgets 10%,25%,50%,100% -n 128
 
-Rows, per model (every row is a fresh subprocess, run after the model's pages were dropped from
-the page cache, so peak RSS, CPU time and memory limits are per row):
+Every row decodes the same prompts (one per domain of the reference model's corpus: Python,
+C headers, man pages, documentation prose) with the same sampler at the same seed, so rows that
+compute the same logits give the same tokens. Rows, per model (every row is a fresh subprocess,
+run after the model's pages were dropped from the page cache, so peak RSS, CPU time and memory
+limits are per row):
 
   (a) stock llama.cpp, the model fully resident (mmap + MAP_POPULATE, experts in the plain CPU
       buffer as with ``-ot exps=CPU``: the configuration smoe-gguf is bit-exact against);
   (b) the same under a memory cgroup of what smoe-gguf's rows used at that budget (their peak RSS:
       budget + dense core + runtime; budget + core + ``--cgroup-margin`` where they failed)
       (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``; "unavailable: <reason>" where neither);
-  (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining) and
-      the full orchestrator (the best policy by replay of the reactive trace, next-layer
-      speculation, a tree-map profile learnt beforehand from other prompts; part pipelining stays
-      off, as in `run` by default: it measured slower here);
+  (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining; it
+      records a trace) and the full orchestrator (the best policy by replay of the reactive
+      trace, next-layer speculation, a tree-map profile learnt beforehand from other prompts;
+      part pipelining stays off, as in `run` by default);
   (d) on a GPU build only: stock with the core on the GPU and experts on the CPU, and smoe-gguf
       with the core on the GPU;
-  physical limit: 1 / (active bytes per token / memory bandwidth + missed bytes per token / disk
-      bandwidth), both bandwidths measured here at start, the missed bytes smoe-gguf's best.
+  physical limits: 1 / max(active bytes per token / memory bandwidth, missed bytes per token /
+      disk bandwidth): with no misses; per budget with smoe-gguf's fewest missed bytes; per budget
+      with the missed bytes of Belady's MIN (the offline optimum, replayed over the reactive
+      row's trace). Memory bandwidth: a numpy copy. Disk bandwidth: O_DIRECT random reads of the
+      model's own leaf parts at 1, 2, 4, 8 and 16 concurrent readers, the best of them.
 
 Outputs: a table on stdout, ``<out>/results.json``, ``<out>/report.md``, ``<out>/plot.png``.
 """
@@ -27,7 +33,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import mmap
 import os
 import platform
 import resource
@@ -40,26 +45,16 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
+
 ROW_MARK = "BENCH-ROW "
 
-PROMPTS: list[str] = [
-    "Analyze how Steve Wozniak's use of the 6502's 'zero page' addressing to optimize the Apple II's memory "
-    "cycles parallels the metabolic efficiency of CRISPR-Cas9 protein binding during off-target DNA sequence "
-    "searching.",
-    "def merge_sorted(a: list[int], b: list[int]) -> list[int]:\n    \"\"\"Merge two sorted lists.\"\"\"\n",
-    "The Treaty of Westphalia in 1648 ended the Thirty Years' War and shaped European sovereignty because",
-    "Solve for x: 3x + 7 = 22. First, subtract 7 from both sides, which gives",
-]
-# Learnt into the orchestrator's tree-map before the timed rows; none is a bench prompt.
-LEARN_PROMPTS: list[str] = [
-    "The 6502 processor has an 8-bit data bus and a 16-bit address bus.",
-    "#include <stdio.h>\nint main(int argc, char **argv) {",
-    "The French Revolution began in 1789 and transformed the social order of Europe.",
-    "CRISPR-Cas9 uses a guide RNA to find a matching DNA sequence.",
-    "SELECT customer_id, SUM(total) FROM orders GROUP BY customer_id;",
-    "Photosynthesis converts light energy into chemical energy stored in glucose.",
-]
+PROMPTS: list[str] = list(DOMAIN_PROMPTS.values())
+PROMPT_DOMAINS: list[str] = list(DOMAIN_PROMPTS)
 ENERGY_NONE = "n/a (no RAPL/NVML)"
+LIMIT_NONE = "physical limit, no misses"
+LIMIT_OWN = "physical limit, smoe-gguf's misses"
+LIMIT_BELADY = "physical limit, Belady's misses"
 
 
 # ------------------------------------------------------------------------------ pure helpers
@@ -91,6 +86,46 @@ def same_tokens(mine: list[list[int]], ref: list[list[int]]) -> tuple[bool, int]
     return True, n
 
 
+def decode_events(events: list[tuple[int, int, int, list[list[int]]]], prompt_tokens: list[int]) -> list[int] | None:
+    """Indices of a trace's events that belong to decoding (positions at or after their prompt's
+    length). A new prompt starts where the position goes back (the engine was reset); the
+    segments are the prompts in order (a trace may stop early: a budget that holds every leaf
+    stops gating). None if the trace has more segments than there are prompts."""
+    out: list[int] = []
+    k, last = 0, -1
+    for i, (pos, _n, _layer, _rows) in enumerate(events):
+        if pos < last:
+            k += 1
+        last = pos
+        if k >= len(prompt_tokens):
+            return None
+        if pos >= prompt_tokens[k]:
+            out.append(i)
+    return out
+
+
+def decode_replay(data: Any, budget: int, policy: str, prompt_tokens: list[int], leaf_bytes: dict[int, int],
+                  decode_tokens: int) -> dict[str, Any] | None:
+    """Replay of a row's trace under ``policy``, counted over its decode phase as the row counts
+    it: hit rate, leaves missed and bytes missed per decoded token (``leaf_bytes`` per layer);
+    None where the trace cannot be matched to the prompts. A budget that holds every leaf misses
+    nothing while decoding (it is filled beforehand)."""
+    from smoe_gguf.replay import replay
+
+    idx = decode_events(data.events, prompt_tokens)
+    if idx is None:
+        return None
+    if budget >= data.total_cost:  # room for every leaf: a pager fills it before decoding, as smoe-gguf does
+        return {"hit_rate": 1.0, "misses": 0, "bytes_per_token": 0.0, "hit_rate_all": replay(data, budget, policy).hit_rate}
+    res = replay(data, budget, policy)
+    hits = sum(res.event_hits[i] for i in idx)
+    misses = sum(res.event_misses[i] for i in idx)
+    missed = sum(res.event_misses[i] * leaf_bytes[data.events[i][2]] for i in idx)
+    return {"hit_rate": hits / (hits + misses) if hits + misses else 1.0, "misses": misses,
+            "bytes_per_token": missed / decode_tokens if decode_tokens else None,
+            "hit_rate_all": res.hit_rate}
+
+
 def parse_budgets(text: str) -> list[str]:
     out = [b.strip() for b in text.split(",") if b.strip()]
     if not out:
@@ -118,11 +153,13 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("prefill tok/s", lambda r: _fmt(r.get("prefill_tps"), ".1f")),
     ("TTFT s", lambda r: _fmt(r.get("ttft_seconds"), ".3f")),
     ("MB read/token", lambda r: _fmt(r.get("bytes_per_token"), ".2f", 1e-6)),
-    ("hit rate", lambda r: _fmt(r.get("hit_rate"), ".1f", 100) + ("%" if isinstance(r.get("hit_rate"), float) else "")),
+    ("hit rate", lambda r: _pct(r.get("hit_rate"))),
+    ("Belady hit", lambda r: _pct(r.get("belady_hit_rate"))),
     ("stall s/token", lambda r: _fmt(r.get("stall_per_token"), ".4f")),
     ("peak RSS MB", lambda r: _fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)),
     ("CPU s/token", lambda r: _fmt(r.get("cpu_per_token"), ".3f")),
     ("J/token", lambda r: r.get("energy") or ENERGY_NONE),
+    ("% of limit: own / Belady", lambda r: _limit_pcts(r)),
     ("tokens = (a)", lambda r: _same(r.get("same_as_a"))),
     ("bit-exact", lambda r: _same(r.get("bit_exact"))),
 ]
@@ -130,6 +167,17 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
 
 def _same(v: Any) -> str:
     return "-" if v is None else ("yes" if v else "NO")
+
+
+def _pct(v: Any) -> str:
+    return f"{v * 100:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def _limit_pcts(r: dict[str, Any]) -> str:
+    own, bel = r.get("pct_of_limit_own"), r.get("pct_of_limit_belady")
+    if own is None and bel is None:
+        return "-"
+    return f"{_pct(own)} / {_pct(bel)}"
 
 
 def table_rows(rows: list[dict[str, Any]]) -> list[list[str]]:
@@ -169,36 +217,72 @@ def print_table(rows: list[dict[str, Any]], title: str) -> None:
     Console(width=250).print(t)
 
 
+def disk_curve_text(curve: dict[str, Any]) -> str:
+    """One line: bytes per second at each number of concurrent readers, and the best."""
+    bw = curve["bytes_per_second"]
+    lo, hi = curve["span_bytes"]
+    size = f"{lo >> 10} KiB" if lo == hi else f"{lo >> 10}-{hi >> 10} KiB"
+    points = ", ".join(f"{k}: {v / 1e9:.2f}" for k, v in bw.items())
+    how = "O_DIRECT" if curve["direct"] else "buffered, cache dropped (no O_DIRECT here)"
+    return (f"{how} random reads of its {size} parts, {curve['bytes_per_level'] / 2**20:.0f} MiB per point, "
+            f"GB/s by concurrent readers {points}; limit uses {curve['best'] / 1e9:.2f} ({curve['best_readers']} readers)")
+
+
 def write_report(out: Path, result: dict[str, Any]) -> None:
     m = result["machine"]
+    s = result["sampling"]
     lines = [
         "# smoe-gguf benchmark", "",
         f"Command: `{result['command']}`", "",
         f"Machine: {m['cpu']}, {m['cores']} cores, {m['memory_gib']:.1f} GiB, {m['os']}; "
         f"llama-cpp-python {m['llama_cpp']}; GPU offload: {m['gpu_offload']}.",
-        f"Measured: memory bandwidth {m['mem_bw'] / 1e9:.1f} GB/s (numpy copy, read + write counted), "
-        f"disk bandwidth {m['disk_bw'] / 1e9:.2f} GB/s (O_DIRECT 4 MiB reads, cold, the faster of one and two readers).",
+        f"Memory bandwidth {m['mem_bw'] / 1e9:.1f} GB/s (numpy copy, read + write counted).",
+        "Disk bandwidth, per model:", "",
+        *[f"- {name}: {disk_curve_text(c)}" for name, c in m.get("disk", {}).items()], "",
         f"Page cache: {result['cache_drop']}. Energy: {result['energy_source']}.",
-        f"Prompts: {len(result['prompts'])} x {result['n']} greedy tokens each "
-        "(the same for every row).", "",
+        f"Prompts: {len(result['prompts'])} x {result['n']} tokens each, one per domain "
+        f"({', '.join(result.get('prompt_domains', []))}), sampled at temperature {s['temp']}, top-p {s['top_p']}, "
+        f"seed {s['seed']} (the same sampler in every row).", "",
         markdown_table(result["rows"]), "",
         "Columns: decode tok/s = decode tokens / decode seconds over all prompts; prefill tok/s = prompt "
         "tokens / prefill seconds; TTFT = the first (coldest) prompt's prefill + first token, after "
         "loading; MB read/token = bytes read from disk during decode / decode tokens (smoe-gguf: leaf "
         "bytes its store read; stock: the process's read_bytes); hit rate and stall: decode phase; "
+        "Belady hit: Belady's MIN replayed over the reactive row's trace at that budget, decode phase "
+        "(the same in-use protection and micro-batches); % of limit: decode tok/s against the physical "
+        "limit at the row's own missed bytes per token, and at Belady's; "
         "CPU s/token = user + system CPU seconds of prompts and decode / generated tokens; peak RSS: the "
         "row's process. tokens = (a): the same tokens as row (a). bit-exact: the same tokens as stock "
-        "llama.cpp with experts in the plain CPU buffer at the same n_ubatch (smoe-gguf shrinks the "
-        "micro-batch at small budgets).", "",
+        "llama.cpp with experts in the plain CPU buffer at the same n_ubatch and compute threads (smoe-gguf "
+        "shrinks the micro-batch at small budgets and computes with one thread less while paging; llama.cpp's "
+        "logits depend on both).", "",
     ]
     for note in result["notes"]:
         lines.append(f"- {note}")
     if result.get("plot"):
-        lines += ["", f"![decode tok/s and bytes per token against budget]({Path(result['plot']).name})"]
+        lines += ["", f"![decode tok/s and hit rate against budget]({Path(result['plot']).name})"]
     (out / "report.md").write_text("\n".join(lines) + "\n")
 
 
+# systems drawn against the budget: (row system, label, style)
+PLOT_LINES: list[tuple[str, str, dict[str, Any]]] = [
+    ("stock llama.cpp, mmap, memory cgroup", "stock mmap, memory cgroup", {"marker": "s", "color": "tab:red"}),
+    ("smoe-gguf reactive LRU", "smoe-gguf reactive", {"marker": "o", "color": "tab:blue"}),
+    ("smoe-gguf orchestrator", "smoe-gguf orchestrator", {"marker": "^", "color": "tab:green"}),
+    (LIMIT_OWN, "limit, smoe-gguf's misses", {"linestyle": "--", "color": "black"}),
+    (LIMIT_BELADY, "limit, Belady's misses", {"linestyle": ":", "color": "black"}),
+]
+
+
+def _by_budget(rows: list[dict[str, Any]], system: str, key: str) -> tuple[list[float], list[float]]:
+    pts = sorted((budget_fraction(r["budget"]) or 0.0, r.get(key)) for r in rows
+                 if r["system"] == system and r.get("budget") and budget_fraction(r["budget"]) is not None
+                 and isinstance(r.get(key), (int, float)) and r.get(key))
+    return [x * 100 for x, _ in pts], [float(y) for _, y in pts]
+
+
 def plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
+    """Per model: decode tok/s (log) against budget, and hit rate against budget beside Belady's."""
     try:
         import matplotlib
 
@@ -208,29 +292,31 @@ def plot(out: Path, rows: list[dict[str, Any]]) -> Path | None:
         print("matplotlib is not installed: no plot (pip install -e '.[bench]')", file=sys.stderr)
         return None
     models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(len(models), 2, figsize=(12, 4 * len(models)), squeeze=False)
+    fig, axes = plt.subplots(len(models), 2, figsize=(13, 4.5 * len(models)), squeeze=False)
     for i, model in enumerate(models):
         mrows = [r for r in rows if r["model"] == model and not r.get("error")]
-        systems = list(dict.fromkeys(r["system"] for r in mrows if r.get("budget")))
-        for system in systems:
-            pts = sorted((budget_fraction(r["budget"]) or 0, r) for r in mrows
-                         if r["system"] == system and r.get("budget") and budget_fraction(r["budget"]) is not None)
-            if not pts:
-                continue
-            xs = [p[0] * 100 for p in pts]
-            axes[i][0].plot(xs, [p[1].get("decode_tps") or 0 for p in pts], marker="o", label=system)
-            if system != "physical limit":
-                axes[i][1].plot(xs, [(p[1].get("bytes_per_token") or 0) / 1e6 for p in pts], marker="o", label=system)
+        tps, hit = axes[i]
         for r in mrows:
-            if not r.get("budget"):  # full-resident stock: a horizontal line
-                axes[i][0].axhline(r.get("decode_tps") or 0, linestyle="--",
-                                   color="black" if r["row"] == "limit" else "gray", label=f"{r['system']} (no misses)"
-                                   if r["row"] == "limit" else r["system"])
-        axes[i][0].set(title=f"{model}: decode tok/s", xlabel="budget, % of expert bytes", ylabel="tok/s")
-        axes[i][1].set(title=f"{model}: MB read per token", xlabel="budget, % of expert bytes", ylabel="MB/token")
-        axes[i][1].set_yscale("symlog", linthresh=1.0)
-        axes[i][0].legend(fontsize=7)
-        axes[i][1].legend(fontsize=7)
+            if r["row"] == "a" and r.get("decode_tps"):
+                tps.axhline(r["decode_tps"], color="gray", label="stock resident")
+        for system, label, style in PLOT_LINES:
+            xs, ys = _by_budget(mrows, system, "decode_tps")
+            if xs:
+                tps.plot(xs, ys, label=label, **style)
+        for system, label, style in PLOT_LINES[1:3]:
+            xs, ys = _by_budget(mrows, system, "hit_rate")
+            if xs:
+                hit.plot(xs, [y * 100 for y in ys], label=label, **style)
+        xs, ys = _by_budget(mrows, "smoe-gguf reactive LRU", "belady_hit_rate")
+        if xs:
+            hit.plot(xs, [y * 100 for y in ys], label="Belady's MIN (offline optimum)", linestyle=":", marker="x",
+                     color="black")
+        tps.set_yscale("log")
+        tps.set(title=f"{model}: decode tok/s", xlabel="budget, % of expert bytes", ylabel="tok/s (log)")
+        hit.set(title=f"{model}: decode hit rate", xlabel="budget, % of expert bytes", ylabel="hit rate, %",
+                ylim=(0, 101))
+        tps.legend(fontsize=7)
+        hit.legend(fontsize=7)
     fig.tight_layout()
     path = out / "plot.png"
     fig.savefig(path, dpi=100)
@@ -276,44 +362,12 @@ def measure_mem_bw(nbytes: int = 256 << 20, repeat: int = 3) -> float:
     return 2 * nbytes / best  # read + write
 
 
-def measure_disk_bw(path: Path, limit: int = 512 << 20, block: int = 4 << 20, readers: int = 1) -> float:
-    """Cold O_DIRECT read bandwidth of ``path`` (a file or a pack directory): ``limit`` bytes in
-    ``block``-byte reads, by ``readers`` threads taking blocks in turn (smoe-gguf reads with two:
-    the gate's thread and the I/O thread)."""
-    import threading
+def measure_disk(model: Path, min_bytes: int, readers: list[int]) -> dict[str, Any]:
+    """The disk as the best pager would read ``model`` (a pack or a GGUF): O_DIRECT random reads
+    of its own leaf parts at each number of concurrent readers, cold."""
+    from smoe_gguf.devtools.diskprobe import part_spans, random_read_curve
 
-    files = sorted(p for p in ([path, *path.rglob("*")] if path.is_dir() else [path]) if p.is_file())
-    blocks: list[tuple[Path, int]] = []
-    for f in files:
-        size = f.stat().st_size
-        blocks += [(f, off) for off in range(0, size - size % 4096, block)]
-        if len(blocks) * block >= limit:
-            break
-    drop_file_cache(files)
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
-    done = [0] * readers
-
-    def read(i: int) -> None:
-        buf = mmap.mmap(-1, block)  # page-aligned, as O_DIRECT needs
-        fds: dict[Path, int] = {}
-        try:
-            for f, off in blocks[i::readers]:
-                fd = fds.get(f)
-                if fd is None:
-                    fd = fds[f] = os.open(f, flags)
-                done[i] += max(0, os.preadv(fd, [buf], off))
-        finally:
-            for fd in fds.values():
-                os.close(fd)
-            buf.close()
-
-    t = time.perf_counter()
-    threads = [threading.Thread(target=read, args=(i,)) for i in range(readers)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join()
-    return sum(done) / max(time.perf_counter() - t, 1e-9)
+    return random_read_curve(part_spans(model), readers, min_bytes).as_dict()
 
 
 def machine_info() -> dict[str, Any]:
@@ -466,6 +520,7 @@ class _Meter:
     def __init__(self) -> None:
         self.tokens: list[list[int]] = []
         self.prompt_tokens = 0
+        self.prompt_tokens_each: list[int] = []
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.decode_tokens = 0
@@ -479,7 +534,9 @@ class _Meter:
         return {
             "tokens": self.tokens,
             "prompt_tokens": self.prompt_tokens,
+            "prompt_tokens_each": self.prompt_tokens_each,
             "generated_tokens": n_gen,
+            "decode_tokens": self.decode_tokens,
             "decode_tps": self.decode_tokens / self.decode_s if self.decode_s else None,
             "prefill_tps": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
             "ttft_seconds": self.ttft[0] if self.ttft else None,
@@ -491,11 +548,17 @@ class _Meter:
         }
 
 
+def _sampling(spec: dict[str, Any]) -> Any:
+    from smoe_gguf.llama_session import Sampling
+
+    return Sampling(**spec.get("sampling", {}))
+
+
 def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
-    import numpy as np
 
-    from smoe_gguf import stock
+    from smoe_gguf.devtools import stock
+    from smoe_gguf.llama_session import Sampler, sample_tokens
 
     mp = stock.model_params(n_gpu_layers=spec.get("n_gpu_layers", 0), plain_experts=spec.get("plain_experts", True))
     n_ubatch = spec.get("n_ubatch", 512)
@@ -515,27 +578,33 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
             toks = stock.tokenize_with(vocab, prompt)
             c0, io0, t0 = _cpu_seconds(), _io_read(), time.perf_counter()
             for s in range(0, len(toks), n_batch):
-                stock._decode(ctx, toks[s:s + n_batch])
+                stock.decode(ctx, toks[s:s + n_batch])
             m.prefill_s += time.perf_counter() - t0
             gen: list[int] = []
-            t1 = time.perf_counter()
+            t1, io1 = time.perf_counter(), io0
             cap = spec.get("prompt_seconds")
-            for i in range(spec["n"]):
-                tok = int(np.argmax(stock._last_logits(ctx, n_vocab)))
-                gen.append(tok)
-                if i == 0:
-                    m.ttft.append(time.perf_counter() - t0)
-                    m.prefill_bytes += _io_read() - io0
-                    io1, t1 = _io_read(), time.perf_counter()
-                if i + 1 >= spec["n"] or (cap and time.perf_counter() - t0 > cap):
-                    break
-                stock._decode(ctx, [tok])
+            sampler = Sampler(ctx, _sampling(spec))
+            steps = sample_tokens(lambda t: stock.decode(ctx, t), lambda: stock.last_logits(ctx, n_vocab), sampler,
+                                  spec["n"])
+            try:
+                for tok, _logits in steps:
+                    gen.append(tok)
+                    if len(gen) == 1:
+                        m.ttft.append(time.perf_counter() - t0)
+                        m.prefill_bytes += _io_read() - io0
+                        io1, t1 = _io_read(), time.perf_counter()
+                    if cap and time.perf_counter() - t0 > cap:
+                        break
+            finally:
+                steps.close()
+                sampler.free()
             if len(gen) > 1:
                 m.decode_s += time.perf_counter() - t1
                 m.decode_tokens += len(gen) - 1
                 m.decode_bytes += _io_read() - io1
             m.cpu += _cpu_seconds() - c0
             m.prompt_tokens += len(toks)
+            m.prompt_tokens_each.append(len(toks))
             m.tokens.append(gen)
     finally:
         llama_cpp.llama_free(ctx)
@@ -558,32 +627,41 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
         stall = 0.0
         for prompt in spec["prompts"]:
             eng.reset()
+            s0 = eng.stats().as_dict()
             snap: dict[str, Any] = {}
-
-            def first(_tok: int, _piece: bytes, snap: dict[str, Any] = snap) -> None:
-                if not snap:
-                    snap.update(eng.stats())
-
-            s0 = eng.stats()
             c0 = _cpu_seconds()
             cap, tp = spec.get("prompt_seconds"), time.perf_counter()
-            gen = eng.generate(prompt, spec["n"], on_token=first,
-                               should_stop=lambda: bool(cap) and time.perf_counter() - tp > cap)
+            tokens: list[int] = []
+            stats = None
+            steps = eng.stream(prompt, spec["n"], _sampling(spec))
+            try:
+                for step in steps:
+                    tokens.append(step.token)
+                    stats = step.stats
+                    if not snap:
+                        snap.update(eng.stats().as_dict())
+                    if cap and time.perf_counter() - tp > cap:
+                        break
+            finally:
+                steps.close()
             m.cpu += _cpu_seconds() - c0
-            s1 = eng.stats()
-            m.tokens.append(gen.tokens)
-            m.prompt_tokens += gen.stats.prompt_tokens
-            m.prefill_s += gen.stats.prefill_seconds
-            m.ttft.append(gen.stats.ttft_seconds)
+            s1 = eng.stats().as_dict()
+            if stats is None:
+                raise RuntimeError("the engine generated no token")
+            m.tokens.append(tokens)
+            m.prompt_tokens += stats.prompt_tokens
+            m.prompt_tokens_each.append(stats.prompt_tokens)
+            m.prefill_s += stats.prefill_seconds
+            m.ttft.append(stats.ttft_seconds)
             m.prefill_bytes += snap["bytes_read"] - s0["bytes_read"]
-            if gen.stats.generated_tokens > 1:
-                m.decode_s += gen.stats.decode_seconds
-                m.decode_tokens += gen.stats.generated_tokens - 1
+            if stats.generated_tokens > 1:
+                m.decode_s += stats.decode_seconds
+                m.decode_tokens += stats.generated_tokens - 1
                 m.decode_bytes += s1["bytes_read"] - snap["bytes_read"]
                 hits += s1["hits"] - snap["hits"]
                 misses += s1["misses"] - snap["misses"]
                 stall += s1["stall_seconds"] - snap["stall_seconds"]
-        st = eng.stats()
+        st = eng.stats().as_dict()
         out.update(m.result())
         out.update({
             "hit_rate": hits / (hits + misses) if hits + misses else 1.0,
@@ -646,6 +724,9 @@ class Bench:
         self.notes: list[str] = []
         self.cache_drop = ""
         self.work = Path(tempfile.mkdtemp(prefix="smoe-bench-"))
+        self.disk: dict[str, dict[str, Any]] = {}  # model -> its read curve
+        self.prompts: list[str] = []
+        self.sampling: dict[str, Any] = {}
 
     def spawn(self, spec: dict[str, Any], files: list[Path], cgroup: Path | None = None) -> dict[str, Any]:
         """Drop the page cache for ``files``, run one row in a fresh process, return its figures."""
@@ -681,7 +762,8 @@ class Bench:
                   f"{(r.get('bytes_per_token') or 0) / 1e6:.2f} MB/token", flush=True)
         return r
 
-    def bench_model(self, gguf: Path, mem_bw: float, disk_bw: float) -> None:
+    def bench_model(self, gguf: Path, mem_bw: float) -> None:
+        from smoe_gguf.devtools.diskprobe import leaf_read_bytes, part_spans
         from smoe_gguf.gguf_layout import read_layout
         from smoe_gguf.moe import analyze
 
@@ -695,14 +777,21 @@ class Bench:
         embd = sum(t.nbytes for t in moe.core_tensors if t.name == "token_embd.weight")
         active = moe.core_bytes - embd + moe.active_expert_bytes_per_token
         print(f"{name}: core {moe.core_bytes / 1e6:.0f} MB, experts {moe.expert_bytes / 1e6:.0f} MB, "
-              f"active {active / 1e6:.0f} MB/token; smoe-gguf runs {source}", flush=True)
-        base = {"prompts": self.prompts, "n": a.n}
+              f"leaf {moe.max_leaf_bytes / 2**20:.2f} MiB, active {active / 1e6:.0f} MB/token; smoe-gguf runs {source}",
+              flush=True)
+        curve = measure_disk(source, a.disk_bytes, a.readers)
+        self.disk[name] = curve
+        disk_bw = curve["best"]
+        print(f"  disk: {disk_curve_text(curve)}", flush=True)
+        leaf_bytes = leaf_read_bytes(part_spans(source))
+        base = {"prompts": self.prompts, "n": a.n, "sampling": self.sampling}
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 
         row_a = self.add(name, "a", "stock llama.cpp, fully resident", None,
                          self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files),
                          same_as_a=True, bit_exact=True)
-        ref_tokens: dict[int, list[list[int]] | None] = {512: row_a.get("tokens")}
+        # stock's tokens by (n_ubatch, compute threads): llama.cpp's sums depend on both
+        ref_tokens: dict[tuple[int, int], list[list[int]] | None] = {(512, a.threads or os.cpu_count() or 2): row_a.get("tokens")}
 
         profile = self.work / f"{name}-profile.json"
         # learnt while paging (a budget that holds every leaf stops gating once full: nothing to learn)
@@ -716,6 +805,7 @@ class Bench:
             self.notes.append(f"{name}: the learning run wrote no profile; the orchestrator ran without one")
 
         smoe_rows: list[dict[str, Any]] = []
+        belady: dict[str, dict[str, Any]] = {}
         for budget in a.budgets:
             trace = self.work / f"{name}-{budget.rstrip('%')}.trace.jsonl"
             rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, self.spawn(
@@ -724,17 +814,31 @@ class Bench:
             policy = "lru"
             if not rr.get("error") and trace.is_file():
                 from smoe_gguf.policy import POLICIES
-                from smoe_gguf.trace import load, replay
+                from smoe_gguf.replay import replay
+                from smoe_gguf.trace import load
 
                 data = load(trace)
                 rates = {p: replay(data, rr["budget_bytes"], p).hit_rate for p in POLICIES}
                 policy = max(rates, key=lambda p: (rates[p], p == "lru"))
                 rr["replay_hit_rates"] = rates
+                opt = decode_replay(data, rr["budget_bytes"], "belady", rr["prompt_tokens_each"], leaf_bytes,
+                                    rr["decode_tokens"])
+                if opt is None:
+                    self.notes.append(f"{name} {budget}: the reactive trace does not match its prompts; no Belady figures")
+                else:
+                    belady[budget] = opt
+                    rr["replay_hit_rates"]["belady"] = opt["hit_rate_all"]
+                    rr.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
                 trace.unlink()
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
                 {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                  "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
                 smoe_files), policy=policy)
+            # the reactive trace is the orchestrator's too where both decoded the same tokens in the same micro-batches
+            if budget in belady and not ro.get("error") and ro.get("n_ubatch") == rr.get("n_ubatch") \
+                    and ro.get("tokens") == rr.get("tokens"):
+                ro.update(belady_hit_rate=belady[budget]["hit_rate"],
+                          belady_bytes_per_token=belady[budget]["bytes_per_token"])
             smoe_rows += [rr, ro]
 
             budget_bytes = rr.get("budget_bytes") or ro.get("budget_bytes")
@@ -769,7 +873,7 @@ class Bench:
             if note not in self.notes:
                 self.notes.append(note)
 
-        # bit-exactness: against stock at the same n_ubatch (warm: these runs are references, not rows)
+        # bit-exactness: against stock at the same n_ubatch and threads (warm: these runs are references, not rows)
         mine = [r for r in self.rows if r["model"] == name]
         for r in mine:
             if r.get("error") or r.get("tokens") is None:
@@ -777,52 +881,63 @@ class Bench:
             if r["row"] != "a":
                 r["same_as_a"], r["tokens_compared_a"] = same_tokens(r["tokens"], row_a["tokens"]) \
                     if row_a.get("tokens") else (None, 0)
-            nu = r.get("n_ubatch", 512)
+            key = (r.get("n_ubatch", 512), r.get("n_threads") or a.threads or os.cpu_count() or 2)
             if r["row"] in ("c", "d") and r["system"].startswith("smoe"):
-                if nu not in ref_tokens:
+                if key not in ref_tokens:
                     ref = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True,
-                                      "n_ubatch": nu, "prompt_seconds": None}, [])
-                    ref_tokens[nu] = ref.get("tokens")
+                                      "n_ubatch": key[0], "threads": key[1], "prompt_seconds": None}, [])
+                    ref_tokens[key] = ref.get("tokens")
                     if ref.get("error"):
-                        self.notes.append(f"{name}: stock reference at n_ubatch {nu} failed: {ref['error']}")
-                ref_t = ref_tokens[nu]
+                        self.notes.append(f"{name}: stock reference at n_ubatch {key[0]}, {key[1]} threads failed: "
+                                          f"{ref['error']}")
+                ref_t = ref_tokens[key]
                 r["bit_exact"], r["tokens_compared"] = same_tokens(r["tokens"], ref_t) if ref_t else (None, 0)
             elif r["row"] == "b":
                 r["bit_exact"] = r["same_as_a"]
 
-        # physical limit, per budget: smoe-gguf's fewest missed bytes per token
-        self.add(name, "limit", "physical limit", None,
-                 {"decode_tps": physical_limit_tps(active, 0, mem_bw, disk_bw), "bytes_per_token": 0.0,
-                  "decode_tps_serial": physical_limit_tps(active, 0, mem_bw, disk_bw, overlap=False)})
+        # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
+        def limit(missed: float) -> dict[str, Any]:
+            return {"decode_tps": physical_limit_tps(active, missed, mem_bw, disk_bw), "bytes_per_token": missed,
+                    "decode_tps_serial": physical_limit_tps(active, missed, mem_bw, disk_bw, overlap=False)}
+
+        self.add(name, "limit", LIMIT_NONE, None, limit(0.0))
         for budget in a.budgets:
             missed = [r["bytes_per_token"] for r in smoe_rows
                       if r.get("budget") == budget and r.get("bytes_per_token") is not None]
             if missed:
-                self.add(name, "limit", "physical limit", budget,
-                         {"decode_tps": physical_limit_tps(active, min(missed), mem_bw, disk_bw),
-                          "decode_tps_serial": physical_limit_tps(active, min(missed), mem_bw, disk_bw, overlap=False),
-                          "bytes_per_token": min(missed)})
+                self.add(name, "limit", LIMIT_OWN, budget, limit(min(missed)))
+            if belady.get(budget, {}).get("bytes_per_token") is not None:
+                self.add(name, "limit", LIMIT_BELADY, budget, limit(belady[budget]["bytes_per_token"]),
+                         hit_rate=belady[budget]["hit_rate"])
+        for r in smoe_rows:
+            if r.get("error") or not r.get("decode_tps"):
+                continue
+            if r.get("bytes_per_token") is not None:
+                r["limit_own_tps"] = physical_limit_tps(active, r["bytes_per_token"], mem_bw, disk_bw)
+                r["pct_of_limit_own"] = r["decode_tps"] / r["limit_own_tps"]
+            if r.get("belady_bytes_per_token") is not None:
+                r["limit_belady_tps"] = physical_limit_tps(active, r["belady_bytes_per_token"], mem_bw, disk_bw)
+                r["pct_of_limit_belady"] = r["decode_tps"] / r["limit_belady_tps"]
         for r in mine:
             r.setdefault("active_bytes_per_token", active)
+            r.setdefault("disk_bw", disk_bw)
 
     def run(self) -> dict[str, Any]:
         a = self.a
         self.prompts = PROMPTS[:a.prompts]
+        self.sampling = {"temp": a.temp, "top_p": a.top_p, "seed": a.seed}
         models = [Path(m) for m in a.models]
         for m in models:
             if not m.is_file():
                 raise SystemExit(f"no such model: {m}")
         load0 = os.getloadavg()
-        print("measuring memory and disk bandwidth", flush=True)
+        print("measuring memory bandwidth", flush=True)
         mem_bw = measure_mem_bw()
-        # the disk as smoe-gguf uses it (two readers) or as one reader gets it, whichever is faster
-        biggest = max(models, key=lambda m: m.stat().st_size)
-        disk_bw = max(measure_disk_bw(biggest, readers=1), measure_disk_bw(biggest, readers=2))
-        machine = {**machine_info(), "mem_bw": mem_bw, "disk_bw": disk_bw}
-        print(f"memory {mem_bw / 1e9:.1f} GB/s, disk {disk_bw / 1e9:.2f} GB/s", flush=True)
+        machine = {**machine_info(), "mem_bw": mem_bw, "disk": self.disk}
+        print(f"memory {mem_bw / 1e9:.1f} GB/s", flush=True)
         t0 = time.perf_counter()
         for m in models:
-            self.bench_model(m, mem_bw, disk_bw)
+            self.bench_model(m, mem_bw)
         energy = Energy().source
         self.notes.append(f"energy: {energy}; CPU-seconds per token are given instead" if energy == ENERGY_NONE
                           else f"energy: {energy}")
@@ -830,11 +945,16 @@ class Bench:
                           "core + its runtime: KV cache, compute buffers, Python), or where they failed the budget "
                           f"+ core + {a.cgroup_margin >> 20} MiB; llama.cpp's mmap pages are charged to it and "
                           "re-read from disk when evicted")
-        self.notes.append("physical limit: 1 / max(active bytes per token / memory bandwidth, missed bytes per "
+        self.notes.append("physical limits: 1 / max(active bytes per token / memory bandwidth, missed bytes per "
                           "token / disk bandwidth), reads fully overlapped with compute (an upper bound; "
                           "results.json also has decode_tps_serial, 1 / their sum); active = dense core without "
-                          "the embedding table + the selected experts; missed = the smoe-gguf row with the "
-                          "fewest bytes read per token at that budget")
+                          "the embedding table + the selected experts; disk bandwidth = the best point of the "
+                          "model's read curve; missed bytes: smoe-gguf's = the smoe-gguf row with the fewest bytes "
+                          "read per token at that budget; Belady's = the leaves Belady's MIN misses while decoding "
+                          "the reactive row's trace, at the bytes a read of each takes")
+        self.notes.append("Belady's MIN is replayed over the reactive row's trace (that row sends every gate through "
+                          "Python to record it); the orchestrator row shows the same figure where it decoded the "
+                          "same tokens in the same micro-batches, else none")
         if a.row_seconds:
             self.notes.append(f"each row decodes for at most {a.row_seconds} s in all (split evenly over the "
                               "prompts; the tokens column says how many were generated); token equality is "
@@ -846,7 +966,8 @@ class Bench:
         shutil.rmtree(self.work, ignore_errors=True)
         return {
             "command": a.command or " ".join(["scripts/bench.py", *self.argv]),
-            "machine": machine, "prompts": self.prompts, "n": a.n, "budgets": a.budgets,
+            "machine": machine, "prompts": self.prompts, "prompt_domains": PROMPT_DOMAINS[:a.prompts], "n": a.n,
+            "sampling": self.sampling, "budgets": a.budgets,
             "cache_drop": self.cache_drop, "energy_source": energy, "notes": self.notes,
             "seconds": time.perf_counter() - t0, "rows": self.rows,
         }
@@ -881,8 +1002,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="MoE GGUF files; a sibling NAME.pack is what smoe-gguf runs")
     ap.add_argument("--budgets", type=parse_budgets, default=parse_budgets("10%,25%,50%,100%"))
-    ap.add_argument("-n", type=int, default=32, help="greedy tokens per prompt")
-    ap.add_argument("--prompts", type=int, default=3, help=f"how many of the {len(PROMPTS)} prompts (Wozniak first)")
+    ap.add_argument("-n", type=int, default=128, help="tokens generated per prompt")
+    ap.add_argument("--prompts", type=int, default=len(PROMPTS),
+                    help=f"how many of the {len(PROMPTS)} prompts ({', '.join(PROMPT_DOMAINS)}, in this order)")
+    ap.add_argument("--temp", type=float, default=0.8, help="sampling temperature of every row (0: greedy)")
+    ap.add_argument("--top-p", type=float, default=0.95, help="top-p of every row's sampler")
+    ap.add_argument("--seed", type=int, default=0, help="the sampler's seed in every row")
+    ap.add_argument("--disk-bytes", type=int, default=256 << 20, help="bytes read per point of the disk curve")
+    ap.add_argument("--readers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 4, 8, 16],
+                    help="concurrent readers at which the disk is measured, comma-separated")
     ap.add_argument("--threads", type=int, default=None,
                     help="compute threads (default: stock all cores, smoe-gguf its own default: one less while paging)")
     ap.add_argument("--n-ctx", type=int, default=512)
@@ -904,7 +1032,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     result["plot"] = str(p) if p else None
     (a.out / "results.json").write_text(json.dumps(result, indent=1))
     write_report(a.out, result)
-    print_table(result["rows"], f"smoe-gguf bench: {len(result['prompts'])} prompts x {a.n} tokens, "
+    print_table(result["rows"], f"smoe-gguf bench: {len(result['prompts'])} prompts x {a.n} sampled tokens, "
                                 f"cold, {result['seconds']:.0f} s")
     for note in result["notes"]:
         print(f"- {note}")

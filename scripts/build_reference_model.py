@@ -31,8 +31,8 @@ from rich.console import Console  # noqa: E402
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn  # noqa: E402
 from rich.table import Table  # noqa: E402
 
-from smoe_gguf import refmodel as rm  # noqa: E402
-from smoe_gguf import stock  # noqa: E402
+from smoe_gguf.devtools import refmodel as rm  # noqa: E402
+from smoe_gguf.devtools import stock  # noqa: E402
 from smoe_gguf.errors import SmoeError  # noqa: E402
 
 console = Console(highlight=False, width=None if sys.stdout.isatty() else 150)

@@ -24,7 +24,8 @@ from rich.table import Table
 
 from smoe_gguf.engine import Engine
 from smoe_gguf.policy import POLICIES
-from smoe_gguf.trace import load, replay
+from smoe_gguf.replay import replay
+from smoe_gguf.trace import load
 
 PROMPT = ("Analyze how Steve Wozniak's use of the 6502's 'zero page' addressing to optimize the Apple II's "
           "memory cycles parallels the metabolic efficiency of CRISPR-Cas9 protein binding during off-target "
@@ -48,7 +49,7 @@ def _run(model: str, budget: str, n: int, threads: int | None, **kw: Any) -> dic
         t0 = time.perf_counter()
         gen = eng.generate(PROMPT, n, on_token=lambda tok, _p: (times.append(time.perf_counter()), tokens.append(tok)))
         steps = [b - a for a, b in zip(times, times[1:])]
-        st = eng.stats()
+        st = eng.stats().as_dict()
         st.update({
             "tokens": gen.tokens,
             "ttft_seconds": round(gen.stats.ttft_seconds, 3),

@@ -8,7 +8,7 @@ mkdir -p "$DIR"
 step() { printf '\n\033[1m== %s\033[0m\n' "$*"; }
 
 step "build a tiny qwen2moe test model (routed experts + a shared expert)"
-[ -f "$MODEL" ] || smoe-gguf make-test-model --arch qwen2moe --preset tiny --dtype f16 -o "$MODEL"
+[ -f "$MODEL" ] || python scripts/make_test_model.py --arch qwen2moe --preset tiny --dtype f16 -o "$MODEL"
 
 step "inspect: what is core, what is a leaf"
 smoe-gguf inspect "$MODEL"

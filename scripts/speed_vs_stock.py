@@ -20,7 +20,7 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
-from smoe_gguf import stock
+from smoe_gguf.devtools import stock
 from smoe_gguf.engine import Engine
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
@@ -41,14 +41,14 @@ def stock_steps(src: str, n: int, threads: int) -> tuple[list[float], list[int]]
     try:
         v = llama_cpp.llama_model_get_vocab(m)
         nv = llama_cpp.llama_vocab_n_tokens(v)
-        stock._decode(c, stock.tokenize_with(v, PROMPT))
-        tok = int(np.argmax(stock._last_logits(c, nv)))
+        stock.decode(c, stock.tokenize_with(v, PROMPT))
+        tok = int(np.argmax(stock.last_logits(c, nv)))
         steps, out = [], [tok]
         for _ in range(n):
             t0 = time.perf_counter()
-            stock._decode(c, [tok])
+            stock.decode(c, [tok])
             steps.append(time.perf_counter() - t0)
-            tok = int(np.argmax(stock._last_logits(c, nv)))
+            tok = int(np.argmax(stock.last_logits(c, nv)))
             out.append(tok)
         return steps, out
     finally:
@@ -67,7 +67,7 @@ def smoe_steps(pack: str, budget: str, n: int, threads: int) -> tuple[list[float
             steps.append(time.perf_counter() - t0)
             tok = int(np.argmax(e.logits()))
             out.append(tok)
-        return steps, out, e.stats()
+        return steps, out, e.stats().as_dict()
 
 
 def main() -> None:

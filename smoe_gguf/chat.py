@@ -47,7 +47,7 @@ from typing import Any, TypeVar
 
 import llama_cpp
 
-from .cli import err, human, out
+from .console import err, human, out
 from .engine import Engine
 from .errors import SmoeError
 from .template import ChatTemplate, Message, ReplyText, clean_text
@@ -429,7 +429,7 @@ class ChatWorker:
             "mean_ttft_without_typeahead": round(sum(without) / len(without), 4) if without else None,
             "turns_without_typeahead": len(without),
             **self.status,
-            **self.eng.stats(),
+            **self.eng.stats().as_dict(),
         }
 
     def _publish(self) -> None:
@@ -441,7 +441,7 @@ class ChatWorker:
             "budget_bytes": eng.budget,
             "resident_bytes": r.used,
             "resident_leaves": r.n_resident,
-            "hit_rate": st["hit_rate"],
+            "hit_rate": st.hit_rate,
             "decode_tps": round(last.decode_tps, 2),
             "bytes_per_token": round(last.bytes_per_token),
             "n_past": eng.n_past,
@@ -647,7 +647,7 @@ def run_chat(model: Any, budget: str | None, system: str | None, policy: str, n_
                 policy=policy) as eng:
         for w in getattr(eng, "warnings", []):
             err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
-        template = ChatTemplate.of(eng._model)
+        template = ChatTemplate.of(eng.model)
         worker = ChatWorker(eng, template, system, n_tokens, temp, seed, typeahead and interactive)
         try:
             ui = ChatUI(worker, interactive, debug_tokens)

@@ -5,16 +5,14 @@ from __future__ import annotations
 import json
 import sys
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn, TransferSpeedColumn
+from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Table
 
+from .console import err, human, out, progress_bar
 from .errors import SmoeError
 
 app = typer.Typer(
@@ -24,41 +22,15 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-out = Console()
-err = Console(stderr=True)
 
 
-def human(n: float) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if abs(n) < 1024 or unit == "TiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.2f} {unit}"
-        n /= 1024
-    raise AssertionError
+@app.callback()
+def _global_options(
+    debug: Annotated[bool, typer.Option("--debug", help="On an error, also print its traceback (or set SMOE_DEBUG=1).")] = False,
+) -> None:
+    from . import exits
 
-
-@contextmanager
-def progress_bar(label: str, enabled: bool = True) -> Iterator[Callable[[int, int], None]]:
-    """A rich byte-progress bar; yields the (done, total) callback the pack functions take."""
-    if not enabled:
-        yield lambda done, total: None
-        return
-    with Progress(
-        TextColumn(f"[bold]{label}"),
-        BarColumn(),
-        DownloadColumn(binary_units=True),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-        console=err,
-        transient=True,
-    ) as bar:
-        task = bar.add_task(label, total=None)
-
-        def update(done: int, total: int) -> None:
-            bar.update(task, completed=done, total=total)
-
-        yield update
-
-
+    exits.DEBUG = debug
 # Options of every command that runs a model: how leaves are fetched and evicted.
 PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lru, lfru (frequency-weighted LRU) or "
                                         "least-stale (layer order).")]
@@ -70,8 +42,11 @@ NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read n
 NoLearnOpt = Annotated[bool, typer.Option("--no-learn", help="Use the profile but do not add this session to it.")]
 PinOpt = Annotated[int, typer.Option(help="Keep the profile's N most used leaves resident, outside the policy.")]
 PipelineOpt = Annotated[bool, typer.Option("--pipeline", help="Part pipelining: a missed leaf's down parts are read "
-                                           "while its gate/up matmuls run (off by default: on this project's test "
-                                           "machine it cost more than it hid; see README).")]
+                                           "while its gate/up matmuls run (off by default; see README).")]
+
+
+def _warn(message: str) -> None:
+    err.print(f"[yellow]warning:[/] {message}", highlight=False, soft_wrap=True)
 
 
 def orchestrator_options(policy: str, no_speculate: bool, profile: Path | None, no_profile: bool,
@@ -89,6 +64,7 @@ def inspect(
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """Show a GGUF's MoE layout: core, leaves, parts, and the smallest budget that runs it."""
+    from . import archs
     from .gguf_layout import read_layout
     from .moe import analyze
 
@@ -103,8 +79,14 @@ def inspect(
         "dense_core_bytes": m.core_bytes,
     }
     if m.is_moe:
-        first = m.expert_tensors[m.moe_layers[0]]
+        largest = m.expert_tensors[max(m.moe_layers, key=m.leaf_bytes)]
+        types: dict[str, list[str]] = {}  # part -> its types, in layer order (a quant mix varies them)
+        for layer in m.moe_layers:
+            for t in m.expert_tensors[layer]:
+                if t.info.type_name not in types.setdefault(t.part, []):
+                    types[t.part].append(t.info.type_name)
         info |= {
+            "support": archs.support(m.arch),
             "moe_layers": len(m.moe_layers),
             "experts_per_layer": m.n_expert,
             "experts_used_per_token": m.n_expert_used,
@@ -112,8 +94,8 @@ def inspect(
             "shared_expert_bytes": m.shared_expert_bytes,
             "leaves": m.n_leaves,
             "leaf_bytes": m.max_leaf_bytes,
-            "part_bytes": {t.part: t.slice_bytes for t in first},
-            "part_types": {t.part: t.info.type_name for t in first},
+            "part_bytes": {t.part: t.slice_bytes for t in largest},
+            "part_types": {part: "/".join(names) for part, names in types.items()},
             "total_expert_bytes": m.expert_bytes,
             "active_expert_bytes_per_token": m.active_expert_bytes_per_token,
             "min_budget_bytes": m.min_budget,
@@ -126,6 +108,9 @@ def inspect(
     table.add_column()
     table.add_row("architecture", m.arch)
     table.add_row("kind", "MoE" if m.is_moe else "dense (no routed experts: nothing to page)")
+    if m.is_moe:
+        table.add_row("support", info["support"] + (" (split and run refuse it)"
+                                                    if info["support"] == archs.UNSUPPORTED else ""))
     table.add_row("layers", str(m.n_layer))
     table.add_row("file", human(m.layout.file_size))
     table.add_row("dense core", human(m.core_bytes))
@@ -208,7 +193,8 @@ def run(
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
-    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never.")] = "first",
+    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
+                                           "damaged pack then gives wrong output silently).")] = "first",
     stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, figures.")] = False,
     policy: PolicyOpt = "lru",
@@ -226,18 +212,21 @@ def run(
 ) -> None:
     """Generate text with the experts paged through a byte-budgeted X-Slot, bit-exact."""
     from .engine import Engine
-    from .template import CHAT_UBATCH, ChatTemplate, ReplyText, conversation
+    from .options import check_n_tokens, check_run, prompt_text
+    from .template import CHAT_UBATCH, ChatTemplate, ReplyText, conversation, printable
 
-    if n_tokens < 1:
-        raise SmoeError("--n-tokens must be at least 1", exit_code=2)
+    check_n_tokens(n_tokens)
     if system is not None and not chat:
         raise SmoeError("--system needs --chat", exit_code=2)
+    check_run(model, ctx=ctx, threads=threads, temp=temp, checksums=checksums, warn=_warn, trace=trace,
+              profile=None if no_profile else profile)
+    prompt, system = prompt_text(prompt), None if system is None else prompt_text(system)
     with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums, trace=trace,
                 **({"n_ubatch": CHAT_UBATCH} if chat else {}),
                 **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)) as eng:
         reply = None
         if chat:
-            template = ChatTemplate.of(eng._model)
+            template = ChatTemplate.of(eng.model)
             prompt = template.render(conversation(system, prompt))
             reply = ReplyText(template.stop_text)  # the fallback format's replies end at "User:"
         for w in eng.warnings:
@@ -249,66 +238,70 @@ def run(
             if reply is not None and not eng.is_eog(tok):
                 reply.add(piece)
             if not as_json:
-                sys.stdout.write(piece.decode("utf-8", errors="replace"))
+                sys.stdout.write(printable(piece.decode("utf-8", errors="replace")))
                 sys.stdout.flush()
 
         gen = eng.generate(prompt, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True,
                            should_stop=None if reply is None else lambda: reply.stopped)
-        figures: dict[str, Any] = {
-            "prompt_tokens": gen.stats.prompt_tokens,
-            "generated_tokens": gen.stats.generated_tokens,
-            "prefill_tps": round(gen.stats.prefill_tps, 2),
-            "decode_tps": round(gen.stats.decode_tps, 2),
-            "ttft_seconds": round(gen.stats.ttft_seconds, 4),
-            **eng.stats(),
-        }
+        g, st = gen.stats, eng.stats()
         if as_json:
-            out.print_json(json.dumps({"text": gen.text, "tokens": gen.tokens, **figures}))
+            out.print_json(json.dumps({
+                "text": gen.text, "tokens": gen.tokens, "prompt_tokens": g.prompt_tokens,
+                "generated_tokens": g.generated_tokens, "prefill_tps": round(g.prefill_tps, 2),
+                "decode_tps": round(g.decode_tps, 2), "ttft_seconds": round(g.ttft_seconds, 4), **st.as_dict()}))
             return
         sys.stdout.write("\n")
         if stats:
-            table = Table(title="smoe-gguf run", show_header=False)
-            table.add_column(style="bold")
-            table.add_column(justify="right")
-            rows = [
-                ("prefill", f"{figures['prefill_tps']:.1f} tok/s ({figures['prompt_tokens']} tokens, micro-batch {figures['n_ubatch']})"),
-                ("decode", f"{figures['decode_tps']:.1f} tok/s ({figures['generated_tokens']} tokens)"),
-                ("time to first token", f"{figures['ttft_seconds']:.3f} s"),
-                ("start-up", f"{figures['startup_seconds']:.2f} s, {human(figures['startup_read_bytes'])} read (core {human(figures['core_bytes'])})"),
-                ("leaves loaded", str(figures["leaves_loaded"])),
-                ("hit rate", f"{figures['hit_rate'] * 100:.1f}% ({figures['hits']} hits, {figures['misses']} misses)"),
-                ("prefetched", f"{figures['prefetched']} leaves ({figures['prefetch_late']} arrived late, "
-                               f"{figures['prefetch_wasted']} evicted unused)"),
-                *([("next-layer speculation", f"precision {spec['precision'] * 100:.0f}%, recall "
-                                              f"{spec['recall'] * 100:.0f}% (threshold {spec['threshold']})")]
-                  if (spec := figures.get("speculation")) else []),
-                ("bytes read from shards", human(figures["bytes_read"]) + (" (O_DIRECT)" if figures["direct_io"] else "")),
-                ("stalled on leaves", f"{figures['stall_seconds']:.3f} s (per decoded token: median "
-                                      f"{figures['stall_per_token_p50'] * 1e3:.1f} ms, p95 {figures['stall_per_token_p95'] * 1e3:.1f} ms; "
-                                      f"checksums {figures['checksum_seconds']:.3f} s)"),
-                ("peak resident experts", f"{human(figures['peak_resident_bytes'])} of {human(figures['budget_bytes'])} budget"),
-                ("process peak RSS", human(figures["peak_rss_bytes"])),
-            ]
-            for k, v in rows:
-                table.add_row(k, v)
-            out.print(table)
+            out.print(_stats_table(g, st))
+
+
+def _stats_table(g: Any, st: Any) -> Table:
+    """``run --stats``: a generation's and its engine's figures."""
+    table = Table(title="smoe-gguf run", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    spec = st.speculation
+    rows = [
+        ("prefill", f"{g.prefill_tps:.1f} tok/s ({g.prompt_tokens} tokens, micro-batch {st.n_ubatch})"),
+        ("decode", f"{g.decode_tps:.1f} tok/s ({g.generated_tokens} tokens)"),
+        ("time to first token", f"{g.ttft_seconds:.3f} s"),
+        ("start-up", f"{st.startup_seconds:.2f} s, {human(st.startup_read_bytes)} read (core {human(st.core_bytes)})"),
+        ("leaves loaded", str(st.leaves_loaded)),
+        ("hit rate", f"{st.hit_rate * 100:.1f}% ({st.hits} hits, {st.misses} misses)"),
+        ("prefetched", f"{st.prefetched} leaves ({st.prefetch_late} arrived late, {st.prefetch_wasted} evicted unused)"),
+        *([("next-layer speculation", f"precision {spec['precision'] * 100:.0f}%, recall "
+                                      f"{spec['recall'] * 100:.0f}% (threshold {spec['threshold']})")] if spec else []),
+        ("bytes read from shards", human(st.bytes_read) + (" (O_DIRECT)" if st.direct_io else "")),
+        ("stalled on leaves", f"{st.stall_seconds:.3f} s (per decoded token: median "
+                              f"{st.stall_per_token_p50 * 1e3:.1f} ms, p95 {st.stall_per_token_p95 * 1e3:.1f} ms; "
+                              f"checksums {st.checksum_seconds:.3f} s)"),
+        ("peak resident experts", f"{human(st.peak_resident_bytes)} of {human(st.budget_bytes)} budget"),
+        ("process peak RSS", human(st.peak_rss_bytes)),
+    ]
+    for k, v in rows:
+        table.add_row(k, v)
+    return table
 
 
 @app.command()
 def replay(
     trace_file: Annotated[Path, typer.Argument(metavar="TRACE", help="A trace written by `run --trace`.")],
-    policy: Annotated[str, typer.Option(help="Comma-separated policies: lru, lfru, least-stale, or all.")] = "all",
+    policy: Annotated[str, typer.Option(help="Comma-separated policies: lru, lfru, least-stale, belady (the "
+                                        "offline optimum), or all.")] = "all",
     budget: Annotated[str, typer.Option(help="Comma-separated budgets: bytes (512MiB) or % of all expert bytes.")] = "10%,25%,50%",
     as_json: Annotated[bool, typer.Option("--json", help="Print a JSON list instead of a table.")] = False,
 ) -> None:
     """Replay a recorded trace under eviction policies and budgets, without a model: hit rates."""
-    from .policy import POLICIES
-    from .residency import parse_budget
-    from .trace import load, replay as do_replay
+    from .budget import parse_budget
+    from .replay import REPLAY_POLICIES
+    from .replay import replay as do_replay
+    from .trace import load
 
     data = load(trace_file)
-    policies = list(POLICIES) if policy == "all" else [p.strip() for p in policy.split(",") if p.strip()]
+    policies = list(REPLAY_POLICIES) if policy == "all" else [p.strip() for p in policy.split(",") if p.strip()]
     budgets = [(b.strip(), parse_budget(b, data.total_cost)) for b in budget.split(",") if b.strip()]
+    if not policies or not budgets:
+        raise SmoeError("--policy and --budget each need at least one value", exit_code=2)
     results = [(label, do_replay(data, b, p)) for label, b in budgets for p in policies]
     if as_json:
         out.print_json(json.dumps([
@@ -339,17 +332,21 @@ def profile(
 ) -> None:
     """Learn (--prompts) and show (--show) the per-user tree-map of leaves that fire together."""
     from . import profile as tree_map
-    from .engine import Engine, model_identity
+    from .engine import Engine
+    from .options import check_n_tokens, check_outputs, check_threads, prompt_text
+    from .safeio import read_file
+    from .source import model_identity
 
     if prompts is None and not show:
         raise SmoeError("give --prompts FILE to learn, --show to print the tree-map, or both", exit_code=2)
+    check_n_tokens(n_tokens)
+    check_threads(threads)
+    check_outputs(model, profile=profile_file)
     model_id, n_layer, n_expert = model_identity(model)
     path = profile_file or tree_map.default_path(model_id)
     if prompts is not None:
-        try:
-            lines = [ln.strip() for ln in prompts.read_text(encoding="utf-8").splitlines() if ln.strip()]
-        except (OSError, UnicodeDecodeError) as e:
-            raise SmoeError(f"cannot read prompts {prompts}: {e}") from None
+        text = prompt_text(read_file(prompts, limit=1 << 26).decode("utf-8", "surrogateescape"))
+        lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
         if not lines:
             raise SmoeError(f"{prompts} holds no prompt")
         with Engine(model, budget=budget, n_threads=threads, profile=path) as eng:
@@ -408,7 +405,8 @@ def chat(
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
-    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never.")] = "first",
+    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
+                                           "damaged pack then gives wrong output silently).")] = "first",
     typeahead: Annotated[bool, typer.Option("--typeahead/--no-typeahead",
                                             help="Prefill the prompt while it is typed.")] = True,
     debug_tokens: Annotated[bool, typer.Option("--debug-tokens", hidden=True,
@@ -416,44 +414,54 @@ def chat(
 ) -> None:
     """Chat with the model's own chat template; your prompt is prefilled while you type."""
     from .chat import run_chat
+    from .options import check_n_tokens, check_run
 
-    if n_tokens < 1:
-        raise SmoeError("--n-tokens must be at least 1", exit_code=2)
+    check_n_tokens(n_tokens)
+    check_run(model, ctx=ctx, threads=threads, temp=temp, checksums=checksums, warn=_warn)
     run_chat(model, budget, system, policy, n_tokens, temp, seed, threads, ctx, checksums, typeahead, debug_tokens)
 
 
-@app.command("make-test-model")
-def make_test_model(
-    output: Annotated[Path, typer.Option("-o", "--output", help="The GGUF file to write.")],
-    arch: Annotated[str, typer.Option(help="qwen3moe, qwen2moe, mixtral, ...")] = "qwen3moe",
-    preset: Annotated[str, typer.Option(help="tiny (tests) or medium (benchmarks, > 1 GiB of experts).")] = "tiny",
-    dtype: Annotated[str, typer.Option(help="f32, f16, q8_0 or q4_k.")] = "f16",
-    seed: Annotated[int, typer.Option(help="Random seed: same seed, same bytes.")] = 0,
+@app.command()
+def serve(
+    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
+    budget: Annotated[
+        str | None,
+        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
+                     "Default: what fits in available memory minus 1 GiB."),
+    ] = None,
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed).")] = 8080,
+    api_key: Annotated[str | None, typer.Option(envvar="SMOE_API_KEY", help="Require 'Authorization: Bearer "
+                                                "KEY' on every endpoint but /health (or set SMOE_API_KEY).")] = None,
+    model_name: Annotated[str | None, typer.Option(help="The model id clients use (default: the "
+                                                   "pack's or file's name).")] = None,
+    queue: Annotated[int, typer.Option(help="Requests that may wait while one is answered; more get 503.")] = 16,
+    max_tokens: Annotated[int, typer.Option(help="Reply tokens when a request does not set max_tokens.")] = 512,
+    max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 8 << 20,
+    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
+    ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens (prompt and reply together).")] = 4096,
+    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
+                                           "damaged pack then gives wrong output silently).")] = "first",
+    policy: PolicyOpt = "lru",
+    no_speculate: NoSpeculateOpt = False,
+    profile: ProfileOpt = None,
+    no_profile: NoProfileOpt = False,
+    no_learn: NoLearnOpt = False,
+    pin: PinOpt = 0,
+    pipeline: PipelineOpt = False,
 ) -> None:
-    """Build a seeded random MoE GGUF in a real llama.cpp architecture (no download)."""
-    from . import testmodels
+    """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from .serve import serve as do_serve
 
-    for name, value, choices in (
-        ("arch", arch, testmodels.ARCHS),
-        ("preset", preset, testmodels.PRESETS),
-        ("dtype", dtype, testmodels.DTYPES),
-    ):
-        if value not in choices:
-            raise SmoeError(f"unknown {name} {value!r}: choose one of {', '.join(choices)}", exit_code=2)
-    with progress_bar(f"build {arch}/{preset}/{dtype}") as tick:
-        path = testmodels.build_test_model(output, arch, preset=preset, dtype=dtype, seed=seed, progress=tick)
-    out.print(f"[green]wrote[/] {path} ({human(path.stat().st_size)})")
+    do_serve(model, host, port, api_key, queue, max_tokens, max_body, model_name,
+             {"budget": budget, "n_ctx": ctx, "n_threads": threads, "checksums": checksums,
+              **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)})
 
 
 def main() -> None:
-    try:
-        app()
-    except SmoeError as e:
-        err.print(f"[red]error:[/] {e}", highlight=False, soft_wrap=True)
-        sys.exit(e.exit_code)
-    except KeyboardInterrupt:
-        err.print("[red]interrupted[/]")
-        sys.exit(130)
+    from .exits import run_app
+
+    run_app(app)
 
 
 if __name__ == "__main__":

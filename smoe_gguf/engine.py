@@ -1,23 +1,19 @@
 """The engine: a llama.cpp session whose routed experts live in the X-Slot, paged by the gate.
 
-Loading a pack: llama.cpp gets the pack's ``core.gguf`` (split 1 of 2) and a sparse *expert stub*
-(split 2: the expert tensors' infos, then a hole) written to a temporary directory, so it never
-sees a real expert byte. Every routed-expert tensor is sent to the X-Slot by
-``tensor_buft_overrides``; the load reads with O_DIRECT (``LLAMA_LOAD_MODE_DIRECT_IO``), so
-start-up reads the core from disk and only zeros from the stub's hole (no disk I/O, nothing left
-in the page cache). Loading a plain GGUF works the same way but reads (and drops) its expert bytes
-once at start-up; leaves are then read from it by offset.
+llama.cpp loads the source's files (:mod:`smoe_gguf.source`) with every routed-expert tensor sent
+to the X-Slot by ``tensor_buft_overrides`` and O_DIRECT loading, so start-up reads the core and
+no expert byte. At each MoE layer the gate (:mod:`smoe_gguf.gate`) stops the graph after the
+router's top-k and the residency (:mod:`smoe_gguf.residency`) makes the selected leaves resident
+before their matmuls run. :meth:`Engine.stream` yields tokens one at a time.
 """
 
 from __future__ import annotations
 
 import ctypes
-import hashlib
 import os
-import tempfile
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -25,83 +21,18 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from . import stock
-from .errors import SmoeError
 from . import archs
-from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
-from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
-from .moe import analyze
-from .pack import manifest as mf
-from .residency import Residency, page_cost, parse_budget
+from . import budget as bdg
+from . import llama_session as ls
 from . import profile as tree_map
+from .errors import SmoeError
+from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
 from .profile import Profile
+from .residency import Residency
+from .source import open_source
 from .speculate import DEFAULT_THRESHOLD, Speculator
 from .trace import Trace
-from .store import LeafStore
 from .xslot import XSlot
-
-@dataclass
-class Source:
-    """What the engine loads: the files llama.cpp opens and where the leaves come from."""
-
-    path: Path
-    kind: str  # "pack" or "gguf"
-    llama_paths: list[Path]
-    store: LeafStore
-    core_bytes: int
-    expert_bytes: int
-    n_expert: int
-    n_expert_used: int
-    model_id: str  # the source's identity (profiles are keyed by it)
-    stub_dir: tempfile.TemporaryDirectory[str] | None = None
-
-
-def write_expert_stub(path: Path, m: mf.Manifest) -> int:
-    """Split 2 of a pack's model: the expert tensors' infos and a hole of their size. Its size."""
-    infos, rel = [], 0
-    for t in m.tensors:
-        if t.where == "leaves":
-            infos.append(encode_tensor_info(t.name, t.ggml_type, tuple(t.shape), rel))
-            rel = align_up(rel + t.nbytes, m.alignment)
-    kvs = [encode_kv("general.alignment", T_UINT32, m.alignment), encode_kv("split.no", T_UINT16, 1)]
-    with open(path, "wb") as f:
-        data = write_header(f, 3, kvs, infos, m.alignment)
-        f.truncate(data + rel)
-    return data + rel
-
-
-def open_source(path: Path, checksums: str = "first") -> Source:
-    if path.is_dir():
-        m = mf.load(path)
-        stub_dir = tempfile.TemporaryDirectory(prefix="smoe-stub-")
-        stub = Path(stub_dir.name) / "experts-stub.gguf"
-        write_expert_stub(stub, m)
-        return Source(
-            path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums),
-            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, stub_dir,
-        )
-    model = analyze(read_layout(path)).require_moe()
-    return Source(
-        path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums),
-        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
-    )
-
-
-def model_identity(path: Path) -> tuple[str, int, int]:
-    """(identity, layers, experts per layer) of a pack or a plain MoE GGUF, without loading it."""
-    if path.is_dir():
-        m = mf.load(path)
-        return m.source.sha256, m.n_layer, m.n_expert
-    model = analyze(read_layout(path)).require_moe()
-    return _gguf_identity(path), model.n_layer, model.n_expert
-
-
-def _gguf_identity(path: Path) -> str:
-    """A plain GGUF's identity without hashing gigabytes: its size and the sha256 of its first MiB
-    (header, metadata and tensor table: what a different model cannot share)."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    return hashlib.sha256(str(path.stat().st_size).encode() + b"\0" + head).hexdigest()
 
 
 def _io_read_bytes() -> int:
@@ -137,6 +68,54 @@ class Generation:
     stats: GenStats = field(default_factory=GenStats)
 
 
+@dataclass
+class Step:
+    """One generated token: its id, its bytes, the logits it was sampled from (if kept), and the
+    generation's figures so far (the same object, updated as tokens come)."""
+
+    token: int
+    piece: bytes
+    logits: np.ndarray | None
+    stats: GenStats
+
+
+@dataclass
+class RunStats:
+    """An engine's figures: what ``run --stats``/``--json``, chat's status and the bench show."""
+
+    budget_bytes: int
+    n_ubatch: int
+    n_threads: int
+    startup_seconds: float
+    startup_read_bytes: int
+    core_bytes: int
+    leaves_loaded: int
+    hits: int
+    misses: int
+    hit_rate: float
+    evictions: int
+    prefetched: int
+    prefetch_late: int
+    prefetch_wasted: int
+    prefetch_cancelled: int
+    bytes_read: int
+    stall_seconds: float
+    down_stall_seconds: float
+    stall_per_token_p50: float
+    stall_per_token_p95: float
+    stall_per_layer: dict[int, float]
+    checksum_seconds: float
+    peak_resident_bytes: int
+    resident_bytes_now: int
+    direct_io: bool
+    peak_rss_bytes: int
+    observer_pauses: int
+    speculation: dict[str, Any] | None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
 class Engine:
     """One model, one context, experts paged through an X-Slot of ``budget`` bytes."""
 
@@ -164,6 +143,8 @@ class Engine:
         ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy."""
         t0 = time.perf_counter()
         io0 = _io_read_bytes()
+        if n_ctx > 0:  # llama.cpp clamps its batch to the context (and asserts on a longer one): so do we
+            n_batch, n_ubatch = min(n_batch, n_ctx), min(n_ubatch, n_ctx)
         self.source = open_source(Path(path), checksums)
         src = self.source
         self.xslot = XSlot()
@@ -178,12 +159,11 @@ class Engine:
             # speculation, the tree-map and the warm start are chosen for (at start-up).
             self.paging = self.budget < self.residency.total_cost
             # One layer's selected leaves must fit at once: shrink the micro-batch until they do.
-            need_per_token = src.n_expert_used * self.residency.max_leaf_cost
-            min_budget = self.min_budget = need_per_token
-            if self.budget < min_budget:
+            self.min_budget = bdg.min_budget(self.residency.max_leaf_cost, src.n_expert_used)
+            if self.budget < self.min_budget:
                 raise SmoeError(
                     f"budget {self.budget} bytes is below the minimum for one token: "
-                    f"{min_budget} bytes ({src.n_expert_used} leaves of {self.residency.max_leaf_cost})"
+                    f"{self.min_budget} bytes ({src.n_expert_used} leaves of {self.residency.max_leaf_cost})"
                 )
             self.warnings: list[str] = []
             self._open_profile(profile, learn, pin)
@@ -198,13 +178,13 @@ class Engine:
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
             self.n_threads = n_threads or _default_threads(self.paging)
-            cp = stock.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
+            cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
                                       n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
             self._orchestrate(trace, speculate, speculate_threshold, Path(path).name)
             cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
             self.cparams = cp
-            self._ctx = stock.new_context(self._model, cp)
+            self._ctx = ls.new_context(self._model, cp)
             self.vocab = llama_cpp.llama_model_get_vocab(self._model)
             self.n_vocab = llama_cpp.llama_vocab_n_tokens(self.vocab)
             self.n_past = 0
@@ -288,28 +268,22 @@ class Engine:
             return None
 
     def _resolve_budget(self, budget: int | str | None) -> int:
-        # Percentages are of the X-Slot footprint of all leaves (their bytes rounded to the pages
-        # they can touch), so 100% holds every leaf.
-        total = self.source.store.footprint(page_cost)
-        if budget is None:
-            avail = psutil.virtual_memory().available - self.source.core_bytes - MEMORY_MARGIN
-            return max(0, min(total, avail))
-        return budget if isinstance(budget, int) else parse_budget(budget, total)
+        return bdg.resolve(budget, self.source.store.footprint(bdg.page_cost), self.source.core_bytes)
 
     def _load_model(self, n_gpu_layers: int) -> None:
-        mp = stock.model_params(n_gpu_layers=n_gpu_layers)
+        mp = ls.model_params(n_gpu_layers=n_gpu_layers)
         mp.tensor_buft_overrides = self.xslot.tensor_buft_overrides()
         mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_DIRECT_IO
         paths = self.source.llama_paths
-        stock.LOG.install()
-        stock.LOG.clear()
+        ls.LOG.install()
+        ls.LOG.clear()
         arr = (ctypes.c_char_p * len(paths))(*[str(p).encode() for p in paths])
         self._model = llama_cpp.llama_model_load_from_splits(arr, len(paths), mp)
         if self.source.stub_dir is not None:
             self.source.stub_dir.cleanup()
             self.source.stub_dir = None
         if not self._model:
-            raise SmoeError(f"llama.cpp could not load {self.source.path}: {stock.LOG.reason() or 'unknown error'}")
+            raise SmoeError(f"llama.cpp could not load {self.source.path}: {ls.LOG.reason() or 'unknown error'}")
         self.xslot.finish_loading()
 
     def close(self) -> None:
@@ -339,15 +313,10 @@ class Engine:
     # ---------------------------------------------------------------------------- text
 
     def tokenize(self, text: str) -> list[int]:
-        return stock.tokenize_with(self.vocab, text)
+        return ls.tokenize_with(self.vocab, text)
 
     def token_piece(self, token: int) -> bytes:
-        buf = ctypes.create_string_buffer(256)
-        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        if n < 0:
-            buf = ctypes.create_string_buffer(-n)
-            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, True)
-        return buf.raw[: max(n, 0)]
+        return ls.token_piece(self.vocab, token)
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
@@ -369,14 +338,14 @@ class Engine:
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
             if self.residency.trace is not None:
                 self.residency.trace.begin(self.n_past)
-            stock.LOG.clear()
+            ls.LOG.clear()
             rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             self.gate.check()
             self.residency.finish_all()
             self.residency.reap_failures()
             self._after_decode()
             if rc != 0:
-                raise SmoeError(f"llama_decode failed (code {rc}): {stock.LOG.reason() or 'no reason given'}")
+                raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
         if len(tokens) == 1:
             stall = self.residency.stats.stall_seconds - stall0
@@ -408,10 +377,7 @@ class Engine:
             r.prefetch(missing, evict=False)
 
     def logits(self) -> np.ndarray:
-        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        if not ptr:
-            raise SmoeError("llama.cpp returned no logits")
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+        return ls.last_logits(self._ctx, self.n_vocab)
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(self._ctx), True)
@@ -427,12 +393,17 @@ class Engine:
             self.n_past = n_keep
 
     @property
+    def model(self) -> llama_cpp.llama_model_p:
+        """The loaded llama.cpp model (for its chat template and metadata)."""
+        return self._model
+
+    @property
     def n_ctx(self) -> int:
         return int(llama_cpp.llama_n_ctx(self._ctx))
 
     def set_budget(self, budget: int | str) -> None:
         """Change the X-Slot budget live (shrinking evicts at once); refuses less than one token needs."""
-        b = budget if isinstance(budget, int) else parse_budget(budget, self.source.store.footprint(page_cost))
+        b = bdg.resolve(budget, self.source.store.footprint(bdg.page_cost), self.source.core_bytes)
         if b < self.min_budget:
             raise SmoeError(f"budget {b} bytes is below the minimum for one token: {self.min_budget} bytes")
         if self.residency.micro_batch(self.source.n_expert_used, self.n_ubatch, b) < self.n_ubatch:
@@ -441,6 +412,35 @@ class Engine:
         self.residency.set_budget(b)
         self.budget = b
         self._after_decode()
+
+    def stream(self, prompt: str | list[int], n_tokens: int, sampling: ls.Sampling | None = None,
+               keep_logits: bool = False, stop_at_eog: bool = False) -> Iterator[Step]:
+        """Prefill ``prompt``, then yield up to ``n_tokens`` sampled tokens, one :class:`Step` each.
+
+        ``prompt`` is appended to what the context already holds (``n_past``), so a conversation
+        continues with only its new tokens. A token is decoded into the context only when the
+        next one is asked for: a caller that stops early leaves its last token undecoded."""
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise SmoeError("the prompt is empty")
+        stats = GenStats(prompt_tokens=len(tokens))
+        sampler = ls.Sampler(self._ctx, sampling or ls.Sampling())
+        try:
+            t0 = time.perf_counter()
+            self.decode(tokens)
+            stats.prefill_seconds = time.perf_counter() - t0
+            t1 = t0
+            for i, (tok, lg) in enumerate(ls.sample_tokens(lambda t: self.decode(t), self.logits, sampler, n_tokens)):
+                if i == 0:
+                    t1 = time.perf_counter()
+                    stats.ttft_seconds = t1 - t0
+                stats.generated_tokens = i + 1
+                stats.decode_seconds = time.perf_counter() - t1
+                yield Step(tok, self.token_piece(tok), lg if keep_logits else None, stats)
+                if stop_at_eog and self.is_eog(tok):
+                    return
+        finally:
+            sampler.free()
 
     def generate(
         self,
@@ -453,126 +453,87 @@ class Engine:
         on_token: Callable[[int, bytes], None] | None = None,
         should_stop: Callable[[], bool] | None = None,
     ) -> Generation:
-        """Prefill ``prompt``, then sample ``n_tokens`` (argmax when ``temp`` is 0).
-
-        ``prompt`` is appended to what the context already holds (``n_past``), so a chat can
-        continue a conversation with only its new tokens. ``should_stop`` is asked after each
-        token; when it says yes, sampling ends there. The last token sampled is never decoded."""
-        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
-        if not tokens:
-            raise SmoeError("the prompt is empty")
-        stats = GenStats(prompt_tokens=len(tokens))
-        sampler = _Sampler(temp, seed)
-        out: list[int] = []
-        logits: list[np.ndarray] = []
+        """:meth:`stream` collected: every token, the text, the logits if kept, the figures.
+        ``on_token`` sees each token as it comes; ``should_stop``, asked after each, ends early."""
+        gen = Generation([], "", [], GenStats())
         text = bytearray()
-        try:
-            t0 = time.perf_counter()
-            self.decode(tokens)
-            stats.prefill_seconds = time.perf_counter() - t0
-            t1 = time.perf_counter()
-            for i in range(n_tokens):
-                lg = self.logits()
-                if keep_logits:
-                    logits.append(lg)
-                tok = sampler.pick(self._ctx, lg)
-                if i == 0:
-                    stats.ttft_seconds = time.perf_counter() - t0
-                    t1 = time.perf_counter()
-                out.append(tok)
-                piece = self.token_piece(tok)
-                text += piece
-                if on_token is not None:
-                    on_token(tok, piece)
-                if stop_at_eog and self.is_eog(tok):
-                    break
-                if should_stop is not None and should_stop():
-                    break
-                if i + 1 < n_tokens:
-                    self.decode([tok])
-            stats.decode_seconds = time.perf_counter() - t1
-        finally:
-            sampler.free()
-        stats.generated_tokens = len(out)
-        return Generation(out, text.decode("utf-8", errors="replace"), logits, stats)
+        for step in self.stream(prompt, n_tokens, ls.Sampling(temp, seed), keep_logits, stop_at_eog):
+            gen.stats = step.stats
+            gen.tokens.append(step.token)
+            text += step.piece
+            if step.logits is not None:
+                gen.logits.append(step.logits)
+            if on_token is not None:
+                on_token(step.token, step.piece)
+            if should_stop is not None and should_stop():
+                break
+        gen.text = text.decode("utf-8", errors="replace")
+        return gen
 
-    def stats(self) -> dict[str, Any]:
+    def stats(self) -> RunStats:
+        """The session's figures so far: start-up, paging, reads, stalls, memory."""
         r = self.residency.stats
         st = self.source.store.stats
-        return {
-            "budget_bytes": self.budget,
-            "n_ubatch": self.n_ubatch,
-            "n_threads": self.n_threads,
-            "startup_seconds": round(self.startup_seconds, 3),
-            "startup_read_bytes": self.startup_read_bytes,
-            "core_bytes": self.source.core_bytes,
-            "leaves_loaded": r.leaves_loaded,
-            "hits": r.hits + self.gate.fast_hits,
-            "misses": r.misses,
-            "hit_rate": round(_ratio(r.hits + self.gate.fast_hits, r.misses), 4),
-            "evictions": r.evictions,
-            "prefetched": r.prefetched,
-            "prefetch_late": r.late,
-            "prefetch_wasted": r.prefetch_wasted,
-            "prefetch_cancelled": r.prefetch_cancelled,
-            "bytes_read": st.bytes_read,
-            "stall_seconds": round(r.stall_seconds, 4),
-            "down_stall_seconds": round(r.down_stall_seconds, 4),
-            "stall_per_token_p50": round(float(np.percentile(r.token_stalls, 50)), 4) if r.token_stalls else 0.0,
-            "stall_per_token_p95": round(float(np.percentile(r.token_stalls, 95)), 4) if r.token_stalls else 0.0,
-            "stall_per_layer": {layer: round(v, 4) for layer, v in sorted(r.per_layer_stall.items())},
-            "checksum_seconds": round(st.hash_seconds, 4),
-            "peak_resident_bytes": r.peak_bytes,
-            "resident_bytes_now": self.residency.used,
-            "direct_io": self.source.store.direct_io_used,
-            "peak_rss_bytes": _peak_rss(),
-            "observer_pauses": self.observer_switch.pauses,
-            "speculation": self.speculator.stats.summary(self.speculator.threshold) if self.speculator else None,
-        }
-
-
-class _Sampler:
-    """argmax for temp 0 (bit-comparable with stock greedy), else llama.cpp's temp + dist(seed)."""
-
-    def __init__(self, temp: float, seed: int) -> None:
-        self.chain = None
-        if temp > 0:
-            sp = llama_cpp.llama_sampler_chain_default_params()
-            self.chain = llama_cpp.llama_sampler_chain_init(sp)
-            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_temp(temp))
-            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
-
-    def pick(self, ctx: object, logits: np.ndarray) -> int:
-        if self.chain is None:
-            return int(np.argmax(logits))
-        return int(llama_cpp.llama_sampler_sample(self.chain, ctx, -1))
-
-    def free(self) -> None:
-        if self.chain is not None:
-            llama_cpp.llama_sampler_free(self.chain)
-            self.chain = None
+        hits = r.hits + self.gate.fast_hits
+        return RunStats(
+            budget_bytes=self.budget,
+            n_ubatch=self.n_ubatch,
+            n_threads=self.n_threads,
+            startup_seconds=round(self.startup_seconds, 3),
+            startup_read_bytes=self.startup_read_bytes,
+            core_bytes=self.source.core_bytes,
+            leaves_loaded=r.leaves_loaded,
+            hits=hits,
+            misses=r.misses,
+            hit_rate=round(_ratio(hits, r.misses), 4),
+            evictions=r.evictions,
+            prefetched=r.prefetched,
+            prefetch_late=r.late,
+            prefetch_wasted=r.prefetch_wasted,
+            prefetch_cancelled=r.prefetch_cancelled,
+            bytes_read=st.bytes_read,
+            stall_seconds=round(r.stall_seconds, 4),
+            down_stall_seconds=round(r.down_stall_seconds, 4),
+            stall_per_token_p50=_percentile(r.token_stalls, 50),
+            stall_per_token_p95=_percentile(r.token_stalls, 95),
+            stall_per_layer={layer: round(v, 4) for layer, v in sorted(r.per_layer_stall.items())},
+            checksum_seconds=round(st.hash_seconds, 4),
+            peak_resident_bytes=r.peak_bytes,
+            resident_bytes_now=self.residency.used,
+            direct_io=self.source.store.direct_io_used,
+            peak_rss_bytes=peak_rss(),
+            observer_pauses=self.observer_switch.pauses,
+            speculation=self.speculator.stats.summary(self.speculator.threshold) if self.speculator else None,
+        )
 
 
 def _ratio(hits: int, misses: int) -> float:
     return hits / (hits + misses) if hits + misses else 1.0
 
 
+def _percentile(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)), 4) if values else 0.0
+
+
 def _default_threads(paging: bool) -> int:
     """Compute threads: the usable cores (at most 8), less one while paging. ggml's threads meet
     at spinning barriers many times per token (more with the gate splitting the graph); when one
     of them loses its core, to the I/O thread or to any other process, the others spin until it
-    is back. On 2 cores with a busy neighbour, 2 threads decoded 0.8 tok/s where 1 did 150
-    (reference model, 25% budget): one core is left to the I/O thread and the gate."""
+    is back, so one core is left to the I/O thread and the gate."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1 if paging else cores))
 
 
-def _peak_rss() -> int:
+def peak_rss() -> int:
+    """This process's peak resident set size in bytes (VmHWM on Linux, ru_maxrss elsewhere)."""
     try:
-        import resource
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    import resource
 
-        kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-        return int(kb if os.uname().sysname == "Darwin" else kb * 1024)
-    except (ImportError, OSError):
-        return 0
-
+    kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return int(kb if os.uname().sysname == "Darwin" else kb * 1024)

@@ -22,7 +22,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 from collections.abc import Callable
-from ctypes import POINTER, Structure, c_bool, c_char, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
+from ctypes import POINTER, Structure, c_char, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
 import numpy as np
 
@@ -223,8 +223,8 @@ class Gate:
         """Raise the hooks' failure, if any, and clear it."""
         if self.error is not None:
             err, self.error = self.error, None
-            if isinstance(err, SmoeError):
-                raise err
+            if isinstance(err, SmoeError) or not isinstance(err, Exception):
+                raise err  # a user-facing failure, or an interrupt (Ctrl-C, a termination signal)
             raise SmoeError(f"X-Slot gate failed: {err!r}") from err
 
     # ------------------------------------------------------------------------ Python path

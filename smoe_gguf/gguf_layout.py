@@ -16,6 +16,7 @@ from typing import Any, BinaryIO
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 
 from .errors import SmoeError
+from .safeio import open_regular
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -78,6 +79,18 @@ class GGUFLayout:
         return str(self.value("general.architecture", "?"))
 
 
+# Limits: what llama.cpp accepts (GGML_MAX_DIMS, GGML_MAX_NAME) and caps far above any real model
+# that keep a hostile header from taking gigabytes or minutes to read.
+MAX_DIMS = 4
+MAX_NAME = 64  # GGML_MAX_NAME, including the terminating NUL
+MAX_TENSORS = 1 << 16
+MAX_KVS = 1 << 16
+MAX_ARRAY = 1 << 23
+MAX_ALIGNMENT = 1 << 30
+INT_TYPES = frozenset({0, 1, 2, 3, 4, 5, 10, 11})  # GGUF integer value types (not bool)
+_MIN_WIDTH = {**{t: struct.calcsize(f) for t, f in _SCALAR.items()}, T_STRING: 8}
+
+
 def tensor_nbytes(ggml_type: int, shape: tuple[int, ...]) -> int:
     try:
         block, size = GGML_QUANT_SIZES[GGMLQuantizationType(ggml_type)]
@@ -95,9 +108,19 @@ def align_up(n: int, alignment: int) -> int:
     return (n + alignment - 1) // alignment * alignment
 
 
+def is_power_of_two(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
 class _Reader:
     def __init__(self, f: BinaryIO, path: Path, size: int) -> None:
         self.f, self.path, self.size = f, path, size
+
+    def bad(self, what: str) -> SmoeError:
+        return SmoeError(f"{self.path}: corrupt GGUF header ({what})")
+
+    def left(self) -> int:
+        return self.size - self.f.tell()
 
     def take(self, n: int) -> bytes:
         b = self.f.read(n)
@@ -110,11 +133,11 @@ class _Reader:
 
     def string(self) -> str:
         n = self.unpack("<Q")
-        if n > self.size:
-            raise SmoeError(f"{self.path}: corrupt GGUF header (string of {n} bytes)")
+        if n > self.left():
+            raise self.bad(f"string of {n} bytes at byte {self.f.tell() - 8}, beyond the end of the file")
         return self.take(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int) -> Any:
+    def value(self, vtype: int, key: str) -> Any:
         if vtype in _SCALAR:
             return self.unpack(_SCALAR[vtype])
         if vtype == T_STRING:
@@ -122,56 +145,107 @@ class _Reader:
         if vtype == T_ARRAY:
             itype = self.unpack("<I")
             n = self.unpack("<Q")
-            if n > self.size:
-                raise SmoeError(f"{self.path}: corrupt GGUF header (array of {n} items)")
+            if itype == T_ARRAY:
+                raise self.bad(f"key {key!r} is an array of arrays, which GGUF readers do not accept")
+            if itype not in _MIN_WIDTH:
+                raise self.bad(f"key {key!r} is an array of value type {itype}")
+            if n > MAX_ARRAY or n * _MIN_WIDTH[itype] > self.left():
+                raise self.bad(f"key {key!r} is an array of {n} items")
             if itype in _SCALAR:
                 fmt = _SCALAR[itype]
                 width = struct.calcsize(fmt)
                 return list(struct.unpack(f"<{n}{fmt[1]}", self.take(n * width)))
-            return [self.value(itype) for _ in range(n)]
-        raise SmoeError(f"{self.path}: corrupt GGUF header (value type {vtype})")
+            return [self.string() for _ in range(n)]
+        raise self.bad(f"key {key!r} has value type {vtype}")
 
 
 def read_layout(path: str | os.PathLike[str]) -> GGUFLayout:
-    """Parse the header of a GGUF file and check that every tensor's data lies inside the file."""
+    """Parse the header of a GGUF file and check what llama.cpp's reader checks: unique keys and
+    tensor names, a power-of-two ``general.alignment``, tensors of at most 4 known-type dims laid
+    out back to back in order, each padded to the alignment, all inside the file."""
     p = Path(path)
-    if not p.is_file():
-        raise SmoeError(f"{p}: no such file")
-    size = p.stat().st_size
-    with open(p, "rb") as f:
-        r = _Reader(f, p, size)
-        if f.read(4) != GGUF_MAGIC:
-            raise SmoeError(f"{p}: not a GGUF file (bad magic)")
-        version = r.unpack("<I")
-        if version not in (2, 3):
-            raise SmoeError(f"{p}: unsupported GGUF version {version}")
-        n_tensors = r.unpack("<Q")
-        n_kv = r.unpack("<Q")
-        kvs: dict[str, KV] = {}
-        for _ in range(n_kv):
-            start = f.tell()
-            key = r.string()
-            vtype = r.unpack("<I")
-            val = r.value(vtype)
-            end = f.tell()
-            f.seek(start)
-            kvs[key] = KV(key, vtype, val, f.read(end - start))
-        kv_end = f.tell()
-        alignment = int(kvs["general.alignment"].value) if "general.alignment" in kvs else DEFAULT_ALIGNMENT
-        raw_infos = []
-        for _ in range(n_tensors):
-            name = r.string()
-            n_dims = r.unpack("<I")
-            if n_dims > 4:
-                raise SmoeError(f"{p}: corrupt GGUF header (tensor {name} has {n_dims} dims)")
-            shape = tuple(r.unpack("<Q") for _ in range(n_dims))
-            ggml_type = r.unpack("<I")
-            rel = r.unpack("<Q")
-            raw_infos.append((name, ggml_type, shape, rel))
-        data_offset = align_up(f.tell(), alignment)
+    fd = open_regular(p)
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        try:
+            return _parse(f, p, size)
+        except OSError as e:
+            raise SmoeError(f"{p}: cannot read: {e.strerror}") from None
+
+
+def _parse(f: BinaryIO, p: Path, size: int) -> GGUFLayout:
+    r = _Reader(f, p, size)
+    if f.read(4) != GGUF_MAGIC:
+        raise SmoeError(f"{p}: not a GGUF file (bad magic)")
+    version = r.unpack("<I")
+    if version not in (2, 3):
+        raise SmoeError(f"{p}: unsupported GGUF version {version}")
+    n_tensors = r.unpack("<Q")
+    n_kv = r.unpack("<Q")
+    if n_tensors > MAX_TENSORS:
+        raise r.bad(f"{n_tensors} tensors; at most {MAX_TENSORS} are accepted")
+    if n_kv > MAX_KVS:
+        raise r.bad(f"{n_kv} key/values; at most {MAX_KVS} are accepted")
+    if n_tensors * 24 + n_kv * 12 > r.left():
+        raise SmoeError(f"{p}: truncated GGUF header ({n_kv} key/values and {n_tensors} tensor infos "
+                        f"cannot fit in the file's {size} bytes)")
+    kvs: dict[str, KV] = {}
+    for _ in range(n_kv):
+        start = f.tell()
+        key = r.string()
+        if not key:
+            raise r.bad("an empty key")
+        if key in kvs:
+            raise r.bad(f"duplicate key {key!r}")
+        vtype = r.unpack("<I")
+        val = r.value(vtype, key)
+        end = f.tell()
+        f.seek(start)
+        kvs[key] = KV(key, vtype, val, f.read(end - start))
+    kv_end = f.tell()
+    alignment = DEFAULT_ALIGNMENT
+    if "general.alignment" in kvs:
+        kv = kvs["general.alignment"]
+        if kv.vtype != T_UINT32:
+            raise r.bad(f"general.alignment must be a uint32, not {type_name(kv.vtype)}")
+        if not is_power_of_two(kv.value) or kv.value > MAX_ALIGNMENT:
+            raise r.bad(f"general.alignment {kv.value} is not a power of two")
+        alignment = kv.value
+    raw_infos = []
+    names: set[str] = set()
+    for _ in range(n_tensors):
+        name = r.string()
+        if len(name.encode("utf-8")) >= MAX_NAME:
+            raise r.bad(f"tensor name {name[:80]!r} is longer than {MAX_NAME - 1} bytes")
+        if name in names:
+            raise r.bad(f"duplicate tensor name {name!r}")
+        names.add(name)
+        n_dims = r.unpack("<I")
+        if n_dims > MAX_DIMS:
+            raise r.bad(f"tensor {name} has {n_dims} dims")
+        shape = tuple(r.unpack("<q") for _ in range(n_dims))
+        count = 1
+        for d in shape:
+            if d < 0:
+                raise r.bad(f"tensor {name} has a negative dimension {d}")
+            count *= d
+        if count >= 1 << 63:
+            raise r.bad(f"tensor {name} of shape {list(shape)} has too many elements")
+        ggml_type = r.unpack("<I")
+        rel = r.unpack("<Q")
+        raw_infos.append((name, ggml_type, shape, rel))
+    data_offset = align_up(f.tell(), alignment)
     tensors = []
+    expected = 0
     for name, ggml_type, shape, rel in raw_infos:
-        nbytes = tensor_nbytes(ggml_type, shape)
+        try:
+            nbytes = tensor_nbytes(ggml_type, shape)
+        except SmoeError as e:
+            raise r.bad(f"tensor {name}: {e}") from None
+        if rel != expected:
+            raise r.bad(f"tensor {name} has data offset {rel}, expected {expected}: "
+                        "tensors must be back to back, in order, each padded to the alignment")
+        expected = align_up(rel + nbytes, alignment)
         t = TensorInfo(name, ggml_type, shape, rel, data_offset + rel, nbytes)
         if t.offset + nbytes > size:
             raise SmoeError(
@@ -179,6 +253,30 @@ def read_layout(path: str | os.PathLike[str]) -> GGUFLayout:
             )
         tensors.append(t)
     return GGUFLayout(p, size, version, kvs, tensors, alignment, kv_end, data_offset)
+
+
+_TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",
+               8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
+
+
+def type_name(vtype: int) -> str:
+    """The GGUF name of a value type ("uint32", "string", ...)."""
+    return _TYPE_NAMES.get(vtype, f"type {vtype}")
+
+
+def int_value(layout: GGUFLayout, key: str, lo: int, hi: int, default: int | None = None) -> int:
+    """The integer value of ``key``, checked to be an integer type within [lo, hi]; ``default``
+    if absent (None: the key is required)."""
+    kv = layout.kvs.get(key)
+    if kv is None:
+        if default is None:
+            raise SmoeError(f"{layout.path}: key {key} is missing")
+        return default
+    if kv.vtype not in INT_TYPES:
+        raise SmoeError(f"{layout.path}: key {key} is a {type_name(kv.vtype)}, not an integer")
+    if not lo <= kv.value <= hi:
+        raise SmoeError(f"{layout.path}: key {key} is {kv.value}, outside [{lo}, {hi}]")
+    return int(kv.value)
 
 
 def encode_string(s: str) -> bytes:

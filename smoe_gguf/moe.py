@@ -5,9 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from functools import cached_property
 
-from . import archs
+from . import archs, budget
 from .errors import SmoeError
-from .gguf_layout import GGUFLayout, TensorInfo
+from .gguf_layout import T_STRING, GGUFLayout, TensorInfo, int_value, type_name
 
 
 @dataclass(frozen=True)
@@ -76,8 +76,10 @@ class MoEModel:
 
     @property
     def min_budget(self) -> int:
-        """The smallest X-Slot that can run one token: one layer's selected leaves at a time."""
-        return self.max_leaf_bytes * self.n_expert_used
+        """The smallest X-Slot that can run one token: one layer's selected leaves at a time,
+        each charged its page footprint (budget.leaf_cost), as the engine charges it."""
+        cost = max(budget.leaf_cost(t.slice_bytes for t in ts) for ts in self.expert_tensors.values())
+        return budget.min_budget(cost, self.n_expert_used)
 
     @cached_property
     def shared_expert_bytes(self) -> int:
@@ -88,28 +90,48 @@ class MoEModel:
             raise SmoeError(
                 f"{self.layout.path}: dense model ({self.arch}, no routed expert tensors): nothing to page"
             )
+        archs.require_supported(self.arch, str(self.layout.path))
         return self
 
 
+# llama.cpp's own limits (LLAMA_MAX_LAYERS, LLAMA_MAX_EXPERTS): beyond them it aborts.
+MAX_LAYERS = 512
+MAX_EXPERTS = 512
+
+
 def analyze(layout: GGUFLayout) -> MoEModel:
-    """Classify every tensor of ``layout`` as dense core or routed-expert part."""
+    """Classify every tensor of ``layout`` as dense core or routed-expert part, after checking the
+    MoE keys as llama.cpp needs them (integers in its ranges; it aborts on anything else)."""
+    arch_kv = layout.kvs.get("general.architecture")
+    if arch_kv is not None and arch_kv.vtype != T_STRING:
+        raise SmoeError(f"{layout.path}: key general.architecture is a {type_name(arch_kv.vtype)}, not a string")
     arch = layout.architecture
-    if layout.value("split.count", 1) > 1:
+    split_count = int_value(layout, "split.count", 0, 1 << 16, default=1)
+    if split_count > 1:
+        split_no = int_value(layout, "split.no", 0, 1 << 16, default=0)
         raise SmoeError(
-            f"{layout.path}: multi-file GGUF (split {layout.value('split.no', 0) + 1} of "
-            f"{layout.value('split.count')}): merge it first with llama-gguf-split --merge"
+            f"{layout.path}: multi-file GGUF (split {split_no + 1} of "
+            f"{split_count}): merge it first with llama-gguf-split --merge"
         )
-    n_expert = int(layout.value(archs.meta_key(arch, "expert_count"), 0) or 0)
-    expert_tensors: dict[int, list[ExpertTensor]] = {}
-    core: list[TensorInfo] = []
-    for t in layout.tensors:
-        parsed = archs.parse_expert_tensor(t.name)
-        if parsed is None:
-            core.append(t)
-            continue
-        layer, part, stage = parsed
+    experts = [(t, parsed) for t in layout.tensors if (parsed := archs.parse_expert_tensor(t.name)) is not None]
+    key = lambda what: archs.meta_key(arch, what)  # noqa: E731
+    if experts:
+        n_layer = int_value(layout, key("block_count"), 1, MAX_LAYERS)
+        n_expert = int_value(layout, key("expert_count"), 0, MAX_EXPERTS, default=0)
         if n_expert <= 1:
-            raise SmoeError(f"{layout.path}: tensor {t.name} found but {arch}.expert_count is {n_expert}")
+            raise SmoeError(f"{layout.path}: tensor {experts[0][0].name} found but {arch}.expert_count is {n_expert}")
+        n_expert_used = int_value(layout, key("expert_used_count"), 1, n_expert)
+        n_shared = int_value(layout, key("expert_shared_count"), 0, MAX_EXPERTS, default=0)
+    else:
+        n_layer = int_value(layout, key("block_count"), 0, MAX_LAYERS, default=0)
+        n_expert = int_value(layout, key("expert_count"), 0, MAX_EXPERTS, default=0)
+        n_expert_used = int_value(layout, key("expert_used_count"), 0, MAX_EXPERTS, default=0)
+        n_shared = int_value(layout, key("expert_shared_count"), 0, MAX_EXPERTS, default=0)
+    expert_tensors: dict[int, list[ExpertTensor]] = {}
+    core: list[TensorInfo] = [t for t in layout.tensors if archs.parse_expert_tensor(t.name) is None]
+    for t, (layer, part, stage) in experts:
+        if layer >= n_layer:
+            raise SmoeError(f"{layout.path}: tensor {t.name} is in layer {layer}, but {arch}.block_count is {n_layer}")
         if not t.shape or t.shape[-1] != n_expert:
             raise SmoeError(
                 f"{layout.path}: tensor {t.name} has shape {list(t.shape)}, expected outermost dim {n_expert}"
@@ -118,11 +140,10 @@ def analyze(layout: GGUFLayout) -> MoEModel:
     return MoEModel(
         layout=layout,
         arch=arch,
-        n_layer=int(layout.value(archs.meta_key(arch, "block_count"), 0) or 0),
+        n_layer=n_layer,
         n_expert=n_expert,
-        n_expert_used=int(layout.value(archs.meta_key(arch, "expert_used_count"), 0) or 0),
-        n_expert_shared=int(layout.value(archs.meta_key(arch, "expert_shared_count"), 0) or 0)
-        or (1 if any(archs.is_shared_expert_tensor(t.name) for t in core) else 0),
+        n_expert_used=n_expert_used,
+        n_expert_shared=n_shared or (1 if any(archs.is_shared_expert_tensor(t.name) for t in core) else 0),
         expert_tensors=expert_tensors,
         core_tensors=core,
     )

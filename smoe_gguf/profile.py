@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import fcntl
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable
@@ -39,7 +40,9 @@ from typing import Any
 
 import numpy as np
 
+from .errors import SmoeError
 from .residency import Residency
+from .safeio import read_file
 
 FORMAT = "smoe-profile"
 VERSION = 1
@@ -72,9 +75,22 @@ class Node:
                 "children": [c.to_json() for c in self.children]}
 
     @classmethod
-    def from_json(cls, d: dict[str, Any]) -> "Node":
-        return cls(float(d["weight"]), [(int(l), int(e), float(s)) for l, e, s in d["leaves"]],
-                   [cls.from_json(c) for c in d.get("children", [])])
+    def from_json(cls, d: Any, n_layer: int, n_expert: int, depth: int = 0) -> "Node":
+        """A node checked as :meth:`to_json` writes it: leaves in range, at most
+        :data:`BRANCHING` children, at most :data:`MAX_DEPTH` levels (ValueError otherwise)."""
+        if not isinstance(d, dict) or depth >= MAX_DEPTH:
+            raise ValueError("a tree node is malformed or nested too deeply")
+        leaves, children = d["leaves"], d.get("children", [])
+        if not isinstance(leaves, list) or len(leaves) > TOP_LEAVES or not isinstance(children, list) \
+                or len(children) > BRANCHING:
+            raise ValueError("a tree node has too many leaves or children")
+        out = []
+        for leaf in leaves:
+            if not isinstance(leaf, list) or len(leaf) != 3:
+                raise ValueError("a tree leaf is not [layer, expert, share]")
+            l, e, s = _index(leaf[0], n_layer), _index(leaf[1], n_expert), _number(leaf[2])
+            out.append((l, e, s))
+        return cls(_number(d["weight"]), out, [cls.from_json(c, n_layer, n_expert, depth + 1) for c in children])
 
 
 @dataclass
@@ -104,13 +120,23 @@ class Profile:
 
     @classmethod
     def from_json(cls, d: dict[str, Any]) -> "Profile":
+        """A profile checked as :meth:`to_json` writes it (ValueError, KeyError or TypeError otherwise)."""
+        n_layer, n_expert = _index(d["n_layer"], 1 << 16), _index(d["n_expert"], 1 << 16)
         usage = np.asarray(d["usage"], np.float64)
-        if usage.shape != (int(d["n_layer"]), int(d["n_expert"])):
-            raise ValueError("usage has the wrong shape")
-        windows = [(float(w), {int(k): float(v) for k, v in win.items()}) for w, win in d["windows"]]
-        tree = Node.from_json(d["tree"]) if d.get("tree") else None
-        return cls(str(d["model"]), int(d["n_layer"]), int(d["n_expert"]), usage, windows, tree,
-                   int(d.get("sessions", 0)))
+        if usage.shape != (n_layer, n_expert) or not np.isfinite(usage).all() or (usage < 0).any():
+            raise ValueError("usage has the wrong shape or values")
+        if not isinstance(d["windows"], list) or len(d["windows"]) > MAX_WINDOWS:
+            raise ValueError(f"windows is not a list of at most {MAX_WINDOWS}")
+        windows = []
+        for item in d["windows"]:
+            if not isinstance(item, list) or len(item) != 2 or not isinstance(item[1], dict):
+                raise ValueError("a window is not [weight, {leaf: count}]")
+            windows.append((_number(item[0]), {_index(int(k), n_layer * n_expert): _number(v) for k, v in item[1].items()}))
+        tree = Node.from_json(d["tree"], n_layer, n_expert) if d.get("tree") else None
+        sessions = d.get("sessions", 0)
+        if type(sessions) is not int or sessions < 0:
+            raise ValueError("sessions is not a count")
+        return cls(str(d["model"]), n_layer, n_expert, usage, windows, tree, sessions)
 
     # ------------------------------------------------------------------ evidence
 
@@ -217,19 +243,23 @@ def load(path: Path, model_id: str, n_layer: int, n_expert: int, warn: Warn) -> 
     """The profile at ``path`` (empty if there is none or it cannot be used), and whether a save
     may write that file (False for another model's profile)."""
     empty = Profile.empty(model_id, n_layer, n_expert)
+    limit = max_bytes(n_layer, n_expert)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
+        text = read_file(path, limit=limit).decode("utf-8")
+    except SmoeError as e:
+        if not os.path.lexists(path):
+            return empty, True
+        warn(f"profile {e}; ignoring it, a new one replaces it")
         return empty, True
-    except (OSError, UnicodeDecodeError) as e:
+    except UnicodeDecodeError as e:
         warn(f"profile {path} cannot be read ({e}); starting a new one")
         return empty, True
     try:
         d = json.loads(text)
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ValueError("not a smoe-gguf profile")
-    except ValueError as e:
-        warn(f"profile {path} is corrupt ({e}); ignoring it, a new one replaces it")
+    except (ValueError, RecursionError) as e:
+        warn(f"profile {path} is corrupt ({str(e)[:120] or 'nested too deeply'}); ignoring it, a new one replaces it")
         return empty, True
     if d.get("version") != VERSION:
         warn(f"profile {path} is version {d.get('version')}, this is {VERSION}; ignoring it, a new one replaces it")
@@ -239,9 +269,28 @@ def load(path: Path, model_id: str, n_layer: int, n_expert: int, warn: Warn) -> 
         return empty, False
     try:
         return Profile.from_json(d), True
-    except (KeyError, TypeError, ValueError) as e:
-        warn(f"profile {path} is corrupt ({e}); ignoring it, a new one replaces it")
+    except (KeyError, TypeError, ValueError, OverflowError, IndexError, AttributeError, RecursionError) as e:
+        warn(f"profile {path} is corrupt ({str(e)[:120]}); ignoring it, a new one replaces it")
         return empty, True
+
+
+def max_bytes(n_layer: int, n_expert: int) -> int:
+    """The most bytes a profile of this model can take as :func:`save` writes it (with room to
+    spare); a larger file is not read."""
+    leaves = n_layer * n_expert
+    return MAX_WINDOWS * (leaves * 24 + 64) + leaves * 16 + 21 * TOP_LEAVES * 40 + (1 << 20)
+
+
+def _index(v: Any, n: int) -> int:
+    if type(v) is not int or not 0 <= v < n:
+        raise ValueError(f"{str(v)[:20]} is not an index below {n}")
+    return v
+
+
+def _number(v: Any) -> float:
+    if type(v) not in (int, float) or not math.isfinite(v) or v < 0:
+        raise ValueError(f"{str(v)[:20]} is not a finite count")
+    return float(v)
 
 
 def save(path: Path, model_id: str, n_layer: int, n_expert: int, windows: list[dict[int, float]], warn: Warn) -> Profile | None:
@@ -285,6 +334,12 @@ class Recorder:
         self._seen = np.zeros((residency.n_layer, n_expert), np.int64)
         self._prompt_layers_seen = -1  # >= 0 while the first layers of a prompt are being gated
         self.branch_prefetches = 0
+        # Layers with paged experts (an architecture may have dense layers first, or in between):
+        # tokens are counted at the first, windows cut at the last, the branch chosen at the
+        # PROMPT_LAYERS-th.
+        paged = sorted(residency.costs)
+        self._first, self._last = paged[0], paged[-1]
+        self._prompt_layer = paged[min(PROMPT_LAYERS, len(paged)) - 1]
 
     def start_prompt(self) -> None:
         self.cut()
@@ -311,19 +366,19 @@ class Recorder:
         flat = ids.ravel()
         np.add.at(self._counts[layer], flat, 1)
         self._seen[layer, np.unique(flat)] += 1
-        if layer == 0:
+        if layer == self._first:
             self._tokens += ids.shape[0]
-        if self._prompt_layers_seen >= 0 and layer == PROMPT_LAYERS - 1:
+        if self._prompt_layers_seen >= 0 and layer == self._prompt_layer:
             self._prompt_layers_seen = -1
             self._prefetch_branch(layer, ids)
-        if layer == self.residency.n_layer - 1 and self._tokens >= WINDOW_TOKENS:
+        if layer == self._last and self._tokens >= WINDOW_TOKENS:
             self.cut()
 
     def _prefetch_branch(self, layer: int, ids: np.ndarray) -> None:
         if self.profile is None:
             return
-        node = self.profile.branch_for(self._counts, PROMPT_LAYERS)
+        node = self.profile.branch_for(self._counts, layer + 1)
         if node is None:
             return
-        keys = [(l, e) for l, e, _s in node.leaves if l >= PROMPT_LAYERS]
+        keys = [(l, e) for l, e, _s in node.leaves if l > layer]
         self.branch_prefetches += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist())

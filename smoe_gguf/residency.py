@@ -18,8 +18,6 @@ loads it itself; one already being read waits for it (the wait is stall time, pe
 
 from __future__ import annotations
 
-import mmap
-import re
 import threading
 import time
 from collections import deque
@@ -28,42 +26,12 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from . import budget as bdg
 from .errors import SmoeError
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
 from .trace import Trace
 from .xslot import XSlot
-
-PAGE = mmap.PAGESIZE
-
-
-def page_cost(nbytes: int) -> int:
-    """Most bytes of pages a slice of ``nbytes`` can touch in page-aligned tensors of such slices."""
-    if nbytes % PAGE == 0:
-        return nbytes
-    return (-(-nbytes // PAGE) + 1) * PAGE
-
-
-_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b?)\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-MEMORY_MARGIN = 1 << 30
-
-
-def parse_budget(text: str, total_expert_bytes: int) -> int:
-    """``512MiB``, ``4G``, ``1500000`` (bytes) or ``25%`` (of all expert bytes) -> bytes."""
-    t = text.strip()
-    if t.endswith("%"):
-        try:
-            pct = float(t[:-1])
-        except ValueError:
-            raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2) from None
-        if not 0 < pct <= 100:
-            raise SmoeError(f"bad budget {text!r}: a percentage must be in (0, 100]", 2)
-        return int(total_expert_bytes * pct / 100)
-    m = _SIZE_RE.match(t)
-    if m is None:
-        raise SmoeError(f"bad budget {text!r}: use bytes (512MiB, 4G) or a percentage (25%)", 2)
-    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
 
 
 @dataclass
@@ -136,9 +104,13 @@ class Residency:
     def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
         """Leaves of ``store`` paged into ``xslot``."""
         cost: dict[int, int] = {}
+        unloaded: set[int] = set()  # layers llama.cpp does not load (MTP blocks): never paged
         for (layer, _e), parts in store.leaves.items():
-            if layer not in cost:
-                cost[layer] = sum(page_cost(p.length) for p in parts)
+            if layer not in cost and layer not in unloaded:
+                if not any(p.tensor in xslot.regions for p in parts):
+                    unloaded.add(layer)
+                    continue
+                cost[layer] = bdg.leaf_cost(p.length for p in parts)
                 for p in parts:
                     r = xslot.regions.get(p.tensor)
                     if r is None or r.slice_bytes != p.length:
@@ -168,13 +140,10 @@ class Residency:
         return max(self._cost.values())
 
     def micro_batch(self, n_expert_used: int, n_ubatch: int, budget: int | None = None) -> int:
-        """The largest micro-batch (<= ``n_ubatch`` tokens) whose leaves at one layer always fit
-        ``budget`` (default: the current one): all of ``n_ubatch`` if a whole layer fits, else
-        budget / one token's leaves."""
+        """The largest micro-batch (<= ``n_ubatch``) whose leaves at one layer always fit
+        ``budget`` (default: the current one)."""
         b = self.budget if budget is None else budget
-        if b >= self.state.n_expert * self.max_leaf_cost:
-            return n_ubatch
-        return max(1, min(n_ubatch, b // (n_expert_used * self.max_leaf_cost)))
+        return bdg.micro_batch(b, self.max_leaf_cost, self.state.n_expert, n_expert_used, n_ubatch)
 
     @property
     def n_resident(self) -> int:
@@ -402,8 +371,8 @@ class Residency:
         protect = list(in_use or [])
         for i, key in enumerate(keys):
             kl, ke = key
-            if s.resident[kl, ke] or key in self._flight:
-                continue
+            if s.resident[kl, ke] or key in self._flight or kl not in self._cost:
+                continue  # resident, on its way, or of a layer without paged experts
             cost = self._cost[kl]
             if self.used + cost > self.budget and (not evict or not self._make_room(cost, layer, protect, keys[:i])):
                 break
@@ -481,8 +450,3 @@ class Residency:
         self.drain()
         self.budget = budget
         self._make_room(0, 0, [])  # nothing is in use between decodes: always succeeds
-
-    def clear(self) -> None:
-        self.drain()
-        for layer, e in zip(*np.nonzero(self.state.resident)):
-            self.evict((int(layer), int(e)))

@@ -34,6 +34,9 @@ from .residency import Residency
 NODE_LOGITS = "ffn_moe_logits-"
 SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
 DEFAULT_THRESHOLD = 0.05
+# Graph nodes between a layer's top-k and its router logits: 4 for plain top-k, 8 with expert
+# groups (deepseek2: the group top-k and its mask sit in between).
+SEARCH_DEPTH = 8
 
 
 @dataclass
@@ -151,7 +154,7 @@ class Speculator:
     def _router_input(self, node: int, layer: int) -> np.ndarray | None:
         """``x_L`` of the (single) token: the second source of ``ffn_moe_logits-L``, found by
         walking up from the top-k node; loads the router weights the first time."""
-        logits = _find_up(node, f"{NODE_LOGITS}{layer}".encode(), depth=4)
+        logits = _find_up(node, f"{NODE_LOGITS}{layer}".encode(), depth=SEARCH_DEPTH)
         if logits is None:
             return None
         x_addr = abi.tensor_at(logits).src[1]
@@ -174,14 +177,17 @@ class Speculator:
 
 def _find_up(address: int, name: bytes, depth: int) -> int | None:
     """The first tensor named ``name`` among the sources of ``address``, breadth first."""
-    frontier = [address]
+    frontier, seen = [address], {address}
     for _ in range(depth + 1):
         nxt: list[int] = []
         for a in frontier:
             t = abi.tensor_at(a)
             if t.name == name:
                 return a
-            nxt.extend(s for s in t.src if s)
+            for s in t.src:
+                if s and s not in seen:
+                    seen.add(s)
+                    nxt.append(s)
         frontier = nxt
     return None
 

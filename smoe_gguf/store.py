@@ -26,6 +26,7 @@ from pathlib import Path
 from .errors import SmoeError
 from .moe import MoEModel
 from .pack import manifest as mf
+from .safeio import in_pack, open_regular
 
 BLOCK = 4096
 _F_NOCACHE = 48  # macOS fcntl
@@ -66,6 +67,7 @@ class LeafStore:
         self._lock = threading.Lock()
         self._local = threading.local()
         self.direct_io_used = False
+        self.pack: Path | None = None  # the pack directory every shard must be inside (None: a plain GGUF)
 
     @classmethod
     def from_pack(cls, pack: Path, manifest: mf.Manifest, **kw: object) -> "LeafStore":
@@ -75,7 +77,9 @@ class LeafStore:
             ]
             for lf in manifest.leaves
         }
-        return cls(leaves, **kw)  # type: ignore[arg-type]
+        store = cls(leaves, **kw)  # type: ignore[arg-type]
+        store.pack = pack
+        return store
 
     @classmethod
     def from_gguf(cls, model: MoEModel, **kw: object) -> "LeafStore":
@@ -116,26 +120,27 @@ class LeafStore:
         return fd
 
     def _open(self, path: Path, label: str) -> int:
-        try:
-            if self.direct and hasattr(os, "O_DIRECT"):
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
-                    self.direct_io_used = True
-                    return fd
-                except OSError as e:
-                    if e.errno != 22:  # EINVAL: this filesystem has no O_DIRECT (tmpfs)
-                        raise
-            fd = os.open(path, os.O_RDONLY)
-            if self.direct and sys.platform == "darwin":
-                import fcntl
-
-                fcntl.fcntl(fd, _F_NOCACHE, 1)
+        """Open a shard: a regular file (never a FIFO or a device), inside the pack, not a link."""
+        prefix = f"{label}: shard "
+        if self.pack is not None:
+            path = in_pack(self.pack, path.relative_to(self.pack).as_posix(), prefix)
+        if not os.path.lexists(path):
+            raise SmoeError(f"{label}: shard {path} is missing")
+        follow = self.pack is None
+        if self.direct and hasattr(os, "O_DIRECT"):
+            try:
+                fd = open_regular(path, follow=follow, flags=os.O_DIRECT, prefix=prefix)
                 self.direct_io_used = True
-            return fd
-        except FileNotFoundError:
-            raise SmoeError(f"{label}: shard {path} is missing") from None
-        except OSError as e:
-            raise SmoeError(f"{label}: cannot open shard {path}: {e.strerror}") from None
+                return fd
+            except SmoeError:
+                pass  # this filesystem may have no O_DIRECT (tmpfs): try without, which says why if not
+        fd = open_regular(path, follow=follow, prefix=prefix)
+        if self.direct and sys.platform == "darwin":
+            import fcntl
+
+            fcntl.fcntl(fd, _F_NOCACHE, 1)
+            self.direct_io_used = True
+        return fd
 
     def _bounce(self, size: int) -> mmap.mmap:
         buf: mmap.mmap | None = getattr(self._local, "buf", None)

@@ -58,6 +58,15 @@ def clean_text(text: str) -> str:
     return data.decode("utf-8", "replace").replace("\x00", "")
 
 
+# Control characters a random or broken model may produce: shown as U+FFFD, never sent raw.
+_UNPRINTABLE = {c: "\ufffd" for c in [*range(0x00, 0x09), *range(0x0B, 0x20), *range(0x7F, 0xA0)]}
+
+
+def printable(text: str) -> str:
+    """Model output safe for a terminal: control characters (but tab and newline) become U+FFFD."""
+    return text.translate(_UNPRINTABLE)
+
+
 class ChatTemplate:
     """How a conversation becomes prompt text for one model."""
 

@@ -12,16 +12,14 @@ then one line per top-k gate (one layer of one micro-batch)::
      "hit": [1 if that leaf of "e" was resident, else 0]}
 
 (the last layer of a prompt micro-batch has rows only for the tokens whose logits are wanted:
-the last ones). :func:`replay` feeds the gates to a book-keeping
-:class:`~smoe_gguf.residency.Residency` (the same class and policies the engine runs, without
-I/O), re-cut into the micro-batches the engine would use at the replayed budget, so a policy's
-choices in replay are the ones it would make live, minus what prefetching would have added.
+the last ones). :func:`smoe_gguf.replay.replay` runs a loaded trace without a model.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import stat
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Any
@@ -29,6 +27,8 @@ from typing import IO, Any
 import numpy as np
 
 from .errors import SmoeError
+from .moe import MAX_EXPERTS, MAX_LAYERS
+from .safeio import open_regular
 
 FORMAT = "smoe-trace"
 VERSION = 1
@@ -39,11 +39,12 @@ class Trace:
 
     def __init__(self, path: str | os.PathLike[str], header: dict[str, Any]) -> None:
         self.path = Path(path)
+        refuse_overwrite(self.path)
         try:
             self._f: IO[str] | None = open(self.path, "w", encoding="utf-8")
         except OSError as e:
             raise SmoeError(f"cannot write trace {self.path}: {e.strerror}") from None
-        self._f.write(json.dumps({"format": FORMAT, "version": VERSION, **header}) + "\n")
+        self._write(json.dumps({"format": FORMAT, "version": VERSION, **header}) + "\n")
         self._next = 0  # position of the next micro-batch's first token
         self._pos = self._n = 0  # the current micro-batch: first position, tokens
         self._layer = -1  # last layer gated
@@ -60,14 +61,50 @@ class Trace:
             self._pos, self._n = self._next, int(ids.shape[0])
             self._next += self._n
         self._layer = layer
-        self._f.write(json.dumps({"pos": self._pos, "n": self._n, "l": layer, "ids": ids.tolist(),
-                                  "e": experts, "hit": [int(h) for h in hit]}, separators=(",", ":")) + "\n")
+        self._write(json.dumps({"pos": self._pos, "n": self._n, "l": layer, "ids": ids.tolist(),
+                                "e": experts, "hit": [int(h) for h in hit]}, separators=(",", ":")) + "\n")
         self.events += 1
+
+    def _write(self, line: str) -> None:
+        assert self._f is not None
+        try:
+            self._f.write(line)
+        except OSError as e:
+            self._abandon()
+            raise SmoeError(f"cannot write trace {self.path}: {e.strerror}") from None
+
+    def _abandon(self) -> None:
+        f, self._f = self._f, None
+        if f is not None:
+            try:
+                f.close()
+            except OSError:
+                pass
 
     def close(self) -> None:
         if self._f is not None:
-            self._f.close()
-            self._f = None
+            f, self._f = self._f, None
+            try:
+                f.close()
+            except OSError as e:
+                raise SmoeError(f"cannot write trace {self.path}: {e.strerror}") from None
+
+
+def refuse_overwrite(path: Path) -> None:
+    """A trace replaces only a trace, an empty file or a device: never another file."""
+    try:
+        st = path.stat()
+    except OSError:
+        return
+    if not stat.S_ISREG(st.st_mode) or st.st_size == 0:
+        return
+    try:
+        with open(path, "rb") as f:
+            head = f.read(256)
+    except OSError as e:
+        raise SmoeError(f"cannot write trace {path}: {e.strerror}") from None
+    if not head.startswith(b'{"format": "smoe-trace"'):
+        raise SmoeError(f"{path}: exists and is not a trace; not overwritten (remove it or choose another file)")
 
 
 @dataclass
@@ -86,81 +123,106 @@ class TraceData:
         return int(self.header["total_cost"])
 
 
+# Caps far above a real trace: a hostile one must fail fast, not fill memory.
+MAX_LINE = 1 << 24
+MAX_UBATCH = 1 << 16
+MAX_COST = 1 << 48
+
+
 def load(path: str | os.PathLike[str]) -> TraceData:
+    """Read and check a trace: a header of sane counts and costs, then gate lines whose layers,
+    expert ids and rows are in range. Anything else is a SmoeError naming the line."""
     p = Path(path)
+    if not os.path.lexists(p):
+        raise SmoeError(f"{p}: no such trace")
+    fd = open_regular(p)
     try:
-        lines = p.read_text(encoding="utf-8").splitlines()
-    except FileNotFoundError:
-        raise SmoeError(f"{p}: no such trace") from None
-    except (OSError, UnicodeDecodeError) as e:
-        raise SmoeError(f"{p}: cannot read trace ({e})") from None
-    try:
-        header = json.loads(lines[0]) if lines else {}
-    except json.JSONDecodeError:
-        header = {}
-    if header.get("format") != FORMAT:
+        with os.fdopen(fd, "rb") as f:
+            return _read(f, p)
+    except OSError as e:
+        raise SmoeError(f"{p}: cannot read trace ({e.strerror})") from None
+
+
+class _Bad(Exception):
+    pass
+
+
+def _int(v: Any, lo: int, hi: int, what: str) -> int:
+    if type(v) is not int or not lo <= v <= hi:
+        raise _Bad(f"{what} is {str(v)[:40]}, expected an integer in [{lo}, {hi}]")
+    return v
+
+
+def _lines(f: IO[bytes], p: Path) -> Any:
+    i = 0
+    while line := f.readline(MAX_LINE + 1):
+        i += 1
+        if len(line) > MAX_LINE:
+            raise SmoeError(f"{p}:{i}: line longer than {MAX_LINE} bytes")
+        try:
+            yield i, json.loads(line.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
+            if i == 1:
+                raise SmoeError(f"{p} is not a smoe-gguf trace (record one with `smoe-gguf run --trace FILE`)") from None
+            raise SmoeError(f"{p}:{i}: malformed trace line (not JSON)") from None
+
+
+def _header(h: Any, p: Path) -> dict[str, Any]:
+    if not isinstance(h, dict) or h.get("format") != FORMAT:
         raise SmoeError(f"{p} is not a smoe-gguf trace (record one with `smoe-gguf run --trace FILE`)")
-    if header.get("version") != VERSION:
-        raise SmoeError(f"{p}: trace version {header.get('version')} is not supported (this is {VERSION})")
+    if h.get("version") != VERSION:
+        raise SmoeError(f"{p}: trace version {str(h.get('version'))[:40]} is not supported (this is {VERSION})")
+    try:
+        n_layer = _int(h.get("n_layer"), 1, MAX_LAYERS, "n_layer")
+        n_expert = _int(h.get("n_expert"), 1, MAX_EXPERTS, "n_expert")
+        _int(h.get("n_expert_used"), 1, n_expert, "n_expert_used")
+        costs = h.get("leaf_cost")
+        if not isinstance(costs, dict) or not costs:
+            raise _Bad("leaf_cost is not a table of layers")
+        for k, v in costs.items():
+            if not (k.isascii() and k.isdigit() and int(k) < n_layer):
+                raise _Bad(f"leaf_cost has layer {k[:20]!r}, outside [0, {n_layer})")
+            _int(v, 1, MAX_COST, f"leaf_cost of layer {k}")
+        total = n_expert * sum(costs.values())
+        if h.get("total_cost") != total:
+            raise _Bad(f"total_cost is {str(h.get('total_cost'))[:40]}, its leaf costs make {total}")
+    except _Bad as e:
+        raise SmoeError(f"{p}:1: malformed trace header ({e})") from None
+    return h
+
+
+def _read(f: IO[bytes], p: Path) -> TraceData:
+    lines = _lines(f, p)
+    first = next(lines, None)
+    header = _header(first[1] if first else None, p)
+    n_expert, n_used = header["n_expert"], header["n_expert_used"]
+    layers = {int(k) for k in header["leaf_cost"]}
     events = []
     hits = accesses = 0
-    for i, line in enumerate(lines[1:], start=2):
+    for i, ev in lines:
         try:
-            ev = json.loads(line)
-            events.append((int(ev["pos"]), int(ev["n"]), int(ev["l"]), [[int(e) for e in row] for row in ev["ids"]]))
-            hits += sum(ev["hit"])
-            accesses += len(ev["e"])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError):
-            raise SmoeError(f"{p}:{i}: malformed trace line") from None
+            if not isinstance(ev, dict):
+                raise _Bad("not an object")
+            n = _int(ev.get("n"), 1, MAX_UBATCH, "n")
+            layer = _int(ev.get("l"), 0, 1 << 16, "l")
+            if layer not in layers:
+                raise _Bad(f"layer {layer} has no leaf cost in the header")
+            rows = ev.get("ids")
+            if not isinstance(rows, list) or len(rows) > n:
+                raise _Bad("ids is not a list of at most n rows")
+            for row in rows:
+                if not isinstance(row, list) or len(row) != n_used:
+                    raise _Bad(f"a row of ids is not a list of {n_used} experts")
+                for e in row:
+                    _int(e, 0, n_expert - 1, "an expert id")
+            e_list, hit = ev.get("e"), ev.get("hit")
+            if not isinstance(e_list, list) or not isinstance(hit, list) or len(e_list) != len(hit):
+                raise _Bad("e and hit are not lists of one length")
+            for x in hit:
+                _int(x, 0, 1, "a hit")
+            events.append((_int(ev.get("pos"), 0, 1 << 40, "pos"), n, layer, rows))
+            hits += sum(hit)
+            accesses += len(e_list)
+        except _Bad as e:
+            raise SmoeError(f"{p}:{i}: malformed trace line ({e})") from None
     return TraceData(header, events, hits, accesses)
-
-
-@dataclass
-class ReplayResult:
-    policy: str
-    budget: int
-    hits: int
-    misses: int
-    evictions: int
-    bytes_loaded: int
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hits / max(1, self.hits + self.misses)
-
-
-def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
-    """Run the trace's gates through a book-keeping residency of ``budget`` bytes under ``policy``,
-    in the micro-batches the engine would cut at that budget."""
-    from .residency import Residency
-
-    n_expert, n_used = int(data.header["n_expert"]), int(data.header["n_expert_used"])
-    r = Residency(data.leaf_cost, n_expert, budget, policy)
-    cost = data.leaf_cost
-    loaded = 0
-    for batch in _micro_batches(data.events):
-        n = batch[0][1]
-        step = r.micro_batch(n_used, n)
-        for a in range(0, n, step):
-            for _pos, _n, layer, rows in batch:
-                first = n - len(rows)  # rows belong to the batch's last len(rows) tokens
-                chunk = rows[max(a - first, 0) : max(a + step - first, 0)]
-                if not chunk:
-                    continue
-                before = r.stats.leaves_loaded
-                r.on_experts(layer, np.asarray(chunk, np.int32))
-                loaded += (r.stats.leaves_loaded - before) * cost[layer]
-    s = r.stats
-    return ReplayResult(policy, budget, s.hits, s.misses, s.evictions, loaded)
-
-
-def _micro_batches(events: list[tuple[int, int, int, list[list[int]]]]) -> list[list[tuple[int, int, int, list[list[int]]]]]:
-    """Consecutive gates of one micro-batch (same position and size, layers ascending)."""
-    batches: list[list[tuple[int, int, int, list[list[int]]]]] = []
-    for ev in events:
-        last = batches[-1][-1] if batches else None
-        if last is not None and (last[0], last[1]) == (ev[0], ev[1]) and ev[2] > last[2]:
-            batches[-1].append(ev)
-        else:
-            batches.append([ev])
-    return batches

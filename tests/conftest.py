@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from smoe_gguf.testmodels import build_test_model
+from smoe_gguf.devtools.testmodels import build_test_model
+from smoe_gguf.pack.split import split
 
 
 @pytest.fixture(scope="session")
@@ -21,6 +22,21 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str, str],
         if (arch, dtype) not in built:
             built[(arch, dtype)] = build_test_model(root / f"{arch}-{dtype}.gguf", arch, "tiny", dtype)
         return built[(arch, dtype)]
+
+    return get
+
+
+@pytest.fixture(scope="session")
+def pack_of(tmp_path_factory: pytest.TempPathFactory, tiny_model: Callable[[str, str], Path]) -> Callable[[str, str], Path]:
+    """``pack_of(arch, dtype) -> Path``: the pack of ``tiny_model(arch, dtype)``, split once per session."""
+    root = tmp_path_factory.mktemp("engine-packs")
+    cache: dict[tuple[str, str], Path] = {}
+
+    def get(arch: str, dtype: str) -> Path:
+        if (arch, dtype) not in cache:
+            cache[(arch, dtype)] = root / f"{arch}-{dtype}.pack"
+            split(tiny_model(arch, dtype), cache[(arch, dtype)])
+        return cache[(arch, dtype)]
 
     return get
 

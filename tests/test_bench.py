@@ -34,12 +34,15 @@ def _fake_rows() -> list[dict[str, Any]]:
          "decode_tps": 60.0, "prefill_tps": 300.0, "ttft_seconds": 0.1, "bytes_per_token": 0.0,
          "peak_rss_bytes": 2e9, "cpu_per_token": 0.03, "same_as_a": True, "bit_exact": True},
         {"model": "m", "row": "c", "system": "smoe-gguf reactive LRU", "budget": "25%", "decode_tps": 5.0,
-         "prefill_tps": 40.0, "ttft_seconds": 1.5, "bytes_per_token": 30e6, "hit_rate": 0.7,
+         "prefill_tps": 40.0, "ttft_seconds": 1.5, "bytes_per_token": 30e6, "hit_rate": 0.7, "belady_hit_rate": 0.85,
+         "pct_of_limit_own": 0.125, "pct_of_limit_belady": 0.0625,
          "stall_per_token": 0.1, "peak_rss_bytes": 6e8, "cpu_per_token": 0.2, "same_as_a": True, "bit_exact": True},
         {"model": "m", "row": "b", "system": "stock llama.cpp, mmap, memory cgroup", "budget": "25%",
          "error": "unavailable: no memory cgroup controller mounted"},
-        {"model": "m", "row": "limit", "system": "physical limit", "budget": "25%", "decode_tps": 40.0,
+        {"model": "m", "row": "limit", "system": bench.LIMIT_OWN, "budget": "25%", "decode_tps": 40.0,
          "bytes_per_token": 30e6},
+        {"model": "m", "row": "limit", "system": bench.LIMIT_BELADY, "budget": "25%", "decode_tps": 80.0,
+         "bytes_per_token": 15e6, "hit_rate": 0.85},
     ]
 
 
@@ -59,20 +62,39 @@ def test_same_tokens_compares_the_common_prefix() -> None:
 def test_table_markdown_and_report(tmp_path: Path) -> None:
     rows = _fake_rows()
     cells = bench.table_rows(rows)
-    assert len(cells) == 4 and all(len(c) == len(bench.COLUMNS) for c in cells)
-    assert cells[1][4] == "5.00" and cells[1][8] == "30.00" and cells[1][9] == "70.0%"
+    col = {c: i for i, (c, _) in enumerate(bench.COLUMNS)}
+    assert len(cells) == 5 and all(len(c) == len(bench.COLUMNS) for c in cells)
+    smoe = cells[1]
+    assert smoe[col["decode tok/s"]] == "5.00" and smoe[col["MB read/token"]] == "30.00"
+    assert smoe[col["hit rate"]] == "70.0%" and smoe[col["Belady hit"]] == "85.0%"
+    assert smoe[col["% of limit: own / Belady"]] == "12.5% / 6.2%"
     assert cells[2][4].startswith("unavailable:")  # the reason takes the row's first figure cell
-    assert cells[0][13] == bench.ENERGY_NONE
+    assert cells[0][col["J/token"]] == bench.ENERGY_NONE and cells[0][col["Belady hit"]] == "-"
     md = bench.markdown_table(rows)
-    assert md.count("\n") == 5 and "| m | b |" in md and "unavailable" in md
+    assert md.count("\n") == 6 and "| m | b |" in md and "unavailable" in md
+    curve = {"bytes_per_second": {"1": 0.8e9, "4": 1.4e9}, "span_bytes": [1 << 20, 1 << 20],
+             "bytes_per_level": 256 << 20, "direct": True, "best": 1.4e9, "best_readers": 4}
     result = {"command": "bench.py m.gguf", "machine": {"cpu": "x", "cores": 2, "memory_gib": 24.0, "os": "Linux",
-              "llama_cpp": "0.3.36", "gpu_offload": False, "mem_bw": 1e10, "disk_bw": 1e9},
-              "cache_drop": "files", "energy_source": bench.ENERGY_NONE, "prompts": ["p"], "n": 4,
-              "notes": ["a note"], "rows": rows, "plot": None}
+              "llama_cpp": "0.3.36", "gpu_offload": False, "mem_bw": 1e10, "disk": {"m": curve}},
+              "cache_drop": "files", "energy_source": bench.ENERGY_NONE, "prompts": ["p"], "prompt_domains": ["python"],
+              "n": 4, "sampling": {"temp": 0.8, "top_p": 0.95, "seed": 0}, "notes": ["a note"], "rows": rows,
+              "plot": None}
     bench.write_report(tmp_path, result)
     report = (tmp_path / "report.md").read_text()
-    assert "bench.py m.gguf" in report and "a note" in report and "| m | c |" in report
-    json.dumps(result)  # what results.json holds is JSON
+    assert "Command: `bench.py m.gguf`" in report and "- a note" in report
+    assert "| m | c | smoe-gguf reactive LRU | 25% | 5.00 |" in report and "| 85.0% |" in report
+    assert ("- m: O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers "
+            "1: 0.80, 4: 1.40; limit uses 1.40 (4 readers)") in report
+    assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
+
+
+def test_decode_events_split_prompts_at_the_position_reset() -> None:
+    # prompt 1: 5 tokens in one micro-batch (2 layers), 2 decoded tokens; prompt 2: 3 tokens, 1 decoded
+    events = [(0, 5, 0, [[1]] * 5), (0, 5, 1, [[1]]), (5, 1, 0, [[2]]), (5, 1, 1, [[2]]), (6, 1, 0, [[3]]),
+              (6, 1, 1, [[3]]), (0, 3, 0, [[1]] * 3), (0, 3, 1, [[1]]), (3, 1, 0, [[4]]), (3, 1, 1, [[4]])]
+    assert bench.decode_events(events, [5, 3]) == [2, 3, 4, 5, 8, 9]
+    assert bench.decode_events(events[:4], [5, 3]) == [2, 3]  # a trace that stops early
+    assert bench.decode_events(events, [5]) is None  # more prompts in the trace than were run
 
 
 def test_cgroup_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -106,25 +128,45 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     gguf.symlink_to(src)
     split(src, tmp_path / "tiny.pack")
     out = tmp_path / "out"
-    bench.main([str(gguf), "--budgets", "25%,100%", "-n", "4", "--prompts", "1", "--drop", "files",
-                "--learn-prompts", "1", "--learn-tokens", "2", "--out", str(out)])
+    bench.main([str(gguf), "--budgets", "25%,100%", "-n", "6", "--prompts", "2", "--drop", "files",
+                "--learn-prompts", "1", "--learn-tokens", "2", "--disk-bytes", str(1 << 20), "--readers", "1,2",
+                "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
-    assert (out / "report.md").is_file()
+    assert res["sampling"] == {"temp": 0.8, "top_p": 0.95, "seed": 0} and res["prompt_domains"] == ["python", "c"]
+    curve = res["machine"]["disk"]["tiny"]
+    assert set(curve["bytes_per_second"]) == {"1", "2"} and curve["best"] == max(curve["bytes_per_second"].values()) > 0
     a = [r for r in rows if r["row"] == "a"]
-    assert len(a) == 1 and not a[0].get("error") and len(a[0]["tokens"]) == 1 and len(a[0]["tokens"][0]) == 4
+    assert len(a) == 1 and not a[0].get("error") and [len(t) for t in a[0]["tokens"]] == [6, 6]
+    assert a[0]["tokens"][0] != a[0]["tokens"][1]  # two prompts, two continuations
     smoe = [r for r in rows if r["system"].startswith("smoe-gguf")]
     assert {(r["system"], r["budget"]) for r in smoe} == {
         (s, b) for s in ("smoe-gguf reactive LRU", "smoe-gguf orchestrator") for b in ("25%", "100%")}
     for r in smoe:
         assert not r.get("error"), r
-        assert r["tokens"] == a[0]["tokens"] and r["same_as_a"] and r["bit_exact"]
+        # the same tokens as stock at the same micro-batch and threads; at 100% that is row (a)'s configuration
+        assert r["bit_exact"] and r["tokens_compared"] == 12
+        assert r["same_as_a"] if r["budget"] == "100%" else r["same_as_a"] is not None
         assert r["decode_tps"] > 0 and r["peak_rss_bytes"] > 0 and r["cpu_per_token"] > 0
         assert 0 <= r["hit_rate"] <= 1 and r["bytes_per_token"] is not None
+        assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
+    for r in smoe:
+        if r["system"] == "smoe-gguf reactive LRU":
+            rates = r["replay_hit_rates"]
+            assert set(rates) == {"lru", "lfru", "least-stale", "belady"}
+            assert rates["belady"] >= max(rates["lru"], rates["lfru"], rates["least-stale"])
     b = [r for r in rows if r["row"] == "b"]
     assert len(b) == 2 and all(r.get("error", "").startswith("unavailable") or r["same_as_a"] for r in b)
-    assert [r["budget"] for r in rows if r["row"] == "limit"] == [None, "25%", "100%"]
-    assert not [n for n in res["notes"] if "profile" in n], res["notes"]  # the orchestrator had its tree-map
+    assert [(r["budget"], r["system"]) for r in rows if r["row"] == "limit"] == [
+        (None, bench.LIMIT_NONE), ("25%", bench.LIMIT_OWN), ("25%", bench.LIMIT_BELADY),
+        ("100%", bench.LIMIT_OWN), ("100%", bench.LIMIT_BELADY)]
+    limits = {(r["budget"], r["system"]): r for r in rows if r["row"] == "limit"}
+    # fewer missed bytes, a higher limit: Belady's is at least smoe-gguf's
+    assert limits[("25%", bench.LIMIT_BELADY)]["decode_tps"] >= limits[("25%", bench.LIMIT_OWN)]["decode_tps"] * 0.999
+    assert not [n for n in res["notes"] if "profile" in n or "Belady figures" in n], res["notes"]
+    report = (out / "report.md").read_text()
+    assert "Belady hit" in report and "- tiny: " in report and "by concurrent readers 1: " in report
+    assert (out / "plot.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 
 
 def test_a_pack_split_from_another_file_is_refused(tiny_model: Callable[[str, str], Path], tmp_path: Path) -> None:

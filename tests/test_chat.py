@@ -21,10 +21,10 @@ import llama_cpp
 import pexpect
 import pytest
 
+from smoe_gguf import template
 from smoe_gguf.chat import ChatWorker, printable, segment_start, segments, status_line, tokenize_more
 from smoe_gguf.engine import Engine
 from smoe_gguf.pack.split import split
-from smoe_gguf import template
 from smoe_gguf.template import ChatTemplate, Message, ReplyText, clean_text
 
 from .cli_helpers import run_cli
@@ -244,16 +244,16 @@ def test_without_a_terminal_lines_are_read_and_closed_stdin_exits_cleanly(pack: 
 
 def test_model_template_and_plain_fallback(pack: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     with Engine(pack, budget="100%", n_ctx=CTX, n_threads=1) as eng:
-        t = ChatTemplate.of(eng._model)
+        t = ChatTemplate.of(eng.model)
         assert t.template is not None and t.stop_text is None
         msgs = [Message("system", "Be brief."), Message("user", "Hi")]
         assert t.render(msgs) == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                   "<|im_start|>assistant\n")
         assert t.typed_prefix(msgs[:1], "Hel") == "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHel"
         monkeypatch.setattr(llama_cpp, "llama_model_chat_template", lambda model, name: b"{{ unknown }}")
-        assert ChatTemplate.of(eng._model).template is None  # llama.cpp cannot render it: fallback
+        assert ChatTemplate.of(eng.model).template is None  # llama.cpp cannot render it: fallback
         monkeypatch.setattr(llama_cpp, "llama_model_chat_template", lambda model, name: None)
-        plain = ChatTemplate.of(eng._model)
+        plain = ChatTemplate.of(eng.model)
     assert plain.template is None and "no chat template" in plain.name
     convo = [*msgs, Message("assistant", " Hello!"), Message("user", "Bye")]
     assert plain.render(convo) == "Be brief.\n\nUser: Hi\nAssistant: Hello!\nUser: Bye\nAssistant:"
@@ -279,7 +279,7 @@ def test_plain_fallback_chat_keeps_earlier_turns_in_the_kv_cache(pack: Path) -> 
 
 def test_typeahead_worker_rolls_back_to_micro_batch_boundaries(pack: Path) -> None:
     with Engine(pack, budget="25%", n_ctx=CTX, n_threads=1, n_ubatch=UB) as eng:
-        w = ChatWorker(eng, ChatTemplate.of(eng._model), None, n_tokens=N)
+        w = ChatWorker(eng, ChatTemplate.of(eng.model), None, n_tokens=N)
         try:
             for text in (PROMPT, PROMPT[:20] + "xyz abc def ghi", PROMPT):
                 w.typed(text)

@@ -11,18 +11,19 @@ import gguf
 import numpy as np
 import pytest
 
-from smoe_gguf import stock
+from smoe_gguf.budget import page_cost
+from smoe_gguf.devtools import stock
+from smoe_gguf.devtools.testmodels import CASES
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.gguf_layout import read_layout
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.merge import merge
 from smoe_gguf.pack.split import split
 from smoe_gguf.pack.verify import verify
-from smoe_gguf.testmodels import ARCHS, DTYPES
 
 from .cli_helpers import run_cli
 
-ALL = [(a, d) for a in ARCHS for d in DTYPES]
+ALL = list(CASES)
 
 
 @pytest.fixture(scope="module")
@@ -197,8 +198,12 @@ def test_refuses_an_existing_output_unless_forced(tiny_model, tmp_path: Path) ->
     code, _, stderr = run_cli("split", str(src), "-o", str(out))
     assert code == 1 and "already exists (use --force" in stderr
     assert (out / "keep.txt").read_text() == "mine"
-    code, _, _ = run_cli("split", "-q", str(src), "-o", str(out), "--force")
-    assert code == 0 and not (out / "keep.txt").exists() and verify(out) == []
+    code, _, stderr = run_cli("split", "-q", str(src), "-o", str(out), "--force")  # not a pack: never replaced
+    assert code == 1 and "--force replaces only a pack" in stderr and (out / "keep.txt").read_text() == "mine"
+    (out / "keep.txt").unlink()
+    for _ in range(2):  # an empty directory, then the pack written there
+        code, _, _ = run_cli("split", "-q", str(src), "-o", str(out), "--force")
+        assert code == 0 and verify(out) == []
 
 
 def test_refuses_when_the_disk_is_too_small(tiny_model, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -227,6 +232,8 @@ def test_inspect_reports_the_moe_layout(tiny_model) -> None:
     assert code == 0 and info["moe"] and info["architecture"] == "qwen2moe"
     assert info["shared_experts"] >= 1 and info["shared_expert_bytes"] > 0
     assert info["leaf_bytes"] == sum(info["part_bytes"].values())
-    assert info["min_budget_bytes"] == info["leaf_bytes"] * info["experts_used_per_token"]
+    # the minimum is what the engine charges: each part's page footprint, one token's leaves
+    cost = sum(page_cost(n) for n in info["part_bytes"].values())
+    assert info["min_budget_bytes"] == cost * info["experts_used_per_token"] > info["leaf_bytes"] * info["experts_used_per_token"]
     assert info["total_expert_bytes"] == info["leaf_bytes"] * info["leaves"]
     assert info["dense_core_bytes"] + info["total_expert_bytes"] < info["file_bytes"]

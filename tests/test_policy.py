@@ -10,11 +10,12 @@ import pytest
 
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.policy import AccessState, make_policy
+from smoe_gguf.replay import replay
 from smoe_gguf.residency import Residency
-from smoe_gguf.trace import load, replay
+from smoe_gguf.trace import load
 
 from .cli_helpers import run_cli
-from .test_engine import PROMPT, pack_of  # noqa: F401 - fixture
+from .engine_helpers import PROMPT
 
 A, B, C, D = 0, 1, 2, 3
 
@@ -81,7 +82,7 @@ def test_unknown_policy_is_refused() -> None:
         make_policy("mru")
 
 
-def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_path: Path) -> None:  # noqa: F811
+def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_path: Path) -> None:
     pack = pack_of("qwen3moe", "f16")
     trace = tmp_path / "t.jsonl"
     # Reactive (no speculation, no profile): the live run's decisions are the policy's alone.
@@ -99,7 +100,7 @@ def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_p
     assert replay(data, live["budget_bytes"], "lfru") == replay(data, live["budget_bytes"], "lfru")
     code, stdout, _ = run_cli("replay", str(trace), "--budget", "10%,25%,50%", "--json")
     rows = json.loads(stdout)
-    assert code == 0 and len(rows) == 9
+    assert code == 0 and len(rows) == 12  # 3 budgets x lru, lfru, least-stale, belady
     rates = {(r["budget"], r["policy"]): r["hit_rate"] for r in rows}
     assert rates[("50%", "lru")] >= rates[("10%", "lru")]
 

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 
 from smoe_gguf import profile as tm
-from smoe_gguf.engine import Engine, model_identity
+from smoe_gguf.engine import Engine
+from smoe_gguf.source import model_identity
 
 from .cli_helpers import run_cli
-from .test_engine import N_TOKENS, PROMPT, _reference, _same, pack_of  # noqa: F401 - fixture
+from .engine_helpers import N_TOKENS, PROMPT, reference, same
 
 N_LAYER, N_EXPERT = 4, 8
 
@@ -119,7 +120,7 @@ def test_two_processes_saving_at_once_both_count(tmp_path: Path) -> None:
     assert not list(tmp_path.glob("*.tmp"))
 
 
-def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: Path) -> None:  # noqa: F811
+def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: Path) -> None:
     src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
     path = tmp_path / "prof.json"
     code, _, stderr = run_cli("profile", str(pack), "--prompts", str(_prompts(tmp_path)), "-n", "8",
@@ -138,7 +139,7 @@ def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: P
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert all(r.state.resident[k] for k in prof.hottest(pin)), "a pinned leaf was evicted"
         assert r.used <= r.budget and eng.xslot.mincore_bytes() <= r.budget
-        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
     prof2, _ = tm.load(path, model_id, n_layer, n_expert, pytest.fail)
     assert prof2.sessions == 2  # the run itself was learnt at close
     code, stdout, _ = run_cli("profile", str(pack), "--show", "--profile", str(path))

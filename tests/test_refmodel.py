@@ -1,4 +1,4 @@
-"""The reference-model toolkit (smoe_gguf/refmodel.py) against llama.cpp, on tiny models.
+"""The reference-model toolkit (smoe_gguf/devtools/refmodel.py) against llama.cpp, on tiny models.
 
 Fast and torch-free except where marked: the tokenizer and the numpy forward are checked
 against stock llama.cpp, the routing statistics on crafted routes, the corpus on a small budget,
@@ -13,8 +13,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoe_gguf import refmodel as rm
-from smoe_gguf import stock
+from smoe_gguf.devtools import refmodel as rm
+from smoe_gguf.devtools import stock
 from smoe_gguf.errors import SmoeError
 
 TRAIN_TEXTS = [

@@ -8,16 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smoe_gguf.devtools.testmodels import ARCHS
 from smoe_gguf.engine import Engine
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
-from smoe_gguf.testmodels import ARCHS
 
-from .test_engine import N_TOKENS, PROMPT, _budgets, _reference, _same, pack_of  # noqa: F401 - fixture
+from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
 
 
-def test_full_budget_warms_in_the_background_then_stops_gating(tiny_model, pack_of) -> None:  # noqa: F811
+def test_full_budget_warms_in_the_background_then_stops_gating(tiny_model, pack_of) -> None:
     src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
     with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
         r = eng.residency
@@ -28,12 +28,12 @@ def test_full_budget_warms_in_the_background_then_stops_gating(tiny_model, pack_
         eng.reset()
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert not eng.gate.gating, "every leaf resident: llama.cpp must compute each graph in one piece"
-        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
 
 
-def test_prefetch_charges_now_and_protects_the_leaves_in_use(pack_of) -> None:  # noqa: F811
+def test_prefetch_charges_now_and_protects_the_leaves_in_use(pack_of) -> None:
     pack = pack_of("qwen3moe", "f16")
-    with Engine(pack, budget=_budgets(pack)["min"], n_ctx=256, n_threads=2) as eng:
+    with Engine(pack, budget=budgets(pack)["min"], n_ctx=256, n_threads=2) as eng:
         r = eng.residency
         n_used = eng.source.n_expert_used
         in_use = list(range(n_used))
@@ -106,7 +106,7 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of, arch: str) -> None:  # noqa: F811
+def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of, arch: str) -> None:
     """Part pipelining (off by default, --pipeline) stops the graph at a layer's down node only
     when that layer's top-k gate left down parts to finish; a layer whose leaves were all resident
     runs through (a graph split costs the compute threads a barrier). Bit-exact on every
@@ -117,7 +117,7 @@ def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny
         assert r.pipeline
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert 0 < r.stats.down_nodes == eng.gate.py_nodes < eng.gate.n_gated
-        assert _same(_reference(src, eng), gen.tokens, gen.logits)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
 
 
 def test_a_bad_down_part_read_by_the_pipeline_is_named(tiny_model, tmp_path: Path) -> None:

@@ -12,11 +12,12 @@ import gguf
 import numpy as np
 import pytest
 
-from smoe_gguf import archs, stock
+from smoe_gguf import archs
+from smoe_gguf.devtools import stock
 from smoe_gguf import ggml_abi as abi
+from smoe_gguf.devtools.testmodels import build_test_model
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.gate import Gate
-from smoe_gguf.testmodels import build_test_model
 from smoe_gguf.xslot import PAGE, XSlot
 
 PROMPT = "The quick brown fox jumps over the lazy dog, then"

@@ -13,10 +13,12 @@ import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from .. import archs
-from ..errors import SmoeError
+from smoe_gguf import archs
+from smoe_gguf.errors import SmoeError
+from smoe_gguf.safeio import clean_leftovers, leftover_name, open_in_pack, open_regular, os_error, read_file, refuse_input
+
 from . import manifest as mf
-from .verify import read_part
+from .verify import check_file, read_part
 
 Progress = Callable[[int, int], None]
 
@@ -29,24 +31,53 @@ def merge(
 ) -> Path:
     d = Path(pack)
     m = mf.load(d)
-    dst = Path(out)
-    if dst.exists() and not force:
-        raise SmoeError(f"{dst}: already exists (use --force to replace it)")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst = Path(os.path.abspath(out))
+    refuse_input(dst, [d], "output")
+    if os.path.lexists(dst):
+        if dst.is_symlink() or not dst.is_file():
+            what = "a directory" if dst.is_dir() else "not a regular file"
+            raise SmoeError(f"{dst}: is {what}; not replaced")
+        if not force:
+            raise SmoeError(f"{dst}: already exists (use --force to replace it)")
+        if not _is_gguf(dst):
+            raise SmoeError(f"{dst}: is not a GGUF file; --force replaces only a GGUF")
+    elif dst.parent.exists() and not dst.parent.is_dir():
+        raise SmoeError(f"{dst}: {dst.parent} is not a directory")
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, dst.parent) from None
+    clean_leftovers(dst.parent, dst.name)
     free = shutil.disk_usage(dst.parent).free
     if free < m.source.size:
         raise SmoeError(
             f"not enough free disk at {dst.parent}: the model needs {m.source.size / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free"
         )
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
+    tmp = dst.parent / leftover_name(dst.name, "partial")
+    tmp.unlink(missing_ok=True)  # this process's own, from an earlier call
     try:
         _write(d, m, tmp, progress)
         os.replace(tmp, dst)
-    except BaseException:
+    except BaseException as e:
         tmp.unlink(missing_ok=True)
+        if isinstance(e, OSError):
+            raise os_error(e, dst) from None
         raise
     return dst
+
+
+def _is_gguf(path: Path) -> bool:
+    try:
+        fd = open_regular(path)
+    except SmoeError:
+        return False
+    try:
+        return os.pread(fd, 4, 0) == b"GGUF"
+    except OSError:
+        return False
+    finally:
+        os.close(fd)
 
 
 def _write(d: Path, m: mf.Manifest, tmp: Path, progress: Progress | None) -> None:
@@ -65,10 +96,11 @@ def _write(d: Path, m: mf.Manifest, tmp: Path, progress: Progress | None) -> Non
         if progress is not None:
             progress(done, m.source.size)
 
-    header = (d / mf.HEADER_FILE).read_bytes() if (d / mf.HEADER_FILE).is_file() else b""
-    if hashlib.sha256(header).hexdigest() != m.header.sha256:
-        raise SmoeError(f"{d / mf.HEADER_FILE}: missing or corrupt")
-    with open(tmp, "wb") as out, open(d / mf.CORE_FILE, "rb") as core:
+    fault = check_file(d, m.header, quick=False) or check_file(d, m.core, quick=False)
+    if fault is not None:
+        raise SmoeError(f"{d / fault.what}: {fault.problem}")
+    header = read_file(d / mf.HEADER_FILE, follow=False, limit=m.header.size)
+    with open(tmp, "xb") as out, os.fdopen(open_in_pack(d, mf.CORE_FILE), "rb") as core:
         put(out, header)
         for t in m.tensors:
             gap = t.offset - out.tell()
@@ -91,4 +123,5 @@ def _write(d: Path, m: mf.Manifest, tmp: Path, progress: Progress | None) -> Non
                     put(out, read_part(d, leaf, p))
         put(out, bytes.fromhex(m.tail_hex))
     if h.hexdigest() != m.source.sha256:
-        raise SmoeError(f"{d}: merged bytes do not match the source's sha256 (corrupt core.gguf?)")
+        raise SmoeError(f"{d}: merged bytes do not match the source's sha256, though every file matches its own: "
+                        f"the manifest's tensors or leaves are not those of the source")

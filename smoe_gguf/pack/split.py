@@ -8,13 +8,14 @@ and renamed into place only when complete, so an interrupted split leaves no pac
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
 from pathlib import Path
 
-from ..errors import SmoeError
-from ..gguf_layout import (
+from smoe_gguf.errors import SmoeError
+from smoe_gguf.gguf_layout import (
     T_INT32,
     T_STRING,
     T_UINT16,
@@ -25,7 +26,9 @@ from ..gguf_layout import (
     read_layout,
     write_header,
 )
-from ..moe import MoEModel, analyze
+from smoe_gguf.moe import MoEModel, analyze
+from smoe_gguf.safeio import clean_leftovers, leftover_name, open_regular, os_error, read_file
+
 from . import manifest as mf
 
 Progress = Callable[[int, int], None]
@@ -74,14 +77,15 @@ def split(
     progress: Progress | None = None,
 ) -> mf.Manifest:
     src = Path(source)
-    dst = Path(out)
+    dst = Path(os.path.abspath(out))
     layout = read_layout(src)
     model = analyze(layout).require_moe()
-    if dst.exists() and not force:
-        raise SmoeError(f"{dst}: already exists (use --force to replace it)")
-    if dst.resolve() == src.resolve() or src.resolve().is_relative_to(dst.resolve()):
-        raise SmoeError(f"{dst}: the output would replace the source")
-    dst.parent.mkdir(parents=True, exist_ok=True)
+    _check_output(dst, src, force)
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise os_error(e, dst.parent) from None
+    clean_leftovers(dst.parent, dst.name)
     need = required_bytes(model)
     free = shutil.disk_usage(dst.parent).free
     if free < need:
@@ -89,22 +93,57 @@ def split(
             f"not enough free disk at {dst.parent}: the pack needs {need / 2**20:.1f} MiB, "
             f"{free / 2**20:.1f} MiB free"
         )
-    tmp = dst.parent / f".{dst.name}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = dst.parent / leftover_name(dst.name, "partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # this process's own, from an earlier call
     try:
         tmp.mkdir()
         manifest = _write_pack(model, tmp, progress)
         if dst.exists():
-            old = dst.parent / f".{dst.name}.old-{os.getpid()}"
+            old = dst.parent / leftover_name(dst.name, "old")
             os.replace(dst, old)
-            os.replace(tmp, dst)
+            try:
+                os.replace(tmp, dst)
+            except BaseException:
+                os.replace(old, dst)
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, dst)
         return manifest
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if isinstance(e, OSError):
+            raise os_error(e, dst) from None
         raise
+
+
+def is_pack(path: Path) -> bool:
+    """Whether ``path`` is a directory holding a smoe-gguf manifest (sound or not)."""
+    try:
+        raw = json.loads(read_file(path / mf.MANIFEST, follow=False, limit=mf.MAX_MANIFEST_BYTES))
+    except (SmoeError, ValueError, RecursionError):
+        return False
+    return isinstance(raw, dict) and raw.get("format") == mf.FORMAT
+
+
+def _check_output(dst: Path, src: Path, force: bool) -> None:
+    """Refuse an output that would replace the source, or anything but a pack or an empty directory."""
+    real = Path(os.path.realpath(dst))
+    if real == Path(os.path.realpath(src)) or Path(os.path.realpath(src)).is_relative_to(real):
+        raise SmoeError(f"{dst}: the output would replace the source")
+    if Path(os.path.realpath(os.getcwd())).is_relative_to(real):
+        raise SmoeError(f"{dst}: is the current directory or holds it; write the pack somewhere else")
+    if not os.path.lexists(dst):
+        if dst.parent.exists() and not dst.parent.is_dir():
+            raise SmoeError(f"{dst}: {dst.parent} is not a directory")
+        return
+    if dst.is_symlink() or not dst.is_dir():
+        raise SmoeError(f"{dst}: already exists and is not a pack directory; not replaced")
+    if not force:
+        raise SmoeError(f"{dst}: already exists (use --force to replace it)")
+    if not is_pack(dst) and any(dst.iterdir()):
+        raise SmoeError(f"{dst}: is not a pack (no smoe-gguf {mf.MANIFEST}) and not empty; "
+                        "--force replaces only a pack or an empty directory")
 
 
 def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manifest:
@@ -135,7 +174,7 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
     for layer in model.moe_layers:
         (d / mf.leaf_file(layer, 0)).parent.mkdir(parents=True, exist_ok=True)
 
-    with open(layout.path, "rb") as f, open(d / mf.CORE_FILE, "wb") as core:
+    with os.fdopen(open_regular(layout.path), "rb") as f, open(d / mf.CORE_FILE, "wb") as core:
         header = f.read(layout.data_offset)
         src_hash.update(header)
         tick(len(header))

@@ -8,14 +8,19 @@ from pathlib import Path
 import llama_cpp
 
 from smoe_gguf.errors import SmoeError
-from smoe_gguf.stock import LOG
+from smoe_gguf.llama_session import LOG
 
-# "q4_k" is Q4_K_S: every expert tensor of a model with fewer than 8 layers is Q4_K (Q4_K_M
-# would turn the ffn_down of some layers into Q6_K). Q4_K_S still makes the first n_layer/8
-# layers' ffn_down Q5_K, and output.weight is Q6_K in both.
+# "q4_k" is Q4_K_S: every expert tensor of a model with fewer than 8 layers is Q4_K. Q4_K_S
+# still makes the first n_layer/8 layers' ffn_down Q5_K, and output.weight is Q6_K.
+# "q4_k_m" is Q4_K_M, the mix published GGUFs use: gate/up Q4_K, and the down part Q6_K in
+# some layers (llama.cpp's use_more_bits: the first and last eighth, every third between).
+# "iq4_xs" needs no importance matrix. "mxfp4" is MXFP4_MOE: MXFP4 experts, Q8_0 elsewhere.
 FTYPES: dict[str, int] = {
     "q8_0": llama_cpp.LLAMA_FTYPE_MOSTLY_Q8_0,
     "q4_k": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_S,
+    "q4_k_m": llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_K_M,
+    "iq4_xs": llama_cpp.LLAMA_FTYPE_MOSTLY_IQ4_XS,
+    "mxfp4": llama_cpp.LLAMA_FTYPE_MOSTLY_MXFP4_MOE,
 }
 
 

@@ -1,20 +1,19 @@
-"""Stock llama.cpp reference runner: greedy decoding through llama-cpp-python's low-level API.
+"""The llama.cpp session glue: params, loading, tokenizing, decoding and logits.
 
-Tests compare smoe-gguf against this. ``run_greedy`` takes already-built model/context params,
-so a caller can run the very same loop with its own ``tensor_buft_overrides`` / ``cb_eval``
-(it must keep whatever those params point to alive for the call).
-
-llama.cpp's log output is swallowed by default (set ``SMOE_LLAMA_LOG=1`` to see it on stderr);
+Every caller of llama-cpp-python's low-level API (the engine, the stock reference runner, the
+bench) goes through these functions. llama.cpp's log output is swallowed by default (set ``SMOE_LLAMA_LOG=1`` to see it on stderr);
 its last error lines are kept and put into the SmoeError raised on failure.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import os
 import sys
 from collections import deque
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import llama_cpp
@@ -68,14 +67,6 @@ class LlamaLog:
 LOG = LlamaLog()
 
 
-@dataclass
-class GreedyRun:
-    """``logits[i]`` (float32 copy, last position) is the distribution ``tokens[i]`` was taken from."""
-
-    tokens: list[int]
-    logits: list[np.ndarray] = field(repr=False)
-
-
 _PLAIN_EXPERTS: list[object] = []  # keeps the override array of plain_experts alive
 
 
@@ -93,6 +84,19 @@ def _plain_expert_overrides() -> int:
     return ctypes.addressof(_PLAIN_EXPERTS[1])  # type: ignore[arg-type]
 
 
+@functools.cache
+def cpu_has_amx() -> bool:
+    """Whether this CPU has Intel AMX (read from /proc/cpuinfo; False elsewhere)."""
+    try:
+        with open("/proc/cpuinfo", encoding="ascii", errors="replace") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return "amx_int8" in line.split()
+    except OSError:
+        pass
+    return False
+
+
 def model_params(n_gpu_layers: int = 0, plain_experts: bool = False) -> llama_cpp.llama_model_params:
     """Default model params, CPU only unless told otherwise.
 
@@ -100,10 +104,15 @@ def model_params(n_gpu_layers: int = 0, plain_experts: bool = False) -> llama_cp
     ``-ot exps=CPU`` does, instead of letting the CPU backend repack them (on x86 it repacks
     Q4_0/Q4_K/Q8_0/IQ4_NL... into interleaved layouts with their own kernels, which sum in
     another order). This is the stock configuration the X-Slot is bit-exact against: the X-Slot
-    holds leaves in file layout, as the plain CPU buffer does. The dense core is repacked either way.
+    holds leaves in file layout, as the plain CPU buffer does. The dense core is repacked either way,
+    except on CPUs with AMX: llama.cpp's AMX buffer type crashes in graphs the gate computes in
+    pieces (a segfault in ggml_backend_amx_mul_mat), so there every caller (engine, stock reference,
+    bench) runs without the CPU backend's extra buffer types.
     """
     p = llama_cpp.llama_model_default_params()
     p.n_gpu_layers = n_gpu_layers
+    if cpu_has_amx():
+        p.use_extra_bufts = False
     if plain_experts:
         p.tensor_buft_overrides = _plain_expert_overrides()
     return p
@@ -159,18 +168,8 @@ def tokenize_with(vocab: llama_cpp.llama_vocab_p, text: str) -> list[int]:
     return list(buf[:n])
 
 
-def tokenize(model_path: str | Path, text: str) -> list[int]:
-    """Tokenize ``text`` with the vocabulary of the model file (loads the vocab only)."""
-    params = model_params()
-    params.vocab_only = True
-    model = load_model(model_path, params)
-    try:
-        return tokenize_with(llama_cpp.llama_model_get_vocab(model), text)
-    finally:
-        llama_cpp.llama_model_free(model)
-
-
-def _decode(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
+def decode(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
+    """Append ``tokens`` (one batch) to the context; raise SmoeError with llama.cpp's reason."""
     arr = (llama_cpp.llama_token * len(tokens))(*tokens)  # referenced until decode returns
     LOG.clear()
     rc = llama_cpp.llama_decode(ctx, llama_cpp.llama_batch_get_one(arr, len(tokens)))
@@ -178,54 +177,67 @@ def _decode(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
         raise SmoeError(f"llama_decode failed (code {rc}): {LOG.reason() or 'no reason given'}")
 
 
-def _last_logits(ctx: llama_cpp.llama_context_p, n_vocab: int) -> np.ndarray:
+def last_logits(ctx: llama_cpp.llama_context_p, n_vocab: int) -> np.ndarray:
+    """A float32 copy of the logits of the last token decoded."""
     ptr = llama_cpp.llama_get_logits_ith(ctx, -1)
     if not ptr:
         raise SmoeError("llama.cpp returned no logits")
     return np.ctypeslib.as_array(ptr, shape=(n_vocab,)).copy()
 
 
-def greedy_loop(ctx: llama_cpp.llama_context_p, n_vocab: int, prompt_tokens: list[int],
-                n_tokens: int, n_batch: int) -> GreedyRun:
-    """Decode the prompt in chunks of ``n_batch``, then take ``n_tokens`` argmax tokens.
+def token_piece(vocab: llama_cpp.llama_vocab_p, token: int) -> bytes:
+    """The bytes of one token (special tokens rendered)."""
+    buf = ctypes.create_string_buffer(256)
+    n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    if n < 0:
+        buf = ctypes.create_string_buffer(-n)
+        n = llama_cpp.llama_token_to_piece(vocab, token, buf, len(buf), 0, True)
+    return buf.raw[: max(n, 0)]
 
-    End-of-generation tokens do not stop the loop: exactly ``n_tokens`` come back.
-    """
-    if not prompt_tokens:
-        raise SmoeError("the prompt is empty")
-    for start in range(0, len(prompt_tokens), n_batch):
-        _decode(ctx, prompt_tokens[start:start + n_batch])
-    run = GreedyRun(tokens=[], logits=[])
+
+@dataclass(frozen=True)
+class Sampling:
+    """How a token is picked from the logits: argmax at ``temp`` 0, else llama.cpp's top-p
+    (when ``top_p`` < 1), temperature and seeded draw."""
+
+    temp: float = 0.0
+    seed: int = 0
+    top_p: float = 1.0
+
+
+class Sampler:
+    """A :class:`Sampling` over one context (argmax is bit-comparable with stock greedy)."""
+
+    def __init__(self, ctx: llama_cpp.llama_context_p, sampling: Sampling) -> None:
+        self.ctx = ctx
+        self.chain = None
+        if sampling.temp > 0:
+            sp = llama_cpp.llama_sampler_chain_default_params()
+            self.chain = llama_cpp.llama_sampler_chain_init(sp)
+            if sampling.top_p < 1.0:
+                llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_top_p(sampling.top_p, 1))
+            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_temp(sampling.temp))
+            llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_dist(sampling.seed & 0xFFFFFFFF))
+
+    def pick(self, logits: np.ndarray) -> int:
+        if self.chain is None:
+            return int(np.argmax(logits))
+        return int(llama_cpp.llama_sampler_sample(self.chain, self.ctx, -1))
+
+    def free(self) -> None:
+        if self.chain is not None:
+            llama_cpp.llama_sampler_free(self.chain)
+            self.chain = None
+
+
+def sample_tokens(decode_one: Callable[[list[int]], None], logits: Callable[[], np.ndarray], sampler: Sampler,
+                  n_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
+    """The decode loop, once the prompt is in: yield (token, the logits it was picked from) up to
+    ``n_tokens`` times, decoding each token before the next is picked. The last token yielded
+    is not decoded; neither is one after which the caller stops asking."""
     for i in range(n_tokens):
-        logits = _last_logits(ctx, n_vocab)
-        token = int(np.argmax(logits))
-        run.tokens.append(token)
-        run.logits.append(logits)
+        lg = logits()
+        tok = sampler.pick(lg)
+        yield tok, lg
         if i + 1 < n_tokens:
-            _decode(ctx, [token])
-    return run
-
-
-def run_greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int,
-               mparams: llama_cpp.llama_model_params, cparams: llama_cpp.llama_context_params) -> GreedyRun:
-    """Load, greedy-decode, free. The caller owns the params and what they point to."""
-    model = load_model(model_path, mparams)
-    ctx = None
-    try:
-        vocab = llama_cpp.llama_model_get_vocab(model)
-        tokens = tokenize_with(vocab, prompt) if isinstance(prompt, str) else list(prompt)
-        if len(tokens) + n_tokens > cparams.n_ctx:
-            raise SmoeError(f"prompt ({len(tokens)} tokens) + {n_tokens} new tokens do not fit n_ctx={cparams.n_ctx}")
-        ctx = new_context(model, cparams)
-        return greedy_loop(ctx, llama_cpp.llama_vocab_n_tokens(vocab), tokens, n_tokens, cparams.n_batch)
-    finally:
-        if ctx is not None:
-            llama_cpp.llama_free(ctx)
-        llama_cpp.llama_model_free(model)
-
-
-def greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int = 32, n_ctx: int = 512,
-           n_threads: int = 2, n_batch: int = 512, n_ubatch: int = 512, plain_experts: bool = False) -> GreedyRun:
-    """Greedy-decode ``n_tokens`` tokens with unmodified llama.cpp on the CPU (see model_params)."""
-    return run_greedy(model_path, prompt, n_tokens, model_params(plain_experts=plain_experts),
-                      context_params(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch))
+            decode_one([tok])

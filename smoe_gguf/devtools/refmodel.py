@@ -55,8 +55,8 @@ from typing import TYPE_CHECKING, Any
 import gguf
 import numpy as np
 
+from smoe_gguf.devtools.testmodels import CHAT_TEMPLATE, SPECIAL_TOKENS, Shape, add_hparams, bytes_to_unicode
 from smoe_gguf.errors import SmoeError
-from smoe_gguf.testmodels import CHAT_TEMPLATE, SPECIAL_TOKENS, Shape, _add_hparams, _bytes_to_unicode
 
 if TYPE_CHECKING:  # pragma: no cover
     import torch
@@ -169,7 +169,7 @@ def _path_hash(domain: str, rel: str) -> int:
 _TROFF_TEXT_MACROS = {"SH", "SS", "B", "I", "BI", "BR", "IB", "IR", "RB", "RI", "SM", "SB", "TH", "Nm", "Nd",
                       "Ar", "Fl", "Op", "It", "Pa", "Xr", "Sh", "Ss", "Dl", "Em", "Sy", "Li", "Va", "Fn",
                       "Ft", "Fa", "Cm", "Ev", "Er", "Dv", "Ic", "Ql", "Dq", "Sq", "Pq", "IP", "TP", "UR",
-                      "MT", "Ns", "Ev"}
+                      "MT", "Ns"}
 _TROFF_ALTERNATING = {"BR", "BI", "IB", "IR", "RB", "RI"}  # fonts alternate, no spaces between arguments
 _TROFF_ARG = re.compile(r'"([^"]*)"?|(\S+)')
 _TROFF_ESCAPE = re.compile(r"\\(f(\[[^\]]*\]|\(..|.)|s[+-]?\d+|\*(\(..|\[[^\]]*\]|.)|\((..)|\[([^\]]*)\]|.)")
@@ -375,7 +375,7 @@ def pretokenize(text: str) -> list[str]:
     return _pretokenize_re().findall(text)
 
 
-_B2U: dict[int, str] = _bytes_to_unicode()
+_B2U: dict[int, str] = bytes_to_unicode()
 _U2B: dict[str, int] = {u: b for b, u in _B2U.items()}
 _B2U_TABLE: list[str] = [_B2U[b] for b in range(256)]
 
@@ -778,7 +778,7 @@ def write_gguf(path: str | os.PathLike[str], cfg: ModelConfig, weights: Weights,
         try:
             w.add_name(name)
             w.add_file_type(gguf.LlamaFileType.ALL_F32 if dtype == "f32" else gguf.LlamaFileType.MOSTLY_F16)
-            _add_hparams(w, ARCH, cfg.shape())
+            add_hparams(w, ARCH, cfg.shape())
             _add_tokenizer(w, tok)
             for k, v in (extra or {}).items():
                 w.add_string(k, v)
@@ -903,7 +903,7 @@ class LlamaRunner:
     probe_experts: int = 0  # n_expert of the model to read the router's output, 0: off
 
     def __post_init__(self) -> None:
-        from smoe_gguf import stock
+        from smoe_gguf.devtools import stock
 
         llama_cpp = _llama()
         self._stock = stock

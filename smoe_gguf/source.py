@@ -1,0 +1,90 @@
+"""What the engine loads: the files llama.cpp opens and the store the leaves come from.
+
+A pack gives llama.cpp its ``core.gguf`` (split 1 of 2) and a sparse *expert stub* (split 2:
+the expert tensors' infos, then a hole), written to a temporary directory, so llama.cpp never
+sees a real expert byte. The stub is the other half of the split-1-of-2 contract of
+:mod:`smoe_gguf.pack.split`. A plain GGUF is given to llama.cpp whole; its leaves are read from
+it by offset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from . import archs
+from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
+from .moe import analyze
+from .pack import manifest as mf
+from .pack.core_check import check_core
+from .store import LeafStore
+
+
+@dataclass
+class Source:
+    """What the engine loads: the files llama.cpp opens and where the leaves come from."""
+
+    path: Path
+    kind: str  # "pack" or "gguf"
+    llama_paths: list[Path]
+    store: LeafStore
+    core_bytes: int
+    expert_bytes: int
+    n_expert: int
+    n_expert_used: int
+    model_id: str  # the source's identity (profiles are keyed by it)
+    stub_dir: tempfile.TemporaryDirectory[str] | None = None
+
+
+def write_expert_stub(path: Path, m: mf.Manifest) -> int:
+    """Split 2 of a pack's model: the expert tensors' infos and a hole of their size. Its size."""
+    infos, rel = [], 0
+    for t in m.tensors:
+        if t.where == "leaves":
+            infos.append(encode_tensor_info(t.name, t.ggml_type, tuple(t.shape), rel))
+            rel = align_up(rel + t.nbytes, m.alignment)
+    kvs = [encode_kv("general.alignment", T_UINT32, m.alignment), encode_kv("split.no", T_UINT16, 1)]
+    with open(path, "wb") as f:
+        data = write_header(f, 3, kvs, infos, m.alignment)
+        f.truncate(data + rel)
+    return data + rel
+
+
+def open_source(path: Path, checksums: str = "first") -> Source:
+    """A pack directory or a plain MoE GGUF, ready for the engine to load."""
+    if path.is_dir():
+        m = mf.load(path)
+        archs.require_supported(m.arch, str(path))
+        check_core(path, m)  # llama.cpp loads only a core whose sha256 the manifest gives
+        stub_dir = tempfile.TemporaryDirectory(prefix="smoe-stub-")
+        stub = Path(stub_dir.name) / "experts-stub.gguf"
+        write_expert_stub(stub, m)
+        return Source(
+            path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums),
+            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, stub_dir,
+        )
+    model = analyze(read_layout(path)).require_moe()
+    return Source(
+        path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums),
+        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
+    )
+
+
+def model_identity(path: Path) -> tuple[str, int, int]:
+    """(identity, layers, experts per layer) of a pack or a plain MoE GGUF, without loading it.
+    The layers are those llama.cpp runs: MTP blocks at the end (never loaded) are not counted."""
+    if path.is_dir():
+        m = mf.load(path)
+        return m.source.sha256, m.n_layer - archs.nextn_layers(read_layout(path / mf.CORE_FILE)), m.n_expert
+    model = analyze(read_layout(path)).require_moe()
+    return _gguf_identity(path), model.n_layer - archs.nextn_layers(model.layout), model.n_expert
+
+
+def _gguf_identity(path: Path) -> str:
+    """A plain GGUF's identity without hashing gigabytes: its size and the sha256 of its first MiB
+    (header, metadata and tensor table: what a different model cannot share)."""
+    with open(path, "rb") as f:
+        head = f.read(1 << 20)
+    return hashlib.sha256(str(path.stat().st_size).encode() + b"\0" + head).hexdigest()
