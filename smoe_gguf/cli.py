@@ -130,13 +130,16 @@ def inspect(
 @app.command()
 def split(
     model: Annotated[Path, typer.Argument(help="The MoE GGUF to split.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The pack directory to write.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="The pack directory to write "
+                                                "(default: beside the model, MODEL.pack).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output directory.")] = False,
     quiet: Annotated[bool, typer.Option("--quiet", "-q", help="No progress bar or summary.")] = False,
 ) -> None:
     """Rewrite a MoE GGUF into a pack: dense core + one shard per leaf + manifest."""
     from .pack.split import split as do_split
 
+    if output is None:
+        output = model.with_name((model.name[:-5] if model.name.endswith(".gguf") else model.name) + ".pack")
     t0 = time.perf_counter()
     with progress_bar("split", not quiet) as tick:
         m = do_split(model, output, force=force, progress=tick)
@@ -168,12 +171,16 @@ def verify(
 @app.command()
 def merge(
     pack: Annotated[Path, typer.Argument(help="A pack directory written by `split`.")],
-    output: Annotated[Path, typer.Option("-o", "--output", help="The GGUF file to write.")],
+    output: Annotated[Path | None, typer.Option("-o", "--output", help="The GGUF file to write "
+                                                "(default: beside the pack, PACK.merged.gguf).")] = None,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing output file.")] = False,
 ) -> None:
     """Rebuild the source GGUF from a pack, byte-identical (its sha256 is checked)."""
     from .pack.merge import merge as do_merge
 
+    if output is None:
+        stem = pack.name[:-5] if pack.name.endswith(".pack") else pack.name
+        output = pack.with_name(stem + ".merged.gguf")
     with progress_bar("merge") as tick:
         do_merge(pack, output, force=force, progress=tick)
     out.print(f"[green]wrote[/] {output} (sha256 matches the source)")

@@ -1,0 +1,106 @@
+"""Every command with only its required arguments: the path a new user takes first."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from smoe_gguf.cli import app
+from smoe_gguf.devtools import stock
+
+from .cli_helpers import run_cli
+
+COMMANDS = sorted(c.name or c.callback.__name__ for c in app.registered_commands)  # type: ignore[union-attr]
+
+
+@pytest.fixture(scope="module")
+def model(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> Path:
+    """A tiny model alone in a directory of its own (split writes beside it)."""
+    path = tmp_path_factory.mktemp("defaults") / "tiny.gguf"
+    shutil.copy(tiny_model("qwen2moe", "f16"), path)
+    return path
+
+
+@pytest.fixture(scope="module")
+def pack(model: Path) -> Path:
+    code, _, stderr = run_cli("split", str(model))
+    assert code == 0, stderr
+    return model.with_name("tiny.pack")
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command: str) -> None:
+    code, stdout, _ = run_cli(command, "--help")
+    assert code == 0 and "Usage" in stdout and "--help" in stdout
+
+
+def test_split_writes_the_pack_beside_the_model(model: Path, pack: Path) -> None:
+    assert (pack / "manifest.json").is_file() and (pack / "core.gguf").is_file()
+
+
+def test_inspect_verify_and_merge_with_defaults(model: Path, pack: Path) -> None:
+    code, stdout, _ = run_cli("inspect", str(model))
+    assert code == 0 and "qwen2moe" in stdout and "smallest budget" in stdout
+    code, stdout, _ = run_cli("verify", str(pack))
+    assert code == 0 and "ok" in stdout
+    code, stdout, stderr = run_cli("merge", str(pack))
+    assert code == 0, stderr
+    assert model.with_name("tiny.merged.gguf").read_bytes() == model.read_bytes()
+
+
+def test_run_without_a_budget_uses_available_memory_and_matches_stock(model: Path, pack: Path) -> None:
+    code, stdout, stderr = run_cli("run", str(pack), "-p", "hi")
+    assert code == 0, stderr
+    assert "budget:" in stderr and "available memory" in stderr
+    ref = stock.greedy(model, "hi", n_tokens=64, plain_experts=True)
+    text = b"".join(_pieces(model, ref.tokens)).decode("utf-8", "replace")
+    head = stdout.split("\ufffd")[0]  # run shows control characters as U+FFFD
+    assert len(head) >= 4 and text.startswith(head)
+
+
+def test_run_json_default_budget_holds_every_leaf(pack: Path) -> None:
+    code, stdout, stderr = run_cli("run", str(pack), "-p", "hi", "-n", "4", "--json")
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    assert res["budget_bytes"] > 0 and res["peak_resident_bytes"] <= res["budget_bytes"]
+    assert res["generated_tokens"] >= 1
+
+
+def test_chat_without_a_budget_reads_stdin(pack: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "smoe_gguf.cli", "chat", str(pack)], input=b"hello\n",
+                       capture_output=True, timeout=120)
+    assert r.returncode == 0, r.stderr.decode()
+    assert r.stdout.strip(), "chat printed no reply"
+
+
+def test_replay_and_profile_with_defaults(pack: Path, tmp_path: Path) -> None:
+    trace = tmp_path / "t.jsonl"
+    code, _, stderr = run_cli("run", str(pack), "-p", "hello there", "-n", "4", "--budget", "25%",
+                              "--trace", str(trace))
+    assert code == 0, stderr
+    code, stdout, stderr = run_cli("replay", str(trace))
+    assert code == 0 and "lru" in stdout, stderr
+    code, _, stderr = run_cli("profile", str(pack))
+    assert code == 2 and "--prompts" in stderr and len(stderr.strip().splitlines()) == 1
+    code, stdout, _ = run_cli("profile", str(pack), "--show")
+    assert code == 0
+
+
+def _pieces(model: Path, tokens: list[int]) -> list[bytes]:
+    import llama_cpp
+
+    from smoe_gguf.llama_session import load_model, model_params, token_piece
+
+    params = model_params()
+    params.vocab_only = True
+    m = load_model(model, params)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(m)
+        return [token_piece(vocab, t) for t in tokens]
+    finally:
+        llama_cpp.llama_model_free(m)
