@@ -18,43 +18,19 @@ loads it itself; one already being read waits for it (the wait is stall time, pe
 
 from __future__ import annotations
 
-import threading
 import time
-from collections import deque
 from collections.abc import Callable
-from dataclasses import dataclass, field
 
 import numpy as np
 
 from . import budget as bdg
 from .errors import SmoeError
+from .fetcher import Fetcher
+from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
 from .trace import Trace
 from .xslot import XSlot
-
-
-@dataclass
-class ResidencyStats:
-    hits: int = 0  # leaves found resident by a gate seen in Python (the C path counts its own)
-    misses: int = 0  # leaves a gate needed that were not resident (loaded or waited for)
-    late: int = 0  # ... of which a prefetch was already bringing in
-    leaves_loaded: int = 0  # by the gate's thread
-    prefetched: int = 0  # leaves loaded by the I/O thread
-    prefetch_wasted: int = 0  # prefetched leaves evicted before any gate used them
-    prefetch_cancelled: int = 0  # queued prefetches dropped to make room for a gate
-    evictions: int = 0
-    stall_seconds: float = 0.0  # time the gate spent bringing leaves in or waiting for them
-    down_stall_seconds: float = 0.0  # ... of which waiting for down parts (pipelining)
-    down_nodes: int = 0  # layer passes whose down node the gate stopped at (down parts in flight)
-    peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
-    gates: int = 0
-    per_layer_misses: dict[int, int] = field(default_factory=dict)
-    per_layer_stall: dict[int, float] = field(default_factory=dict)
-    token_stalls: list[float] = field(default_factory=list)  # stall of each single-token decode
-
-
-_QUEUED, _LOADING, _DOWN, _DOWN_LOADING = 1, 2, 3, 4
 
 
 class Residency:
@@ -88,17 +64,10 @@ class Residency:
         self._release = release or (lambda layer, e: None)
         self.total_cost = n_expert * sum(self._cost.values())
         self.trace: Trace | None = None
-        # in flight: leaf -> _QUEUED | _LOADING (prefetch), _DOWN | _DOWN_LOADING (down parts); guarded by _cv
-        self._flight: dict[tuple[int, int], int] = {}
-        self._queue: deque[tuple[int, int]] = deque()  # prefetches
-        self._down_queue: deque[tuple[int, int]] = deque()  # stage-1 parts of leaves being gated (first)
+        self.fetcher = Fetcher(self._fill, self._landed)  # the I/O thread and what is in flight
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
         self._unused_prefetch: set[tuple[int, int]] = set()
-        self._failed: dict[tuple[int, int], BaseException] = {}
-        self._cv = threading.Condition()
-        self._worker: threading.Thread | None = None
-        self._closing = False
 
     @classmethod
     def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
@@ -151,11 +120,11 @@ class Residency:
 
     @property
     def in_flight(self) -> int:
-        return len(self._flight)
+        return len(self.fetcher)
 
     def holds_everything(self) -> bool:
         """Every leaf resident (under a budget that holds them all): nothing left to gate."""
-        return self.used == self.total_cost and not self._flight
+        return self.used == self.total_cost and not len(self.fetcher)
 
     # ------------------------------------------------------------------ the gate's hook
 
@@ -183,7 +152,7 @@ class Residency:
                 t0 = time.perf_counter()
             self.stats.misses += 1
             self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
-            if key in self._flight and self._claim_or_wait(key):
+            if key in self.fetcher and self._claim_or_wait(key):
                 self.stats.late += 1
                 self._unused_prefetch.discard(key)
                 continue
@@ -203,15 +172,11 @@ class Residency:
                 raise
             self.stats.leaves_loaded += 1
             if self.pipeline:  # resident once its down parts are in (finish_layer)
-                with self._cv:
-                    self._flight[key] = _DOWN
-                    self._down_queue.append(key)
-                    self._cv.notify_all()
+                self.fetcher.down(key)
                 self._down_pending.setdefault(layer, []).append(key)
                 if not s.node_wanted[layer]:
                     s.node_wanted[layer] = 1  # the gate stops at this layer's down node
                     self.stats.down_nodes += 1
-                self._ensure_worker()
                 continue
             resident[e] = 1
         s.record(layer, wanted, now)
@@ -229,29 +194,21 @@ class Residency:
             return
         t0 = time.perf_counter()
         for key in keys:
-            with self._cv:
-                mine = key in self._down_queue
-                if mine:
-                    self._down_queue.remove(key)
-                while not mine and key in self._flight:
-                    self._cv.wait()
-                err = self._failed.pop(key, None)
+            mine, err = self.fetcher.claim_down(key)
             try:
                 if mine:
                     self._fill(key[0], key[1], 1)
                 elif err is not None:
                     raise err
             except BaseException:
-                with self._cv:
-                    self._flight.pop(key, None)
+                self.fetcher.done(key)
                 self._release(*key)
                 self.used -= self._cost[key[0]]
                 for k in keys:  # the other leaves of this layer are dropped with it
                     if k != key and not self.state.resident[k]:
                         self._await_down(k)
                 raise
-            with self._cv:
-                self._flight.pop(key, None)
+            self.fetcher.done(key)
             self.state.resident[key] = 1
         dt = time.perf_counter() - t0
         self.stats.down_stall_seconds += dt
@@ -264,40 +221,22 @@ class Residency:
 
     def _await_down(self, key: tuple[int, int]) -> None:
         """Drop a half-loaded leaf after a failure in its layer (its charge and pages released)."""
-        with self._cv:
-            if key in self._down_queue:
-                self._down_queue.remove(key)
-            while self._flight.get(key) == _DOWN_LOADING:
-                self._cv.wait()
-            self._flight.pop(key, None)
-            self._failed.pop(key, None)
+        self.fetcher.forget_down(key)
         self._release(*key)
         self.used -= self._cost[key[0]]
 
     def _claim_or_wait(self, key: tuple[int, int]) -> bool:
         """A leaf the gate needs is in flight: take it back if still queued (False: load it
         yourself, its charge is released), else wait until the I/O thread is done (True)."""
-        with self._cv:
-            if self._flight.get(key) == _QUEUED:
-                del self._flight[key]
-                self._queue.remove(key)
-                self.used -= self._cost[key[0]]
-                return False
-            while key in self._flight:
-                self._cv.wait()
-            err = self._failed.pop(key, None)
-        if err is not None:
+        if self.fetcher.claim(key) or self.fetcher.take_failure(key) is not None:
             self.used -= self._cost[key[0]]
-            return False  # load it here: the error, if it persists, is raised with its message
+            return False  # load it here: an error, if it persists, is raised with its message
         return True
 
     def reap_failures(self) -> None:
         """Release the charge of prefetches that failed and that no gate needed (gate thread)."""
-        if self._failed:
-            with self._cv:
-                failed, self._failed = self._failed, {}
-            for key in failed:
-                self.used -= self._cost[key[0]]
+        for key in self.fetcher.take_failures():
+            self.used -= self._cost[key[0]]
 
     def _make_room(self, cost: int, layer: int, in_use: list[int], also: list[tuple[int, int]] = (),
                    for_gate: bool = False) -> bool:
@@ -324,10 +263,10 @@ class Residency:
             if victim is not None:
                 evictable[victim] = False
                 self.evict(victim)
-            elif for_gate and self._flight:
+            elif for_gate and len(self.fetcher):
                 self._cancel_or_wait()
                 evictable = None
-            elif self.stats.prefetched != landed or self._failed:
+            elif self.stats.prefetched != landed or self.fetcher.failed:
                 evictable = None  # a prefetch landed (evictable now) or failed since the snapshot
             else:
                 return False
@@ -335,15 +274,11 @@ class Residency:
 
     def _cancel_or_wait(self) -> None:
         """Release the newest queued prefetch, or wait for a load in progress to land (gate thread)."""
-        with self._cv:
-            if self._queue:
-                key = self._queue.pop()
-                del self._flight[key]
-                self.used -= self._cost[key[0]]
-                self.stats.prefetch_cancelled += 1
-                return
-            if self._flight:
-                self._cv.wait()
+        key = self.fetcher.cancel_newest()
+        if key is not None:
+            self.used -= self._cost[key[0]]
+            self.stats.prefetch_cancelled += 1
+            return
         self.reap_failures()
 
     def evict(self, key: tuple[int, int]) -> None:
@@ -371,77 +306,34 @@ class Residency:
         protect = list(in_use or [])
         for i, key in enumerate(keys):
             kl, ke = key
-            if s.resident[kl, ke] or key in self._flight or kl not in self._cost:
+            if s.resident[kl, ke] or key in self.fetcher or kl not in self._cost:
                 continue  # resident, on its way, or of a layer without paged experts
             cost = self._cost[kl]
             if self.used + cost > self.budget and (not evict or not self._make_room(cost, layer, protect, keys[:i])):
                 break
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
-            with self._cv:
-                self._flight[key] = _QUEUED
-                self._queue.append(key)
-                self._cv.notify_all()
+            self.fetcher.prefetch(key)
             queued += 1
-        if queued:
-            self._ensure_worker()
         return queued
 
-    def _ensure_worker(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="smoe-io", daemon=True)
-            self._worker.start()
-
-    def _work(self) -> None:
-        while True:
-            with self._cv:
-                while not self._queue and not self._down_queue and not self._closing:
-                    self._cv.wait()
-                if self._closing:
-                    return
-                down = bool(self._down_queue)
-                key = self._down_queue.popleft() if down else self._queue.popleft()
-                self._flight[key] = _DOWN_LOADING if down else _LOADING
-            layer, e = key
-            err: BaseException | None = None
-            try:
-                self._fill(layer, e, 1 if down else None)
-            except BaseException as ex:  # noqa: BLE001 - reported to the gate that needs it
-                err = ex
-            with self._cv:
-                if err is not None:  # its charge is released by the gate thread
-                    self._failed[key] = err
-                elif not down:
-                    self.state.resident[layer, e] = 1
-                    self.state.last_use[layer, e] = self.state.clock[0]  # recent: not the first victim
-                    self._unused_prefetch.add(key)
-                    self.stats.prefetched += 1
-                del self._flight[key]  # a leaf's down parts: finish_layer makes it resident
-                self._cv.notify_all()
+    def _landed(self, key: tuple[int, int]) -> None:
+        """A prefetched leaf is complete (I/O thread, fetcher lock held): the gate may use it."""
+        layer, e = key
+        self.state.resident[layer, e] = 1
+        self.state.last_use[layer, e] = self.state.clock[0]  # recent: not the first victim
+        self._unused_prefetch.add(key)
+        self.stats.prefetched += 1
 
     def drain(self) -> None:
         """Wait until nothing is in flight."""
-        with self._cv:
-            while self._flight:
-                self._cv.wait()
+        self.fetcher.drain()
 
     def close(self) -> None:
-        with self._cv:
-            self._queue.clear()
-            self._down_queue.clear()
-            self._down_pending.clear()
-            self.state.node_wanted[:] = 0
-            for key, st in list(self._flight.items()):
-                if st in (_QUEUED, _DOWN):
-                    del self._flight[key]
-                    self.used -= self._cost[key[0]]
-            self._closing = True
-            self._cv.notify_all()
-            while self._flight:
-                self._cv.wait()
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        self._down_pending.clear()
+        self.state.node_wanted[:] = 0
+        for key in self.fetcher.close():
+            self.used -= self._cost[key[0]]
 
     # ------------------------------------------------------------------ budget
 
