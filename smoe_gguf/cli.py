@@ -99,6 +99,7 @@ def inspect(
             "total_expert_bytes": m.expert_bytes,
             "active_expert_bytes_per_token": m.active_expert_bytes_per_token,
             "min_budget_bytes": m.min_budget,
+            "layer_budget_bytes": m.layer_budget,
         }
     if as_json:
         out.print_json(json.dumps(info))
@@ -124,6 +125,7 @@ def inspect(
         table.add_row("total expert bytes", human(m.expert_bytes))
         table.add_row("active expert bytes / token", human(m.active_expert_bytes_per_token))
         table.add_row("smallest budget (one token)", human(m.min_budget))
+        table.add_row("one layer of experts (prompts read each leaf once)", human(m.layer_budget))
     out.print(table)
 
 
@@ -216,6 +218,9 @@ def run(
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template, as "
                                        "`smoe-gguf chat` does (same micro-batches: same tokens).")] = False,
     system: Annotated[str | None, typer.Option(help="A system message (with --chat).")] = None,
+    ubatch: Annotated[int | None, typer.Option(help="Prompt micro-batch in tokens (default: 512, or 2048 while "
+                                               "paging with a budget that holds one layer of experts, so that a "
+                                               "prompt reads each leaf once; smaller budgets shrink it).")] = None,
 ) -> None:
     """Generate text with the experts paged through a byte-budgeted X-Slot, bit-exact."""
     from .engine import Engine
@@ -228,8 +233,10 @@ def run(
     check_run(model, ctx=ctx, threads=threads, temp=temp, checksums=checksums, warn=_warn, trace=trace,
               profile=None if no_profile else profile)
     prompt, system = prompt_text(prompt), None if system is None else prompt_text(system)
+    if ubatch is not None and ubatch < 1:
+        raise SmoeError("--ubatch must be at least 1", exit_code=2)
     with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums, trace=trace,
-                **({"n_ubatch": CHAT_UBATCH} if chat else {}),
+                n_ubatch=CHAT_UBATCH if chat else ubatch,
                 **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)) as eng:
         reply = None
         if chat:
@@ -240,6 +247,8 @@ def run(
             err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
         if budget is None and not as_json:
             err.print(f"budget: {human(eng.budget)} (available memory minus 1 GiB; set --budget to change)")
+        if (hint := eng.prompt_hint(len(eng.tokenize(prompt)))) is not None:
+            err.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
 
         def stream(tok: int, piece: bytes) -> None:
             if reply is not None and not eng.is_eog(tok):

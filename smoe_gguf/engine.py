@@ -28,6 +28,7 @@ from . import profile as tree_map
 from .errors import SmoeError
 from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
 from .profile import Profile
+from .readahead import PromptReadAhead
 from .residency import Residency
 from .source import open_source
 from .speculate import DEFAULT_THRESHOLD, Speculator
@@ -66,6 +67,9 @@ class Generation:
     text: str
     logits: list[np.ndarray] = field(repr=False, default_factory=list)
     stats: GenStats = field(default_factory=GenStats)
+
+
+PROMPT_UBATCH = 2048  # the prompt micro-batch while paging with a budget that holds a layer of experts
 
 
 @dataclass
@@ -126,7 +130,7 @@ class Engine:
         n_ctx: int = 2048,
         n_threads: int | None = None,
         n_batch: int = 512,
-        n_ubatch: int = 512,
+        n_ubatch: int | None = None,
         checksums: str = "first",
         n_gpu_layers: int = 0,
         policy: str = "lru",
@@ -140,11 +144,15 @@ class Engine:
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
-        ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy."""
+        ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy.
+        ``n_ubatch``: the prompt micro-batch (default: llama.cpp's 512, or PROMPT_UBATCH while
+        paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
+        shrunk below one layer's budget until a micro-batch's leaves fit)."""
         t0 = time.perf_counter()
         io0 = _io_read_bytes()
         if n_ctx > 0:  # llama.cpp clamps its batch to the context (and asserts on a longer one): so do we
-            n_batch, n_ubatch = min(n_batch, n_ctx), min(n_ubatch, n_ctx)
+            n_batch = min(n_batch, n_ctx)
+            n_ubatch = None if n_ubatch is None else min(n_ubatch, n_ctx)
         self.source = open_source(Path(path), checksums)
         src = self.source
         self.xslot = XSlot()
@@ -167,7 +175,12 @@ class Engine:
                 )
             self.warnings: list[str] = []
             self._open_profile(profile, learn, pin)
-            self.n_ubatch = self.residency.micro_batch(src.n_expert_used, n_ubatch, self.budget - self.pinned_bytes)
+            room = self.budget - self.pinned_bytes
+            self.layer_budget = bdg.layer_budget(self.residency.max_leaf_cost, src.n_expert)
+            if n_ubatch is None:
+                n_ubatch = PROMPT_UBATCH if self.paging and room >= self.layer_budget else 512
+                n_ubatch = min(n_ubatch, n_ctx) if n_ctx > 0 else n_ubatch
+            self.n_ubatch = self.residency.micro_batch(src.n_expert_used, n_ubatch, room)
             self.n_batch = max(n_batch, self.n_ubatch)
             # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
             # parts meanwhile by the I/O thread, awaited at the node before the down matmul.
@@ -247,6 +260,10 @@ class Engine:
             self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold)
             self.gate.observe(self.speculator)
         self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
+        self.readahead: PromptReadAhead | None = None
+        if self.paging:
+            self.readahead = PromptReadAhead(r, src.n_expert, src.n_expert_used)
+            self.gate.observe(self.readahead)
         self.recorder: tree_map.Recorder | None = None
         if self.paging and (self._learn or self.profile is not None):
             self.recorder = tree_map.Recorder(r, self.profile, src.n_expert)
@@ -400,6 +417,19 @@ class Engine:
     @property
     def n_ctx(self) -> int:
         return int(llama_cpp.llama_n_ctx(self._ctx))
+
+    def prompt_hint(self, n_tokens: int) -> str | None:
+        """A one-line hint when a prompt of ``n_tokens`` will stream experts more than once: the
+        budget is below one layer of experts, so the micro-batch is cut short."""
+        if not self.paging or self.budget >= self.layer_budget or n_tokens <= self.n_ubatch:
+            return None
+        src, r = self.source, self.residency
+        k, e, m = src.n_expert_used, src.n_expert, self.n_ubatch
+        distinct = e * (1 - (1 - k / e) ** m)  # experts a micro-batch of m tokens selects per layer
+        per_token = len(r.costs) * distinct * r.max_leaf_cost / m
+        return (f"the budget holds less than one layer of experts: prompts go in micro-batches of {m} tokens "
+                f"and read about {per_token / 2**20:.1f} MiB of experts per prompt token; "
+                f"--budget {-(-self.layer_budget // 2**20)}MiB or more reads each leaf once per prompt")
 
     def set_budget(self, budget: int | str) -> None:
         """Change the X-Slot budget live (shrinking evicts at once); refuses less than one token needs."""

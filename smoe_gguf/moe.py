@@ -78,8 +78,17 @@ class MoEModel:
     def min_budget(self) -> int:
         """The smallest X-Slot that can run one token: one layer's selected leaves at a time,
         each charged its page footprint (budget.leaf_cost), as the engine charges it."""
-        cost = max(budget.leaf_cost(t.slice_bytes for t in ts) for ts in self.expert_tensors.values())
-        return budget.min_budget(cost, self.n_expert_used)
+        return budget.min_budget(self.max_leaf_cost, self.n_expert_used)
+
+    @property
+    def max_leaf_cost(self) -> int:
+        """The largest leaf's charge against the budget (budget.leaf_cost)."""
+        return max(budget.leaf_cost(t.slice_bytes for t in ts) for ts in self.expert_tensors.values())
+
+    @property
+    def layer_budget(self) -> int:
+        """The budget that holds one layer of experts: prompts then read each leaf once."""
+        return budget.layer_budget(self.max_leaf_cost, self.n_expert)
 
     @cached_property
     def shared_expert_bytes(self) -> int:
@@ -106,6 +115,7 @@ def analyze(layout: GGUFLayout) -> MoEModel:
     if arch_kv is not None and arch_kv.vtype != T_STRING:
         raise SmoeError(f"{layout.path}: key general.architecture is a {type_name(arch_kv.vtype)}, not a string")
     arch = layout.architecture
+    _check_tokenizer(layout)
     split_count = int_value(layout, "split.count", 0, 1 << 16, default=1)
     if split_count > 1:
         split_no = int_value(layout, "split.no", 0, 1 << 16, default=0)
@@ -147,3 +157,23 @@ def analyze(layout: GGUFLayout) -> MoEModel:
         expert_tensors=expert_tensors,
         core_tensors=core,
     )
+
+
+def _check_tokenizer(layout: GGUFLayout) -> None:
+    """What llama.cpp's vocabulary loader asserts on (it aborts the process): token texts that
+    repeat, and per-token arrays of another length than the token list."""
+    tokens = layout.value("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    kv = layout.kvs["tokenizer.ggml.tokens"]
+    if not isinstance(tokens, list) or (tokens and not all(isinstance(t, str) for t in tokens)):
+        raise SmoeError(f"{layout.path}: key tokenizer.ggml.tokens is a {type_name(kv.vtype)}, not a list of strings")
+    if len(set(tokens)) != len(tokens):
+        seen: set[str] = set()
+        dup = next(t for t in tokens if t in seen or seen.add(t))  # type: ignore[func-returns-value]
+        raise SmoeError(f"{layout.path}: tokenizer.ggml.tokens holds {dup[:40]!r} twice (llama.cpp refuses it)")
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        arr = layout.value(key)
+        if arr is not None and (not isinstance(arr, list) or len(arr) != len(tokens)):
+            n = len(arr) if isinstance(arr, list) else "not a list"
+            raise SmoeError(f"{layout.path}: key {key} has {n} items for {len(tokens)} tokens")

@@ -1,0 +1,80 @@
+"""Long prompts under a budget: one large micro-batch, each leaf read at most once, bit-exact."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+from smoe_gguf.budget import layer_budget
+from smoe_gguf.devtools import stock
+from smoe_gguf.engine import PROMPT_UBATCH, Engine
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.store import BLOCK
+
+from .cli_helpers import run_cli
+
+LONG = " ".join(f"line {i}: the quick brown fox jumps over the lazy dog." for i in range(16))
+
+
+def _layer_budget(pack: Path) -> int:
+    with Engine(pack, budget="100%", n_ctx=1024, n_threads=1, profile=None) as eng:
+        return eng.layer_budget
+
+
+def _expert_span_bytes(pack: Path) -> int:
+    """Bytes a reader of every part once reads (each part rounded to whole O_DIRECT blocks)."""
+    m = mf.load(pack)
+    return sum(-(-p.length // BLOCK) * BLOCK for lf in m.leaves for p in lf.parts)
+
+
+def test_a_budget_of_two_layers_prefills_in_one_micro_batch_reading_each_leaf_once(tiny_model, pack_of) -> None:
+    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
+    budget = 2 * _layer_budget(pack)
+    with Engine(pack, budget=budget, n_ctx=1024, n_threads=1, profile=None, speculate=False) as eng:
+        assert eng.paging and eng.n_ubatch == min(PROMPT_UBATCH, 1024)
+        n_prompt = len(eng.tokenize(LONG))
+        assert eng.n_ubatch >= n_prompt > 300
+        tokens, logits, read = [], [], 0
+        for step in eng.stream(LONG, 4, keep_logits=True):
+            if not tokens:  # the prompt is in; the first token is not decoded yet
+                read = eng.source.store.stats.bytes_read
+            tokens.append(step.token)
+            logits.append(step.logits)
+        assert eng.readahead is not None and eng.readahead.queued > 0  # the next layer streamed in
+        assert eng.residency.stats.peak_bytes <= budget and eng.xslot.mincore_bytes() <= budget
+        ref = stock.greedy(src, LONG, n_tokens=4, n_batch=eng.n_batch, n_ubatch=eng.n_ubatch, n_ctx=1024,
+                           n_threads=1, plain_experts=True)
+    assert ref.tokens == tokens
+    assert all(np.array_equal(a, b) for a, b in zip(ref.logits, logits, strict=True))
+    assert read <= 1.1 * _expert_span_bytes(pack), (read, _expert_span_bytes(pack))
+
+
+def test_the_large_micro_batch_comparison_can_fail(tiny_model, pack_of) -> None:
+    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
+    with Engine(pack, budget=2 * _layer_budget(pack), n_ctx=1024, n_threads=1, profile=None) as eng:
+        eng.residency.enabled = False  # the gate loads nothing: the experts read zeros
+        gen = eng.generate(LONG, 2, keep_logits=True)
+        ref = stock.greedy(src, LONG, n_tokens=2, n_batch=eng.n_batch, n_ubatch=eng.n_ubatch, n_ctx=1024,
+                           n_threads=1, plain_experts=True)
+    assert not np.array_equal(ref.logits[0], gen.logits[0])
+
+
+def test_below_one_layer_a_long_prompt_gets_a_hint(tiny_model, pack_of) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    lb = _layer_budget(pack)
+    code, _, stderr = run_cli("run", str(pack), "-p", LONG, "-n", "1", "--budget", str(lb // 2), "--ctx", "1024")
+    assert code == 0, stderr
+    assert "hint:" in stderr and "per prompt token" in stderr and f"--budget {-(-lb // 2**20)}MiB" in stderr
+    code, _, stderr = run_cli("run", str(pack), "-p", LONG, "-n", "1", "--budget", str(2 * lb), "--ctx", "1024")
+    assert code == 0 and "hint:" not in stderr
+
+
+def test_inspect_shows_the_one_layer_budget(tiny_model) -> None:
+    model = tiny_model("qwen3moe", "f16")
+    code, stdout, _ = run_cli("inspect", "--json", str(model))
+    info = json.loads(stdout)
+    assert code == 0
+    assert info["layer_budget_bytes"] == layer_budget(info["min_budget_bytes"] // info["experts_used_per_token"],
+                                                      info["experts_per_layer"])
