@@ -4,7 +4,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install lint test demo clean reference-model bench
+.PHONY: install lint test demo clean reference-model large-reference bench
 
 install: $(STAMP)
 
@@ -38,6 +38,16 @@ reference-model: $(REF_MODEL)
 $(REF_MODEL): | $(REF_STAMP)
 	$(BIN)/python scripts/build_reference_model.py -o $@
 
+# The large reference (scripts/build_large_reference.py): the trained reference with every expert
+# widened x16 by zero neurons (3 MiB leaves, 1.5 GiB of experts; same routing and outputs, checked
+# against the trained model by the build). About 3 minutes once the trained reference exists.
+LARGE_REF := models/reference-large-qwen3moe.gguf
+
+large-reference: $(LARGE_REF)
+
+$(LARGE_REF): $(REF_MODEL)
+	$(BIN)/python scripts/build_large_reference.py $(REF_MODEL) -o $@ --force
+
 # the `reference` extra (torch, CPU wheel; matplotlib) into .venv, installing the project first
 # if it is not there (an installed project is not reinstalled: that would rebuild its extension)
 $(REF_STAMP):
@@ -45,16 +55,19 @@ $(REF_STAMP):
 	$(BIN)/python -c 'import torch, matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[reference]'
 	@touch $@
 
-# `make bench` (issue 6): stock llama.cpp vs smoe-gguf, cold, side by side; writes bench/results.json,
-# bench/report.md, bench/plot.png. Any model: make bench MODEL=models/x.gguf BUDGETS=10%,25% N=16
-# (a sibling models/x.pack is what smoe-gguf runs where it exists). Default: the reference model
-# (`make reference-model`, about 18 minutes the first time) and the `medium` random model, each built here with its pack if missing.
+# `make bench`: stock llama.cpp vs smoe-gguf, cold, side by side; writes bench/results.json,
+# bench/report.md, bench/plot.png. Default: the reference model (`make reference-model`, about
+# 19 minutes the first time) and the large reference (`make large-reference`, about 3 minutes
+# more), each built here with its pack if missing; 4 prompts (one per corpus domain) x 128 sampled
+# tokens. Any model: make bench MODEL=models/x.gguf BUDGETS=10%,25% N=16, e.g. the random medium
+# model: make bench MODEL=models/medium-qwen3moe-f16.gguf (a sibling models/x.pack is what
+# smoe-gguf runs where it exists).
 MEDIUM_MODEL := models/medium-qwen3moe-f16.gguf
-MODEL   ?= $(REF_MODEL) $(MEDIUM_MODEL)
+MODEL   ?= $(REF_MODEL) $(LARGE_REF)
 BUDGETS ?= 10%,25%,50%,100%
-N       ?= 32
-PROMPTS ?= 3
-ROW_SECONDS ?= 120
+N       ?= 128
+PROMPTS ?= 4
+ROW_SECONDS ?= 60
 BENCH_ARGS ?=
 
 $(MEDIUM_MODEL):
@@ -69,4 +82,4 @@ bench: $(MODEL) $(patsubst %.gguf,%.pack,$(filter models/%.gguf,$(MODEL)))
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]'
 	nice -n 5 $(BIN)/python scripts/bench.py $(MODEL) --budgets '$(BUDGETS)' -n $(N) --prompts $(PROMPTS) \
 		--row-seconds $(ROW_SECONDS) \
-		--out bench --command 'make bench MODEL="$(strip $(MODEL))" BUDGETS=$(BUDGETS) N=$(N)' $(BENCH_ARGS)
+		--out bench --command 'make bench MODEL="$(strip $(MODEL))" BUDGETS=$(BUDGETS) N=$(N) PROMPTS=$(PROMPTS)' $(BENCH_ARGS)

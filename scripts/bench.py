@@ -257,6 +257,20 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         "shrinks the micro-batch at small budgets and computes with one thread less while paging; llama.cpp's "
         "logits depend on both).", "",
     ]
+    if result.get("long_prompt"):
+        lines += ["Long prompt (C headers, one prompt, cold): time to first token against stock resident, and "
+                  "expert bytes smoe-gguf read per prompt token.", "",
+                  "| model | budget | prompt tokens | n_ubatch | TTFT s | stock resident TTFT s | x stock | "
+                  "expert MB read / prompt token |", "|---|---|---|---|---|---|---|---|"]
+        for r in result["long_prompt"]:
+            if r.get("error"):
+                lines.append(f"| {r['model']} | {r['budget']} | {r['error']} | - | - | - | - | - |")
+                continue
+            ratio = r["ttft_seconds"] / r["stock_ttft_seconds"] if r.get("stock_ttft_seconds") else None
+            lines.append(f"| {r['model']} | {r['budget']} | {r['prompt_tokens']} | {r['n_ubatch']} | "
+                         f"{_fmt(r['ttft_seconds'], '.2f')} | {_fmt(r['stock_ttft_seconds'], '.2f')} | "
+                         f"{_fmt(ratio, '.1f')} | {_fmt(r['expert_bytes_per_prompt_token'], '.3f', 1e-6)} |")
+        lines.append("")
     for note in result["notes"]:
         lines.append(f"- {note}")
     if result.get("plot"):
@@ -593,7 +607,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
                         m.ttft.append(time.perf_counter() - t0)
                         m.prefill_bytes += _io_read() - io0
                         io1, t1 = _io_read(), time.perf_counter()
-                    if cap and time.perf_counter() - t0 > cap:
+                    if cap and time.perf_counter() - t1 > cap:  # decode time after the first token
                         break
             finally:
                 steps.close()
@@ -630,7 +644,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             s0 = eng.stats().as_dict()
             snap: dict[str, Any] = {}
             c0 = _cpu_seconds()
-            cap, tp = spec.get("prompt_seconds"), time.perf_counter()
+            cap, tp = spec.get("prompt_seconds"), 0.0
             tokens: list[int] = []
             stats = None
             steps = eng.stream(prompt, spec["n"], _sampling(spec))
@@ -640,7 +654,8 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
                     stats = step.stats
                     if not snap:
                         snap.update(eng.stats().as_dict())
-                    if cap and time.perf_counter() - tp > cap:
+                        tp = time.perf_counter()
+                    if cap and time.perf_counter() - tp > cap:  # decode time after the first token
                         break
             finally:
                 steps.close()
@@ -727,6 +742,7 @@ class Bench:
         self.disk: dict[str, dict[str, Any]] = {}  # model -> its read curve
         self.prompts: list[str] = []
         self.sampling: dict[str, Any] = {}
+        self.long_rows: list[dict[str, Any]] = []  # the long-prompt rows (--long-prompt)
 
     def spawn(self, spec: dict[str, Any], files: list[Path], cgroup: Path | None = None) -> dict[str, Any]:
         """Drop the page cache for ``files``, run one row in a fresh process, return its figures."""
@@ -895,6 +911,9 @@ class Bench:
             elif r["row"] == "b":
                 r["bit_exact"] = r["same_as_a"]
 
+        if a.long_prompt:
+            self.long_prompt_rows(name, gguf, source, stock_files)
+
         # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
         def limit(missed: float) -> dict[str, Any]:
             return {"decode_tps": physical_limit_tps(active, missed, mem_bw, disk_bw), "bytes_per_token": missed,
@@ -921,6 +940,29 @@ class Bench:
         for r in mine:
             r.setdefault("active_bytes_per_token", active)
             r.setdefault("disk_bw", disk_bw)
+
+    def long_prompt_rows(self, name: str, gguf: Path, source: Path, files: list[Path]) -> None:
+        """Time to first token of a long prompt of C headers: stock resident, and smoe-gguf at each
+        budget with the expert bytes it read per prompt token."""
+        a = self.a
+        text = long_prompt_text(gguf, a.long_prompt)
+        if not text:
+            self.notes.append(f"{name}: no long-prompt rows (the C headers here are shorter than {a.long_prompt} tokens)")
+            return
+        spec = {"prompts": [text], "n": 1, "sampling": self.sampling, "n_ctx": a.long_prompt + 256,
+                "prompt_seconds": None}
+        stock_res = self.spawn({**spec, "kind": "stock", "model": str(gguf), "plain_experts": True}, files)
+        for budget in a.budgets:
+            res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
+                              "speculate": False, "profile": None, "pipeline": False}, files)
+            row = {"model": name, "budget": budget, "prompt_tokens": res.get("prompt_tokens"),
+                   "ttft_seconds": res.get("ttft_seconds"), "stock_ttft_seconds": stock_res.get("ttft_seconds"),
+                   "expert_bytes_per_prompt_token": res["prefill_bytes"] / res["prompt_tokens"]
+                   if res.get("prompt_tokens") else None, "n_ubatch": res.get("n_ubatch"),
+                   "error": res.get("error") or stock_res.get("error")}
+            self.long_rows.append(row)
+            print(f"  {name} long prompt ({row['prompt_tokens']} tokens) {budget}: TTFT {row['ttft_seconds']} s "
+                  f"against stock {row['stock_ttft_seconds']} s{'; ' + row['error'] if row['error'] else ''}", flush=True)
 
     def run(self) -> dict[str, Any]:
         a = self.a
@@ -956,9 +998,9 @@ class Bench:
                           "Python to record it); the orchestrator row shows the same figure where it decoded the "
                           "same tokens in the same micro-batches, else none")
         if a.row_seconds:
-            self.notes.append(f"each row decodes for at most {a.row_seconds} s in all (split evenly over the "
-                              "prompts; the tokens column says how many were generated); token equality is "
-                              "checked over the tokens both runs generated")
+            self.notes.append(f"each row decodes for at most {a.row_seconds} s in all after each prompt's first token "
+                              "(split evenly over the prompts; the tokens column says how many were generated); "
+                              "token equality is checked over the tokens both runs generated")
         load1 = os.getloadavg()
         self.notes.append(f"load average (1/5/15 min) at start {load0[0]:.1f}/{load0[1]:.1f}/{load0[2]:.1f}, "
                           f"at end {load1[0]:.1f}/{load1[1]:.1f}/{load1[2]:.1f} on {os.cpu_count()} cores: "
@@ -969,8 +1011,25 @@ class Bench:
             "machine": machine, "prompts": self.prompts, "prompt_domains": PROMPT_DOMAINS[:a.prompts], "n": a.n,
             "sampling": self.sampling, "budgets": a.budgets,
             "cache_drop": self.cache_drop, "energy_source": energy, "notes": self.notes,
-            "seconds": time.perf_counter() - t0, "rows": self.rows,
+            "seconds": time.perf_counter() - t0, "rows": self.rows, "long_prompt": self.long_rows,
         }
+
+
+def long_prompt_text(gguf: Path, n_tokens: int) -> str:
+    """At least ``n_tokens`` tokens (by the model's own tokenizer) of the system's C headers."""
+    import llama_cpp
+
+    from smoe_gguf.devtools.prompts import long_c_prompt
+    from smoe_gguf.llama_session import load_model, model_params, tokenize_with
+
+    params = model_params()
+    params.vocab_only = True
+    model = load_model(gguf, params)
+    try:
+        vocab = llama_cpp.llama_model_get_vocab(model)
+        return long_c_prompt(lambda t: len(tokenize_with(vocab, t)), n_tokens)
+    finally:
+        llama_cpp.llama_model_free(model)
 
 
 def check_pack_source(pack: Path, gguf: Path) -> None:
@@ -1008,6 +1067,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--temp", type=float, default=0.8, help="sampling temperature of every row (0: greedy)")
     ap.add_argument("--top-p", type=float, default=0.95, help="top-p of every row's sampler")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed in every row")
+    ap.add_argument("--long-prompt", type=int, default=0,
+                    help="also time the first token of a prompt of this many tokens of C headers, per budget (0: off)")
     ap.add_argument("--disk-bytes", type=int, default=256 << 20, help="bytes read per point of the disk curve")
     ap.add_argument("--readers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 4, 8, 16],
                     help="concurrent readers at which the disk is measured, comma-separated")
@@ -1021,8 +1082,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--drop", choices=("global", "files"), default="global", help="how to drop the page cache")
     ap.add_argument("--no-pack", action="store_true", help="run smoe-gguf on the GGUF even where a pack exists")
     ap.add_argument("--row-timeout", type=int, default=900, help="kill a row's process after this many seconds")
-    ap.add_argument("--row-seconds", type=float, default=45.0,
-                    help="stop a row's generation after this many seconds in all (0: never); keeps `make bench` bounded")
+    ap.add_argument("--row-seconds", type=float, default=60.0,
+                    help="stop a row's decoding after this many seconds in all, split over its prompts, counted from "
+                         "each prompt's first token (0: never); keeps `make bench` bounded")
     ap.add_argument("--out", type=Path, default=Path("bench"))
     ap.add_argument("--command", default=None, help=argparse.SUPPRESS)
     a = ap.parse_args(argv)

@@ -88,6 +88,30 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
 
 
+def test_decode_replay_counts_the_decode_phase() -> None:
+    from smoe_gguf.trace import TraceData
+
+    seq = [7, 0, 1, 2, 0, 3, 0, 4, 2, 3, 0, 3, 2, 1, 2, 0, 1, 7, 0, 1]  # MIN with 3 frames misses at 0-3, 5, 7, 10, 13, 17
+    header = {"n_layer": 1, "n_expert": 8, "n_expert_used": 1, "leaf_cost": {"0": 1}, "total_cost": 8}
+    data = TraceData(header, [(i, 1, 0, [[e]]) for i, e in enumerate(seq)], 0, 0)
+    # a 5-token prompt (positions 0-4, here one token per micro-batch), then 15 decoded tokens
+    got = bench.decode_replay(data, 3, "belady", [5], {0: 100}, 15)
+    assert got == {"hit_rate": 10 / 15, "misses": 5, "bytes_per_token": 500 / 15, "hit_rate_all": 11 / 20}
+    full = bench.decode_replay(data, 8, "belady", [5], {0: 100}, 15)  # room for every leaf
+    assert full is not None and (full["hit_rate"], full["bytes_per_token"]) == (1.0, 0.0)
+
+
+def test_long_c_prompt_takes_the_fewest_whole_lines(tmp_path: Path) -> None:
+    from smoe_gguf.devtools.prompts import long_c_prompt
+
+    (tmp_path / "stdio.h").write_text("".join(f"int f{i}(void);\n" for i in range(10)))
+    (tmp_path / "stdlib.h").write_text("".join(f"long g{i}(void);\n" for i in range(10)))
+    words = lambda t: len(t.split())  # noqa: E731 - a stand-in tokenizer: two "tokens" a line
+    text = long_c_prompt(words, 25, tmp_path)
+    assert words(text) == 26 and text.startswith("int f0(void);\n") and text.endswith("long g2(void);\n")
+    assert long_c_prompt(words, 41, tmp_path) == ""  # the headers have 40
+
+
 def test_decode_events_split_prompts_at_the_position_reset() -> None:
     # prompt 1: 5 tokens in one micro-batch (2 layers), 2 decoded tokens; prompt 2: 3 tokens, 1 decoded
     events = [(0, 5, 0, [[1]] * 5), (0, 5, 1, [[1]]), (5, 1, 0, [[2]]), (5, 1, 1, [[2]]), (6, 1, 0, [[3]]),
@@ -130,7 +154,7 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     out = tmp_path / "out"
     bench.main([str(gguf), "--budgets", "25%,100%", "-n", "6", "--prompts", "2", "--drop", "files",
                 "--learn-prompts", "1", "--learn-tokens", "2", "--disk-bytes", str(1 << 20), "--readers", "1,2",
-                "--out", str(out)])
+                "--long-prompt", "200", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert res["sampling"] == {"temp": 0.8, "top_p": 0.95, "seed": 0} and res["prompt_domains"] == ["python", "c"]
@@ -164,7 +188,13 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     # fewer missed bytes, a higher limit: Belady's is at least smoe-gguf's
     assert limits[("25%", bench.LIMIT_BELADY)]["decode_tps"] >= limits[("25%", bench.LIMIT_OWN)]["decode_tps"] * 0.999
     assert not [n for n in res["notes"] if "profile" in n or "Belady figures" in n], res["notes"]
+    long = res["long_prompt"]
+    assert [r["budget"] for r in long] == ["25%", "100%"] and not any(r["error"] for r in long), long
+    assert all(r["prompt_tokens"] >= 200 and r["ttft_seconds"] > 0 and r["stock_ttft_seconds"] > 0 for r in long)
+    # at 25% the prompt streams leaves from disk; a budget that holds them all reads each at most once
+    assert long[0]["expert_bytes_per_prompt_token"] > 0
     report = (out / "report.md").read_text()
+    assert "| tiny | 25% |" in report and "expert MB read / prompt token" in report
     assert "Belady hit" in report and "- tiny: " in report and "by concurrent readers 1: " in report
     assert (out / "plot.png").is_file() == (importlib.util.find_spec("matplotlib") is not None)
 

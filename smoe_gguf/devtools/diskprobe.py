@@ -1,0 +1,172 @@
+"""Disk read bandwidth as the best pager would get it: random reads of a model's own parts.
+
+:func:`part_spans` lists where every leaf part of a pack (or a plain GGUF) lies on disk, as the
+block-aligned span the store reads. :func:`random_read_curve` reads a random selection of those
+spans, cold (the page cache of the files dropped first), with O_DIRECT (page cache bypassed)
+into page-aligned buffers, by 1, 2, 4, ... threads at once, and returns the bytes per second at
+each concurrency.
+"""
+
+from __future__ import annotations
+
+import mmap
+import os
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from smoe_gguf.gguf_layout import read_layout
+from smoe_gguf.moe import analyze
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.store import BLOCK, LeafStore, drop_page_cache
+
+READERS: tuple[int, ...] = (1, 2, 4, 8, 16)
+
+
+@dataclass(frozen=True)
+class Span:
+    path: Path
+    offset: int  # block-aligned
+    length: int  # block multiple
+    layer: int
+    expert: int
+
+
+def part_spans(model: str | os.PathLike[str]) -> list[Span]:
+    """Every leaf part of a pack directory or a plain MoE GGUF, as the aligned span a read takes."""
+    p = Path(model)
+    store = LeafStore.from_pack(p, mf.load(p)) if p.is_dir() else LeafStore.from_gguf(analyze(read_layout(p)).require_moe())
+    out = []
+    for (layer, e), parts in sorted(store.leaves.items()):
+        for loc in parts:
+            start = loc.offset - loc.offset % BLOCK
+            length = -(-(loc.offset + loc.length - start) // BLOCK) * BLOCK
+            out.append(Span(loc.path, start, length, layer, e))
+    return out
+
+
+def leaf_read_bytes(spans: Sequence[Span]) -> dict[int, int]:
+    """Bytes one leaf of each layer takes to read (the spans of its parts; the largest leaf's)."""
+    per_leaf: dict[tuple[int, int], int] = {}
+    for s in spans:
+        per_leaf[(s.layer, s.expert)] = per_leaf.get((s.layer, s.expert), 0) + s.length
+    out: dict[int, int] = {}
+    for (layer, _e), n in per_leaf.items():
+        out[layer] = max(out.get(layer, 0), n)
+    return out
+
+
+@dataclass
+class ReadCurve:
+    """Bytes per second by number of concurrent readers; what was read."""
+
+    bytes_per_second: dict[int, float]
+    span_bytes: tuple[int, int]  # smallest and largest span read
+    bytes_per_level: int
+    direct: bool  # O_DIRECT was used (False: the file system refused it, cache dropped instead)
+
+    @property
+    def best(self) -> float:
+        return max(self.bytes_per_second.values())
+
+    @property
+    def best_readers(self) -> int:
+        return max(self.bytes_per_second, key=lambda k: self.bytes_per_second[k])
+
+    def as_dict(self) -> dict[str, object]:
+        return {"bytes_per_second": {str(k): v for k, v in self.bytes_per_second.items()},
+                "span_bytes": list(self.span_bytes), "bytes_per_level": self.bytes_per_level,
+                "direct": self.direct, "best": self.best, "best_readers": self.best_readers}
+
+
+def random_read_curve(spans: Sequence[Span], readers: Sequence[int] = READERS, min_bytes: int = 256 << 20,
+                      seed: int = 0) -> ReadCurve:
+    """Read about ``min_bytes`` of randomly chosen ``spans`` at each concurrency of ``readers``
+    (each span at most once per pass; more passes, reshuffled, when the spans are fewer), cold."""
+    if not spans:
+        raise ValueError("no spans to read")
+    rng = np.random.default_rng(seed)
+    files = sorted({s.path for s in spans})
+    direct = _direct_ok(files[0])
+    biggest = max(s.length for s in spans)
+    out: dict[int, float] = {}
+    level_bytes = 0
+    passes = max(1, -(-min_bytes // sum(s.length for s in spans)))
+    for n in readers:
+        order = [spans[i] for _ in range(passes) for i in rng.permutation(len(spans))]
+        todo: list[Span] = []
+        total = 0
+        for s in order:
+            if total >= min_bytes:
+                break
+            todo.append(s)
+            total += s.length
+        for f in files:
+            drop_page_cache(f)
+        out[n] = _read_all(todo, n, biggest, direct)
+        level_bytes = total
+    return ReadCurve(out, (min(s.length for s in spans), biggest), level_bytes, direct)
+
+
+def _direct_ok(path: Path) -> bool:
+    if not hasattr(os, "O_DIRECT"):
+        return False
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECT)
+    except OSError:
+        return False
+    os.close(fd)
+    return True
+
+
+def _read_all(todo: Sequence[Span], n_readers: int, buf_bytes: int, direct: bool) -> float:
+    """Bytes per second for ``n_readers`` threads taking ``todo`` in turn."""
+    flags = os.O_RDONLY | (os.O_DIRECT if direct else 0)
+    fds = {p: os.open(p, flags) for p in {s.path for s in todo}}
+    bufs = [mmap.mmap(-1, buf_bytes) for _ in range(n_readers)]  # page-aligned, as O_DIRECT needs
+    for b in bufs:  # faulted in now, so that page faults are not timed
+        b.write(bytes(buf_bytes))
+    next_i = iter(range(len(todo)))
+    lock = threading.Lock()
+    done = [0] * n_readers
+    errors: list[BaseException] = []
+
+    def reader(k: int) -> None:
+        view = memoryview(bufs[k])
+        try:
+            while True:
+                with lock:
+                    i = next(next_i, None)
+                if i is None:
+                    return
+                s = todo[i]
+                got = 0
+                while got < s.length:
+                    r = os.preadv(fds[s.path], [view[got:s.length]], s.offset + got)
+                    if r <= 0:
+                        break
+                    got += r
+                done[k] += got
+        except BaseException as e:  # noqa: BLE001 - reported by the caller's thread
+            errors.append(e)
+        finally:
+            view.release()
+
+    threads = [threading.Thread(target=reader, args=(k,)) for k in range(n_readers)]
+    t0 = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    seconds = time.perf_counter() - t0
+    for fd in fds.values():
+        os.close(fd)
+    for b in bufs:
+        b.close()
+    if errors:
+        raise errors[0]
+    return sum(done) / max(seconds, 1e-9)

@@ -1,0 +1,40 @@
+"""The bench's disk probe (smoe_gguf/devtools/diskprobe.py): the spans it reads are the store's."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from smoe_gguf.devtools.diskprobe import leaf_read_bytes, part_spans, random_read_curve
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.store import BLOCK
+
+
+def test_spans_are_the_aligned_parts_of_every_leaf(pack_of: Callable[[str, str], Path],
+                                                   tiny_model: Callable[[str, str], Path]) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    m = mf.load(pack)
+    spans = part_spans(pack)
+    assert len(spans) == sum(len(lf.parts) for lf in m.leaves)
+    assert all(s.offset % BLOCK == 0 and s.length % BLOCK == 0 and s.length > 0 for s in spans)
+    by_leaf = {(lf.layer, lf.expert): lf for lf in m.leaves}
+    for s in spans:  # each span covers its part
+        parts = by_leaf[(s.layer, s.expert)].parts
+        assert any(s.offset <= p.offset and p.offset + p.length <= s.offset + s.length for p in parts)
+    per_layer = leaf_read_bytes(spans)
+    assert set(per_layer) == {lf.layer for lf in m.leaves}
+    assert all(n >= max(lf.nbytes for lf in m.leaves if lf.layer == layer) for layer, n in per_layer.items())
+    # a plain GGUF: the same parts, read by offset from the one file
+    gspans = part_spans(tiny_model("qwen3moe", "f16"))
+    assert len(gspans) == len(spans) and len({s.path for s in gspans}) == 1
+
+
+def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path]) -> None:
+    spans = part_spans(pack_of("qwen3moe", "f16"))
+    total = sum(s.length for s in spans)
+    curve = random_read_curve(spans, readers=(1, 3), min_bytes=2 * total)  # more than the pack: two passes
+    assert set(curve.bytes_per_second) == {1, 3} and all(v > 0 for v in curve.bytes_per_second.values())
+    assert 2 * total <= curve.bytes_per_level < 2 * total + max(s.length for s in spans)
+    assert curve.best == max(curve.bytes_per_second.values()) and curve.best_readers in (1, 3)
+    d = curve.as_dict()
+    assert d["bytes_per_second"].keys() == {"1", "3"} and d["span_bytes"][0] <= d["span_bytes"][1]
