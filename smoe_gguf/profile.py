@@ -55,6 +55,7 @@ MAX_DEPTH = 3
 MIN_NODE_WINDOWS = 4
 TOP_LEAVES = 64  # leaves kept per tree node
 PROMPT_LAYERS = 2  # layers of the prompt used to choose a branch
+BRANCH_PRIORITY = 0.2  # a branch's leaves are read after likelier prefetches
 
 Warn = Callable[[str], None]
 
@@ -381,4 +382,5 @@ class Recorder:
         if node is None:
             return
         keys = [(l, e) for l, e, _s in node.leaves if l > layer]
-        self.branch_prefetches += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist())
+        self.branch_prefetches += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist(),
+                                                          priority=BRANCH_PRIORITY, source="branch")

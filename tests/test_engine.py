@@ -65,8 +65,11 @@ def test_negative_control_gate_off_differs(arch: str, tiny_model, pack_of) -> No
         assert eng.residency.stats.gates > 0 and eng.xslot.resident_bytes == 0
 
 
-def test_budget_holds_measured_by_mincore_at_every_gate(pack_of) -> None:
-    pack = pack_of("qwen3moe", "f32")
+@pytest.mark.parametrize("dtype", ["f32", "q4_k"])
+def test_budget_holds_measured_by_mincore_at_every_gate(dtype: str, pack_of, tiny_model) -> None:
+    """Q4_K slices are whole pages (36 KiB): an evicted leaf's pages go to the incoming one
+    (issue 13.3), and the budget holds as well as where they are released (F32: 34 KiB slices)."""
+    pack = pack_of("qwen3moe", dtype)
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2) as eng:
         seen: list[int] = []
         hook = eng.residency.on_experts
@@ -76,9 +79,13 @@ def test_budget_holds_measured_by_mincore_at_every_gate(pack_of) -> None:
             seen.append(eng.xslot.mincore_bytes())
 
         eng.gate.on_experts = measured
-        eng.generate(PROMPT, N_TOKENS)
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert seen and max(seen) <= eng.budget
         assert max(seen) > eng.budget // 2  # the measure sees real pages, not nothing
+        assert eng.residency.stats.evictions > 0
+        recycles = dtype == "q4_k" and eng.xslot.can_move  # can_move: Linux with MREMAP_DONTUNMAP
+        assert (eng.xslot.moved_bytes > 0) == recycles  # pages recycled where slices are whole pages
+        assert same(reference(tiny_model("qwen3moe", dtype), eng), gen.tokens, gen.logits)
 
 
 def test_budget_below_one_token_is_refused_with_the_minimum(pack_of) -> None:

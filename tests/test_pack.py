@@ -37,8 +37,10 @@ def packs(tmp_path_factory: pytest.TempPathFactory, tiny_model) -> dict[tuple[st
 
 
 @pytest.mark.parametrize("arch,dtype", ALL)
-def test_split_merge_round_trip_is_byte_identical(arch: str, dtype: str, tiny_model, packs, tmp_path: Path) -> None:
+def test_split_verify_merge_round_trip_is_byte_identical(arch: str, dtype: str, tiny_model, packs,
+                                                         tmp_path: Path) -> None:
     src = tiny_model(arch, dtype)
+    assert verify(packs[(arch, dtype)]) == []
     merged = merge(packs[(arch, dtype)], tmp_path / "merged.gguf")
     assert merged.read_bytes() == src.read_bytes()
     # And, read independently with the gguf package: every key/value and tensor equal.
@@ -237,3 +239,52 @@ def test_inspect_reports_the_moe_layout(tiny_model) -> None:
     assert info["min_budget_bytes"] == cost * info["experts_used_per_token"] > info["leaf_bytes"] * info["experts_used_per_token"]
     assert info["total_expert_bytes"] == info["leaf_bytes"] * info["leaves"]
     assert info["dense_core_bytes"] + info["total_expert_bytes"] < info["file_bytes"]
+
+
+def test_inspect_shows_each_parts_types_in_a_quant_mix(tiny_model) -> None:
+    path = tiny_model("qwen3moe", "q4_k_m")
+    code, stdout, _ = run_cli("inspect", "--json", str(path))
+    info = json.loads(stdout)
+    assert code == 0 and info["support"] == "tested"
+    assert info["part_types"] == {"gate": "Q4_K", "up": "Q4_K", "down": "Q4_K/Q6_K"}
+    assert info["leaf_bytes"] == sum(info["part_bytes"].values())  # the largest leaf's parts
+    code, stdout, _ = run_cli("inspect", str(path))
+    assert code == 0 and "Q4_K/Q6_K" in stdout and "tested" in stdout
+
+
+def _unknown_moe_model(path: Path) -> Path:
+    """A MoE GGUF of an architecture llama.cpp knows (phimoe) and smoe-gguf's table does not."""
+    w = gguf.GGUFWriter(path, "phimoe")
+    w.add_block_count(1)
+    w.add_expert_count(4)
+    w.add_expert_used_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((8, 16), np.float32))
+    for part, shape in (("gate", (4, 32, 16)), ("up", (4, 32, 16)), ("down", (4, 16, 32))):
+        w.add_tensor(f"blk.0.ffn_{part}_exps.weight", np.zeros(shape, np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+def test_an_unknown_moe_architecture_is_refused_and_named(tmp_path: Path) -> None:
+    src = _unknown_moe_model(tmp_path / "phi.gguf")
+    for cmd in (["split", str(src), "-o", str(tmp_path / "out")], ["run", str(src), "-p", "hi", "-n", "1"]):
+        code, stdout, stderr = run_cli(*cmd)
+        assert code == 1 and stdout == "", cmd
+        assert len(stderr.strip().splitlines()) == 1, stderr
+        assert "MoE architecture 'phimoe' is unsupported" in stderr and "not in smoe-gguf's architecture table" in stderr
+    assert not (tmp_path / "out").exists()
+    code, stdout, _ = run_cli("inspect", "--json", str(src))
+    info = json.loads(stdout)
+    assert code == 0 and info["moe"] and info["support"] == "unsupported"
+
+
+def test_run_refuses_a_pack_of_an_unsupported_architecture(tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "f16"), pack)
+    manifest = json.loads((pack / mf.MANIFEST).read_text())
+    (pack / mf.MANIFEST).write_text(json.dumps({**manifest, "arch": "phimoe"}))
+    code, _, stderr = run_cli("run", str(pack), "-p", "hi", "-n", "1")
+    assert code == 1 and "MoE architecture 'phimoe' is unsupported" in stderr

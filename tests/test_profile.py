@@ -68,6 +68,24 @@ def test_recorder_counts_gates_it_did_not_observe() -> None:
     assert rec.windows[1] == {layer * N_EXPERT + 2: 1.0 for layer in range(N_LAYER)}
 
 
+def test_recorder_on_a_model_whose_first_and_some_later_layers_have_no_experts() -> None:
+    """deepseek2 / llama4 layouts: tokens are counted at the first layer with experts, windows
+    cut at the last one, and the prompt's branch is chosen at the PROMPT_LAYERS-th of them."""
+    from smoe_gguf.residency import Residency
+
+    paged = [1, 3, 5]  # layers 0, 2 and 4 are dense: never gated
+    r = Residency({layer: 1 for layer in paged}, N_EXPERT, budget=len(paged) * N_EXPERT)
+    rec = tm.Recorder(r, None, N_EXPERT)
+    assert rec._prompt_layer == paged[tm.PROMPT_LAYERS - 1]
+    for _ in range(tm.WINDOW_TOKENS):
+        for layer in paged:
+            ids = np.array([[layer]], np.int32)
+            r.on_experts(layer, ids)
+            rec(layer, 0, ids)
+    assert rec.windows == [{layer * N_EXPERT + layer: float(tm.WINDOW_TOKENS) for layer in paged}]
+    assert r.prefetch([(0, 1), (2, 3)]) == 0  # leaves of layers without experts are never fetched
+
+
 def test_old_evidence_decays() -> None:
     prof = tm.Profile.empty("m", N_LAYER, N_EXPERT)
     prof.merge([_win((0, 0))])

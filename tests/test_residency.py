@@ -8,13 +8,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoe_gguf.devtools.testmodels import ARCHS
 from smoe_gguf.engine import Engine
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 
 from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
+
+# One architecture of each layer layout: experts in every layer (and gpt-oss's own activation
+# node), dense first layers (deepseek2), experts every other layer (llama4).
+PIPELINE_ARCHS = ("qwen3moe", "qwen2moe", "mixtral", "gpt-oss", "deepseek2", "llama4")
 
 
 def test_full_budget_warms_in_the_background_then_stops_gating(tiny_model, pack_of) -> None:
@@ -105,7 +108,7 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
         assert r.used == r.leaf_cost(1)  # only (1, 3) is still charged
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", PIPELINE_ARCHS)
 def test_the_down_node_splits_the_graph_only_where_down_parts_are_in_flight(tiny_model, pack_of, arch: str) -> None:
     """Part pipelining (off by default, --pipeline) stops the graph at a layer's down node only
     when that layer's top-k gate left down parts to finish; a layer whose leaves were all resident

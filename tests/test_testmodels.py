@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import itertools
 from pathlib import Path
 
 import gguf
@@ -14,7 +13,9 @@ from smoe_gguf.devtools.testmodels import ARCHS, CASES, build_test_model, moe_la
 from smoe_gguf.errors import SmoeError
 
 ALL = list(CASES)
-EXPERT_TYPE = {"f32": "F32", "f16": "F16", "q8_0": "Q8_0", "q4_k": "Q4_K"}
+# The types llama.cpp's quantizer gives the expert tensors (Q4_K_M: the down part of some layers Q6_K).
+EXPERT_TYPES = {"f32": {"F32"}, "f16": {"F16"}, "q8_0": {"Q8_0"}, "q4_k": {"Q4_K"}, "q4_k_m": {"Q4_K", "Q6_K"},
+                "iq4_xs": {"IQ4_XS"}, "mxfp4": {"MXFP4"}}
 GGUF_ARCH = {"mixtral": "llama"}
 PROMPT = "<|im_start|>user\nWhat is the capital of France?<|im_end|>\n<|im_start|>assistant\n"
 
@@ -31,13 +32,21 @@ def test_tiny_model_layout(arch: str, dtype: str, tiny_model) -> None:
     assert reader.fields["general.architecture"].contents() == GGUF_ARCH.get(arch, arch)
     shape = preset_shape(arch, "tiny", dtype)
     tensors = {t.name: t for t in reader.tensors}
-    for layer in range(shape.n_layer):
-        for part in ("gate", "up", "down"):
+    types: dict[str, set[str]] = {"gate": set(), "up": set(), "down": set()}
+    moe = moe_layers(arch, shape)
+    for layer in range(shape.n_layer + shape.n_nextn):
+        assert tensors[f"blk.{layer}.attn_norm.weight"].tensor_type.name == "F32"
+        if layer not in moe:  # a dense layer: a plain FFN, nothing to page
+            assert f"blk.{layer}.ffn_down.weight" in tensors and f"blk.{layer}.ffn_down_exps.weight" not in tensors
+            continue
+        for part in types:
             t = tensors[f"blk.{layer}.ffn_{part}_exps.weight"]
-            assert t.tensor_type.name == EXPERT_TYPE[dtype]
+            types[part].add(t.tensor_type.name)
             assert int(t.shape[2]) == shape.n_expert  # expert is the outermost dimension
         assert tensors[f"blk.{layer}.ffn_gate_inp.weight"].tensor_type.name == "F32"
-        assert tensors[f"blk.{layer}.attn_norm.weight"].tensor_type.name == "F32"
+    assert set().union(*types.values()) == EXPERT_TYPES[dtype]
+    if dtype == "q4_k_m":  # the mix: gate/up Q4_K everywhere, down Q6_K in some layers
+        assert types["gate"] == types["up"] == {"Q4_K"} and "Q6_K" in types["down"]
 
 
 def test_extra_tensors_of_each_arch(tiny_model) -> None:
@@ -49,12 +58,28 @@ def test_extra_tensors_of_each_arch(tiny_model) -> None:
     bias = oss["blk.0.ffn_down_exps.bias"]
     shape = preset_shape("gpt-oss", "tiny", "f16")
     assert bias.tensor_type.name == "F32" and [int(x) for x in bias.shape] == [shape.n_embd, shape.n_expert]
+    # DeepSeek-V3: MLA, a dense first layer, a shared expert and the expert-selection bias.
+    ds = _tensors(tiny_model("deepseek2", "f16"))
+    assert {"blk.0.ffn_down.weight", "blk.0.attn_kv_a_mqa.weight", "blk.0.attn_k_b.weight", "blk.1.attn_q_a.weight",
+            "blk.1.ffn_down_shexp.weight", "blk.1.exp_probs_b.bias"} <= set(ds)
+    # GLM-4.5: its MTP block (after the decoder) has experts too; llama.cpp does not load it.
+    glm = _tensors(tiny_model("glm4moe", "f16"))
+    assert {"blk.0.ffn_up.weight", "blk.2.exp_probs_b.bias", "blk.3.nextn.eh_proj.weight",
+            "blk.3.ffn_gate_exps.weight"} <= set(glm)
+    assert {"blk.0.ffn_up.weight", "blk.1.ffn_up_shexp.weight", "blk.2.ffn_up.weight", "blk.3.ffn_up_exps.weight"} <= set(
+        _tensors(tiny_model("llama4", "f16")))
+    assert {"blk.0.ssm_a", "blk.0.attn_qkv.weight", "blk.1.attn_q.weight", "blk.1.ffn_gate_inp_shexp.weight"} <= set(
+        _tensors(tiny_model("qwen3next", "f16")))
+    assert "blk.0.attn_qkv.weight" in _tensors(tiny_model("dbrx", "f16"))
 
 
 def test_some_tiny_slices_are_not_page_multiples(tiny_model) -> None:
     odd = []
-    for arch, dtype in itertools.product(ARCHS, ("f32", "f16")):
-        t = _tensors(tiny_model(arch, dtype))["blk.0.ffn_gate_exps.weight"]
+    for arch, dtype in CASES:
+        if dtype not in ("f32", "f16"):
+            continue
+        first = moe_layers(arch, preset_shape(arch, "tiny", dtype))[0]
+        t = _tensors(tiny_model(arch, dtype))[f"blk.{first}.ffn_gate_exps.weight"]
         if (int(t.n_bytes) // int(t.shape[2])) % 4096:
             odd.append((arch, dtype))
     assert ("qwen3moe", "f16") in odd and ("qwen3moe", "f32") in odd
@@ -117,7 +142,7 @@ def test_unknown_choices_are_refused(tmp_path: Path) -> None:
 def test_medium_preset_shape() -> None:
     for arch in ARCHS:
         s = preset_shape(arch, "medium", "f16")
-        expert_bytes = s.n_layer * s.n_expert * 3 * s.n_embd * s.n_ff_exp * 2
+        expert_bytes = len(moe_layers(arch, s)) * s.n_expert * 3 * s.n_embd * s.n_ff_exp * 2
         assert s.n_expert >= 64 and expert_bytes >= 2**30
         assert s.n_embd % 256 == 0 and s.n_ff_exp % 256 == 0  # q4_k needs whole K-quant blocks
 

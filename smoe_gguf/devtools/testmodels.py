@@ -41,13 +41,13 @@ ARCHS: tuple[str, ...] = ("qwen3moe", "qwen2moe", "mixtral", "gpt-oss", "deepsee
 PRESETS: tuple[str, ...] = ("tiny", "medium")
 DTYPES: tuple[str, ...] = ("f32", "f16", "q8_0", "q4_k", "q4_k_m", "iq4_xs", "mxfp4")
 # The (arch, dtype) pairs the tests build and run: every dtype of the first four architectures,
-# F16 of every other one, and the real quant mixes (Q4_K_M on every architecture, IQ4_XS,
-# MXFP4 experts on gpt-oss).
+# F16 of every other one, and the real quant mixes: Q4_K_M with experts in every layer and with
+# dense first layers, IQ4_XS, and the MXFP4 experts gpt-oss ships with.
 CASES: tuple[tuple[str, str], ...] = (
     *((a, d) for a in ARCHS[:4] for d in ("f32", "f16", "q8_0", "q4_k")),
     *((a, "f16") for a in ARCHS[4:]),
-    *((a, "q4_k_m") for a in ARCHS),
-    ("qwen3moe", "iq4_xs"), ("deepseek2", "iq4_xs"),
+    ("qwen3moe", "q4_k_m"), ("deepseek2", "q4_k_m"),
+    ("mixtral", "iq4_xs"),
     ("gpt-oss", "mxfp4"),
 )
 
@@ -93,6 +93,7 @@ class Shape:
     ssm_state: int = 0  # qwen3next linear attention: head size
     ssm_k_heads: int = 0
     ssm_v_heads: int = 0
+    full_attn_interval: int = 0  # qwen3next: every n-th layer has full attention, the others linear
 
 
 # f32/f16 shapes: n_ff_exp is deliberately not a power of two, so an expert's slice of a
@@ -118,9 +119,10 @@ _TINY: dict[str, Shape] = {
     # Llama 4 Maverick: experts in every other layer, top-1 routing, one shared expert.
     "llama4": Shape(n_layer=4, n_expert=16, n_used=1, n_embd=128, n_ff_exp=84, n_head=4, n_head_kv=2, head_dim=32,
                     n_ff=160, moe_step=2),
-    # Qwen3-Next: three gated-delta-net layers, then one gated full-attention layer.
-    "qwen3next": Shape(n_layer=4, n_expert=16, n_used=4, n_embd=128, n_ff_exp=56, n_head=4, n_head_kv=2, head_dim=32,
-                       n_ff_shexp=96, rope_dim=8, ssm_state=32, ssm_k_heads=2, ssm_v_heads=4),
+    # Qwen3-Next: a gated-delta-net (linear attention) layer, then a gated full-attention one
+    # (the real model has three linear layers to each full one).
+    "qwen3next": Shape(n_layer=2, n_expert=16, n_used=4, n_embd=128, n_ff_exp=56, n_head=4, n_head_kv=2, head_dim=32,
+                       n_ff_shexp=96, rope_dim=8, ssm_state=32, ssm_k_heads=2, ssm_v_heads=4, full_attn_interval=2),
 }
 
 _MEDIUM = Shape(n_layer=8, n_expert=64, n_used=8, n_embd=1024, n_ff_exp=512, n_head=16, n_head_kv=4, head_dim=64)
@@ -132,7 +134,8 @@ _MEDIUM_EXTRA: dict[str, dict[str, int]] = {
     "glm4moe": {"n_layer": 9, "n_dense_lead": 1, "n_ff": 2048, "n_nextn": 1, "rope_dim": 32},
     "olmoe": {"n_head_kv": 16},
     "llama4": {"n_layer": 16, "moe_step": 2, "n_ff": 2048, "n_used": 1},
-    "qwen3next": {"n_ff_shexp": 512, "rope_dim": 16, "ssm_state": 64, "ssm_k_heads": 4, "ssm_v_heads": 8},
+    "qwen3next": {"n_ff_shexp": 512, "rope_dim": 16, "ssm_state": 64, "ssm_k_heads": 4, "ssm_v_heads": 8,
+                  "full_attn_interval": 4},
 }
 
 
@@ -365,7 +368,6 @@ def _llama4_layer(arch: str, s: Shape, i: int, moe: bool) -> list[_Tensor]:
                 *_ffn(p, "_shexp", s.n_ff_exp, d)]
 
 
-QWEN3NEXT_FULL_ATTENTION_INTERVAL = 4
 SSM_CONV_KERNEL = 4
 
 
@@ -373,7 +375,7 @@ def _qwen3next_layer(arch: str, s: Shape, i: int, moe: bool) -> list[_Tensor]:
     p, d = f"blk.{i}.", s.n_embd
     t = [_Tensor(p + "attn_norm.weight", (d,), "norm"),
          _Tensor(p + "post_attention_norm.weight", (d,), "norm")]
-    if (i + 1) % QWEN3NEXT_FULL_ATTENTION_INTERVAL == 0:  # gated full attention: Q and its gate in one matrix
+    if (i + 1) % s.full_attn_interval == 0:  # gated full attention: Q and its gate in one matrix
         q_dim, kv_dim = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
         t += [_Tensor(p + "attn_q.weight", (2 * q_dim, d), "w"),
               _Tensor(p + "attn_k.weight", (kv_dim, d), "w"),
@@ -511,7 +513,7 @@ def add_hparams(w: gguf.GGUFWriter, arch: str, s: Shape) -> None:
         w.add_uint32(f"{a}.ssm.state_size", s.ssm_state)
         w.add_uint32(f"{a}.ssm.time_step_rank", s.ssm_v_heads)
         w.add_uint32(f"{a}.ssm.group_count", s.ssm_k_heads)
-        w.add_uint32(f"{a}.full_attention_interval", QWEN3NEXT_FULL_ATTENTION_INTERVAL)
+        w.add_uint32(f"{a}.full_attention_interval", s.full_attn_interval)
 
 
 def _write_gguf(path: Path, arch: str, preset: str, s: Shape, dtype: str, seed: int,
