@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `make demo`: build a small MoE model here (no download), then inspect, split, verify and merge it.
 set -euo pipefail
-DIR=.demo
+DIR=${DEMO_DIR:-.demo}
 MODEL=$DIR/demo-qwen2moe-f16.gguf
 PACK=$DIR/demo-qwen2moe.pack
 mkdir -p "$DIR"
@@ -38,3 +38,8 @@ if [ -t 0 ] && [ -t 1 ]; then
 else
   echo "skipped: not a terminal (run \`smoe-gguf chat $PACK --budget 25%\` in one)"
 fi
+
+step "next: the same with your own MoE GGUF"
+echo "The demo model's weights are random, so its text is noise; a real model's is not."
+echo "  source .venv/bin/activate && smoe-gguf split models/YOUR-MODEL.gguf"
+echo "  smoe-gguf chat models/YOUR-MODEL.pack      # README: 'Use it with your model'"

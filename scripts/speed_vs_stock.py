@@ -12,61 +12,53 @@ prints start-up bytes read against the core's bytes, hit rate and shard bytes pe
 from __future__ import annotations
 
 import argparse
-import os
 import statistics
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import llama_cpp
-import numpy as np
 
 from smoe_gguf.devtools import stock
 from smoe_gguf.engine import Engine
+from smoe_gguf.llama_session import Sampler, Sampling, sample_tokens
+from smoe_gguf.store import drop_page_cache
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 
 
-def drop_cache(path: Path) -> None:
-    for p in [path] if path.is_file() else [q for q in path.rglob("*") if q.is_file()]:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
+def _step_times(tokens: Iterator[int], n: int) -> tuple[list[float], list[int]]:
+    """Seconds between consecutive tokens of a decode loop (each is one decode step), and the tokens."""
+    steps, out = [], []
+    t0 = time.perf_counter()
+    for tok in tokens:
+        t1 = time.perf_counter()
+        if out:
+            steps.append(t1 - t0)
+        out.append(tok)
+        t0 = t1
+    return steps, out
 
 
 def stock_steps(src: str, n: int, threads: int) -> tuple[list[float], list[int]]:
     m = stock.load_model(src, stock.model_params())
     c = stock.new_context(m, stock.context_params(n_ctx=512, n_threads=threads))
+    sampler = Sampler(c, Sampling())
     try:
         v = llama_cpp.llama_model_get_vocab(m)
         nv = llama_cpp.llama_vocab_n_tokens(v)
         stock.decode(c, stock.tokenize_with(v, PROMPT))
-        tok = int(np.argmax(stock.last_logits(c, nv)))
-        steps, out = [], [tok]
-        for _ in range(n):
-            t0 = time.perf_counter()
-            stock.decode(c, [tok])
-            steps.append(time.perf_counter() - t0)
-            tok = int(np.argmax(stock.last_logits(c, nv)))
-            out.append(tok)
-        return steps, out
+        loop = sample_tokens(lambda t: stock.decode(c, t), lambda: stock.last_logits(c, nv), sampler, n + 1)
+        return _step_times((tok for tok, _ in loop), n)
     finally:
+        sampler.free()
         llama_cpp.llama_free(c)
         llama_cpp.llama_model_free(m)
 
 
 def smoe_steps(pack: str, budget: str, n: int, threads: int) -> tuple[list[float], list[int], dict]:
     with Engine(pack, budget=budget, n_ctx=512, n_threads=threads, profile=None) as e:
-        e.decode(e.tokenize(PROMPT))
-        tok = int(np.argmax(e.logits()))
-        steps, out = [], [tok]
-        for _ in range(n):
-            t0 = time.perf_counter()
-            e.decode([tok])
-            steps.append(time.perf_counter() - t0)
-            tok = int(np.argmax(e.logits()))
-            out.append(tok)
+        steps, out = _step_times((s.token for s in e.stream(PROMPT, n + 1)), n)
         return steps, out, e.stats().as_dict()
 
 
@@ -84,7 +76,7 @@ def main() -> None:
         ms = statistics.median(ts[a.n // 2:])
         print(f"rep {rep}: stock {1 / ms:.1f} tok/s")
         for budget in a.budgets.split(","):
-            drop_cache(Path(a.pack))
+            drop_page_cache(Path(a.pack))
             tx, out, st = smoe_steps(a.pack, budget, a.n, a.threads)
             mx = statistics.median(tx[a.n // 2:])
             print(f"  smoe {budget:>5}: {1 / mx:6.1f} tok/s  ratio {ms / mx:.3f}  same tokens {out == ref}  "

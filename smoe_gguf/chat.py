@@ -647,6 +647,8 @@ def run_chat(model: Any, budget: str | None, system: str | None, policy: str, n_
                 policy=policy) as eng:
         for w in getattr(eng, "warnings", []):
             err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
+        if (hint := eng.prompt_hint(eng.n_ubatch + 1)) is not None:  # said once: it holds for every long prompt
+            err.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
         template = ChatTemplate.of(eng.model)
         worker = ChatWorker(eng, template, system, n_tokens, temp, seed, typeahead and interactive)
         try:
