@@ -24,7 +24,6 @@ running reply stops at its next token, queued requests are refused, the server c
 from __future__ import annotations
 
 import asyncio
-import codecs
 import hmac
 import ipaddress
 import logging
@@ -60,48 +59,6 @@ DEFAULT_MAX_TOKENS = 512
 DEFAULT_MAX_BODY = 8 << 20
 RETRY_AFTER_SECONDS = 1
 ENDPOINTS = ("/v1/chat/completions", "/v1/completions", "/v1/models", "/health", "/metrics")
-
-
-# --------------------------------------------------------------------------------- stop text
-
-
-class StopText:
-    """A reply's text as its token pieces arrive: complete UTF-8 only, cut before the first stop
-    sequence. Text that may be the start of a stop sequence is held back until it is known not to be."""
-
-    def __init__(self, stops: list[str]) -> None:
-        self.stops = [s for s in stops if s]
-        self.text = ""
-        self.stopped = False
-        self._shown = 0
-        self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
-
-    def add(self, piece: bytes) -> str:
-        if self.stopped:
-            return ""
-        self.text += self._decoder.decode(piece)
-        return self._release(final=False)
-
-    def finish(self) -> str:
-        if not self.stopped:
-            self.text += self._decoder.decode(b"", final=True)
-        return self._release(final=True)
-
-    def _release(self, final: bool) -> str:
-        safe = len(self.text)
-        if self.stops and not self.stopped:
-            # Held-back text covers any stop sequence's start, so a match starts at _shown or later.
-            found = [i for i in (self.text.find(s, self._shown) for s in self.stops) if i >= 0]
-            if found:
-                i = min(found)
-                self.text, self.stopped, safe = self.text[:i], True, i
-            elif not final:
-                held = max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
-                            if self.text.endswith(s[:k])), default=0)
-                safe -= held
-        out = self.text[self._shown : safe]
-        self._shown = max(self._shown, safe)
-        return out
 
 
 # --------------------------------------------------------------------------------- the worker
@@ -271,7 +228,7 @@ class Service:
                 return
             self._decode(final[s:e], (s, e))
         s, e = rest[-1]
-        reply = StopText(job.stops)
+        reply = tpl.ReplyText(job.stops)
         tokens: list[int] = []
         finish, interrupted = "length", False
         steps = eng.stream(final[s:e], min(job.max_tokens, eng.n_ctx - len(final)), job.sampling, stop_at_eog=True)

@@ -162,13 +162,14 @@ def conversation(system: str | None, user: str) -> list[Message]:
 
 
 class ReplyText:
-    """A reply's text as its token pieces arrive: complete UTF-8 only, cut at the stop text.
+    """A reply's text as its token pieces arrive: complete UTF-8 only, cut before the first stop
+    text (one, several, or none).
 
-    ``add`` returns what can be shown now; text that may be the start of the stop text is held
+    ``add`` returns what can be shown now; text that may be the start of a stop text is held
     back until it is known not to be."""
 
-    def __init__(self, stop: str | None) -> None:
-        self.stop = stop
+    def __init__(self, stop: str | list[str] | None) -> None:
+        self.stops = [s for s in ([stop] if isinstance(stop, str) else stop or []) if s]
         self.text = ""
         self.stopped = False
         self._shown = 0
@@ -187,15 +188,15 @@ class ReplyText:
 
     def _release(self, final: bool) -> str:
         safe = len(self.text)
-        if self.stop and not self.stopped:
-            i = self.text.find(self.stop)
-            if i >= 0:
+        if self.stops and not self.stopped:
+            # Held-back text covers any stop text's start, so a match starts at _shown or later.
+            found = [i for i in (self.text.find(s, self._shown) for s in self.stops) if i >= 0]
+            if found:
+                i = min(found)
                 self.text, self.stopped, safe = self.text[:i], True, i
             elif not final:
-                for k in range(min(len(self.stop) - 1, len(self.text)), 0, -1):
-                    if self.text.endswith(self.stop[:k]):
-                        safe -= k
-                        break
+                safe -= max((k for s in self.stops for k in range(min(len(s) - 1, len(self.text)), 0, -1)
+                             if self.text.endswith(s[:k])), default=0)
         out = self.text[self._shown : safe]
         self._shown = max(self._shown, safe)
         return out

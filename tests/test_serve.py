@@ -26,7 +26,7 @@ import pytest
 from smoe_gguf import template
 from smoe_gguf.engine import Engine
 from smoe_gguf.pack.split import split
-from smoe_gguf.serve import Service, StopText, bind, create_app, make_server, url_of
+from smoe_gguf.serve import Service, bind, create_app, make_server, url_of
 
 from .cli_helpers import run_cli
 
@@ -357,11 +357,11 @@ def test_metrics_and_health(srv: Running) -> None:
 
 
 def test_stop_text_holds_back_a_possible_stop_sequence() -> None:
-    r = StopText(["\nUser:", "END"])
+    r = template.ReplyText(["\nUser:", "END"])
     assert r.add(b"Hi \xc3") == "Hi "  # half a UTF-8 character waits
     assert r.add(b"\xa9 E") == "\u00e9 "  # "E" may start "END"
     assert r.add(b"ND more") == "" and r.stopped and r.text == "Hi \u00e9 "
-    r = StopText(["xyz"])
+    r = template.ReplyText(["xyz"])
     assert r.add(b"abcx") == "abc" and r.add(b"q") == "xq" and r.finish() == ""
 
 
