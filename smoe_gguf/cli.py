@@ -31,6 +31,9 @@ def _global_options(
     from . import exits
 
     exits.DEBUG = debug
+ModelArg = Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")]
+BudgetOpt = Annotated[str | None, typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert "
+                                               "bytes. Default: what fits in available memory minus 1 GiB.")]
 # Options of every command that runs a model: how leaves are fetched and evicted.
 PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lru, lfru (frequency-weighted LRU) or "
                                         "least-stale (layer order).")]
@@ -190,14 +193,10 @@ def merge(
 
 @app.command()
 def run(
-    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
+    model: ModelArg,
     prompt: Annotated[str, typer.Option("-p", "--prompt", help="The prompt.")],
     n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Tokens to generate.")] = 64,
-    budget: Annotated[
-        str | None,
-        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
-                     "Default: what fits in available memory minus 1 GiB."),
-    ] = None,
+    budget: BudgetOpt = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
@@ -285,8 +284,10 @@ def _stats_table(g: Any, st: Any) -> Table:
         ("leaves loaded", str(st.leaves_loaded)),
         ("hit rate", f"{st.hit_rate * 100:.1f}% ({st.hits} hits, {st.misses} misses)"),
         ("prefetched", f"{st.prefetched} leaves ({st.prefetch_late} arrived late, {st.prefetch_wasted} evicted unused)"),
-        *([("next-layer speculation", f"precision {spec['precision'] * 100:.0f}%, recall "
-                                      f"{spec['recall'] * 100:.0f}% (threshold {spec['threshold']})")] if spec else []),
+        *([("speculation", ", ".join(
+            f"{a} layer{'s' * (a != '1')} ahead: precision {la['precision'] * 100:.0f}%, recall {la['recall'] * 100:.0f}%"
+            for a, la in spec["lookaheads"].items()) + f" (top {spec['rank']})")] if spec else []),
+        ("stall saved by prefetch", f"{st.prefetch_stall_saved_seconds:.3f} s"),
         ("bytes read from shards", human(st.bytes_read) + (" (O_DIRECT)" if st.direct_io else "")),
         ("stalled on leaves", f"{st.stall_seconds:.3f} s (per decoded token: median "
                               f"{st.stall_per_token_p50 * 1e3:.1f} ms, p95 {st.stall_per_token_p95 * 1e3:.1f} ms; "
@@ -408,12 +409,8 @@ def _render_tree(prof: Any, path: Path) -> Any:
 
 @app.command()
 def chat(
-    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
-    budget: Annotated[
-        str | None,
-        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
-                     "Default: what fits in available memory minus 1 GiB."),
-    ] = None,
+    model: ModelArg,
+    budget: BudgetOpt = None,
     system: Annotated[str | None, typer.Option(help="A system message for the conversation.")] = None,
     policy: PolicyOpt = "lru",
     n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Most tokens per reply.")] = 256,
@@ -439,12 +436,8 @@ def chat(
 
 @app.command()
 def serve(
-    model: Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")],
-    budget: Annotated[
-        str | None,
-        typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert bytes. "
-                     "Default: what fits in available memory minus 1 GiB."),
-    ] = None,
+    model: ModelArg,
+    budget: BudgetOpt = None,
     host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port to listen on (0: any free port, printed).")] = 8080,
     api_key: Annotated[str | None, typer.Option(envvar="SMOE_API_KEY", help="Require 'Authorization: Bearer "
