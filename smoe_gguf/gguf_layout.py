@@ -146,17 +146,17 @@ class _Reader:
             itype = self.unpack("<I")
             n = self.unpack("<Q")
             if itype == T_ARRAY:
-                raise self.bad(f"key {key!r} is an array of arrays, which GGUF readers do not accept")
+                raise self.bad(f"key {shown(key)} is an array of arrays, which GGUF readers do not accept")
             if itype not in _MIN_WIDTH:
-                raise self.bad(f"key {key!r} is an array of value type {itype}")
+                raise self.bad(f"key {shown(key)} is an array of value type {itype}")
             if n > MAX_ARRAY or n * _MIN_WIDTH[itype] > self.left():
-                raise self.bad(f"key {key!r} is an array of {n} items")
+                raise self.bad(f"key {shown(key)} is an array of {n} items")
             if itype in _SCALAR:
                 fmt = _SCALAR[itype]
                 width = struct.calcsize(fmt)
                 return list(struct.unpack(f"<{n}{fmt[1]}", self.take(n * width)))
             return [self.string() for _ in range(n)]
-        raise self.bad(f"key {key!r} has value type {vtype}")
+        raise self.bad(f"key {shown(key)} has value type {vtype}")
 
 
 def read_layout(path: str | os.PathLike[str]) -> GGUFLayout:
@@ -196,7 +196,7 @@ def _parse(f: BinaryIO, p: Path, size: int) -> GGUFLayout:
         if not key:
             raise r.bad("an empty key")
         if key in kvs:
-            raise r.bad(f"duplicate key {key!r}")
+            raise r.bad(f"duplicate key {shown(key)}")
         vtype = r.unpack("<I")
         val = r.value(vtype, key)
         end = f.tell()
@@ -216,9 +216,9 @@ def _parse(f: BinaryIO, p: Path, size: int) -> GGUFLayout:
     for _ in range(n_tensors):
         name = r.string()
         if len(name.encode("utf-8")) >= MAX_NAME:
-            raise r.bad(f"tensor name {name[:80]!r} is longer than {MAX_NAME - 1} bytes")
+            raise r.bad(f"tensor name {shown(name)} is longer than {MAX_NAME - 1} bytes")
         if name in names:
-            raise r.bad(f"duplicate tensor name {name!r}")
+            raise r.bad(f"duplicate tensor name {shown(name)}")
         names.add(name)
         n_dims = r.unpack("<I")
         if n_dims > MAX_DIMS:
@@ -259,6 +259,11 @@ _TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "
                8: "string", 9: "array", 10: "uint64", 11: "int64", 12: "float64"}
 
 
+def shown(text: str, limit: int = 60) -> str:
+    """A key or name from a file, quoted and cut short for a message."""
+    return repr(text if len(text) <= limit else text[:limit] + "...")
+
+
 def type_name(vtype: int) -> str:
     """The GGUF name of a value type ("uint32", "string", ...)."""
     return _TYPE_NAMES.get(vtype, f"type {vtype}")
@@ -270,12 +275,12 @@ def int_value(layout: GGUFLayout, key: str, lo: int, hi: int, default: int | Non
     kv = layout.kvs.get(key)
     if kv is None:
         if default is None:
-            raise SmoeError(f"{layout.path}: key {key} is missing")
+            raise SmoeError(f"{layout.path}: key {shown(key)} is missing")
         return default
     if kv.vtype not in INT_TYPES:
-        raise SmoeError(f"{layout.path}: key {key} is a {type_name(kv.vtype)}, not an integer")
+        raise SmoeError(f"{layout.path}: key {shown(key)} is a {type_name(kv.vtype)}, not an integer")
     if not lo <= kv.value <= hi:
-        raise SmoeError(f"{layout.path}: key {key} is {kv.value}, outside [{lo}, {hi}]")
+        raise SmoeError(f"{layout.path}: key {shown(key)} is {kv.value}, outside [{lo}, {hi}]")
     return int(kv.value)
 
 
