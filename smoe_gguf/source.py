@@ -3,8 +3,10 @@
 A pack gives llama.cpp its ``core.gguf`` (split 1 of 2) and a sparse *expert stub* (split 2:
 the expert tensors' infos, then a hole), written to a temporary directory, so llama.cpp never
 sees a real expert byte. The stub is the other half of the split-1-of-2 contract of
-:mod:`smoe_gguf.pack.split`. A plain GGUF is given to llama.cpp whole; its leaves are read from
-it by offset.
+:mod:`smoe_gguf.pack.split`: it gives llama.cpp the expert tensors' names, types and shapes; the
+X-Slot keeps the loader from reading their ranges (:mod:`smoe_gguf.xslot`), so the hole is never
+read. A plain GGUF is given to llama.cpp whole; its leaves are read from it by offset, and the
+loader reads only its core tensors for the same reason.
 """
 
 from __future__ import annotations
@@ -39,7 +41,8 @@ class Source:
 
 
 def write_expert_stub(path: Path, m: mf.Manifest) -> int:
-    """Split 2 of a pack's model: the expert tensors' infos and a hole of their size. Its size."""
+    """Split 2 of a pack's model: the expert tensors' infos and a hole of their size (llama.cpp
+    checks that every tensor lies inside the file; it reads none of the hole). Its size."""
     infos, rel = [], 0
     for t in m.tensors:
         if t.where == "leaves":

@@ -2,9 +2,15 @@
 
 llama.cpp is told (``tensor_buft_overrides``) to put every routed-expert tensor in an ``XSLOT``
 buffer. Its ``alloc_buffer`` only reserves address space (anonymous ``MAP_NORESERVE``), so a
-tensor of any size costs nothing until a page is written. While the model loads, ``is_host`` is
-false and ``set_tensor`` copies nothing: llama.cpp's own bytes for the experts are dropped, and we
-only record where each tensor lives. Afterwards ``is_host`` is true, so the CPU backend computes
+tensor of any size costs nothing until a page is written.
+
+While the model loads, llama.cpp's loader reads none of an expert tensor's bytes, in any load mode:
+``init_tensor`` records where the tensor lives and renames it (:data:`HIDDEN_PREFIX`), and
+``llama_model_loader::load_all_data`` passes over a tensor whose name it cannot find among the
+file's weights (``get_weight`` returns null: no read, no ``set_tensor``, no mmap of its range).
+:meth:`XSlot.finish_loading` gives the names back before any graph is built. Should something
+else offer bytes meanwhile, ``is_host`` is false and ``set_tensor`` copies nothing (the bytes are
+dropped). Afterwards ``is_host`` is true, so the CPU backend computes
 directly on the reserved memory, and the caller makes expert slices resident (:meth:`XSlot.fill_slice`
 / :meth:`XSlot.load_slice` copy, :meth:`XSlot.map_slice` maps a page-aligned file range) or evicts
 them (map fresh anonymous pages over them) between the router and the expert matmuls.
@@ -14,7 +20,10 @@ tensors start page-aligned (``get_alignment`` is at least the page size) but ``S
 a page multiple, so the first and last page of a slice may hold bytes of its neighbours. Loading a
 slice writes (and so makes resident) every page it touches. Evicting it releases every page it
 touches that no *still-resident* slice of the same tensor touches; a boundary page shared with a
-resident neighbour stays until that neighbour goes too. Hence, exactly:
+resident neighbour stays until that neighbour goes too. A slice evicted to make room for another
+of the same size can instead hand its pages to that one (:meth:`XSlot.move_slice`, page-aligned
+slices only: ``mremap``), which is *claimed* at once and then filled without a fault or a
+zero-fill; a claimed slice counts as resident here. Hence, exactly:
 
     physically resident pages == union of the pages touched by resident slices
 
@@ -32,6 +41,7 @@ checksum over the whole tensor) makes ``mincore`` report more than the memory re
 from __future__ import annotations
 
 import ctypes
+import errno
 import mmap
 import os
 import sys
@@ -47,6 +57,8 @@ from .errors import SmoeError
 
 PAGE = mmap.PAGESIZE
 ALIGNMENT = max(4096, PAGE)
+# What an X-Slot tensor is called while the model loads: a name llama.cpp never looks up.
+HIDDEN_PREFIX = b"xslot.hidden."
 
 _PROT_RW = mmap.PROT_READ | mmap.PROT_WRITE
 if sys.platform == "darwin":
@@ -60,6 +72,17 @@ _MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
 # on the project machine. Linux >= 5.14; switched off when the kernel refuses it.
 _MADV_POPULATE_WRITE: int | None = 23 if sys.platform.startswith("linux") else None
 _MADV_POPULATE_READ: int | None = 22 if sys.platform.startswith("linux") else None
+# Moving pages from an evicted slice to the one about to be filled (Linux >= 5.7): mremap with
+# MREMAP_DONTUNMAP leaves the source range mapped (empty), so no other mmap can land in a hole.
+_MREMAP_MAYMOVE, _MREMAP_FIXED, _MREMAP_DONTUNMAP = 1, 2, 4
+_mremap = None
+# Slices holding pages moved into them are one VMA each; stay well below vm.max_map_count (65530).
+MAX_MOVED_SLICES = 16384
+if sys.platform.startswith("linux"):
+    _mremap = getattr(abi.libc, "mremap", None)
+    if _mremap is not None:
+        _mremap.restype = ctypes.c_void_p
+        _mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
 
 
 @dataclass(frozen=True)
@@ -73,6 +96,7 @@ class Region:
     nb: tuple[int, int, int, int]
     n_expert: int  # ne of the outermost non-trivial dimension
     slice_bytes: int  # nb of that dimension: one expert's contiguous bytes
+    tensor: int = 0  # address of the ggml_tensor
 
     def slice_address(self, expert: int) -> int:
         return self.address + expert * self.slice_bytes
@@ -109,6 +133,8 @@ class XSlot:
         self.regions: dict[str, Region] = {}
         self.buffers: dict[int, tuple[int, int]] = {}  # ggml buffer -> (base, size)
         self.offered_bytes = 0  # bytes llama.cpp handed to set_tensor while loading (dropped)
+        # tensor -> (its buffer, its real name) while it is hidden from the loader (see the module doc)
+        self._hidden: dict[int, tuple[int, bytes]] = {}
         self._region_bytes = 0  # sum of nbytes of all regions
         self.error: str | None = None  # why a tensor was refused (llama.cpp then fails the load)
         self.resident_bytes = 0  # logical: sum of slice_bytes of resident slices
@@ -117,6 +143,10 @@ class XSlot:
         self._override_array: ctypes.Array[abi.LlamaTensorBuftOverride] | None = None
         self._override_patterns: list[bytes] = []
         self._populate = _MADV_POPULATE_WRITE is not None
+        self.can_move = _mremap is not None  # move_slice moves pages (else it evicts)
+        self.moved_bytes = 0  # bytes of pages move_slice handed from evicted slices to incoming ones
+        self._file_mapped: set[tuple[str, int]] = set()  # slices map_slice mapped from a file
+        self._moved_in: set[tuple[str, int]] = set()  # resident slices holding pages move_slice gave them
         # Fills of different slices may run in I/O threads while another thread evicts: a slice
         # is claimed (its flag set) under this lock before its pages are written, so an eviction
         # of a neighbour never releases a boundary page being filled. Copies run outside it.
@@ -165,15 +195,27 @@ class XSlot:
         return ctypes.addressof(arr)
 
     def finish_loading(self) -> None:
-        """Call after ``llama_model_load_from_file`` returns: from now on ``is_host`` answers true.
+        """Call after ``llama_model_load_from_file`` returns (and before creating a context): the
+        X-Slot tensors get their names back and from now on ``is_host`` answers true.
 
-        It also turns true by itself once llama.cpp has offered every byte of every X-Slot tensor
-        to ``set_tensor``: with ``is_host`` still false, creating a context aborts the process
-        (ggml: "pre-allocated tensor ... in a buffer (XSLOT) that cannot run the operation").
+        With ``is_host`` still false, creating a context aborts the process (ggml: "pre-allocated
+        tensor ... in a buffer (XSLOT) that cannot run the operation"); it also turns true by itself
+        once every byte of every X-Slot tensor has been offered to ``set_tensor``.
         """
         if self.error is not None:
             raise SmoeError(self.error)
+        self._restore_names()
         self.loading = False
+
+    @property
+    def hidden_tensors(self) -> int:
+        """How many X-Slot tensors are hidden from llama.cpp's loader right now."""
+        return len(self._hidden)
+
+    def _restore_names(self) -> None:
+        for tensor, (_buffer, name) in self._hidden.items():
+            abi.ggml_set_name(tensor, name)
+        self._hidden.clear()
 
     # ---------------------------------------------------------------- slices
 
@@ -241,6 +283,7 @@ class XSlot:
             abi.libc_madvise(address, s, _MADV_POPULATE_READ)
         flags = self._resident[tensor_name]
         with self._lock:
+            self._file_mapped.add((tensor_name, expert))
             if not flags[expert]:
                 flags[expert] = 1
                 self.resident_bytes += s
@@ -254,9 +297,57 @@ class XSlot:
             r = self.regions[tensor_name]
             flags[expert] = 0
             self.resident_bytes -= r.slice_bytes
+            self._file_mapped.discard((tensor_name, expert))
+            self._moved_in.discard((tensor_name, expert))
             lo, hi = self._free_span(r, flags, expert)
             if lo < hi:
                 _map_anon(lo, hi - lo, fixed=True)
+
+    def move_slice(self, tensor_name: str, expert: int, to_tensor: str, to_expert: int) -> int:
+        """Evict slice ``expert`` of ``tensor_name`` and give its pages to slice ``to_expert`` of
+        ``to_tensor``, which is not resident and is about to be filled: the fill then writes into
+        pages already there, with no release, no fault and no zero-fill. Returns the bytes moved.
+
+        The destination is claimed at once (as :meth:`fill_slice` claims it), so the pages are
+        accounted to it: fill it, or :meth:`evict_slice` it, which releases them. The physically
+        resident pages are therefore always those touched by claimed slices (module doc). Pages
+        move only between page-aligned slices of the same size (no page is shared with a
+        neighbour). Each slice holding moved pages is a mapping of its own (a VMA: the kernel's
+        ``vm.max_map_count`` bounds them), so at most :data:`MAX_MOVED_SLICES` do at once. Otherwise,
+        and where pages cannot be moved (not Linux, a kernel without ``MREMAP_DONTUNMAP``, a slice
+        mapped from a file, a destination already claimed), the slice is evicted and 0 returned."""
+        src, dst = self.regions[tensor_name], self.regions[to_tensor]
+        flags, to_flags = self._resident[tensor_name], self._resident[to_tensor]
+        size = src.slice_bytes
+        lo, to = src.slice_address(expert), dst.slice_address(to_expert)
+        movable = (self.can_move and size == dst.slice_bytes and size % PAGE == 0 and lo % PAGE == 0
+                   and to % PAGE == 0 and (tensor_name, expert) != (to_tensor, to_expert))
+        with self._lock:
+            if not flags[expert]:
+                return 0
+            moved = 0
+            if (movable and not to_flags[to_expert] and (tensor_name, expert) not in self._file_mapped
+                    and len(self._moved_in) < MAX_MOVED_SLICES):
+                # MREMAP_DONTUNMAP leaves the source range mapped (empty): no other mmap can land there
+                if _mremap(lo, size, size, _MREMAP_MAYMOVE | _MREMAP_FIXED | _MREMAP_DONTUNMAP, to) == to:
+                    moved = size
+                    _map_anon(lo, size, fixed=True)  # a fresh mapping there, one that merges with its neighbours
+                elif ctypes.get_errno() == errno.EINVAL:
+                    self.can_move = False  # a kernel without MREMAP_DONTUNMAP: evict from now on
+            flags[expert] = 0
+            self.resident_bytes -= size
+            self._file_mapped.discard((tensor_name, expert))
+            self._moved_in.discard((tensor_name, expert))
+            if not moved:
+                lo, hi = self._free_span(src, flags, expert)
+                if lo < hi:
+                    _map_anon(lo, hi - lo, fixed=True)
+                return 0
+            to_flags[to_expert] = 1
+            self.resident_bytes += size
+            self.moved_bytes += size
+            self._moved_in.add((to_tensor, to_expert))
+            return size
 
     def evict_all(self) -> None:
         for name, flags in self._resident.items():
@@ -340,13 +431,21 @@ class XSlot:
 
     def _free_buffer(self, buffer: int) -> None:
         base, size = self.buffers.pop(buffer)
+        for tensor in [t for t, (b, _) in self._hidden.items() if b == buffer]:
+            del self._hidden[tensor]  # a failed load: the tensor may be gone with its buffer
         for name in [n for n, r in self.regions.items() if base <= r.address < base + size]:
             flags = self._resident.pop(name)
             self.resident_bytes -= self.regions[name].slice_bytes * sum(flags)
             self._region_bytes -= self.regions[name].nbytes
             del self.regions[name]
             del self._views[name]
+            self._forget_pages(name)
         abi.libc_munmap(base, size)
+
+    def _forget_pages(self, name: str) -> None:
+        """No slice of tensor ``name`` is mapped from a file or holds moved pages any more."""
+        self._file_mapped = {k for k in self._file_mapped if k[0] != name}
+        self._moved_in = {k for k in self._moved_in if k[0] != name}
 
     def _get_base(self, buffer: int) -> int:
         return self.buffers[buffer][0]
@@ -362,7 +461,7 @@ class XSlot:
         while d > 0 and ne[d] == 1:
             d -= 1
         nbytes = abi.ggml_nbytes(tensor)
-        r = Region(name, int(t.data), nbytes, ne, nb, ne[d], nb[d])  # type: ignore[arg-type]
+        r = Region(name, int(t.data), nbytes, ne, nb, ne[d], nb[d], tensor)  # type: ignore[arg-type]
         # Refusing a tensor fails the allocation, and llama.cpp fails the load with an error.
         if r.slice_bytes * r.n_expert != r.nbytes:
             self.error = f"X-Slot: tensor {name} is not {r.n_expert} contiguous expert slices"
@@ -374,6 +473,9 @@ class XSlot:
         self._region_bytes += nbytes
         self._resident[name] = bytearray(r.n_expert)
         self._views[name] = memoryview((ctypes.c_uint8 * nbytes).from_address(r.address)).cast("B")
+        if self.loading:  # keep the loader away from its bytes (module doc); finish_loading restores it
+            self._hidden[tensor] = (buffer, name.encode())
+            abi.ggml_set_name(tensor, b"%s%d" % (HIDDEN_PREFIX, len(self._hidden)))
         return abi.GGML_STATUS_SUCCESS
 
     def _set_tensor(self, buffer: int, tensor: int, data: int, offset: int, size: int) -> None:
@@ -399,5 +501,6 @@ class XSlot:
                     flags = self._resident[name]
                     self.resident_bytes -= r.slice_bytes * sum(flags)
                     flags[:] = bytes(len(flags))
+                    self._forget_pages(name)
         else:
             ctypes.memset(base, value, size)

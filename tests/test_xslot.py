@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import sys
 from collections import OrderedDict
 from collections.abc import Iterator
 from pathlib import Path
@@ -13,12 +14,12 @@ import numpy as np
 import pytest
 
 from smoe_gguf import archs
-from smoe_gguf.devtools import stock
 from smoe_gguf import ggml_abi as abi
+from smoe_gguf.devtools import stock
 from smoe_gguf.devtools.testmodels import build_test_model
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.gate import Gate
-from smoe_gguf.xslot import PAGE, XSlot
+from smoe_gguf.xslot import HIDDEN_PREFIX, PAGE, XSlot
 
 PROMPT = "The quick brown fox jumps over the lazy dog, then"
 N_TOKENS = 20
@@ -44,7 +45,7 @@ def slot_with_tensor() -> Iterator[tuple[XSlot, int, int]]:
 
 
 def test_buffer_type_as_ggml_sees_it(slot_with_tensor: tuple[XSlot, int, int]) -> None:
-    xs, buf, _ = slot_with_tensor
+    xs, buf, t = slot_with_tensor
     assert abi.ggml_backend_buft_name(xs.buft) == b"XSLOT"
     assert abi.ggml_backend_buft_get_alignment(xs.buft) == 4096
     assert abi.ggml_backend_buft_get_device(xs.buft) == abi.cpu_device()
@@ -52,12 +53,15 @@ def test_buffer_type_as_ggml_sees_it(slot_with_tensor: tuple[XSlot, int, int]) -
     base = abi.ggml_backend_buffer_get_base(buf)
     assert base % PAGE == 0 and xs.buffers[buf][0] == base
     assert not abi.ggml_backend_buffer_is_host(buf)
+    # while loading, the tensor goes by a name llama.cpp's loader finds no weight for
+    assert abi.ggml_get_name(t).startswith(HIDDEN_PREFIX) and xs.hidden_tensors == 1
     xs.finish_loading()
     assert abi.ggml_backend_buffer_is_host(buf)
+    assert abi.ggml_get_name(t) == b"blk.0.ffn_up_exps.weight" and xs.hidden_tensors == 0
 
     r = xs.regions["blk.0.ffn_up_exps.weight"]
     assert (r.address, r.nbytes, r.n_expert, r.slice_bytes) == (base, 50 * 30 * 7 * 2, 7, 3000)
-    assert r.ne == (50, 30, 7, 1) and r.nb == (2, 100, 3000, 21000)
+    assert r.ne == (50, 30, 7, 1) and r.nb == (2, 100, 3000, 21000) and r.tensor == t
     assert xs.slice_address(r.name, 3) == base + 9000
 
 
@@ -158,6 +162,94 @@ def test_map_slice_zero_copy(tmp_path: Path) -> None:
         os.close(fd)
         abi.ggml_backend_buffer_free(buf)
         abi.ggml_free(ctx)
+
+
+def _n_mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="pages move with Linux's mremap")
+def test_move_slice_hands_pages_to_the_incoming_slice(tmp_path: Path) -> None:
+    """Issue 13.3: an evicted page-aligned slice's pages back the incoming one; the kernel's count
+    of resident pages stays that of the claimed slices, and the data of every other slice holds."""
+    xs = XSlot()
+    ctx = abi.ggml_init(abi.GgmlInitParams(mem_size=4 * abi.ggml_tensor_overhead(), mem_buffer=None, no_alloc=True))
+    t = abi.ggml_new_tensor_3d(ctx, abi.GGML_TYPE_F16, 2048, 4, 16)  # slice = 16 KiB = 4 pages
+    abi.ggml_set_name(t, b"blk.0.ffn_down_exps.weight")
+    buf = abi.ggml_backend_buft_alloc_buffer(xs.buft, abi.ggml_nbytes(t))
+    path = tmp_path / "src.bin"
+    try:
+        abi.ggml_backend_tensor_alloc(buf, t, abi.ggml_backend_buffer_get_base(buf))
+        xs.finish_loading()
+        name = "blk.0.ffn_down_exps.weight"
+        r = xs.regions[name]
+        S = r.slice_bytes
+        assert S == 4 * PAGE
+        src = np.random.default_rng(3).integers(1, 256, r.nbytes, dtype=np.uint8)
+        region = np.ctypeslib.as_array((ctypes.c_uint8 * r.nbytes).from_address(r.address))
+
+        def fill(e: int) -> None:
+            xs.fill_slice(name, e, lambda view: view.__setitem__(slice(None), src[e * S : (e + 1) * S].tobytes()))
+
+        def check(resident: list[int]) -> None:
+            assert sorted(k for k in range(r.n_expert) if xs.is_resident(name, k)) == sorted(resident)
+            assert xs.mincore_bytes() == xs.resident_page_bytes() == len(resident) * S
+            for k in resident:
+                assert np.array_equal(region[k * S : (k + 1) * S], src[k * S : (k + 1) * S]), k
+
+        for e in (0, 1, 2, 3):
+            fill(e)
+        assert xs.move_slice(name, 1, name, 9) == S  # 1 evicted, its pages now back 9 (claimed)
+        assert not xs.is_resident(name, 1) and xs.is_resident(name, 9)
+        assert xs.mincore_bytes() == 4 * S  # not one page released, not one faulted
+        fill(9)
+        check([0, 2, 3, 9])
+        assert xs.moved_bytes == S
+        # a destination already claimed, or a source mapped from a file: evicted, nothing moved
+        assert xs.move_slice(name, 2, name, 9) == 0
+        check([0, 3, 9])
+        path.write_bytes(src.tobytes())
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            xs.map_slice(name, 5, fd, 5 * S)
+        finally:
+            os.close(fd)
+        assert xs.move_slice(name, 5, name, 6) == 0
+        check([0, 3, 9])
+        # moved pages never filled are released with the slice
+        assert xs.move_slice(name, 3, name, 7) == S
+        xs.evict_slice(name, 7)
+        check([0, 9])
+        # many moves: each slice holding moved pages is one mapping; their number stays bounded
+        fill(1)
+        before = _n_mappings()
+        rng = np.random.default_rng(4)
+        lru = [0, 1, 9]
+        for _ in range(300):
+            e = int(rng.integers(0, r.n_expert))
+            if e in lru:
+                continue
+            victim = lru.pop(0)
+            assert xs.move_slice(name, victim, name, e) == S
+            fill(e)
+            lru.append(e)
+        check(lru)
+        assert _n_mappings() <= before + r.n_expert
+    finally:
+        abi.ggml_backend_buffer_free(buf)
+        abi.ggml_free(ctx)
+
+
+def test_move_slice_evicts_slices_that_are_not_whole_pages(slot_with_tensor: tuple[XSlot, int, int]) -> None:
+    xs, _, _ = slot_with_tensor
+    xs.finish_loading()
+    name = "blk.0.ffn_up_exps.weight"  # 3000-byte slices: their boundary pages are shared
+    for e in (0, 1, 2):
+        xs.fill_slice(name, e, lambda view: view.__setitem__(slice(None), b"\x07" * len(view)))
+    assert xs.move_slice(name, 1, name, 5) == 0
+    assert not xs.is_resident(name, 1) and not xs.is_resident(name, 5)
+    assert xs.mincore_bytes() == xs.resident_page_bytes() and xs.moved_bytes == 0
 
 
 def test_fill_slice_failure_releases_pages(slot_with_tensor: tuple[XSlot, int, int]) -> None:
@@ -291,8 +383,13 @@ def run_xslot(model: Path, capacity: int | None, n_ubatch: int = 512, load: bool
     llm = stock.load_model(model, mparams)
     ctx = None
     try:
-        assert not xs.loading  # llama.cpp offered every expert byte: is_host already true
+        # llama.cpp's loader passed over every expert tensor: it offered and read none of their bytes
+        assert xs.hidden_tensors == len(xs.regions) > 0 and xs.offered_bytes == 0
+        assert xs.loading and xs.mincore_bytes() == 0
         xs.finish_loading()
+        assert xs.hidden_tensors == 0
+        names = {abi.ggml_get_name(r.tensor).decode() for r in xs.regions.values()}
+        assert names == set(xs.regions)  # every tensor has its name back
         pager.index_parts()
         ctx = stock.new_context(llm, cparams)
         vocab = abi.llama_cpp.llama_model_get_vocab(llm)
@@ -316,7 +413,7 @@ def test_all_leaves_fit_bit_exact(tiny_model: Path) -> None:
     run, pager, xs = run_xslot(tiny_model, capacity=None)
     assert _all_equal(run, reference(tiny_model))
     assert pager.n_evictions == 0
-    assert xs.offered_bytes > 0  # llama.cpp offered the experts and we dropped them
+    assert xs.offered_bytes == 0  # llama.cpp's loader never offered an expert byte
     assert not xs.buffers  # llama_model_free freed (munmapped) the X-Slot buffer
 
 
