@@ -39,7 +39,7 @@ struct smoe_gate {
     uint8_t *resident;       /* [n_layer * n_expert]: 1 when the leaf is in the X-Slot */
     uint64_t *last_use;      /* [n_layer * n_expert]: clock of the last access */
     uint32_t *uses;          /* [n_layer * n_expert]: number of gates that selected the leaf */
-    uint64_t clock;          /* +1 per top-k gate */
+    uint64_t *clock;         /* [1]: +1 per top-k gate (shared with Python's ticks) */
     uint64_t fast_hits;      /* leaf hits served here (distinct per gate) */
     uint64_t fast_gates;     /* top-k gates served here */
     int32_t *ids;            /* scratch for the ids, ids_cap int32s */
@@ -96,14 +96,14 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     g->ids_row_stride = (int64_t)(nb[1] / 4);
     if (g->every_gate) return g->slow(t, 0, layer, (int32_t)n_tokens) != 0;
 
-    uint64_t now = ++g->clock;
+    uint64_t now = ++*g->clock;
     int64_t base = (int64_t)layer * g->n_expert;
     for (int64_t r = 0; r < n_tokens; r++) {
         const int32_t *row = g->ids + r * g->ids_row_stride;
         for (int64_t c = 0; c < n_used; c++) {
             int32_t e = row[c];
             if (e < 0 || e >= g->n_expert || !g->resident[base + e]) {
-                g->clock--;  /* Python records this gate itself */
+                --*g->clock;  /* Python records this gate itself */
                 return g->slow(t, 0, layer, (int32_t)n_tokens) != 0;
             }
         }

@@ -35,7 +35,7 @@ ModelArg = Annotated[Path, typer.Argument(help="A pack directory (from `split`) 
 BudgetOpt = Annotated[str | None, typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert "
                                                "bytes. Default: what fits in available memory minus 1 GiB.")]
 # Options of every command that runs a model: how leaves are fetched and evicted.
-PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lru, lfru (frequency-weighted LRU) or "
+PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lfru (frequency-weighted LRU), lru or "
                                         "least-stale (layer order).")]
 NoSpeculateOpt = Annotated[bool, typer.Option("--no-speculate", help="Do not prefetch the next layer's "
                                               "guessed experts.")]
@@ -205,7 +205,7 @@ def run(
                                            "damaged pack then gives wrong output silently).")] = "first",
     stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, figures.")] = False,
-    policy: PolicyOpt = "lru",
+    policy: PolicyOpt = "lfru",
     no_speculate: NoSpeculateOpt = False,
     profile: ProfileOpt = None,
     no_profile: NoProfileOpt = False,
@@ -412,7 +412,7 @@ def chat(
     model: ModelArg,
     budget: BudgetOpt = None,
     system: Annotated[str | None, typer.Option(help="A system message for the conversation.")] = None,
-    policy: PolicyOpt = "lru",
+    policy: PolicyOpt = "lfru",
     n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Most tokens per reply.")] = 256,
     seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
@@ -451,7 +451,7 @@ def serve(
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens (prompt and reply together).")] = 4096,
     checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
                                            "damaged pack then gives wrong output silently).")] = "first",
-    policy: PolicyOpt = "lru",
+    policy: PolicyOpt = "lfru",
     no_speculate: NoSpeculateOpt = False,
     profile: ProfileOpt = None,
     no_profile: NoProfileOpt = False,

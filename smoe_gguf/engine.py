@@ -26,12 +26,14 @@ from . import budget as bdg
 from . import llama_session as ls
 from . import profile as tree_map
 from .errors import SmoeError
+from .fetcher import HOLD_BELOW
 from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
+from .policy import DEFAULT_POLICY
 from .profile import Profile
 from .readahead import PromptReadAhead
 from .residency import Residency
 from .source import open_source
-from .speculate import DEFAULT_THRESHOLD, Speculator
+from .speculate import DEFAULT_RANK, DEFAULT_THRESHOLD, LOOKAHEAD, Speculator
 from .trace import Trace
 from .xslot import XSlot
 
@@ -70,6 +72,7 @@ class Generation:
 
 
 PROMPT_UBATCH = 2048  # the prompt micro-batch while paging with a budget that holds a layer of experts
+WARM_PRIORITY = 0.05  # the profile's warm start: read only when nothing likelier is queued
 
 
 @dataclass
@@ -102,6 +105,9 @@ class RunStats:
     prefetch_late: int
     prefetch_wasted: int
     prefetch_cancelled: int
+    prefetch_stall_saved_seconds: float
+    prefetch_by_source: dict[str, dict[str, Any]]
+    eviction_regret: float
     bytes_read: int
     stall_seconds: float
     down_stall_seconds: float
@@ -133,10 +139,12 @@ class Engine:
         n_ubatch: int | None = None,
         checksums: str = "first",
         n_gpu_layers: int = 0,
-        policy: str = "lru",
+        policy: str = DEFAULT_POLICY,
         trace: str | os.PathLike[str] | None = None,
         speculate: bool = True,
         speculate_threshold: float = DEFAULT_THRESHOLD,
+        speculate_rank: float = DEFAULT_RANK,
+        speculate_lookahead: int = LOOKAHEAD,
         profile: str | os.PathLike[str] | None = "auto",
         learn: bool = True,
         pin: int = 0,
@@ -147,7 +155,10 @@ class Engine:
         ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy.
         ``n_ubatch``: the prompt micro-batch (default: llama.cpp's 512, or PROMPT_UBATCH while
         paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
-        shrunk below one layer's budget until a micro-batch's leaves fit)."""
+        shrunk below one layer's budget until a micro-batch's leaves fit).
+        ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
+        uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
+        probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""
         t0 = time.perf_counter()
         io0 = _io_read_bytes()
         if n_ctx > 0:  # llama.cpp clamps its batch to the context (and asserts on a longer one): so do we
@@ -194,7 +205,8 @@ class Engine:
             cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
                                       n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
-            self._orchestrate(trace, speculate, speculate_threshold, Path(path).name)
+            self._orchestrate(trace, speculate, (speculate_threshold, speculate_rank, speculate_lookahead),
+                              Path(path).name)
             cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
             self.cparams = cp
             self._ctx = ls.new_context(self._model, cp)
@@ -207,7 +219,7 @@ class Engine:
         self.startup_seconds = time.perf_counter() - t0
         self.startup_read_bytes = _io_read_bytes() - io0
         if self._warm:  # the profile's most used leaves, in the background, as far as the budget goes
-            self.residency.prefetch(self._warm, evict=False)
+            self.residency.prefetch(self._warm, evict=False, priority=WARM_PRIORITY, source="warm-start")
 
     # ---------------------------------------------------------------------------- setup
 
@@ -240,14 +252,16 @@ class Engine:
                 why = ("the profile knows no more used leaves" if len(pins) == len(hot)
                        else "no more fit beside one token's leaves")
                 self.warnings.append(f"--pin {pin}: {len(pins)} leaves pinned ({why})")
-            r.prefetch(pins, evict=False)
+            r.prefetch(pins, evict=False, source="pin")
             r.drain()
             for key in pins:
                 r.state.pinned[key] = 1
         self._warm = hot if self.paging else []  # prefetched once start-up is done
 
-    def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool, threshold: float, name: str) -> None:
-        """Attach the gate observers: the trace, next-layer speculation, the tree-map recorder."""
+    def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool,
+                     guess: tuple[float, float, int], name: str) -> None:
+        """Attach the gate observers: the trace, speculation (or, without it, prompt read-ahead),
+        the tree-map recorder."""
         src, r = self.source, self.residency
         if trace is not None:
             r.trace = Trace(trace, {
@@ -257,11 +271,12 @@ class Engine:
             self.gate.every_gate = True  # hits too must reach the trace
         self.speculator: Speculator | None = None
         if speculate and self.paging:
-            self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold)
+            threshold, rank, lookahead = guess
+            self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold, rank, lookahead)
             self.gate.observe(self.speculator)
         self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
         self.readahead: PromptReadAhead | None = None
-        if self.paging:
+        if self.paging and self.speculator is None:  # speculation reads a prompt's next layer itself
             self.readahead = PromptReadAhead(r, src.n_expert, src.n_expert_used)
             self.gate.observe(self.readahead)
         self.recorder: tree_map.Recorder | None = None
@@ -349,6 +364,12 @@ class Engine:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
         if len(tokens) > 1 and self.gate.observers:
             self.gate.observing = True  # the prompt's branch is found by observing its first layers
+        if len(tokens) > 1:
+            if self.speculator is not None:
+                self.speculator.forget()  # decode's guesses protect nothing a prompt needs
+            # what is still queued of a warm start: a prompt streams its own leaves through the
+            # budget and evicts such guesses before any gate uses them
+            self.residency.cancel_below(HOLD_BELOW)
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
@@ -376,8 +397,8 @@ class Engine:
         on = self.observer_switch.tick(seconds, stall)
         if self.recorder is not None and not was:
             self.recorder.token_unobserved()
-        if on and not was and self.speculator is not None:
-            self.speculator.forget()  # its last guesses are stale
+        if on != was and self.speculator is not None:
+            self.speculator.forget()  # its last guesses are stale, or no gate would clear their protection
         self.gate.observing = on
 
     def _after_decode(self) -> None:
@@ -391,7 +412,7 @@ class Engine:
         self.gate.gating = True
         if self.budget >= r.total_cost and not r.in_flight:
             missing = [(int(layer), int(e)) for layer, e in zip(*np.nonzero(r.state.resident == 0))]
-            r.prefetch(missing, evict=False)
+            r.prefetch(missing, evict=False, source="fill")
 
     def logits(self) -> np.ndarray:
         return ls.last_logits(self._ctx, self.n_vocab)
@@ -502,6 +523,7 @@ class Engine:
 
     def stats(self) -> RunStats:
         """The session's figures so far: start-up, paging, reads, stalls, memory."""
+        self.residency.settle_prefetches()
         r = self.residency.stats
         st = self.source.store.stats
         hits = r.hits + self.gate.fast_hits
@@ -521,6 +543,9 @@ class Engine:
             prefetch_late=r.late,
             prefetch_wasted=r.prefetch_wasted,
             prefetch_cancelled=r.prefetch_cancelled,
+            prefetch_stall_saved_seconds=round(r.stall_saved_seconds, 4),
+            prefetch_by_source={k: c.as_dict() for k, c in sorted(r.by_source.items())},
+            eviction_regret=round(self.residency.eviction_regret(), 4),
             bytes_read=st.bytes_read,
             stall_seconds=round(r.stall_seconds, 4),
             down_stall_seconds=round(r.down_stall_seconds, 4),
@@ -533,7 +558,7 @@ class Engine:
             direct_io=self.source.store.direct_io_used,
             peak_rss_bytes=peak_rss(),
             observer_pauses=self.observer_switch.pauses,
-            speculation=self.speculator.stats.summary(self.speculator.threshold) if self.speculator else None,
+            speculation=self.speculator.summary() if self.speculator else None,
         )
 
 

@@ -3,35 +3,51 @@
 The residency decides what to read and charges the budget; the fetcher only moves bytes, on a
 thread of its own, and tells the residency when a prefetched leaf has landed. Two queues feed
 it: down parts of leaves the gate is serving (part pipelining) come before prefetches.
+
+Prefetches carry a priority (the probability that a gate will use the leaf, as the caller
+estimates it): the most likely is read first, the least likely is the first cancelled when a
+gate needs room, and while the gate's thread reads a miss of its own, prefetches below
+:data:`HOLD_BELOW` wait, so a guess does not slow the read a computation is waiting for.
 """
 
 from __future__ import annotations
 
+import heapq
+import itertools
 import threading
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 
 Key = tuple[int, int]
 
 QUEUED, LOADING, DOWN, DOWN_LOADING = 1, 2, 3, 4  # states of a leaf in flight
+HOLD_BELOW = 0.5  # prefetches less likely than this wait while the gate reads a miss itself
 
 
 class Fetcher:
     """Reads leaves with ``fill(layer, expert, stage)`` on a background thread.
 
-    ``on_landed(key)`` is called (with the fetcher's lock held) when a prefetch is complete;
-    a failed read is kept in :attr:`failed` for the gate thread to report or release."""
+    ``on_landed(key, priority)`` is called (with the fetcher's lock held) when a prefetch is complete;
+    a failed read is kept in :attr:`failed` (prefetches) or :attr:`failed_down` (down parts) for the
+    gate thread to report or release."""
 
-    def __init__(self, fill: Callable[[int, int, int | None], None], on_landed: Callable[[Key], None]) -> None:
+    def __init__(self, fill: Callable[[int, int, int | None], None],
+                 on_landed: Callable[[Key, float], None]) -> None:
         self._fill = fill
         self._on_landed = on_landed
         self.flight: dict[Key, int] = {}  # guarded by cv
         self.failed: dict[Key, BaseException] = {}
+        self.failed_down: dict[Key, BaseException] = {}  # raised by claim_down, never reaped
         self.cv = threading.Condition()
-        self._queue: deque[Key] = deque()  # prefetches
+        # prefetches: a heap of (-priority, order, key); a cancelled entry stays until popped
+        self._queue: list[tuple[float, int, Key]] = []
+        self._queued: dict[Key, tuple[float, int]] = {}  # key -> its live heap entry (priority, order)
+        self._order = itertools.count()
         self._down_queue: deque[Key] = deque()  # down parts of leaves being gated (first)
         self._worker: threading.Thread | None = None
         self._closing = False
+        self._gate_reading = 0  # > 0 while the gate's thread reads a miss (low prefetches wait)
 
     def __contains__(self, key: Key) -> bool:
         return key in self.flight
@@ -42,13 +58,32 @@ class Fetcher:
     def state(self, key: Key) -> int | None:
         return self.flight.get(key)
 
-    def prefetch(self, key: Key) -> None:
-        """Queue a whole leaf."""
+    def prefetch(self, key: Key, priority: float = 1.0) -> None:
+        """Queue a whole leaf; higher ``priority`` is read first."""
         with self.cv:
             self.flight[key] = QUEUED
-            self._queue.append(key)
+            entry = (-float(priority), next(self._order))
+            self._queued[key] = entry
+            heapq.heappush(self._queue, (*entry, key))
             self.cv.notify_all()
         self._ensure_worker()
+
+    @property
+    def queued(self) -> int:
+        """Prefetches not yet being read."""
+        return len(self._queued)
+
+    @contextmanager
+    def gate_reads(self) -> Iterator[None]:
+        """The gate's thread reads a miss itself: prefetches below HOLD_BELOW do not start meanwhile."""
+        with self.cv:
+            self._gate_reading += 1
+        try:
+            yield
+        finally:
+            with self.cv:
+                self._gate_reading -= 1
+                self.cv.notify_all()
 
     def down(self, key: Key) -> None:
         """Queue a leaf's down parts (stage 1), ahead of every prefetch."""
@@ -63,7 +98,7 @@ class Fetcher:
         with self.cv:
             if self.flight.get(key) == QUEUED:
                 del self.flight[key]
-                self._queue.remove(key)
+                del self._queued[key]
                 return True
             while key in self.flight:
                 self.cv.wait()
@@ -78,7 +113,7 @@ class Fetcher:
                 return True, None
             while key in self.flight:
                 self.cv.wait()
-            return False, self.failed.pop(key, None)
+            return False, self.failed_down.pop(key, None)
 
     def done(self, key: Key) -> None:
         """The gate thread has finished with a leaf it claimed."""
@@ -93,19 +128,29 @@ class Fetcher:
             while self.flight.get(key) == DOWN_LOADING:
                 self.cv.wait()
             self.flight.pop(key, None)
-            self.failed.pop(key, None)
+            self.failed_down.pop(key, None)
 
-    def cancel_newest(self) -> Key | None:
-        """Cancel the newest queued prefetch and return it; if none is queued, wait for a read
-        in progress to end and return None."""
+    def cancel_least(self) -> Key | None:
+        """Cancel the least likely queued prefetch (the newest among equals) and return it; if
+        none is queued, wait for a read in progress to end and return None."""
         with self.cv:
-            if self._queue:
-                key = self._queue.pop()
+            if self._queued:
+                key = max(self._queued, key=lambda k: self._queued[k])
+                del self._queued[key]
                 del self.flight[key]
                 return key
             if self.flight:
                 self.cv.wait()
         return None
+
+    def cancel_below(self, priority: float) -> list[Key]:
+        """Cancel every queued prefetch less likely than ``priority`` and return them."""
+        with self.cv:
+            keys = [k for k, (neg, _order) in self._queued.items() if -neg < priority]
+            for key in keys:
+                del self._queued[key]
+                del self.flight[key]
+        return keys
 
     def take_failures(self) -> list[Key]:
         """The leaves whose reads failed since last asked (their errors are dropped)."""
@@ -130,6 +175,7 @@ class Fetcher:
         dropped: list[Key] = []
         with self.cv:
             self._queue.clear()
+            self._queued.clear()
             self._down_queue.clear()
             for key, st in list(self.flight.items()):
                 if st in (QUEUED, DOWN):
@@ -144,6 +190,14 @@ class Fetcher:
             self._worker = None
         return dropped
 
+    def _next_prefetch(self) -> bool:
+        """Whether a prefetch may start now (cv held): drops cancelled heap entries; holds those
+        below HOLD_BELOW while the gate reads."""
+        q = self._queue
+        while q and self._queued.get(q[0][2]) != (q[0][0], q[0][1]):
+            heapq.heappop(q)  # cancelled, claimed, or queued again since
+        return bool(q) and (not self._gate_reading or -q[0][0] >= HOLD_BELOW)
+
     def _ensure_worker(self) -> None:
         if self._worker is None:
             self._worker = threading.Thread(target=self._work, name="smoe-io", daemon=True)
@@ -152,12 +206,18 @@ class Fetcher:
     def _work(self) -> None:
         while True:
             with self.cv:
-                while not self._queue and not self._down_queue and not self._closing:
+                while not self._down_queue and not self._next_prefetch() and not self._closing:
                     self.cv.wait()
                 if self._closing:
                     return
                 down = bool(self._down_queue)
-                key = self._down_queue.popleft() if down else self._queue.popleft()
+                priority = 1.0
+                if down:
+                    key = self._down_queue.popleft()
+                else:
+                    neg, _order, key = heapq.heappop(self._queue)
+                    priority = -neg
+                    del self._queued[key]
                 self.flight[key] = DOWN_LOADING if down else LOADING
             layer, e = key
             err: BaseException | None = None
@@ -167,8 +227,8 @@ class Fetcher:
                 err = ex
             with self.cv:
                 if err is not None:  # its charge is released by the gate thread
-                    self.failed[key] = err
+                    (self.failed_down if down else self.failed)[key] = err
                 elif not down:
-                    self._on_landed(key)
+                    self._on_landed(key, priority)
                 del self.flight[key]  # a leaf's down parts: the residency makes it resident
                 self.cv.notify_all()

@@ -10,10 +10,12 @@ Policies:
 
 ``lru``
     evict the leaf used longest ago.
-``lfru``
+``lfru`` (the default: :data:`DEFAULT_POLICY`)
     frequency-weighted LRU: a leaf's score is its use count decayed by its age
-    (``uses * 0.5 ** (age / half_life)``, half-life in gates); evict the lowest score.
-    A leaf used often survives a burst of one-off leaves that plain LRU would keep.
+    (``uses * 0.5 ** (age / half_life)``, half-life in gates, :data:`LFRU_HALF_LIFE` passes over
+    the layers by default); evict the lowest score. A leaf used often survives a burst of
+    one-off leaves that plain LRU would keep. Chosen over the others by replaying traces of
+    sampled text on the reference model (``smoe-gguf replay``, held-out prompts).
 ``least-stale``
     evict the leaf whose layer comes furthest in the future in layer order: after layer
     ``c``, layer ``c+1`` is needed next and layer ``c`` last. Among leaves of that layer,
@@ -28,6 +30,9 @@ import numpy as np
 
 from .errors import SmoeError
 
+DEFAULT_POLICY = "lfru"
+LFRU_HALF_LIFE = 32.0  # passes over the layers (n_layer gates each)
+
 
 @dataclass
 class AccessState:
@@ -41,6 +46,7 @@ class AccessState:
     clock: np.ndarray  # uint64[1]: +1 per gate
     pinned: np.ndarray  # uint8: never evicted (--pin)
     node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
+    protect: np.ndarray  # uint8: predicted for the next layers; kept while other leaves can go
 
     @classmethod
     def new(cls, n_layer: int, n_expert: int) -> "AccessState":
@@ -49,6 +55,7 @@ class AccessState:
             n_layer, n_expert,
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
             np.zeros(1, np.uint64), np.zeros(shape, np.uint8), np.zeros(n_layer, np.uint8),
+            np.zeros(shape, np.uint8),
         )
 
     def tick(self) -> int:
@@ -92,10 +99,10 @@ class LFRU(Policy):
     name = "lfru"
 
     def __init__(self, half_life: float | None = None) -> None:
-        self.half_life = half_life  # in gates; default: 4 passes over the layers
+        self.half_life = half_life  # in gates; default: LFRU_HALF_LIFE passes over the layers
 
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
-        half = self.half_life or 4.0 * s.n_layer
+        half = self.half_life or LFRU_HALF_LIFE * s.n_layer
         age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / half
         score = s.uses.ravel()[flat].astype(np.float64) * np.exp2(-age)
         # ties (e.g. never-used leaves): least recently used first

@@ -382,5 +382,7 @@ class Recorder:
         if node is None:
             return
         keys = [(l, e) for l, e, _s in node.leaves if l > layer]
+        # the cost model: a branch's leaf is worth evicting for only if it is likelier than the bar
+        evict = BRANCH_PRIORITY >= self.residency.prefetch_bar()
         self.branch_prefetches += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist(),
-                                                          priority=BRANCH_PRIORITY, source="branch")
+                                                          evict=evict, priority=BRANCH_PRIORITY, source="branch")

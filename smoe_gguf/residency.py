@@ -14,23 +14,33 @@ gate (``state.resident``) only when its bytes are complete. All evictions happen
 thread, at moments when the only leaves being read are those of the node being gated, which are
 protected, so a prefetch never evicts a leaf in use. A gate that needs a leaf still queued
 loads it itself; one already being read waits for it (the wait is stall time, per layer).
+
+Prediction. Leaves marked in ``state.protect`` (the next layers' guesses, see
+:mod:`smoe_gguf.speculate`) are not evicted while any other leaf can go; a layer's marks are
+cleared when its gate is served. Prefetches carry a priority (the caller's probability that a
+gate uses the leaf) and a source name; what each source's prefetches saved in stall is counted
+(:class:`~smoe_gguf.paging_stats.PrefetchCounts`). :meth:`Residency.eviction_regret` estimates
+how likely an evicted leaf is to be needed again soon: what a prefetch that evicts costs.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 import numpy as np
 
 from . import budget as bdg
 from .errors import SmoeError
-from .fetcher import Fetcher
+from .fetcher import HOLD_BELOW, Fetcher
 from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
 from .trace import Trace
 from .xslot import XSlot
+
+REGRET_TOKENS = 2  # a miss on a leaf evicted less than this many passes over the layers ago is a regret
+READ_COST = 0.1  # what a prefetch's read costs, in misses (the disk and the I/O thread it takes)
 
 
 class Residency:
@@ -48,10 +58,13 @@ class Residency:
         policy: str = "lru",
         fill: Callable[[int, int, int | None], None] | None = None,
         release: Callable[[int, int], None] | None = None,
+        recycle: Callable[[int, int, int, int], int] | None = None,
     ) -> None:
         """``cost[layer]``: bytes charged per leaf of that layer. ``fill(layer, expert, stage)``
         brings a leaf's parts of ``stage`` (None: all) in (any thread), ``release(layer, expert)``
-        gives them back (gate thread); without them the residency only keeps the books (replay)."""
+        gives them back (gate thread); without them the residency only keeps the books (replay).
+        ``recycle(layer, expert, to_layer, to_expert)`` (gate thread) releases a leaf evicted to
+        make room for another, giving its pages to that one (which is then filled or released)."""
         self.budget = budget
         self.used = 0  # charged bytes: resident leaves and leaves in flight
         self.n_layer = 1 + max(cost)
@@ -62,12 +75,16 @@ class Residency:
         self._cost = dict(cost)
         self._fill = fill or (lambda layer, e, stage: None)
         self._release = release or (lambda layer, e: None)
+        self._recycle = recycle
         self.total_cost = n_expert * sum(self._cost.values())
         self.trace: Trace | None = None
         self.fetcher = Fetcher(self._fill, self._landed)  # the I/O thread and what is in flight
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
-        self._unused_prefetch: set[tuple[int, int]] = set()
+        self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
+        self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
+        self._evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
+        self._regret_window = REGRET_TOKENS * len(self._cost)
 
     @classmethod
     def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
@@ -84,6 +101,8 @@ class Residency:
                     r = xslot.regions.get(p.tensor)
                     if r is None or r.slice_bytes != p.length:
                         raise SmoeError(f"X-Slot has no {p.length}-byte slices of {p.tensor}: pack and model differ")
+        if not cost:
+            raise SmoeError("llama.cpp loaded none of the expert tensors: pack and model differ")
 
         def fill(layer: int, e: int, stage: int | None) -> None:
             for i, p in enumerate(store.parts(layer, e)):
@@ -94,7 +113,15 @@ class Residency:
             for p in store.parts(layer, e):
                 xslot.evict_slice(p.tensor, e)
 
-        return cls(cost, n_expert, budget, policy, fill, release)
+        def recycle(layer: int, e: int, to_layer: int, to_e: int) -> int:
+            # part by part; a part whose slice differs in size from its counterpart's is released
+            parts, to_parts = store.parts(layer, e), store.parts(to_layer, to_e)
+            if len(parts) != len(to_parts):
+                release(layer, e)
+                return 0
+            return sum(xslot.move_slice(p.tensor, e, q.tensor, to_e) for p, q in zip(parts, to_parts, strict=True))
+
+        return cls(cost, n_expert, budget, policy, fill, release, recycle)
 
     @property
     def costs(self) -> dict[int, int]:
@@ -138,6 +165,7 @@ class Residency:
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
         s = self.state
         now = s.tick()
+        s.protect[layer] = 0  # served: its guesses are spent
         resident = s.resident[layer]
         if self.trace is not None:
             self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
@@ -146,30 +174,39 @@ class Residency:
             key = (layer, e)
             if resident[e]:
                 self.stats.hits += 1
-                self._unused_prefetch.discard(key)
+                if key in self._unused_prefetch:
+                    self._credit(key, 0.0)
                 continue
             if t0 is None:
                 t0 = time.perf_counter()
             self.stats.misses += 1
             self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
-            if key in self.fetcher and self._claim_or_wait(key):
-                self.stats.late += 1
-                self._unused_prefetch.discard(key)
-                continue
+            if key in self.fetcher:
+                tw = time.perf_counter()
+                if self._claim_or_wait(key):
+                    self.stats.late += 1
+                    self._credit(key, time.perf_counter() - tw, late=True)
+                    continue
+            elif self._evicted_at[key] and now - int(self._evicted_at[key]) <= self._regret_window:
+                self.stats.regrets += 1
             cost = self._cost[layer]
-            if not self._make_room(cost, layer, wanted, for_gate=True):
+            if not self._make_room(cost, layer, wanted, for_gate=True, into=key):
+                self._give_back(key)
                 raise SmoeError(
                     f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
                     f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch"
                 )
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            tl = time.perf_counter()
             try:
-                self._fill(layer, e, 0 if self.pipeline else None)
+                with self.fetcher.gate_reads():
+                    self._fill(layer, e, 0 if self.pipeline else None)
             except BaseException:
                 self._release(layer, e)
                 self.used -= cost
                 raise
+            self.stats.load_seconds += time.perf_counter() - tl
             self.stats.leaves_loaded += 1
             if self.pipeline:  # resident once its down parts are in (finish_layer)
                 self.fetcher.down(key)
@@ -230,31 +267,84 @@ class Residency:
         yourself, its charge is released), else wait until the I/O thread is done (True)."""
         if self.fetcher.claim(key) or self.fetcher.take_failure(key) is not None:
             self.used -= self._cost[key[0]]
+            name = self._source.pop(key, None)  # read by the gate: nothing saved
+            if name is not None:
+                self.stats.source(name).claimed += 1
             return False  # load it here: an error, if it persists, is raised with its message
         return True
+
+    def _credit(self, key: tuple[int, int], waited: float, late: bool = False) -> None:
+        """A prefetched leaf was used by a gate (that waited ``waited`` seconds for it)."""
+        self._unused_prefetch.pop(key, None)
+        name = self._source.pop(key, None)
+        if name is None:
+            return
+        c = self.stats.source(name)
+        c.used += 1
+        c.late += late
+        c.stall_saved_seconds += max(0.0, self.stats.seconds_per_load - waited)
+
+    def settle_prefetches(self) -> None:
+        """Credit landed prefetches that the gate's C path has used since (gate thread)."""
+        last_use = self.state.last_use
+        for key, landed in list(self._unused_prefetch.items()):
+            if int(last_use[key]) > landed:
+                self._credit(key, 0.0)
+
+    def prefetch_bar(self) -> float:
+        """The cost model: the least chance of use for which a prefetch pays. Its read costs
+        READ_COST of a miss; where the budget is full, the leaf evicted for it may be missed
+        again (:meth:`eviction_regret`)."""
+        full = self.used + self.max_leaf_cost > self.budget
+        return READ_COST + (self.eviction_regret() if full else 0.0)
+
+    def cancel_below(self, priority: float) -> int:
+        """Cancel the queued prefetches less likely than ``priority`` (gate thread); how many."""
+        n = 0
+        for key in self.fetcher.cancel_below(priority):
+            self.used -= self._cost[key[0]]
+            self.stats.prefetch_cancelled += 1
+            name = self._source.pop(key, None)
+            if name is not None:
+                self.stats.source(name).cancelled += 1
+            n += 1
+        return n
+
+    def eviction_regret(self) -> float:
+        """The estimated chance that an evicted leaf is missed again within REGRET_TOKENS passes
+        over the layers (from this session's evictions, starting from an even guess)."""
+        return (self.stats.regrets + 2.0) / (self.stats.evictions + 4.0)
 
     def reap_failures(self) -> None:
         """Release the charge of prefetches that failed and that no gate needed (gate thread)."""
         for key in self.fetcher.take_failures():
+            self._give_back(key)  # parts read or moved in before the failure
             self.used -= self._cost[key[0]]
+            self._source.pop(key, None)
 
     def _make_room(self, cost: int, layer: int, in_use: list[int], also: list[tuple[int, int]] = (),
-                   for_gate: bool = False) -> bool:
+                   for_gate: bool = False, into: tuple[int, int] | None = None) -> bool:
         """Evict (policy order) until ``cost`` more bytes fit, never a leaf of ``in_use`` at
         ``layer``, one of ``also``, a pinned one or one in flight. For the gate (``for_gate``),
         prefetches are worth less than what the node needs now: once nothing is left to evict,
-        queued prefetches are cancelled, newest first, then loading ones are waited for (they
-        land evictable). False if it cannot."""
+        queued prefetches are cancelled, least likely first, then protected (predicted) leaves
+        may go, then loading prefetches are waited for (they land evictable). Protected leaves
+        are never evicted for a prefetch. The room is for leaf ``into`` (if given): the victims'
+        pages go to it where they can (:meth:`evict`); the caller fills it or gives them back
+        (:meth:`_give_back`). False if it cannot."""
         if self.used + cost <= self.budget:
             return True
         s = self.state
         evictable = None
+        protect = True  # predicted leaves stay while anything else can go
         landed = -1  # prefetches landed when evictable was taken (the I/O thread adds more)
         while self.used + cost > self.budget:
             if evictable is None:
                 self.reap_failures()  # failed prefetches give their charge back
                 landed = self.stats.prefetched
                 evictable = s.resident.astype(bool) & ~s.pinned.astype(bool)
+                if protect:
+                    evictable &= ~s.protect.astype(bool)
                 evictable[layer, in_use] = False  # the node being gated reads these
                 for key in also:
                     evictable[key] = False
@@ -262,7 +352,14 @@ class Residency:
             victim = self.policy.victim(s, evictable, layer)
             if victim is not None:
                 evictable[victim] = False
-                self.evict(victim)
+                self.evict(victim, into)
+            elif for_gate and self.fetcher.queued:
+                self._cancel_or_wait()  # a queued guess is worth less than what the node needs now
+                evictable = None
+            elif for_gate and protect and s.protect.any():
+                protect = False  # then a resident guess
+                self.stats.protect_dropped += 1
+                evictable = None
             elif for_gate and len(self.fetcher):
                 self._cancel_or_wait()
                 evictable = None
@@ -273,57 +370,92 @@ class Residency:
         return True
 
     def _cancel_or_wait(self) -> None:
-        """Release the newest queued prefetch, or wait for a load in progress to land (gate thread)."""
-        key = self.fetcher.cancel_newest()
+        """Release the least likely queued prefetch, or wait for a load in progress to land (gate thread)."""
+        key = self.fetcher.cancel_least()
         if key is not None:
+            self._give_back(key)
             self.used -= self._cost[key[0]]
             self.stats.prefetch_cancelled += 1
+            name = self._source.pop(key, None)
+            if name is not None:
+                self.stats.source(name).cancelled += 1
             return
         self.reap_failures()
 
-    def evict(self, key: tuple[int, int]) -> None:
-        """Release a resident leaf (gate thread only)."""
+    def evict(self, key: tuple[int, int], into: tuple[int, int] | None = None) -> None:
+        """Release a resident leaf (gate thread only). With ``into``, a leaf that is not resident,
+        is charged and is about to be filled, its pages are moved there where the X-Slot can
+        (same-size, page-aligned slices) instead of being released and faulted in again."""
         layer, e = key
-        self.state.resident[layer, e] = 0
-        self._release(layer, e)
+        s = self.state
+        landed = self._unused_prefetch.get(key)
+        if landed is not None and int(s.last_use[key]) > landed:
+            self._credit(key, 0.0)  # used by a gate the C path served
+            landed = None
+        s.resident[layer, e] = 0
+        if into is not None and self._recycle is not None:
+            self._recycle(layer, e, *into)
+        else:
+            self._release(layer, e)
         self.used -= self._cost[layer]
         self.stats.evictions += 1
-        if key in self._unused_prefetch:
-            self._unused_prefetch.discard(key)
+        self._evicted_at[key] = s.clock[0]
+        if landed is not None:
+            del self._unused_prefetch[key]
             self.stats.prefetch_wasted += 1
+            name = self._source.pop(key, None)
+            if name is not None:
+                self.stats.source(name).wasted += 1
 
     # ------------------------------------------------------------------ prefetch
 
     def prefetch(self, keys: list[tuple[int, int]], layer: int = 0, in_use: list[int] | None = None,
-                 evict: bool = True) -> int:
+                 evict: bool = True, priority: float | Sequence[float] = 1.0, source: str = "other") -> int:
         """Queue ``keys`` for the I/O thread (gate thread only). Each is charged now; room is
         made by evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``,
-        nor one just queued. Stops at the first leaf that does not fit. Returns how many were queued."""
+        a protected one, nor one just queued. Stops at the first leaf that does not fit.
+        ``priority`` (one for all, or one per key): the chance a gate uses the leaf, for the I/O
+        thread's order. ``source`` names the asker in the counts. Returns how many were queued."""
         if not self.enabled:
             return 0
         s = self.state
         queued = 0
         protect = list(in_use or [])
+        prios = [float(priority)] * len(keys) if isinstance(priority, (int, float)) else list(priority)
         for i, key in enumerate(keys):
             kl, ke = key
             if s.resident[kl, ke] or key in self.fetcher or kl not in self._cost:
                 continue  # resident, on its way, or of a layer without paged experts
             cost = self._cost[kl]
-            if self.used + cost > self.budget and (not evict or not self._make_room(cost, layer, protect, keys[:i])):
+            if self.used + cost > self.budget and (
+                    not evict or not self._make_room(cost, layer, protect, keys[:i], into=key)):
+                self._give_back(key)
                 break
             self.used += cost
             self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
-            self.fetcher.prefetch(key)
+            self._source[key] = source
+            self.stats.source(source).queued += 1
+            self.fetcher.prefetch(key, prios[i])
             queued += 1
         return queued
 
-    def _landed(self, key: tuple[int, int]) -> None:
-        """A prefetched leaf is complete (I/O thread, fetcher lock held): the gate may use it."""
+    def _landed(self, key: tuple[int, int], priority: float) -> None:
+        """A prefetched leaf is complete (I/O thread, fetcher lock held): the gate may use it.
+        A likely one counts as just used (not the first victim); an unlikely guess (below
+        HOLD_BELOW: a warm start, a branch) keeps its last use, so it goes before what was used."""
         layer, e = key
         self.state.resident[layer, e] = 1
-        self.state.last_use[layer, e] = self.state.clock[0]  # recent: not the first victim
-        self._unused_prefetch.add(key)
+        now = int(self.state.clock[0])
+        if priority >= HOLD_BELOW:
+            self.state.last_use[layer, e] = now
+        self._unused_prefetch[key] = now
         self.stats.prefetched += 1
+
+    def _give_back(self, key: tuple[int, int]) -> None:
+        """Release the pages evictions may have moved to ``key``, a leaf that will not be filled
+        now (gate thread)."""
+        if self._recycle is not None:
+            self._release(*key)
 
     def drain(self) -> None:
         """Wait until nothing is in flight."""
@@ -333,7 +465,9 @@ class Residency:
         self._down_pending.clear()
         self.state.node_wanted[:] = 0
         for key in self.fetcher.close():
+            self._give_back(key)
             self.used -= self._cost[key[0]]
+            self._source.pop(key, None)
 
     # ------------------------------------------------------------------ budget
 
@@ -341,4 +475,5 @@ class Residency:
         """Change the budget live; shrinking evicts at once (policy order)."""
         self.drain()
         self.budget = budget
-        self._make_room(0, 0, [])  # nothing is in use between decodes: always succeeds
+        self.state.protect[:] = 0
+        self._make_room(0, 0, [])  # nothing is in use between decodes, nothing protected: always succeeds

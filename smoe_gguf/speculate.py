@@ -1,27 +1,47 @@
-"""Next-layer speculation: guess layer L+1's experts from layer L's router input, and prefetch them.
+"""Speculation: guess the next MoE layers' experts from a layer's router input, and prefetch them.
 
 At the top-k gate of layer L the graph has computed the router input of L,
 ``x_L = rms_norm(h_L) * w_L`` (``w_L`` the layer's FFN norm weight; the node is the second
-source of ``ffn_moe_logits-L``). Layer L+1's router sees ``rms_norm(h_L + attn_L+1(...)) * w_L+1``
-(plus L's MoE output). Dropping the terms not yet computed, the guess is
+source of ``ffn_moe_logits-L``). A later layer T's router sees ``rms_norm(h_T) * w_T``, and
+``h_T`` is ``h_L`` plus what the layers in between add. Dropping those terms, the guess is
 
-    logits_L+1 ~= R_L+1 @ (x_L * w_L+1 / w_L) (+ the router bias, where the architecture has one)
+    logits_T ~= R_T @ (x_L * w_T / w_L) (+ the router bias, where the architecture has one)
 
-so the speculator holds, per layer, ``R_L+1`` with the norm ratio folded in (dequantized once
-from the core, beside it: ``n_layer x n_expert x n_embd`` float32). Experts whose guessed
-router probability reaches ``threshold`` are handed to the residency's I/O thread, most likely
-first; the gate of L+1 then finds them resident, or arriving.
+for the next MoE layer (lookahead 1) and the one after it (lookahead 2). The speculator holds
+every router (dequantized once from the core: ``n_layer x n_expert x n_embd`` float32) and the
+norm weights.
+
+Guesses are by rank: the ``rank`` most likely experts of each guessed layer (a multiple of the
+experts a token uses), of those only the ones whose guessed router probability reaches
+``threshold``. How often a guess of each rank turned out right is counted per layer and per
+lookahead, and that count is the guess's probability of being used (:meth:`Speculator.p_used`).
+A cost model decides what is worth reading: a guess is prefetched (and marked protected, so that
+eviction keeps it; see :mod:`smoe_gguf.residency`) only when its probability of being used
+exceeds what the read costs (:meth:`~smoe_gguf.residency.Residency.prefetch_bar`: a part of a
+miss for the disk and I/O thread it takes, plus, where the budget is full, the chance that the
+leaf evicted for it is missed again).
+
+A prompt micro-batch is guessed the same way, each token's guess for the next MoE layer (and
+for the last MoE layer, which computes only the tokens whose logits are wanted, the last
+token's): an expert's chance of being needed is that some token picks it, and the leaves worth
+their read by the same cost model are read while the micro-batch computes the layer (prompt
+read-ahead by prediction, not the whole next layer).
 
 Speculation only moves leaves: what the experts compute, and so every logit, is unchanged.
-Precision (prefetched leaves the router then picked) and recall (picked leaves that were
-guessed) are counted per layer for single-token gates (decode), at several thresholds at once,
-so the threshold can be tuned on a real run (``--json`` shows the sweep).
+Precision (guessed leaves the router then picked) and recall (picked leaves that were guessed)
+are counted for single-token gates (decode), per layer and per lookahead, at several ranks and
+thresholds at once, and for micro-batches as a whole (``run --json`` shows them).
+
+Where the plain projection finds too few of a layer's picks (the first layers, typically), a
+least-squares correction learnt from this session's tokens takes its place
+(:mod:`smoe_gguf.route_fit`).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from gguf import GGUFReader
@@ -30,63 +50,131 @@ from gguf.quants import dequantize
 from . import ggml_abi as abi
 from .errors import SmoeError
 from .residency import Residency
+from .route_fit import RouteFit
 
 NODE_LOGITS = "ffn_moe_logits-"
-SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2, 0.3)
-DEFAULT_THRESHOLD = 0.05
+LOOKAHEAD = 2  # MoE layers guessed ahead of the one being gated
+DEFAULT_RANK = 1.5  # guessed experts per layer, in multiples of the experts a token uses
+DEFAULT_THRESHOLD = 0.0  # and of those, only the ones with at least this guessed probability
+RANK_SWEEP = (1.0, 1.5, 2.0, 3.0)
+THRESHOLD_SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2)
+_SWEEP = np.array(THRESHOLD_SWEEP)
+PRIOR_WEIGHT = 4.0  # pseudo-observations behind a layer's rank counts before it has its own
+RESCORE = 8  # a layer's chance of use by rank is re-estimated every RESCORE scored guesses
 # Graph nodes between a layer's top-k and its router logits: 4 for plain top-k, 8 with expert
 # groups (deepseek2: the group top-k and its mask sit in between).
 SEARCH_DEPTH = 8
+GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
+
+
+def _pr(counts: list[int] | np.ndarray) -> dict[str, float]:
+    tp, guessed, actual = (int(c) for c in counts)
+    return {"precision": round(tp / max(1, guessed), 4), "recall": round(tp / max(1, actual), 4)}
+
+
+@dataclass
+class LookaheadStats:
+    """Scored guesses of one lookahead. Counts are ``[true positives, guessed, actual]``."""
+
+    max_rank: int
+    per_layer: dict[int, list[int]] = field(default_factory=dict)  # the guess set (rank, threshold)
+    by_threshold: dict[float, list[int]] = field(default_factory=lambda: {t: [0, 0, 0] for t in THRESHOLD_SWEEP})
+    rank_hits: dict[int, np.ndarray] = field(default_factory=dict)  # per layer: times rank r was picked
+    scored: dict[int, int] = field(default_factory=dict)  # per layer: guesses scored
+
+    def score(self, layer: int, order: np.ndarray, p: np.ndarray, picked: np.ndarray, n_actual: int,
+              n_guess: int, threshold: float) -> None:
+        """One guess against what the router picked (``picked``: a bool mask over experts)."""
+        hit = picked[order]
+        hits = self.rank_hits.get(layer)
+        if hits is None:
+            hits = self.rank_hits[layer] = np.zeros(self.max_rank, np.int64)
+        hits[: hit.size] += hit
+        self.scored[layer] = self.scored.get(layer, 0) + 1
+        cum = np.zeros(hit.size + 1, np.int64)
+        np.cumsum(hit, out=cum[1:])
+        top = p[:n_guess]
+        m = int(np.count_nonzero(top >= threshold))
+        c = self.per_layer.setdefault(layer, [0, 0, 0])
+        c[0] += int(cum[m])
+        c[1] += m
+        c[2] += n_actual
+        ms = np.count_nonzero(top[None, :] >= _SWEEP[:, None], axis=1).tolist()
+        for m, c in zip(ms, self.by_threshold.values()):
+            c[0] += int(cum[m])
+            c[1] += m
+            c[2] += n_actual
+
+    def summary(self, n_used: int) -> dict[str, Any]:
+        total = np.sum([c for c in self.per_layer.values()], axis=0) if self.per_layer else np.zeros(3)
+        hits = np.sum(list(self.rank_hits.values()), axis=0) if self.rank_hits else np.zeros(self.max_rank)
+        n = sum(self.scored.values())
+        by_rank = {}
+        for f in RANK_SWEEP:
+            r = min(self.max_rank, max(1, round(f * n_used)))
+            by_rank[str(r)] = _pr([int(hits[:r].sum()), r * n, n_used * n])
+        return {
+            **_pr(total),
+            "scored": n,
+            "per_layer": {layer: _pr(c) for layer, c in sorted(self.per_layer.items())},
+            "by_rank": by_rank,
+            "by_threshold": {str(t): _pr(c) for t, c in self.by_threshold.items()},
+        }
 
 
 @dataclass
 class SpecStats:
-    guesses: int = 0  # single-token gates at which L+1 was guessed
+    guesses: int = 0  # single-token gates at which later layers were guessed
     prefetched: int = 0  # leaves handed to the I/O thread
-    # per threshold: [true positives, guessed, actual]; per layer at the chosen threshold
-    sweep: dict[float, list[int]] = field(default_factory=lambda: {t: [0, 0, 0] for t in SWEEP})
-    per_layer: dict[int, list[int]] = field(default_factory=dict)
-
-    def precision_recall(self, counts: list[int]) -> tuple[float, float]:
-        tp, guessed, actual = counts
-        return tp / max(1, guessed), tp / max(1, actual)
-
-    def summary(self, threshold: float) -> dict[str, object]:
-        total = [0, 0, 0]
-        for c in self.per_layer.values():
-            total = [a + b for a, b in zip(total, c)]
-        p, r = self.precision_recall(total)
-        return {
-            "threshold": threshold,
-            "guesses": self.guesses,
-            "prefetched": self.prefetched,
-            "precision": round(p, 4),
-            "recall": round(r, 4),
-            "per_layer": {layer: dict(zip(("precision", "recall"), map(lambda v: round(v, 4), self.precision_recall(c))))
-                          for layer, c in sorted(self.per_layer.items())},
-            "sweep": {str(t): dict(zip(("precision", "recall"), map(lambda v: round(v, 4), self.precision_recall(c))))
-                      for t, c in self.sweep.items()},
-        }
+    protected: int = 0  # leaves marked protected (resident or queued guesses worth keeping)
+    skipped: int = 0  # guesses of the guess set below the cost model's bar
+    prompt: list[int] = field(default_factory=lambda: [0, 0, 0])  # micro-batches: the next layer's union
+    lookahead: dict[int, LookaheadStats] = field(default_factory=dict)
 
 
 class Speculator:
-    """A gate observer (:meth:`smoe_gguf.gate.Gate.observe`) that prefetches layer L+1's guess."""
+    """A gate observer (:meth:`smoe_gguf.gate.Gate.observe`) that prefetches the next layers' guesses."""
 
     def __init__(self, core: Path, residency: Residency, n_expert_used: int,
-                 threshold: float = DEFAULT_THRESHOLD) -> None:
+                 threshold: float = DEFAULT_THRESHOLD, rank: float = DEFAULT_RANK,
+                 lookahead: int = LOOKAHEAD) -> None:
         self.residency = residency
         self.n_used = n_expert_used
+        self.n_expert = residency.state.n_expert
         self.threshold = threshold
-        self.stats = SpecStats()
-        self._router: list[np.ndarray | None] | None = None  # per layer L+1: [n_expert, n_embd] (ratio folded)
+        self.rank = rank
+        self.n_guess = min(self.n_expert, max(1, round(rank * n_expert_used)))
+        self.max_rank = min(self.n_expert, max(self.n_guess, round(max(RANK_SWEEP) * n_expert_used)))
+        self.lookahead = max(0, lookahead)
+        self.stats = SpecStats(lookahead={a: LookaheadStats(self.max_rank) for a in range(1, self.lookahead + 1)})
+        paged = sorted(residency.costs)  # MoE layers (dense ones have nothing to guess)
+        self._ahead = {layer: paged[i + 1 : i + 1 + self.lookahead] for i, layer in enumerate(paged)}
+        self._router: list[np.ndarray | None] | None = None  # per layer: [n_expert, n_embd]
         self._bias: list[np.ndarray | None] = []
-        self._pending: dict[int, np.ndarray] = {}  # layer -> guessed probabilities (single-token gate)
+        self._sel_bias: list[np.ndarray | None] = []  # exp_probs_b: added to the gating output for selection
+        self._norm: list[np.ndarray | None] = []
+        self._ratio: dict[tuple[int, int], np.ndarray] = {}
+        # per guessed layer: (lookahead, ranked experts, their guessed probabilities)
+        self._pending: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
+        self._prompt_pending: dict[int, np.ndarray] = {}  # per layer: a micro-batch's guessed experts
+        self._feat: dict[int, list[tuple[int, np.ndarray]]] = {}  # per layer T: (L, features at L) to fit
+        self.fit = RouteFit(self.n_expert, n_expert_used, self.n_guess)
+        self._p_used: dict[tuple[int, int], np.ndarray] = {}  # (lookahead, layer) -> p_used, until rescored
+        self._logits_at: dict[int, int] = {}  # top-k node -> its ffn_moe_logits node (graphs are reused)
+        self._last_paged = paged[-1]
+        self._last_layer = -1
         self._buf = np.empty(0, np.float32)
         # Read at start-up, not at the first decoded token (where it cost ~0.3 s): the routers
         # and every per-layer norm (which norm feeds the router is read from the graph later).
         self._tensors: dict[str, np.ndarray] = {}
-        for t in GGUFReader(core).tensors:
-            if t.name.startswith("blk.") and ("ffn_gate_inp." in t.name or "norm" in t.name):
+        reader = GGUFReader(core)
+        self._sigmoid = False
+        for name, f in reader.fields.items():
+            if name.endswith(".expert_gating_func") and f.data:
+                self._sigmoid = int(f.parts[f.data[0]][0]) == GATING_SIGMOID
+        for t in reader.tensors:
+            if t.name.startswith("blk.") and ("ffn_gate_inp." in t.name or "norm" in t.name
+                                              or "exp_probs_b" in t.name):
                 shape = tuple(int(d) for d in reversed(t.shape.tolist()))
                 self._tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
 
@@ -94,69 +182,180 @@ class Speculator:
 
     def _load_weights(self, norm_suffix: str) -> None:
         n_layer = self.residency.n_layer
-        tensors = self._tensors
-        router: list[np.ndarray | None] = [None] * n_layer
-        bias: list[np.ndarray | None] = [None] * n_layer
-        for layer in range(1, n_layer):
-            r = tensors.get(f"blk.{layer}.ffn_gate_inp.weight")
-            w_next = tensors.get(f"blk.{layer}.{norm_suffix}")
-            w_here = tensors.get(f"blk.{layer - 1}.{norm_suffix}")
-            if r is None or w_next is None or w_here is None:
-                continue  # a dense layer (or one without a router): nothing to guess
-            ratio = np.divide(w_next, w_here, out=np.zeros_like(w_next), where=w_here != 0)
-            router[layer] = np.ascontiguousarray(r * ratio[None, :], np.float32)
-            bias[layer] = tensors.get(f"blk.{layer}.ffn_gate_inp.bias")
-        self._router, self._bias = router, bias
+        t = self._tensors
+        self._router = [t.get(f"blk.{layer}.ffn_gate_inp.weight") for layer in range(n_layer)]
+        self._bias = [t.get(f"blk.{layer}.ffn_gate_inp.bias") for layer in range(n_layer)]
+        self._sel_bias = [t.get(f"blk.{layer}.exp_probs_b.bias") for layer in range(n_layer)]
+        self._norm = [t.get(f"blk.{layer}.{norm_suffix}") for layer in range(n_layer)]
+
+    def _ratio_of(self, here: int, there: int) -> np.ndarray | None:
+        key = (here, there)
+        r = self._ratio.get(key)
+        if r is None:
+            w_there, w_here = self._norm[there], self._norm[here]
+            if w_there is None or w_here is None or w_there.shape != w_here.shape:
+                return None
+            r = self._ratio[key] = np.divide(w_there, w_here, out=np.zeros_like(w_there), where=w_here != 0)
+        return r
 
     # ------------------------------------------------------------------ the observer
 
     def forget(self) -> None:
-        """Drop guesses not yet scored (the gate skipped observers for a while)."""
+        """Drop guesses not yet scored and their protection (the gate skips observers for a
+        while, or a prompt begins)."""
         self._pending.clear()
+        self._prompt_pending.clear()
+        self._feat.clear()
+        self.residency.state.protect[:] = 0
+        self._last_layer = -1
+
+    def p_used(self, lookahead: int, layer: int) -> np.ndarray:
+        """Per rank, the chance that a guess of that rank for ``layer`` at ``lookahead`` is picked:
+        this layer's counts, behind PRIOR_WEIGHT observations of all layers' (themselves behind
+        an even guess for the top k and a low one below)."""
+        key = (lookahead, layer)
+        p = self._p_used.get(key)
+        if p is None:
+            p = self._p_used[key] = self._estimate(lookahead, layer)
+        return p
+
+    def _estimate(self, lookahead: int, layer: int) -> np.ndarray:
+        st = self.stats.lookahead[lookahead]
+        prior = np.where(np.arange(self.max_rank) < self.n_used, 0.5, 0.2)
+        n_all = sum(st.scored.values())
+        if n_all:
+            hits_all = np.sum(list(st.rank_hits.values()), axis=0)
+            prior = (hits_all + 2.0 * prior) / (n_all + 2.0)
+        hits = st.rank_hits.get(layer)
+        if hits is None:
+            return prior
+        return (hits + PRIOR_WEIGHT * prior) / (st.scored[layer] + PRIOR_WEIGHT)
 
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
-        single = ids.shape[0] == 1
-        guessed = self._pending.pop(layer, None)
-        if guessed is not None and single:
-            self._score(layer, guessed, set(ids[0].tolist()))
-        nxt = layer + 1
-        if nxt >= self.residency.n_layer or not single:
-            return  # prompt micro-batches select most experts anyway: the gate loads them
-        x = self._router_input(node, layer)
-        if x is None or self._router is None or self._router[nxt] is None:
+        state = self.residency.state
+        if layer <= self._last_layer:  # a new pass over the layers: what is left of the last one is stale
+            state.protect[:] = 0
+            self._pending.clear()
+            self._prompt_pending.clear()
+            self._feat.clear()
+        self._last_layer = layer
+        n = ids.shape[0]
+        self._score(layer, ids)
+        feats = self._feat.pop(layer, None)
+        targets = self._ahead.get(layer, [])
+        if not targets and not feats:
             return
-        logits = self._router[nxt] @ x
-        b = self._bias[nxt]
-        if b is not None:
-            logits = logits + b
-        p = np.exp(logits - logits.max())
-        p /= p.sum()
-        self._pending[nxt] = p
-        self.stats.guesses += 1
-        top = np.argsort(-p)[: 2 * self.n_used]
-        keys = [(nxt, int(e)) for e in top[p[top] >= self.threshold]]
+        x = self._router_input(node, layer, n)
+        if x is None or self._router is None:
+            return
+        wanted = bool(feats) or any(self.fit.wanted((layer, t)) for t in targets)
+        own = self._project(layer, layer, x) if wanted else None  # this layer's router logits
+        if feats and own is not None:  # samples for the fits of pairs that end here
+            for src, f in feats:
+                if len(f) >= n:
+                    self.fit.add((src, layer), f[len(f) - n :], own)  # the last layer: output rows only
+        if not targets:
+            return
+        r = self.residency
+        bar = r.prefetch_bar()
+        keys: list[tuple[int, int]] = []
+        prios: list[float] = []
+        guesses = 0
+        for a, target in enumerate(targets, 1):
+            plain = self._project(layer, target, x)
+            if plain is None:
+                continue
+            pair = (layer, target)
+            logits = plain
+            if own is not None and self.fit.wanted(pair):
+                f = RouteFit.features(plain, own)
+                self._feat.setdefault(target, []).append((layer, f))
+                fitted = self.fit.predict(pair, f)
+                if fitted is not None:
+                    logits = fitted
+            if n > 1 and a > 1:
+                continue  # a micro-batch's next layer is most of a layer's leaves already: no further
+            if n > 1 and target == self._last_paged:
+                logits = logits[-1:]  # the last layer computes the tokens whose logits are wanted only
+            p = np.exp(logits - logits.max(axis=1, keepdims=True))
+            p /= p.sum(axis=1, keepdims=True)
+            sel = self._sel_bias[target]
+            score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
+            order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
+            ps = np.take_along_axis(p, order, axis=1)
+            pu = self.p_used(a, target)[: self.n_guess]
+            # per expert, the chance that some token of the micro-batch picks it (guesses of
+            # each token taken as independent), over the guess set: top n_guess, above threshold
+            miss = np.zeros(self.n_expert)
+            ranks = order[:, : self.n_guess]
+            ok = ps[:, : self.n_guess] >= self.threshold
+            np.add.at(miss, ranks[ok], np.log1p(-np.minimum(pu, 1 - 1e-9))[np.nonzero(ok)[1]])
+            p_any = 1.0 - np.exp(miss)
+            if n == 1:
+                self._pending.setdefault(target, []).append((a, order[0], ps[0]))
+                guesses += 1
+            else:
+                self._prompt_pending[target] = np.unique(ranks[ok])
+            cand = np.flatnonzero(p_any > 0)
+            kept = cand[p_any[cand] >= bar]
+            state.protect[target] = 0  # the newest guess for a layer replaces an older one
+            state.protect[target, kept] = 1
+            self.stats.protected += int(kept.size)
+            self.stats.skipped += int(cand.size - kept.size)
+            for e in kept.tolist():
+                if not state.resident[target, e]:
+                    keys.append((target, e))
+                    prios.append(float(p_any[e]))
+        if guesses:
+            self.stats.guesses += 1
         if keys:
-            self.stats.prefetched += self.residency.prefetch(keys, layer=layer, in_use=np.unique(ids).tolist())
+            order_k = sorted(range(len(keys)), key=lambda i: -prios[i])
+            self.stats.prefetched += r.prefetch([keys[i] for i in order_k], layer=layer,
+                                                in_use=np.unique(ids).tolist(),
+                                                priority=[prios[i] for i in order_k], source="speculation")
 
-    def _score(self, layer: int, p: np.ndarray, actual: set[int]) -> None:
-        top = np.argsort(-p)[: 2 * self.n_used]
-        ptop = p[top]
-        hit = np.isin(top, list(actual))
-        thresholds = np.array([*self.stats.sweep, self.threshold])
-        sel = ptop[None, :] >= thresholds[:, None]  # [threshold, guess]
-        tp, guessed = (sel & hit).sum(axis=1).tolist(), sel.sum(axis=1).tolist()
-        counts = [*self.stats.sweep.values(), self.stats.per_layer.setdefault(layer, [0, 0, 0])]
-        for c, a, b in zip(counts, tp, guessed):
-            c[0] += a
-            c[1] += b
-            c[2] += len(actual)
+    def _score(self, layer: int, ids: np.ndarray) -> None:
+        """Score the guesses made for ``layer`` against what its router picked."""
+        n = ids.shape[0]
+        pending = self._pending.pop(layer, None)
+        if pending is not None and n == 1:
+            picked = np.zeros(self.n_expert, bool)
+            picked[ids[0]] = True
+            n_actual = int(np.count_nonzero(picked))
+            for a, order, p in pending:
+                self.stats.lookahead[a].score(layer, order, p, picked, n_actual, self.n_guess, self.threshold)
+                if self.stats.lookahead[a].scored[layer] % RESCORE == 0:
+                    self._p_used.pop((a, layer), None)
+        guessed = self._prompt_pending.pop(layer, None)
+        if guessed is not None and n > 1:
+            actual = np.unique(ids)
+            c = self.stats.prompt
+            c[0] += int(np.isin(guessed, actual).sum())
+            c[1] += int(guessed.size)
+            c[2] += int(actual.size)
 
-    def _router_input(self, node: int, layer: int) -> np.ndarray | None:
-        """``x_L`` of the (single) token: the second source of ``ffn_moe_logits-L``, found by
-        walking up from the top-k node; loads the router weights the first time."""
-        logits = _find_up(node, f"{NODE_LOGITS}{layer}".encode(), depth=SEARCH_DEPTH)
-        if logits is None:
+    def _project(self, here: int, there: int, x: np.ndarray) -> np.ndarray | None:
+        """Layer ``there``'s router applied to layer ``here``'s router input rows ``x`` (with the
+        norm ratio and the router bias): ``[tokens, n_expert]`` logits."""
+        assert self._router is not None
+        router, ratio = self._router[there], self._ratio_of(here, there)
+        if router is None or ratio is None or router.shape[1] != x.shape[1]:
             return None
+        logits = (x @ router.T) if here == there else (x * ratio) @ router.T
+        b = self._bias[there]
+        return logits if b is None else logits + b
+
+    def _router_input(self, node: int, layer: int, n_tokens: int) -> np.ndarray | None:
+        """``x_L`` of the micro-batch's tokens (``[n_tokens, n_embd]``): the second source of
+        ``ffn_moe_logits-L``, found by walking up from the top-k node; loads the router weights
+        the first time."""
+        name = f"{NODE_LOGITS}{layer}".encode()
+        logits = self._logits_at.get(node)
+        if logits is None or abi.tensor_at(logits).name != name:
+            logits = _find_up(node, name, depth=SEARCH_DEPTH)
+            if logits is None:
+                return None
+            self._logits_at[node] = logits
         x_addr = abi.tensor_at(logits).src[1]
         xt = abi.tensor_at(x_addr)
         if self._router is None:
@@ -166,13 +365,38 @@ class Speculator:
             if not name.startswith(prefix):
                 raise SmoeError(f"speculation: the router input of layer {layer} is not a norm ({name!r})")
             self._load_weights(name[len(prefix):])
-        n_embd = int(xt.ne[0])
-        if xt.type != 0 or int(xt.nb[0]) != 4:  # F32, contiguous rows: what llama.cpp builds
-            return None
-        if self._buf.size != n_embd:
-            self._buf = np.empty(n_embd, np.float32)
-        abi.ggml_backend_tensor_get(x_addr, self._buf.ctypes.data, 0, n_embd * 4)
-        return self._buf
+        n_embd, rows, stride = int(xt.ne[0]), int(xt.ne[1]), int(xt.nb[1])
+        if xt.type != 0 or int(xt.nb[0]) != 4 or rows != n_tokens or stride % 4:
+            return None  # F32 rows, one per token of the micro-batch: what llama.cpp builds
+        step = stride // 4
+        need = (rows - 1) * step + n_embd
+        if self._buf.size < need:
+            self._buf = np.empty(need, np.float32)
+        abi.ggml_backend_tensor_get(x_addr, self._buf.ctypes.data, 0, need * 4)
+        return np.lib.stride_tricks.as_strided(self._buf, shape=(rows, n_embd), strides=(stride, 4), writeable=False)
+
+    def summary(self) -> dict[str, Any]:
+        """Precision and recall of the guess set (lookahead 1 at the top, then per lookahead:
+        per layer, by rank, by threshold), and what speculation's prefetches saved."""
+        st = self.stats
+        ahead = {str(a): s.summary(self.n_used) for a, s in st.lookahead.items()}
+        first = ahead.get("1", {})
+        src = self.residency.stats.by_source.get("speculation")
+        return {
+            "rank": self.n_guess,
+            "threshold": self.threshold,
+            "lookahead": self.lookahead,
+            "guesses": st.guesses,
+            "prefetched": st.prefetched,
+            "protected": st.protected,
+            "below_cost": st.skipped,
+            "precision": first.get("precision", 0.0),
+            "recall": first.get("recall", 0.0),
+            "lookaheads": ahead,
+            "prompt": _pr(st.prompt),
+            "corrected": self.fit.summary(),
+            "prefetch": src.as_dict() if src is not None else None,
+        }
 
 
 def _find_up(address: int, name: bytes, depth: int) -> int | None:
@@ -190,4 +414,3 @@ def _find_up(address: int, name: bytes, depth: int) -> int | None:
                     nxt.append(s)
         frontier = nxt
     return None
-

@@ -86,7 +86,7 @@ def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_p
     pack = pack_of("qwen3moe", "f16")
     trace = tmp_path / "t.jsonl"
     # Reactive (no speculation, no profile): the live run's decisions are the policy's alone.
-    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "16", "--budget", "25%",
+    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "16", "--budget", "25%", "--policy", "lru",
                                    "--trace", str(trace), "--json", "--no-speculate", "--no-profile")
     assert code == 0, stderr
     live = json.loads(stdout)

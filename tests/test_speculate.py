@@ -1,0 +1,275 @@
+"""Prediction that pays: guesses by rank for the next two layers, a protect set eviction honours,
+prefetches ordered by their chance of use and held behind the gate's own reads, a cost model
+that skips guesses not worth their read, and the stall prefetches save."""
+
+from __future__ import annotations
+
+import json
+import threading
+
+import numpy as np
+import pytest
+
+from smoe_gguf import residency, speculate
+from smoe_gguf.engine import Engine
+from smoe_gguf.fetcher import HOLD_BELOW, QUEUED, Fetcher
+from smoe_gguf.residency import Residency
+from smoe_gguf.route_fit import RouteFit, top_recall
+
+from .cli_helpers import run_cli
+from .engine_helpers import N_TOKENS, PROMPT, reference, same
+
+
+def _books(costs: dict[int, int], n_expert: int, budget: int) -> Residency:
+    """A residency without I/O (reads do nothing), under LRU."""
+    return Residency(costs, n_expert, budget, "lru")
+
+
+def _gate(r: Residency, layer: int, *experts: int) -> None:
+    r.on_experts(layer, np.array([list(experts)], np.int32))
+
+
+def _resident(r: Residency) -> set[tuple[int, int]]:
+    return {(int(a), int(b)) for a, b in zip(*np.nonzero(r.state.resident))}
+
+
+# ---------------------------------------------------------------------- the I/O thread
+
+
+def _blocked_fetcher() -> tuple[Fetcher, list[tuple[int, int]], threading.Event, dict[tuple[int, int], threading.Event]]:
+    """A fetcher whose first read, (9, 9), blocks until ``release`` is set; ``landed[key]`` is set
+    when a prefetch lands; reads are logged in order."""
+    order: list[tuple[int, int]] = []
+    started, release = threading.Event(), threading.Event()
+    landed: dict[tuple[int, int], threading.Event] = {}
+
+    def fill(layer: int, e: int, _stage: int | None) -> None:
+        if (layer, e) == (9, 9):
+            started.set()
+            assert release.wait(10)
+        order.append((layer, e))
+
+    def on_landed(key: tuple[int, int], _priority: float) -> None:
+        landed.setdefault(key, threading.Event()).set()
+
+    f = Fetcher(fill, on_landed)
+    f.prefetch((9, 9), 1.0)
+    assert started.wait(10)  # the worker is inside the first read: what follows only queues
+    return f, order, release, landed
+
+
+def test_prefetches_are_read_likeliest_first_and_the_least_likely_is_cancelled_first() -> None:
+    f, order, release, _ = _blocked_fetcher()
+    for e, p in ((1, 0.2), (2, 0.9), (3, 0.5), (4, 0.2)):
+        f.prefetch((0, e), p)
+    assert f.queued == 4
+    assert f.cancel_least() == (0, 4)  # the least likely; the newest of two equals
+    assert (0, 4) not in f and f.queued == 3
+    assert f.claim((0, 3))  # a gate takes a queued one back: it is read by the gate instead
+    release.set()
+    f.drain()
+    assert order == [(9, 9), (0, 2), (0, 1)]
+    f.close()
+
+
+def test_unlikely_prefetches_wait_while_the_gate_reads_a_miss_itself() -> None:
+    f, order, release, landed = _blocked_fetcher()
+    high, low = (0, 1), (0, 2)
+    landed[high] = threading.Event()
+    with f.gate_reads():
+        f.prefetch(low, HOLD_BELOW / 2)
+        f.prefetch(high, HOLD_BELOW)
+        release.set()
+        assert landed[high].wait(10)  # a likely guess is read even now
+        assert f.state(low) == QUEUED  # an unlikely one waits for the gate's read to end
+    f.drain()
+    assert order == [(9, 9), high, low]
+    f.close()
+
+
+# ---------------------------------------------------------------------- the protect set
+
+
+def test_protected_leaves_are_evicted_last_and_never_for_a_prefetch() -> None:
+    r = _books({0: 1, 1: 1}, 4, budget=3)
+    _gate(r, 0, 0)
+    _gate(r, 0, 1)
+    _gate(r, 1, 0)
+    r.state.protect[0, 0] = 1  # LRU's first victim, but predicted
+    _gate(r, 1, 1)
+    assert _resident(r) == {(0, 0), (1, 0), (1, 1)}  # (0, 1) went instead
+    # a prefetch may evict what is neither in use nor protected ...
+    assert r.prefetch([(1, 2)], layer=1, in_use=[1]) == 1
+    r.drain()
+    assert _resident(r) == {(0, 0), (1, 1), (1, 2)}
+    # ... and nothing else: (1, 1) is in use, (1, 2) and (0, 0) protected
+    r.state.protect[1, 2] = 1
+    assert r.prefetch([(1, 3)], layer=1, in_use=[1]) == 0
+    # a gate takes protected leaves when nothing else can go, and clears its own layer's marks
+    _gate(r, 1, 0, 1, 3)
+    assert _resident(r) == {(1, 0), (1, 1), (1, 3)}
+    assert r.stats.protect_dropped == 1 and not r.state.protect[1].any()
+    r.close()
+
+
+def test_stall_saved_counts_prefetches_used_and_regret_counts_evictions_missed_soon() -> None:
+    r = _books({0: 1, 1: 1}, 4, budget=2)
+    _gate(r, 0, 0)  # a gate load: the measured cost of a miss
+    per_load = r.stats.seconds_per_load
+    assert per_load > 0
+    assert r.prefetch([(1, 1)], layer=0, in_use=[0], priority=0.9, source="test") == 1
+    r.drain()
+    _gate(r, 1, 1)  # a hit on the prefetched leaf
+    c = r.stats.by_source["test"]
+    assert (c.queued, c.used, c.wasted) == (1, 1, 0)
+    assert c.stall_saved_seconds == pytest.approx(per_load)
+    # a prefetch evicted unused is wasted, and saves nothing
+    assert r.prefetch([(1, 2)], layer=1, in_use=[1], priority=0.9, source="test") == 1
+    r.drain()
+    assert r.stats.evictions == 1  # (0, 0) made room
+    _gate(r, 1, 1)  # (1, 1) used again: the unused (1, 2) is now the least recent
+    _gate(r, 0, 3)  # evicts the unused (1, 2): wasted
+    assert c.wasted == 1 and c.used == 1
+    # (0, 0) was evicted two gates ago: missing it now is a regret
+    regrets = r.stats.regrets
+    _gate(r, 0, 0)
+    assert r.stats.regrets == regrets + 1
+    assert 0 < r.eviction_regret() < 1
+    r.close()
+
+
+def test_a_prefetch_the_c_path_used_is_credited_when_evicted() -> None:
+    r = _books({0: 1}, 4, budget=2)
+    _gate(r, 0, 0)
+    r.prefetch([(0, 1)], layer=0, in_use=[0], source="test")
+    r.drain()
+    r.state.last_use[0, 1] = r.state.tick()  # what the C gate writes on a hit
+    _gate(r, 0, 2)
+    _gate(r, 0, 3)  # both earlier leaves are evicted
+    c = r.stats.by_source["test"]
+    assert (c.used, c.wasted) == (1, 0)
+    r.close()
+
+
+# ---------------------------------------------------------------------- the speculator, live
+
+
+def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of) -> None:
+    src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        eng.observer_switch.window = 1 << 20  # observe every token (no pause to measure)
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
+        spec = eng.stats().speculation
+        assert spec is not None
+        n_used, n_expert, layers = eng.source.n_expert_used, eng.source.n_expert, sorted(eng.residency.costs)
+        assert spec["rank"] == round(speculate.DEFAULT_RANK * n_used)
+        one, two = spec["lookaheads"]["1"], spec["lookaheads"]["2"]
+        assert sorted(one["per_layer"]) == layers[1:] and sorted(two["per_layer"]) == layers[2:]
+        # one guess per layer ahead, per decoded token that had one
+        assert one["scored"] == (N_TOKENS - 1) * (len(layers) - 1)
+        assert two["scored"] == (N_TOKENS - 1) * (len(layers) - 2)
+        for la in (one, two):
+            ranks = sorted(la["by_rank"], key=int)
+            recalls = [la["by_rank"][k]["recall"] for k in ranks]
+            assert recalls == sorted(recalls)  # more guesses, more found
+            top_k = la["by_rank"][str(n_used)]
+            assert top_k["precision"] == top_k["recall"]  # k guessed, k picked
+            assert top_k["recall"] > 1.5 * n_used / n_expert  # the router's guess beats chance
+        src_counts = eng.stats().prefetch_by_source["speculation"]
+        assert spec["prefetched"] == src_counts["queued"] > 0 and src_counts["used"] > 0
+        assert not eng.residency.state.protect.any()  # every guessed layer was served
+
+
+def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
+    pack = pack_of("qwen3moe", "f32")
+    monkeypatch.setattr(residency, "READ_COST", 1.01)  # no guess can be likelier than that
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        eng.generate(PROMPT, 8)
+        spec = eng.stats().speculation
+        assert spec["guesses"] > 0 and spec["prefetched"] == 0 and spec["protected"] == 0
+        assert spec["below_cost"] > 0
+
+
+def test_a_prompt_reads_the_leaves_of_the_next_layer_it_is_guessed_to_select(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f32")
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None) as eng:
+        spec, r = eng.speculator, eng.residency
+        assert spec is not None and eng.readahead is None  # speculation reads a prompt's next layer itself
+        asked: list[tuple[int, int]] = []
+        prefetch = r.prefetch
+
+        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
+            asked.extend(keys)
+            return prefetch(keys, *args, **kw)
+
+        r.prefetch = spy  # type: ignore[method-assign]
+        tokens = eng.tokenize(PROMPT)
+        eng.decode(tokens)
+        assert spec.stats.guesses == 0  # no single-token gate yet
+        summary = spec.summary()
+        assert summary["prefetch"]["queued"] > 0 and summary["prompt"]["recall"] >= 0.5
+        layers = sorted(r.costs)
+        per_layer = {layer: sum(k[0] == layer for k in asked) for layer in layers}
+        assert per_layer[layers[0]] == 0  # nothing guesses the first layer
+        assert max(per_layer[layer] for layer in layers[1:-1]) > spec.n_guess  # several tokens' guesses
+        assert per_layer[layers[-1]] <= spec.n_guess  # the last layer computes the last token only
+        eng.decode([eng.tokenize(" the")[0]])  # one token: speculation guesses and scores
+        assert spec.stats.guesses > 0
+        r.state.protect[1, 0] = 1  # as if a guess were left unserved
+        eng.decode(eng.tokenize(PROMPT))  # a prompt clears decode's guesses first
+        assert not r.state.protect.any()
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        assert eng.speculator is None and eng.readahead is not None  # without it, the whole next layer
+
+
+def test_a_prompt_cancels_what_is_queued_of_unlikely_guesses() -> None:
+    release = threading.Event()
+
+    def fill(layer: int, e: int, _stage: int | None) -> None:
+        if (layer, e) == (0, 0):
+            assert release.wait(10)
+
+    r = Residency({0: 1, 1: 1}, 4, budget=8, fill=fill)
+    assert r.prefetch([(0, 0)], priority=1.0, source="test") == 1  # the I/O thread is busy with it
+    assert r.prefetch([(0, 1), (0, 2), (1, 1)], priority=0.05, source="warm-start") == 3
+    assert r.prefetch([(1, 2)], priority=0.9, source="test") == 1
+    assert r.cancel_below(HOLD_BELOW) == 3
+    assert r.used == 2 and r.stats.by_source["warm-start"].cancelled == 3
+    release.set()
+    r.drain()
+    assert _resident(r) == {(0, 0), (1, 2)}
+    r.close()
+
+
+def test_run_json_reports_both_lookaheads(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "8", "--budget", "25%", "--json",
+                                   "--no-profile")
+    assert code == 0, stderr
+    res = json.loads(stdout)
+    spec = res["speculation"]
+    assert set(spec["lookaheads"]) == {"1", "2"} and spec["rank"] > 0
+    for la in spec["lookaheads"].values():
+        assert {"precision", "recall", "per_layer", "by_rank", "by_threshold"} <= set(la)
+    assert "prefetch_stall_saved_seconds" in res and "speculation" in res["prefetch_by_source"]
+
+
+def test_a_pair_the_plain_projection_guesses_badly_gets_a_fit_and_one_it_guesses_well_does_not() -> None:
+    rng = np.random.default_rng(0)
+    n_expert, n_used = 8, 2
+    fit = RouteFit(n_expert, n_used, n_guess=3)
+    mix = rng.normal(size=(n_expert, n_expert))  # how the later layer really routes: not the plain guess
+    for _ in range(4):
+        plain, own = rng.normal(size=(16, n_expert)), rng.normal(size=(16, n_expert))
+        f = RouteFit.features(plain, own)
+        fit.add((0, 1), f, plain @ mix)
+        fit.add((1, 2), f, plain)  # the plain guess is right
+    assert fit.fits[(1, 2)] is None and fit.fits[(0, 1)] is not None
+    assert fit.summary() == {"fitted": ["0->1"], "plain": ["1->2"]}
+    plain = rng.normal(size=(200, n_expert))
+    f = RouteFit.features(plain, rng.normal(size=(200, n_expert)))
+    actual = plain @ mix
+    fitted = fit.predict((0, 1), f)
+    assert fitted is not None and fit.predict((1, 2), f) is None
+    assert top_recall(fitted, actual, n_used, 3) > 0.95 > 0.7 > top_recall(plain, actual, n_used, 3)
