@@ -508,17 +508,6 @@ def _cpu_seconds() -> float:
     return ru.ru_utime + ru.ru_stime
 
 
-def _peak_rss(ru: resource.struct_rusage) -> int:
-    """This process's peak RSS. Linux: VmHWM (ru_maxrss carries the parent's peak across exec)."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return ru.ru_maxrss * (1 if sys.platform == "darwin" else 1024)
-
-
 def _io_read() -> int:
     try:
         import psutil
@@ -712,8 +701,10 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     e1 = energy.read()
     if e0 is not None and e1 is not None and out.get("generated_tokens"):
         out["energy"] = f"{(e1 - e0) / out['generated_tokens']:.3f} ({energy.source}, incl. load)"
+    from smoe_gguf.engine import peak_rss
+
     ru = resource.getrusage(resource.RUSAGE_SELF)
-    out["peak_rss_bytes"] = _peak_rss(ru)
+    out["peak_rss_bytes"] = peak_rss()  # VmHWM: ru_maxrss carries the parent's peak across exec
     out["cpu_seconds_total"] = ru.ru_utime + ru.ru_stime
     return out
 

@@ -14,7 +14,6 @@ only after that check; ``<out>.json`` records the check.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import os
 import sys
@@ -26,19 +25,12 @@ from smoe_gguf.devtools.widen import compare_models, widen_experts
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.gguf_layout import read_layout
 from smoe_gguf.moe import analyze
+from smoe_gguf.pack.verify import path_sha256
 
 DEFAULT_SRC = Path("models/reference-qwen3moe.gguf")
 DEFAULT_OUT = Path("models/reference-large-qwen3moe.gguf")
 MIN_LEAF = 1 << 20
 MIN_EXPERTS = 3 << 29  # 1.5 GiB
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(16 << 20):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -84,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
               f"{cmp.same_sampled_tokens}, max |logit difference| {cmp.max_abs_logit_diff:.3g} over {cmp.positions} "
               f"positions (logit std {cmp.logit_std:.3g})", flush=True)
         report = {
-            "source": str(a.source), "source_sha256": sha256(a.source), "factor": a.factor,
+            "source": str(a.source), "source_sha256": path_sha256(a.source), "factor": a.factor,
             "leaf_bytes": moe.max_leaf_bytes, "expert_bytes": moe.expert_bytes, "core_bytes": moe.core_bytes,
             "check": {**cmp.as_dict(), "temp": a.temp, "seed": a.seed, "tolerance": a.tolerance, "passed": ok},
             "seconds": {"widen": round(t_widen, 1), "check": round(t_check, 1)},

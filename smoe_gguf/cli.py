@@ -34,6 +34,8 @@ def _global_options(
 ModelArg = Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")]
 BudgetOpt = Annotated[str | None, typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert "
                                                "bytes. Default: what fits in available memory minus 1 GiB.")]
+ChecksumsOpt = Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
+                                             "damaged pack then gives wrong output silently).")]
 # Options of every command that runs a model: how leaves are fetched and evicted.
 PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lfru (frequency-weighted LRU), lru or "
                                         "least-stale (layer order).")]
@@ -201,8 +203,7 @@ def run(
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
-    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
-                                           "damaged pack then gives wrong output silently).")] = "first",
+    checksums: ChecksumsOpt = "first",
     stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object: text, tokens, figures.")] = False,
     policy: PolicyOpt = "lfru",
@@ -418,8 +419,7 @@ def chat(
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
-    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
-                                           "damaged pack then gives wrong output silently).")] = "first",
+    checksums: ChecksumsOpt = "first",
     typeahead: Annotated[bool, typer.Option("--typeahead/--no-typeahead",
                                             help="Prefill the prompt while it is typed.")] = True,
     debug_tokens: Annotated[bool, typer.Option("--debug-tokens", hidden=True,
@@ -449,8 +449,7 @@ def serve(
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 8 << 20,
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens (prompt and reply together).")] = 4096,
-    checksums: Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
-                                           "damaged pack then gives wrong output silently).")] = "first",
+    checksums: ChecksumsOpt = "first",
     policy: PolicyOpt = "lfru",
     no_speculate: NoSpeculateOpt = False,
     profile: ProfileOpt = None,

@@ -30,6 +30,7 @@ from smoe_gguf.moe import MoEModel, analyze
 from smoe_gguf.safeio import clean_leftovers, leftover_name, open_regular, os_error, read_file
 
 from . import manifest as mf
+from .verify import path_sha256
 
 Progress = Callable[[int, int], None]
 CHUNK = 16 << 20
@@ -255,7 +256,7 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
         n_expert_shared=model.n_expert_shared,
         alignment=layout.alignment,
         data_offset=layout.data_offset,
-        core=mf.FileEntry(mf.CORE_FILE, (d / mf.CORE_FILE).stat().st_size, _sha256_file(d / mf.CORE_FILE)),
+        core=mf.FileEntry(mf.CORE_FILE, (d / mf.CORE_FILE).stat().st_size, path_sha256(d / mf.CORE_FILE)),
         header=mf.FileEntry(mf.HEADER_FILE, len(header), hashlib.sha256(header).hexdigest()),
         core_bytes=model.core_bytes,
         expert_bytes=model.expert_bytes,
@@ -267,10 +268,4 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
     return manifest
 
 
-def _sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while blob := f.read(CHUNK):
-            h.update(blob)
-    return h.hexdigest()
 

@@ -64,6 +64,15 @@ def file_sha256(fd: int) -> str:
     return h.hexdigest()
 
 
+def path_sha256(path: Path) -> str:
+    """The sha256 of the file at ``path``."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return file_sha256(fd)
+    finally:
+        os.close(fd)
+
+
 def check_file(pack: Path, entry: mf.FileEntry, quick: bool) -> Fault | None:
     path = pack / entry.file
     if not os.path.lexists(path):
