@@ -247,7 +247,8 @@ def run(
             err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
         if budget is None and not as_json:
             err.print(f"budget: {human(eng.budget)} (available memory minus 1 GiB; set --budget to change)")
-        if (hint := eng.prompt_hint(len(eng.tokenize(prompt)))) is not None:
+        tokens = eng.tokenize(prompt)
+        if (hint := eng.prompt_hint(len(tokens))) is not None:
             err.print(f"[yellow]hint:[/] {hint}", highlight=False, soft_wrap=True)
 
         def stream(tok: int, piece: bytes) -> None:
@@ -257,7 +258,7 @@ def run(
                 sys.stdout.write(printable(piece.decode("utf-8", errors="replace")))
                 sys.stdout.flush()
 
-        gen = eng.generate(prompt, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True,
+        gen = eng.generate(tokens, n_tokens, temp=temp, seed=seed, on_token=stream, stop_at_eog=True,
                            should_stop=None if reply is None else lambda: reply.stopped)
         g, st = gen.stats, eng.stats()
         if as_json:
