@@ -48,7 +48,7 @@ struct smoe_gate {
     int64_t ids_row_stride;      /* in int32s */
     tensor_get_fn tensor_get;
     slow_fn slow;
-    int32_t failed;          /* set when the Python hook failed: stop the graph */
+    int32_t failed;          /* set when the Python hook returned 0 (failed, or lost an exception): read by Gate.check */
     int32_t every_gate;      /* 1: every top-k gate goes to Python (tracing, speculation) */
     uint8_t *node_wanted;    /* [n_layer]: nodes of other kinds are asked for only in layers
                                 where this is set (NULL: always). Python sets it at a top-k gate
@@ -56,6 +56,14 @@ struct smoe_gate {
                                 flight); the scheduler asks for a node only after the earlier
                                 nodes' callbacks have returned, so the flag is set in time. */
 };
+
+/* The Python path: a 0 stops the graph and marks the gate failed, whether the hook recorded its
+   error or ctypes dropped one raised before the hook's first line (a signal handler's). */
+static bool call_slow(struct smoe_gate *g, void *t, int32_t kind, int32_t layer, int32_t n_tokens) {
+    if (g->slow(t, kind, layer, n_tokens) != 0) return true;
+    g->failed = 1;
+    return false;
+}
 
 static int match(const struct smoe_gate *g, const char *name) {
     for (int i = 0; i < g->n_prefix; i++) {
@@ -81,20 +89,20 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     int32_t layer = (int32_t)atoi(name + g->prefix_len[i]);
     const int64_t *ne = (const int64_t *)((const char *)t + g->off_ne);
     const size_t *nb = (const size_t *)((const char *)t + g->off_nb);
-    if (g->kind[i] != 0) return g->slow(t, g->kind[i], layer, (int32_t)ne[1]) != 0;
+    if (g->kind[i] != 0) return call_slow(g, t, g->kind[i], layer, (int32_t)ne[1]);
 
     int64_t n_used = ne[0], n_tokens = ne[1];
     if (n_tokens == 0) return true;  /* last layer of a micro-batch that outputs no logits */
     /* the node is a strided view of the argsort: rows are nb[1] bytes apart */
     size_t nbytes = (size_t)((n_tokens - 1) * (int64_t)nb[1] + n_used * 4);
     if ((int64_t)(nbytes / 4 + 1) > g->ids_cap || layer < 0 || layer >= g->n_layer) {
-        return g->slow(t, -1, layer, (int32_t)n_tokens) != 0;  /* Python reads it itself */
+        return call_slow(g, t, -1, layer, (int32_t)n_tokens);  /* Python reads it itself */
     }
     g->tensor_get(t, g->ids, 0, nbytes);
     g->ids_rows = (int32_t)n_tokens;
     g->ids_cols = (int32_t)n_used;
     g->ids_row_stride = (int64_t)(nb[1] / 4);
-    if (g->every_gate) return g->slow(t, 0, layer, (int32_t)n_tokens) != 0;
+    if (g->every_gate) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
 
     uint64_t now = ++*g->clock;
     int64_t base = (int64_t)layer * g->n_expert;
@@ -104,7 +112,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
             int32_t e = row[c];
             if (e < 0 || e >= g->n_expert || !g->resident[base + e]) {
                 --*g->clock;  /* Python records this gate itself */
-                return g->slow(t, 0, layer, (int32_t)n_tokens) != 0;
+                return call_slow(g, t, 0, layer, (int32_t)n_tokens);
             }
         }
     }

@@ -377,7 +377,8 @@ class Engine:
             if self.residency.trace is not None:
                 self.residency.trace.begin(self.n_past)
             ls.LOG.clear()
-            rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+            with ls.signals_deferred():
+                rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             self.gate.check()
             self.residency.finish_all()
             self.residency.reap_failures()

@@ -220,7 +220,12 @@ class Gate:
         return int(self._st.fast_gates) + self.py_gates
 
     def check(self) -> None:
-        """Raise the hooks' failure, if any, and clear it."""
+        """Raise the hooks' failure, if any, and clear it. A hook that failed without recording an
+        error lost it to ctypes: an exception raised by a signal handler before the hook's first
+        line, which is Ctrl-C's KeyboardInterrupt or exits.Terminated; it is re-raised as an interrupt."""
+        failed, self._st.failed = bool(self._st.failed), 0
+        if self.error is None and failed:
+            self.error = KeyboardInterrupt()
         if self.error is not None:
             err, self.error = self.error, None
             if isinstance(err, SmoeError) or not isinstance(err, Exception):

@@ -10,9 +10,12 @@ from __future__ import annotations
 import ctypes
 import functools
 import os
+import signal
 import sys
+import threading
 from collections import deque
 from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -166,6 +169,30 @@ def tokenize_with(vocab: llama_cpp.llama_vocab_p, text: str) -> list[int]:
     if n < 0:
         raise SmoeError(f"llama.cpp could not tokenize the text (code {n})")
     return list(buf[:n])
+
+
+_DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
+@contextmanager
+def signals_deferred() -> Iterator[None]:
+    """Hold Ctrl-C and the termination signals while llama.cpp computes, and deliver them when it
+    returns. llama.cpp calls back into Python (the gate, the X-Slot's buffer functions) and ctypes
+    drops any exception raised there by a signal handler: the signal would be lost, and a callback
+    cut short. In threads other than the main one (which receives signals) it does nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
+           for sig in _DEFERRED if signal.getsignal(sig) is not None}  # None: set outside Python, left alone
+    try:
+        yield
+    finally:
+        for sig, handler in old.items():
+            signal.signal(sig, handler)
+        for signum in caught[:1]:  # the first one decides, as it would have undeferred
+            signal.raise_signal(signum)
 
 
 def decode(ctx: llama_cpp.llama_context_p, tokens: list[int]) -> None:
