@@ -4,13 +4,13 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: install lint test demo clean reference-model large-reference bench
+.PHONY: install lint sanitize test demo clean reference-model large-reference bench
 
 install: $(STAMP)
 
 # llama-cpp-python builds from source the first time (about 4.5 minutes on 2 cores); pip caches
 # the wheel, so later installs take seconds. For a GPU build see README (CMAKE_ARGS).
-$(STAMP): pyproject.toml smoe_gguf/_gatecb.c
+$(STAMP): pyproject.toml smoe_gguf/_gatecb.c smoe_gguf/_readpool.c
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -19,7 +19,30 @@ $(STAMP): pyproject.toml smoe_gguf/_gatecb.c
 lint: install
 	$(BIN)/ruff check smoe_gguf tests scripts
 
-test: install lint
+# `make sanitize`: the read pool (smoe_gguf/_readpool.c) stressed by tests/native/readpool_stress.c
+# under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer; any report fails
+# the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
+# (SANITIZE_DEFS=-DSMOE_TEST_RACE or -DSMOE_TEST_OVERFLOW plants a bug in the harness to see it
+# fail). A few seconds each. ThreadSanitizer runs with ASLR off where setarch can turn it off:
+# some compilers' TSan refuses high-entropy layouts ("unexpected memory mapping").
+SAN_DIR   := build/sanitize
+SAN_SRC   := tests/native/readpool_stress.c
+SAN_CFLAGS := -std=c11 -g -O1 -fno-omit-frame-pointer -pthread -Wall -Wextra $(SANITIZE_DEFS)
+SAN_OS    := $(shell uname -s)
+SAN_LIBS  := $(if $(filter Linux,$(SAN_OS)),-ldl)
+SAN_LEAKS := $(if $(filter Darwin,$(SAN_OS)),0,1)
+SAN_NOASLR = $(shell setarch $$(uname -m) -R true >/dev/null 2>&1 && echo setarch $$(uname -m) -R)
+
+sanitize:
+	@mkdir -p $(SAN_DIR)
+	$(CC) $(SAN_CFLAGS) -fsanitize=thread -o $(SAN_DIR)/readpool_stress_tsan $(SAN_SRC) $(SAN_LIBS)
+	$(CC) $(SAN_CFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
+		-o $(SAN_DIR)/readpool_stress_asan $(SAN_SRC) $(SAN_LIBS)
+	TSAN_OPTIONS=halt_on_error=1 $(SAN_NOASLR) $(SAN_DIR)/readpool_stress_tsan
+	ASAN_OPTIONS=detect_leaks=$(SAN_LEAKS):abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
+		$(SAN_DIR)/readpool_stress_asan
+
+test: install lint sanitize
 	$(BIN)/python -m pytest -q
 
 demo: install

@@ -50,6 +50,7 @@ import llama_cpp
 from .console import err, human, out
 from .engine import Engine
 from .errors import SmoeError
+from .readpool import DEFAULT_IO_DEPTH
 from .template import ChatTemplate, Message, ReplyText, clean_text
 
 T = TypeVar("T")
@@ -639,12 +640,13 @@ class ChatUI:
 
 
 def run_chat(model: Any, budget: str | None, system: str | None, policy: str, n_tokens: int, temp: float,
-             seed: int, threads: int | None, ctx: int, checksums: str, typeahead: bool, debug_tokens: bool) -> None:
+             seed: int, threads: int | None, ctx: int, checksums: str, typeahead: bool, debug_tokens: bool,
+             io_depth: int = DEFAULT_IO_DEPTH) -> None:
     from .template import CHAT_UBATCH
 
     interactive = sys.stdin.isatty() and sys.stdout.isatty()
     with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, n_ubatch=CHAT_UBATCH, checksums=checksums,
-                policy=policy) as eng:
+                policy=policy, io_depth=io_depth) as eng:
         for w in getattr(eng, "warnings", []):
             err.print(f"[yellow]warning:[/] {w}", highlight=False, soft_wrap=True)
         if (hint := eng.prompt_hint(eng.n_ubatch + 1)) is not None:  # said once: it holds for every long prompt

@@ -14,6 +14,7 @@ from rich.table import Table
 
 from .console import err, human, out, progress_bar
 from .errors import SmoeError
+from .readpool import DEFAULT_IO_DEPTH
 
 app = typer.Typer(
     name="smoe-gguf",
@@ -46,6 +47,8 @@ ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="The tree-map
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read nor write a profile.")]
 NoLearnOpt = Annotated[bool, typer.Option("--no-learn", help="Use the profile but do not add this session to it.")]
 PinOpt = Annotated[int, typer.Option(help="Keep the profile's N most used leaves resident, outside the policy.")]
+IoDepthOpt = Annotated[int, typer.Option("--io-depth", min=1, max=64, help="Leaf parts read from disk at once "
+                                         "(`make bench` measures the best for a disk).")]
 PipelineOpt = Annotated[bool, typer.Option("--pipeline", help="Part pipelining: a missed leaf's down parts are read "
                                            "while its gate/up matmuls run (off by default; see README).")]
 
@@ -55,12 +58,14 @@ def _warn(message: str) -> None:
 
 
 def orchestrator_options(policy: str, no_speculate: bool, profile: Path | None, no_profile: bool,
-                         no_learn: bool, pin: int, pipeline: bool = False) -> dict[str, Any]:
+                         no_learn: bool, pin: int, pipeline: bool = False,
+                         io_depth: int = DEFAULT_IO_DEPTH) -> dict[str, Any]:
     """Engine keyword arguments from the options above."""
     if pin < 0:
         raise SmoeError("--pin must be 0 or more", exit_code=2)
     return {"policy": policy, "speculate": not no_speculate, "pipeline": pipeline,
-            "profile": None if no_profile else (profile or "auto"), "learn": not no_learn, "pin": pin}
+            "profile": None if no_profile else (profile or "auto"), "learn": not no_learn, "pin": pin,
+            "io_depth": io_depth}
 
 
 @app.command()
@@ -213,6 +218,7 @@ def run(
     no_learn: NoLearnOpt = False,
     pin: PinOpt = 0,
     pipeline: PipelineOpt = False,
+    io_depth: IoDepthOpt = DEFAULT_IO_DEPTH,
     trace: Annotated[Path | None, typer.Option(help="Record every leaf access to this file (JSON lines), "
                                                "for `smoe-gguf replay`.")] = None,
     chat: Annotated[bool, typer.Option("--chat", help="Wrap the prompt in the model's chat template, as "
@@ -237,7 +243,8 @@ def run(
         raise SmoeError("--ubatch must be at least 1", exit_code=2)
     with Engine(model, budget=budget, n_ctx=ctx, n_threads=threads, checksums=checksums, trace=trace,
                 n_ubatch=CHAT_UBATCH if chat else ubatch,
-                **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)) as eng:
+                **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline,
+                                     io_depth)) as eng:
         reply = None
         if chat:
             template = ChatTemplate.of(eng.model)
@@ -421,6 +428,7 @@ def chat(
     threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8, less one while paging).")] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
     checksums: ChecksumsOpt = "first",
+    io_depth: IoDepthOpt = DEFAULT_IO_DEPTH,
     typeahead: Annotated[bool, typer.Option("--typeahead/--no-typeahead",
                                             help="Prefill the prompt while it is typed.")] = True,
     debug_tokens: Annotated[bool, typer.Option("--debug-tokens", hidden=True,
@@ -432,7 +440,8 @@ def chat(
 
     check_n_tokens(n_tokens)
     check_run(model, ctx=ctx, threads=threads, temp=temp, checksums=checksums, warn=_warn)
-    run_chat(model, budget, system, policy, n_tokens, temp, seed, threads, ctx, checksums, typeahead, debug_tokens)
+    run_chat(model, budget, system, policy, n_tokens, temp, seed, threads, ctx, checksums, typeahead, debug_tokens,
+             io_depth)
 
 
 @app.command()
@@ -458,13 +467,14 @@ def serve(
     no_learn: NoLearnOpt = False,
     pin: PinOpt = 0,
     pipeline: PipelineOpt = False,
+    io_depth: IoDepthOpt = DEFAULT_IO_DEPTH,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
     from .serve import serve as do_serve
 
     do_serve(model, host, port, api_key, queue, max_tokens, max_body, model_name,
              {"budget": budget, "n_ctx": ctx, "n_threads": threads, "checksums": checksums,
-              **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline)})
+              **orchestrator_options(policy, no_speculate, profile, no_profile, no_learn, pin, pipeline, io_depth)})
 
 
 def main() -> None:

@@ -31,6 +31,7 @@ from .gate import KIND_BEFORE_DOWN, Gate, ObserverSwitch
 from .policy import DEFAULT_POLICY
 from .profile import Profile
 from .readahead import PromptReadAhead
+from .readpool import DEFAULT_IO_DEPTH
 from .residency import Residency
 from .source import open_source
 from .speculate import DEFAULT_RANK, DEFAULT_THRESHOLD, LOOKAHEAD, Speculator
@@ -149,6 +150,7 @@ class Engine:
         learn: bool = True,
         pin: int = 0,
         pipeline: bool = False,
+        io_depth: int = DEFAULT_IO_DEPTH,
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
@@ -156,6 +158,7 @@ class Engine:
         ``n_ubatch``: the prompt micro-batch (default: llama.cpp's 512, or PROMPT_UBATCH while
         paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
         shrunk below one layer's budget until a micro-batch's leaves fit).
+        ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
         ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
         uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
         probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""
@@ -164,7 +167,7 @@ class Engine:
         if n_ctx > 0:  # llama.cpp clamps its batch to the context (and asserts on a longer one): so do we
             n_batch = min(n_batch, n_ctx)
             n_ubatch = None if n_ubatch is None else min(n_ubatch, n_ctx)
-        self.source = open_source(Path(path), checksums)
+        self.source = open_source(Path(path), checksums, io_depth)
         src = self.source
         self.xslot = XSlot()
         self.residency: Residency | None = None

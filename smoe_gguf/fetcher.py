@@ -1,7 +1,8 @@
-"""The I/O thread: leaves queued for reading, leaves being read, and reads that failed.
+"""The I/O threads: leaves queued for reading, leaves being read, and reads that failed.
 
-The residency decides what to read and charges the budget; the fetcher only moves bytes, on a
-thread of its own, and tells the residency when a prefetched leaf has landed. Two queues feed
+The residency decides what to read and charges the budget; the fetcher only moves bytes, on
+threads of its own (as many as leaves read at once: the store's io depth), and tells the
+residency when a prefetched leaf has landed. Two queues feed
 it: down parts of leaves the gate is serving (part pipelining) come before prefetches.
 
 Prefetches carry a priority (the probability that a gate will use the leaf, as the caller
@@ -26,15 +27,16 @@ HOLD_BELOW = 0.5  # prefetches less likely than this wait while the gate reads a
 
 
 class Fetcher:
-    """Reads leaves with ``fill(layer, expert, stage)`` on a background thread.
+    """Reads leaves with ``fill(layer, expert, stage)`` on ``workers`` background threads.
 
     ``on_landed(key, priority)`` is called (with the fetcher's lock held) when a prefetch is complete;
     a failed read is kept in :attr:`failed` (prefetches) or :attr:`failed_down` (down parts) for the
     gate thread to report or release."""
 
     def __init__(self, fill: Callable[[int, int, int | None], None],
-                 on_landed: Callable[[Key, float], None]) -> None:
+                 on_landed: Callable[[Key, float], None], workers: int = 1) -> None:
         self._fill = fill
+        self._n_workers = max(1, workers)
         self._on_landed = on_landed
         self.flight: dict[Key, int] = {}  # guarded by cv
         self.failed: dict[Key, BaseException] = {}
@@ -45,7 +47,7 @@ class Fetcher:
         self._queued: dict[Key, tuple[float, int]] = {}  # key -> its live heap entry (priority, order)
         self._order = itertools.count()
         self._down_queue: deque[Key] = deque()  # down parts of leaves being gated (first)
-        self._worker: threading.Thread | None = None
+        self._workers: list[threading.Thread] = []
         self._closing = False
         self._gate_reading = 0  # > 0 while the gate's thread reads a miss (low prefetches wait)
 
@@ -102,6 +104,24 @@ class Fetcher:
                 return True
             while key in self.flight:
                 self.cv.wait()
+            return False
+
+    def claim_queued(self, key: Key) -> bool:
+        """Take a queued prefetch back (True); False if it is being read (or not in flight)."""
+        with self.cv:
+            if self.flight.get(key) == QUEUED:
+                del self.flight[key]
+                del self._queued[key]
+                return True
+            return False
+
+    def take_down(self, key: Key) -> bool:
+        """Take a leaf's queued down parts back (True: the caller reads them); False if they are
+        being read or done."""
+        with self.cv:
+            if key in self._down_queue:
+                self._down_queue.remove(key)
+                return True
             return False
 
     def claim_down(self, key: Key) -> tuple[bool, BaseException | None]:
@@ -185,9 +205,10 @@ class Fetcher:
             self.cv.notify_all()
             while self.flight:
                 self.cv.wait()
-        if self._worker is not None:
-            self._worker.join()
-            self._worker = None
+        for worker in self._workers:
+            worker.join()
+        self._workers = []
+        self._closing = False
         return dropped
 
     def _next_prefetch(self) -> bool:
@@ -199,9 +220,10 @@ class Fetcher:
         return bool(q) and (not self._gate_reading or -q[0][0] >= HOLD_BELOW)
 
     def _ensure_worker(self) -> None:
-        if self._worker is None:
-            self._worker = threading.Thread(target=self._work, name="smoe-io", daemon=True)
-            self._worker.start()
+        while len(self._workers) < self._n_workers:
+            worker = threading.Thread(target=self._work, name=f"smoe-io-{len(self._workers)}", daemon=True)
+            self._workers.append(worker)
+            worker.start()
 
     def _work(self) -> None:
         while True:

@@ -39,6 +39,9 @@ from .store import LeafStore
 from .trace import Trace
 from .xslot import XSlot
 
+Key = tuple[int, int]
+FillMany = Callable[[list[Key], "int | None", bool], None]  # (leaves, stage or None, urgent)
+
 REGRET_TOKENS = 2  # a miss on a leaf evicted less than this many passes over the layers ago is a regret
 READ_COST = 0.1  # what a prefetch's read costs, in misses (the disk and the I/O thread it takes)
 
@@ -59,12 +62,17 @@ class Residency:
         fill: Callable[[int, int, int | None], None] | None = None,
         release: Callable[[int, int], None] | None = None,
         recycle: Callable[[int, int, int, int], int] | None = None,
+        fill_many: FillMany | None = None,
+        io_depth: int = 1,
     ) -> None:
         """``cost[layer]``: bytes charged per leaf of that layer. ``fill(layer, expert, stage)``
-        brings a leaf's parts of ``stage`` (None: all) in (any thread), ``release(layer, expert)``
-        gives them back (gate thread); without them the residency only keeps the books (replay).
-        ``recycle(layer, expert, to_layer, to_expert)`` (gate thread) releases a leaf evicted to
-        make room for another, giving its pages to that one (which is then filled or released)."""
+        brings a leaf's parts of ``stage`` (None: all) in (any thread); ``fill_many(keys, stage,
+        urgent)`` brings several leaves' parts in at once (default: ``fill`` for each), urgent
+        ones ahead of background reads, and on failure leaves none of them filled.
+        ``release(layer, expert)`` gives them back (gate thread); without them the residency only
+        keeps the books (replay). ``recycle(layer, expert, to_layer, to_expert)`` (gate thread)
+        releases a leaf evicted to make room for another, giving its pages to that one (which is
+        then filled or released). ``io_depth``: how many prefetched leaves are read at once."""
         self.budget = budget
         self.used = 0  # charged bytes: resident leaves and leaves in flight
         self.n_layer = 1 + max(cost)
@@ -73,12 +81,25 @@ class Residency:
         self.stats = ResidencyStats()
         self.enabled = True  # False: the gate loads nothing (negative control only)
         self._cost = dict(cost)
-        self._fill = fill or (lambda layer, e, stage: None)
+        one = fill or (lambda layer, e, stage: None)
         self._release = release or (lambda layer, e: None)
+
+        def each(keys: list[Key], stage: int | None, urgent: bool) -> None:
+            for i, (layer, e) in enumerate(keys):
+                try:
+                    one(layer, e, stage)
+                except BaseException:
+                    for k in keys[:i]:
+                        self._release(*k)
+                    raise
+
+        self._fill_many: FillMany = fill_many or each
         self._recycle = recycle
         self.total_cost = n_expert * sum(self._cost.values())
         self.trace: Trace | None = None
-        self.fetcher = Fetcher(self._fill, self._landed)  # the I/O thread and what is in flight
+        # the I/O threads and what is in flight; down parts are urgent (a layer's matmul waits for them)
+        self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
+                               self._landed, workers=io_depth)
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
@@ -88,7 +109,8 @@ class Residency:
 
     @classmethod
     def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
-        """Leaves of ``store`` paged into ``xslot``."""
+        """Leaves of ``store`` paged into ``xslot``: each batch of leaves is read by the store's
+        reader threads at once, straight into the slices."""
         cost: dict[int, int] = {}
         unloaded: set[int] = set()  # layers llama.cpp does not load (MTP blocks): never paged
         for (layer, _e), parts in store.leaves.items():
@@ -104,10 +126,20 @@ class Residency:
         if not cost:
             raise SmoeError("llama.cpp loaded none of the expert tensors: pack and model differ")
 
-        def fill(layer: int, e: int, stage: int | None) -> None:
-            for i, p in enumerate(store.parts(layer, e)):
-                if stage is None or p.stage == stage:
-                    xslot.fill_slice(p.tensor, e, lambda view, i=i: store.read_part(layer, e, i, view))
+        def fill_many(keys: list[Key], stage: int | None, urgent: bool) -> None:
+            items: list[tuple[int, int, int, int]] = []
+            claimed: list[tuple[str, int]] = []
+            for layer, e in keys:
+                for i, p in enumerate(store.parts(layer, e)):
+                    if stage is None or p.stage == stage:
+                        items.append((layer, e, i, xslot.claim_slice(p.tensor, e)))
+                        claimed.append((p.tensor, e))
+            try:
+                store.read_parts(items, urgent)
+            except BaseException:
+                for name, e in claimed:
+                    xslot.evict_slice(name, e)
+                raise
 
         def release(layer: int, e: int) -> None:
             for p in store.parts(layer, e):
@@ -121,7 +153,8 @@ class Residency:
                 return 0
             return sum(xslot.move_slice(p.tensor, e, q.tensor, to_e) for p, q in zip(parts, to_parts, strict=True))
 
-        return cls(cost, n_expert, budget, policy, fill, release, recycle)
+        return cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
+                   io_depth=store.io_depth)
 
     @property
     def costs(self) -> dict[int, int]:
@@ -170,57 +203,86 @@ class Residency:
         if self.trace is not None:
             self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
         t0 = None
-        for e in wanted:
-            key = (layer, e)
-            if resident[e]:
-                self.stats.hits += 1
-                if key in self._unused_prefetch:
-                    self._credit(key, 0.0)
-                continue
-            if t0 is None:
-                t0 = time.perf_counter()
-            self.stats.misses += 1
-            self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
-            if key in self.fetcher:
-                tw = time.perf_counter()
-                if self._claim_or_wait(key):
-                    self.stats.late += 1
-                    self._credit(key, time.perf_counter() - tw, late=True)
+        loads: list[Key] = []  # misses read now, in one batch
+        landing: list[Key] = []  # misses the I/O threads are reading: waited for after the batch
+        try:
+            for e in wanted:
+                key = (layer, e)
+                if resident[e]:
+                    self.stats.hits += 1
+                    if key in self._unused_prefetch:
+                        self._credit(key, 0.0)
                     continue
-            elif self._evicted_at[key] and now - int(self._evicted_at[key]) <= self._regret_window:
-                self.stats.regrets += 1
-            cost = self._cost[layer]
-            if not self._make_room(cost, layer, wanted, for_gate=True, into=key):
-                self._give_back(key)
-                raise SmoeError(
-                    f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
-                    f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch"
-                )
-            self.used += cost
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
-            tl = time.perf_counter()
-            try:
-                with self.fetcher.gate_reads():
-                    self._fill(layer, e, 0 if self.pipeline else None)
-            except BaseException:
-                self._release(layer, e)
-                self.used -= cost
-                raise
-            self.stats.load_seconds += time.perf_counter() - tl
-            self.stats.leaves_loaded += 1
+                if t0 is None:
+                    t0 = time.perf_counter()
+                self.stats.misses += 1
+                self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
+                if key in self.fetcher:
+                    if not self._claim_queued(key):
+                        landing.append(key)
+                        continue
+                elif self._evicted_at[key] and now - int(self._evicted_at[key]) <= self._regret_window:
+                    self.stats.regrets += 1
+                self._charge_for_gate(key, wanted)
+                loads.append(key)
+        except BaseException:
+            for key in loads:  # charged, not read: give their charges and pages back
+                self._release(*key)
+                self.used -= self._cost[key[0]]
+            raise
+        self._load(layer, loads)
+        for key in landing:
+            tw = time.perf_counter()
+            if self._claim_or_wait(key):
+                self.stats.late += 1
+                self._credit(key, time.perf_counter() - tw, late=True)
+            else:  # its read failed: the gate reads it (an error that persists is raised with its message)
+                self._charge_for_gate(key, wanted)
+                self._load(layer, [key])
+        s.record(layer, wanted, now)
+        if t0 is not None:
+            dt = time.perf_counter() - t0
+            self.stats.stall_seconds += dt
+            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+
+    def _charge_for_gate(self, key: Key, wanted: list[int]) -> None:
+        """Make room for a leaf the gate needs now (its pages may come from a victim) and charge it."""
+        cost = self._cost[key[0]]
+        if not self._make_room(cost, key[0], wanted, for_gate=True, into=key):
+            self._give_back(key)
+            raise SmoeError(
+                f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
+                f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch"
+            )
+        self.used += cost
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+
+    def _load(self, layer: int, keys: list[Key]) -> None:
+        """Read charged leaves of ``layer`` for the gate, all at once, ahead of every prefetch;
+        on failure none of them stays (their charges are released)."""
+        if not keys:
+            return
+        tl = time.perf_counter()
+        try:
+            with self.fetcher.gate_reads():
+                self._fill_many(keys, 0 if self.pipeline else None, True)
+        except BaseException:
+            for key in keys:
+                self._release(*key)
+                self.used -= self._cost[key[0]]
+            raise
+        self.stats.load_seconds += time.perf_counter() - tl
+        self.stats.leaves_loaded += len(keys)
+        s = self.state
+        for key in keys:
             if self.pipeline:  # resident once its down parts are in (finish_layer)
                 self.fetcher.down(key)
                 self._down_pending.setdefault(layer, []).append(key)
                 if not s.node_wanted[layer]:
                     s.node_wanted[layer] = 1  # the gate stops at this layer's down node
                     self.stats.down_nodes += 1
-                continue
-            resident[e] = 1
-        s.record(layer, wanted, now)
-        if t0 is not None:
-            dt = time.perf_counter() - t0
-            self.stats.stall_seconds += dt
-            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+            else:
+                s.resident[key] = 1
 
     def finish_layer(self, layer: int) -> None:
         """At the node before ``layer``'s down matmul (pipelining): its leaves' down parts must be
@@ -230,21 +292,20 @@ class Residency:
         if not keys:
             return
         t0 = time.perf_counter()
+        mine = [key for key in keys if self.fetcher.take_down(key)]  # still queued: read here, at once
+        try:
+            if mine:
+                self._fill_many(mine, 1, True)
+            for key in keys:
+                if key not in mine:
+                    _queued, err = self.fetcher.claim_down(key)  # waits for its read
+                    if err is not None:
+                        raise err
+        except BaseException:
+            for key in keys:  # every leaf of this layer is dropped with it
+                self._await_down(key)
+            raise
         for key in keys:
-            mine, err = self.fetcher.claim_down(key)
-            try:
-                if mine:
-                    self._fill(key[0], key[1], 1)
-                elif err is not None:
-                    raise err
-            except BaseException:
-                self.fetcher.done(key)
-                self._release(*key)
-                self.used -= self._cost[key[0]]
-                for k in keys:  # the other leaves of this layer are dropped with it
-                    if k != key and not self.state.resident[k]:
-                        self._await_down(k)
-                raise
             self.fetcher.done(key)
             self.state.resident[key] = 1
         dt = time.perf_counter() - t0
@@ -261,6 +322,17 @@ class Residency:
         self.fetcher.forget_down(key)
         self._release(*key)
         self.used -= self._cost[key[0]]
+
+    def _claim_queued(self, key: Key) -> bool:
+        """A leaf the gate needs is in flight: take it back if still queued (True: the gate reads
+        it, its charge is released); False if an I/O thread is reading it."""
+        if not self.fetcher.claim_queued(key):
+            return False
+        self.used -= self._cost[key[0]]
+        name = self._source.pop(key, None)  # read by the gate: nothing saved
+        if name is not None:
+            self.stats.source(name).claimed += 1
+        return True
 
     def _claim_or_wait(self, key: tuple[int, int]) -> bool:
         """A leaf the gate needs is in flight: take it back if still queued (False: load it

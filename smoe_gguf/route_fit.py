@@ -20,7 +20,8 @@ import numpy as np
 PROBE_ROWS = 32  # tokens that decide whether a pair needs a fit
 FIT_BELOW = 0.9  # ... it does when the plain guess found less than this share of T's picks
 RIDGE = 1.0  # pull toward the plain projection, in squared logits per sample
-REFIT = 16  # new samples between two solves
+REFIT = 16  # new samples between two solves, at least ...
+REFIT_SHARE = 0.25  # ... and at least this share of the samples so far (later samples change little)
 
 
 class PairFit:
@@ -44,8 +45,9 @@ class PairFit:
         self._since += len(features)
 
     def weights(self) -> np.ndarray | None:
-        """The fitted map (features -> logits), re-solved every REFIT samples."""
-        if self._since >= REFIT or (self.w is None and self.n):
+        """The fitted map (features -> logits), re-solved once REFIT new samples and REFIT_SHARE
+        of the earlier ones have come."""
+        if self._since >= max(REFIT, REFIT_SHARE * (self.n - self._since)) or (self.w is None and self.n):
             f = self.a.shape[0]
             self.w = np.linalg.solve(self.a + RIDGE * np.eye(f), self.b + RIDGE * self._prior)
             self._since = 0

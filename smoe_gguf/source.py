@@ -21,6 +21,7 @@ from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_
 from .moe import analyze
 from .pack import manifest as mf
 from .pack.core_check import check_core
+from .readpool import DEFAULT_IO_DEPTH
 from .store import LeafStore
 
 
@@ -55,8 +56,9 @@ def write_expert_stub(path: Path, m: mf.Manifest) -> int:
     return data + rel
 
 
-def open_source(path: Path, checksums: str = "first") -> Source:
-    """A pack directory or a plain MoE GGUF, ready for the engine to load."""
+def open_source(path: Path, checksums: str = "first", io_depth: int = DEFAULT_IO_DEPTH) -> Source:
+    """A pack directory or a plain MoE GGUF, ready for the engine to load; its leaves are read
+    ``io_depth`` parts at once."""
     if path.is_dir():
         m = mf.load(path)
         archs.require_supported(m.arch, str(path))
@@ -65,12 +67,12 @@ def open_source(path: Path, checksums: str = "first") -> Source:
         stub = Path(stub_dir.name) / "experts-stub.gguf"
         write_expert_stub(stub, m)
         return Source(
-            path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums),
+            path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums, io_depth=io_depth),
             m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, stub_dir,
         )
     model = analyze(read_layout(path)).require_moe()
     return Source(
-        path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums),
+        path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums, io_depth=io_depth),
         model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
     )
 

@@ -1,31 +1,29 @@
 """The shard store: where every leaf part lives on disk, and the reads that bring it into memory.
 
 Reads bypass the page cache (O_DIRECT on Linux, F_NOCACHE on macOS), so the X-Slot budget is the
-only cache of expert bytes and ``bytes_read`` is what really came off the disk. O_DIRECT needs
-block-aligned offsets, lengths and buffers: a part is read as the aligned span around it into a
-page-aligned bounce buffer and copied into its place (pack parts start on 4 KiB boundaries, so
-the span is the part plus the padding up to the next boundary).
+only cache of expert bytes and ``bytes_read`` is what really came off the disk. They run on the
+native reader threads of :mod:`smoe_gguf.readpool`, many parts at once, each straight into its
+place where O_DIRECT's alignment allows (pack parts start on 4 KiB boundaries, and so do X-Slot
+slices of a page-multiple size); elsewhere through a bounce buffer.
 
-Checksums: each part's sha256 (from the pack manifest) is checked the first time it is read in
-a process (``checksums="first"``, the default), on every read (``"always"``) or never
-(``"never"``). A plain GGUF has no checksums.
+Checksums: each part's sha256 (from the pack manifest) is checked, by the reader thread, the first
+time it is read in a process (``checksums="first"``, the default), on every read (``"always"``) or
+never (``"never"``). A plain GGUF has no checksums.
 """
 
 from __future__ import annotations
 
-import hashlib
-import mmap
 import os
 import sys
 import threading
-import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from .errors import SmoeError
 from .moe import MoEModel
 from .pack import manifest as mf
+from .readpool import DEFAULT_IO_DEPTH, Read, ReadPool
 from .safeio import in_pack, open_regular
 
 BLOCK = 4096
@@ -47,25 +45,30 @@ class PartLoc:
 class StoreStats:
     bytes_read: int = 0  # bytes that came off the disk (aligned spans)
     part_reads: int = 0
-    read_seconds: float = 0.0
-    hash_seconds: float = 0.0
+    in_place_reads: int = 0  # parts read straight into their destination (no bounce copy)
+    read_seconds: float = 0.0  # summed over the reader threads (they overlap)
+    hash_seconds: float = 0.0  # likewise
     checked_parts: int = 0
+    batches: int = 0  # calls that read parts
 
 
 class LeafStore:
-    """Leaf parts by (layer, expert); ``read_part`` copies one into a writable buffer."""
+    """Leaf parts by (layer, expert); :meth:`read_parts` reads some into memory, ``io_depth`` at once."""
 
-    def __init__(self, leaves: dict[tuple[int, int], list[PartLoc]], checksums: str = "first", direct: bool = True):
+    def __init__(self, leaves: dict[tuple[int, int], list[PartLoc]], checksums: str = "first", direct: bool = True,
+                 io_depth: int = DEFAULT_IO_DEPTH):
         if checksums not in ("first", "always", "never"):
             raise SmoeError(f"checksums must be first, always or never, not {checksums!r}")
         self.leaves = leaves
         self.checksums = checksums
         self.direct = direct
+        self.io_depth = io_depth
         self.stats = StoreStats()
         self._checked: set[tuple[int, int, int]] = set()
         self._fds: dict[Path, int] = {}
+        self._o_direct: set[int] = set()  # descriptors opened with O_DIRECT (aligned reads only)
         self._lock = threading.Lock()
-        self._local = threading.local()
+        self._pool: ReadPool | None = None
         self.direct_io_used = False
         self.pack: Path | None = None  # the pack directory every shard must be inside (None: a plain GGUF)
 
@@ -102,9 +105,13 @@ class LeafStore:
 
     def close(self) -> None:
         with self._lock:
+            if self._pool is not None:
+                self._pool.close()
+                self._pool = None
             for fd in self._fds.values():
                 os.close(fd)
             self._fds.clear()
+            self._o_direct.clear()
 
     # ------------------------------------------------------------------------------------------
 
@@ -131,6 +138,7 @@ class LeafStore:
             try:
                 fd = open_regular(path, follow=follow, flags=os.O_DIRECT, prefix=prefix)
                 self.direct_io_used = True
+                self._o_direct.add(fd)
                 return fd
             except SmoeError:
                 pass  # this filesystem may have no O_DIRECT (tmpfs): try without, which says why if not
@@ -142,56 +150,61 @@ class LeafStore:
             self.direct_io_used = True
         return fd
 
-    def _bounce(self, size: int) -> mmap.mmap:
-        buf: mmap.mmap | None = getattr(self._local, "buf", None)
-        if buf is None or len(buf) < size:
-            if buf is not None:
-                buf.close()
-            buf = mmap.mmap(-1, max(size, 1 << 20))
-            self._local.buf = buf
-        return buf
+    def _readers(self) -> ReadPool:
+        pool = self._pool
+        if pool is None:
+            with self._lock:
+                if self._pool is None:
+                    self._pool = ReadPool(self.io_depth)
+                pool = self._pool
+        return pool
 
-    def read_part(self, layer: int, expert: int, index: int, dest: memoryview) -> int:
-        """Read part ``index`` of leaf (layer, expert) into ``dest`` (its exact length); bytes read."""
-        loc = self.leaves[(layer, expert)][index]
-        label = f"layer {layer} expert {expert} part {loc.part}"
-        fd = self._fd(loc, label)
-        t0 = time.perf_counter()
-        start = loc.offset - loc.offset % BLOCK
-        span = -(-(loc.offset + loc.length - start) // BLOCK) * BLOCK
-        buf = self._bounce(span)
-        view = memoryview(buf)[:span]
-        got = 0
-        try:
-            while got < span:
-                n = os.preadv(fd, [view[got:]], start + got)
-                if n <= 0:
-                    break
-                got += n
-        except OSError as e:
-            raise SmoeError(f"{label}: read failed in {loc.path}: {e.strerror}") from None
-        head = loc.offset - start
-        if got < head + loc.length:
-            raise SmoeError(f"{label}: shard {loc.path} is truncated")
-        t1 = time.perf_counter()
-        key = (layer, expert, index)
-        with view[head : head + loc.length] as data:
-            if loc.sha256 is not None and (
-                self.checksums == "always" or (self.checksums == "first" and key not in self._checked)
-            ):
-                if hashlib.sha256(data).hexdigest() != loc.sha256:
-                    raise SmoeError(f"{label}: checksum mismatch in {loc.path}")
-                self._checked.add(key)
-                self.stats.checked_parts += 1
-            dest[:] = data
-        view.release()
-        t2 = time.perf_counter()
+    def read_parts(self, items: Sequence[tuple[int, int, int, int]], urgent: bool = True) -> int:
+        """Read parts into memory, all at once: ``items`` are (layer, expert, part index, address
+        of the part's destination, its exact length). ``urgent``: ahead of background reads.
+        Returns the bytes read; raises for the first part that failed (the others were read)."""
+        reads: list[Read] = []
+        checked: list[tuple[int, int, int] | None] = []
+        for layer, expert, index, dest in items:
+            loc = self.leaves[(layer, expert)][index]
+            fd = self._fd(loc, self._label(layer, expert, loc))
+            key = (layer, expert, index)
+            check = loc.sha256 is not None and (
+                self.checksums == "always" or (self.checksums == "first" and key not in self._checked))
+            reads.append(Read(fd, fd in self._o_direct, loc.offset, loc.length, dest,
+                              bytes.fromhex(loc.sha256) if check and loc.sha256 else None))
+            checked.append(key if check else None)
+        outcomes = self._readers().run(reads, urgent)
+        failure: str | None = None
         with self._lock:
-            self.stats.bytes_read += got
-            self.stats.part_reads += 1
-            self.stats.read_seconds += t1 - t0
-            self.stats.hash_seconds += t2 - t1
-        return got
+            st = self.stats
+            st.batches += 1
+            for (layer, expert, index, _dest), out, key in zip(items, outcomes, checked, strict=True):
+                st.bytes_read += out.bytes_read
+                st.part_reads += 1
+                st.in_place_reads += out.in_place
+                st.read_seconds += out.read_seconds
+                st.hash_seconds += out.hash_seconds
+                if out.status == 0:
+                    if key is not None:
+                        self._checked.add(key)
+                        st.checked_parts += 1
+                elif failure is None:
+                    loc = self.leaves[(layer, expert)][index]
+                    label = self._label(layer, expert, loc)
+                    if out.error() == "truncated":
+                        failure = f"{label}: shard {loc.path} is truncated"
+                    elif out.error() == "checksum mismatch":
+                        failure = f"{label}: checksum mismatch in {loc.path}"
+                    else:
+                        failure = f"{label}: read failed in {loc.path}: {out.error()}"
+        if failure is not None:
+            raise SmoeError(failure)
+        return sum(o.bytes_read for o in outcomes)
+
+    @staticmethod
+    def _label(layer: int, expert: int, loc: PartLoc) -> str:
+        return f"layer {layer} expert {expert} part {loc.part}"
 
 
 def drop_page_cache(path: str | os.PathLike[str]) -> None:

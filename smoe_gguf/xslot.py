@@ -12,7 +12,8 @@ file's weights (``get_weight`` returns null: no read, no ``set_tensor``, no mmap
 else offer bytes meanwhile, ``is_host`` is false and ``set_tensor`` copies nothing (the bytes are
 dropped). Afterwards ``is_host`` is true, so the CPU backend computes
 directly on the reserved memory, and the caller makes expert slices resident (:meth:`XSlot.fill_slice`
-/ :meth:`XSlot.load_slice` copy, :meth:`XSlot.map_slice` maps a page-aligned file range) or evicts
+/ :meth:`XSlot.load_slice` copy, :meth:`XSlot.claim_slice` hands the address to a reader,
+:meth:`XSlot.map_slice` maps a page-aligned file range) or evicts
 them (map fresh anonymous pages over them) between the router and the expert matmuls.
 
 Page accounting. Slice ``e`` of a tensor is the byte range ``[addr + e*S, addr + (e+1)*S)``;
@@ -246,6 +247,17 @@ class XSlot:
         except BaseException:
             self.evict_slice(tensor_name, expert)
             raise
+
+    def claim_slice(self, tensor_name: str, expert: int) -> int:
+        """Claim a slice that is about to be filled (as :meth:`fill_slice` does) and return its
+        address: the caller writes all of its bytes, or :meth:`evict_slice` s it on failure."""
+        r = self.regions[tensor_name]
+        flags = self._resident[tensor_name]
+        with self._lock:
+            if not flags[expert]:
+                flags[expert] = 1
+                self.resident_bytes += r.slice_bytes
+        return r.slice_address(expert)
 
     def load_slice(self, tensor_name: str, expert: int, fd: int, file_offset: int) -> None:
         """Copy slice ``expert`` of ``tensor_name`` from ``fd`` at ``file_offset`` (the slice's bytes)."""

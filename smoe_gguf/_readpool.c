@@ -1,0 +1,380 @@
+/* Leaf part reads on a pool of native threads: many parts at once, straight into their place.
+ *
+ * smoe_gguf/readpool.py drives it with ctypes. A caller hands smoe_pool_run() an array of jobs
+ * (one per part: a file descriptor, a file range, where its bytes go, the sha256 they must have
+ * or none) and a class: urgent (a gate waiting for them) or background (prefetch). The call
+ * queues them, wakes the workers and blocks until every job of the call is done; ctypes releases
+ * the GIL meanwhile, so Python threads and llama.cpp run on. Workers take urgent jobs before any
+ * background one, so a gate's reads jump the queue of prefetches.
+ *
+ * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
+ * block-aligned head of a part whose destination and file offset are block-aligned is read
+ * straight into the destination, and only an unaligned tail (or a misaligned part, whole) goes
+ * through the worker's bounce buffer. Without O_DIRECT (tmpfs, macOS F_NOCACHE) it reads into
+ * the destination directly. The destination's pages are populated first (one call instead of a
+ * fault per page). A part with an expected digest is hashed by the worker after the read, off
+ * the caller's thread; OpenSSL's SHA256 is used where the process can load libcrypto
+ * (CommonCrypto on macOS), else the portable implementation below.
+ *
+ * Each job reports a status (0, an errno, SMOE_SHORT for a file that ends early,
+ * SMOE_MISMATCH for a wrong digest), the bytes that came off the disk and its read and hash
+ * times. Built as a Python extension only so that pip compiles it; also compiled standalone, with
+ * sanitizers, by `make sanitize` (tests/native/readpool_stress.c).
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+#include <unistd.h>
+
+#ifdef __APPLE__
+#include <CommonCrypto/CommonDigest.h>
+#else
+#include <dlfcn.h>
+#endif
+
+#define SMOE_BLOCK 4096
+#define SMOE_SHORT (-1)
+#define SMOE_MISMATCH (-2)
+#define SMOE_MAX_WORKERS 64
+
+struct smoe_job {
+    int32_t fd;
+    int32_t direct;          /* 1: fd was opened with O_DIRECT (block-aligned reads only) */
+    int64_t offset;          /* the part's file offset */
+    int64_t length;          /* its bytes */
+    void *dest;              /* where they go */
+    const uint8_t *sha256;   /* the 32-byte digest they must have, or NULL */
+    /* results */
+    int32_t status;
+    int32_t in_place;        /* 1: the aligned head was read straight into dest */
+    int64_t bytes_read;      /* bytes that came off the disk */
+    double read_seconds;
+    double hash_seconds;
+    /* the queue */
+    struct smoe_job *next;
+    void *call;
+};
+
+struct smoe_call {
+    int64_t remaining;
+    pthread_cond_t done;
+};
+
+typedef unsigned char *(*sha256_fn)(const unsigned char *d, size_t n, unsigned char *md);
+
+struct smoe_pool {
+    pthread_mutex_t lock;
+    pthread_cond_t work;
+    struct smoe_job *head[2], *tail[2];  /* 0: urgent, 1: background */
+    int32_t n_workers;
+    int32_t closing;
+    int32_t busy;                        /* workers inside a read */
+    pthread_t workers[SMOE_MAX_WORKERS];
+    sha256_fn sha256;                    /* NULL: the portable one */
+    int64_t urgent_jobs, background_jobs;
+};
+
+/* ------------------------------------------------------------------ sha256 (portable) */
+
+static const uint32_t K256[64] = {
+    0x428a2f98, 0x71374491, 0xb5c0fbcf, 0xe9b5dba5, 0x3956c25b, 0x59f111f1, 0x923f82a4, 0xab1c5ed5,
+    0xd807aa98, 0x12835b01, 0x243185be, 0x550c7dc3, 0x72be5d74, 0x80deb1fe, 0x9bdc06a7, 0xc19bf174,
+    0xe49b69c1, 0xefbe4786, 0x0fc19dc6, 0x240ca1cc, 0x2de92c6f, 0x4a7484aa, 0x5cb0a9dc, 0x76f988da,
+    0x983e5152, 0xa831c66d, 0xb00327c8, 0xbf597fc7, 0xc6e00bf3, 0xd5a79147, 0x06ca6351, 0x14292967,
+    0x27b70a85, 0x2e1b2138, 0x4d2c6dfc, 0x53380d13, 0x650a7354, 0x766a0abb, 0x81c2c92e, 0x92722c85,
+    0xa2bfe8a1, 0xa81a664b, 0xc24b8b70, 0xc76c51a3, 0xd192e819, 0xd6990624, 0xf40e3585, 0x106aa070,
+    0x19a4c116, 0x1e376c08, 0x2748774c, 0x34b0bcb5, 0x391c0cb3, 0x4ed8aa4a, 0x5b9cca4f, 0x682e6ff3,
+    0x748f82ee, 0x78a5636f, 0x84c87814, 0x8cc70208, 0x90befffa, 0xa4506ceb, 0xbef9a3f7, 0xc67178f2};
+
+#define ROR(x, n) (((x) >> (n)) | ((x) << (32 - (n))))
+
+static void sha256_block(uint32_t h[8], const uint8_t *p) {
+    uint32_t w[64];
+    for (int i = 0; i < 16; i++)
+        w[i] = (uint32_t)p[4 * i] << 24 | (uint32_t)p[4 * i + 1] << 16 | (uint32_t)p[4 * i + 2] << 8 | p[4 * i + 3];
+    for (int i = 16; i < 64; i++) {
+        uint32_t s0 = ROR(w[i - 15], 7) ^ ROR(w[i - 15], 18) ^ (w[i - 15] >> 3);
+        uint32_t s1 = ROR(w[i - 2], 17) ^ ROR(w[i - 2], 19) ^ (w[i - 2] >> 10);
+        w[i] = w[i - 16] + s0 + w[i - 7] + s1;
+    }
+    uint32_t a = h[0], b = h[1], c = h[2], d = h[3], e = h[4], f = h[5], g = h[6], k = h[7];
+    for (int i = 0; i < 64; i++) {
+        uint32_t t1 = k + (ROR(e, 6) ^ ROR(e, 11) ^ ROR(e, 25)) + ((e & f) ^ (~e & g)) + K256[i] + w[i];
+        uint32_t t2 = (ROR(a, 2) ^ ROR(a, 13) ^ ROR(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+        k = g; g = f; f = e; e = d + t1; d = c; c = b; b = a; a = t1 + t2;
+    }
+    h[0] += a; h[1] += b; h[2] += c; h[3] += d; h[4] += e; h[5] += f; h[6] += g; h[7] += k;
+}
+
+/* The portable SHA-256 (FIPS 180-4), used where no library digest is available. */
+unsigned char *smoe_sha256_portable(const unsigned char *d, size_t n, unsigned char *md) {
+    uint32_t h[8] = {0x6a09e667, 0xbb67ae85, 0x3c6ef372, 0xa54ff53a, 0x510e527f, 0x9b05688c, 0x1f83d9ab, 0x5be0cd19};
+    size_t full = n / 64 * 64;
+    for (size_t i = 0; i < full; i += 64) sha256_block(h, d + i);
+    uint8_t last[128] = {0};
+    size_t rest = n - full;
+    if (rest) memcpy(last, d + full, rest);
+    last[rest] = 0x80;
+    size_t tail = rest < 56 ? 64 : 128;
+    uint64_t bits = (uint64_t)n * 8;
+    for (int i = 0; i < 8; i++) last[tail - 1 - i] = (uint8_t)(bits >> (8 * i));
+    sha256_block(h, last);
+    if (tail == 128) sha256_block(h, last + 64);
+    for (int i = 0; i < 8; i++) {
+        md[4 * i] = (uint8_t)(h[i] >> 24); md[4 * i + 1] = (uint8_t)(h[i] >> 16);
+        md[4 * i + 2] = (uint8_t)(h[i] >> 8); md[4 * i + 3] = (uint8_t)h[i];
+    }
+    return md;
+}
+
+#ifdef __APPLE__
+static unsigned char *cc_sha256(const unsigned char *d, size_t n, unsigned char *md) {
+    CC_SHA256_CTX c;
+    CC_SHA256_Init(&c);
+    while (n > 0) {
+        CC_LONG chunk = n > (1u << 30) ? (1u << 30) : (CC_LONG)n;
+        CC_SHA256_Update(&c, d, chunk);
+        d += chunk;
+        n -= chunk;
+    }
+    CC_SHA256_Final(md, &c);
+    return md;
+}
+#endif
+
+static sha256_fn library_sha256(void) {
+#ifdef __APPLE__
+    return cc_sha256;
+#else
+    static const char *names[] = {"libcrypto.so.3", "libcrypto.so.1.1", "libcrypto.so"};
+    for (size_t i = 0; i < sizeof names / sizeof *names; i++) {
+        void *lib = dlopen(names[i], RTLD_NOW | RTLD_LOCAL);
+        if (lib == NULL) continue;
+        sha256_fn f = (sha256_fn)dlsym(lib, "SHA256");
+        if (f != NULL) return f;  /* the library stays loaded for the process */
+        dlclose(lib);
+    }
+    return NULL;
+#endif
+}
+
+/* ------------------------------------------------------------------ reading */
+
+static double now_seconds(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
+}
+
+/* Read up to n bytes at offset; returns the bytes read (fewer at end of file) or -errno. With
+   direct, a read that ends off a block boundary is the end of the file (asking again there would
+   be an unaligned O_DIRECT read). */
+static int64_t read_full(int fd, void *buf, int64_t n, int64_t offset, int direct) {
+    int64_t got = 0;
+    while (got < n) {
+        ssize_t r = pread(fd, (char *)buf + got, (size_t)(n - got), (off_t)(offset + got));
+        if (r < 0) {
+            if (errno == EINTR) continue;
+            return -(int64_t)errno;
+        }
+        if (r == 0) break;
+        got += r;
+        if (direct && got % SMOE_BLOCK != 0) break;
+    }
+    return got;
+}
+
+struct bounce {
+    void *buf;
+    size_t cap;
+};
+
+static void *bounce_get(struct bounce *b, size_t size) {
+    if (b->cap < size) {
+        free(b->buf);
+        b->cap = 0;
+        size_t cap = size < ((size_t)1 << 20) ? ((size_t)1 << 20) : size;
+        if (posix_memalign(&b->buf, SMOE_BLOCK, cap) != 0) {
+            b->buf = NULL;
+            return NULL;
+        }
+        b->cap = cap;
+    }
+    return b->buf;
+}
+
+static void populate(void *dest, int64_t length) {
+#if defined(__linux__)
+    long page = sysconf(_SC_PAGESIZE);
+    uintptr_t lo = (uintptr_t)dest & ~(uintptr_t)(page - 1);
+    uintptr_t hi = ((uintptr_t)dest + (uintptr_t)length + (uintptr_t)page - 1) & ~(uintptr_t)(page - 1);
+    (void)madvise((void *)lo, hi - lo, 23 /* MADV_POPULATE_WRITE; refused by kernels before 5.14 */);
+#else
+    (void)dest;
+    (void)length;
+#endif
+}
+
+/* Bounce read of [start, start + span) and copy of the part's bytes at head. */
+static int32_t read_bounced(struct smoe_job *j, struct bounce *b, int64_t start, int64_t span, int64_t head,
+                            int64_t want, char *dest) {
+    void *buf = bounce_get(b, (size_t)span);
+    if (buf == NULL) return ENOMEM;
+    int64_t got = read_full(j->fd, buf, span, start, 1);
+    if (got < 0) return (int32_t)-got;
+    j->bytes_read += got;
+    if (got < head + want) return SMOE_SHORT;
+    memcpy(dest, (char *)buf + head, (size_t)want);
+    return 0;
+}
+
+static int32_t read_job(struct smoe_job *j, struct bounce *b) {
+    if (j->length <= 0) return j->length == 0 ? 0 : EINVAL;
+    populate(j->dest, j->length);
+    if (!j->direct) {
+        int64_t got = read_full(j->fd, j->dest, j->length, j->offset, 0);
+        if (got < 0) return (int32_t)-got;
+        j->bytes_read += got;
+        return got < j->length ? SMOE_SHORT : 0;
+    }
+    int64_t start = j->offset - j->offset % SMOE_BLOCK;
+    int64_t head = j->offset - start;
+    if (head == 0 && (uintptr_t)j->dest % SMOE_BLOCK == 0) {
+        int64_t aligned = j->length - j->length % SMOE_BLOCK;
+        if (aligned > 0) {
+            int64_t got = read_full(j->fd, j->dest, aligned, j->offset, 1);
+            if (got < 0) return (int32_t)-got;
+            j->bytes_read += got;
+            if (got < aligned) return SMOE_SHORT;
+            j->in_place = 1;
+        }
+        int64_t tail = j->length - aligned;
+        if (tail == 0) return 0;
+        return read_bounced(j, b, j->offset + aligned, SMOE_BLOCK, 0, tail, (char *)j->dest + aligned);
+    }
+    int64_t span = (head + j->length + SMOE_BLOCK - 1) / SMOE_BLOCK * SMOE_BLOCK;
+    return read_bounced(j, b, start, span, head, j->length, (char *)j->dest);
+}
+
+static void run_job(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
+    double t0 = now_seconds();
+    j->bytes_read = 0;
+    j->in_place = 0;
+    j->status = read_job(j, b);
+    double t1 = now_seconds();
+    j->read_seconds = t1 - t0;
+    j->hash_seconds = 0.0;
+    if (j->status == 0 && j->sha256 != NULL) {
+        unsigned char md[32];
+        (p->sha256 ? p->sha256 : smoe_sha256_portable)((const unsigned char *)j->dest, (size_t)j->length, md);
+        if (memcmp(md, j->sha256, 32) != 0) j->status = SMOE_MISMATCH;
+        j->hash_seconds = now_seconds() - t1;
+    }
+}
+
+static void *worker(void *arg) {
+    struct smoe_pool *p = (struct smoe_pool *)arg;
+    struct bounce b = {NULL, 0};
+    pthread_mutex_lock(&p->lock);
+    for (;;) {
+        while (!p->closing && p->head[0] == NULL && p->head[1] == NULL) pthread_cond_wait(&p->work, &p->lock);
+        if (p->closing) break;
+        int q = p->head[0] != NULL ? 0 : 1;
+        struct smoe_job *j = p->head[q];
+        p->head[q] = j->next;
+        if (p->head[q] == NULL) p->tail[q] = NULL;
+        p->busy++;
+        pthread_mutex_unlock(&p->lock);
+        run_job(p, j, &b);
+        pthread_mutex_lock(&p->lock);
+        p->busy--;
+        struct smoe_call *c = (struct smoe_call *)j->call;
+        if (--c->remaining == 0) pthread_cond_signal(&c->done);
+    }
+    pthread_mutex_unlock(&p->lock);
+    free(b.buf);
+    return NULL;
+}
+
+/* ------------------------------------------------------------------ the API */
+
+/* A pool of n_workers threads (1..SMOE_MAX_WORKERS); use_library: 0 forces the portable sha256. */
+struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
+    if (n_workers < 1) n_workers = 1;
+    if (n_workers > SMOE_MAX_WORKERS) n_workers = SMOE_MAX_WORKERS;
+    struct smoe_pool *p = (struct smoe_pool *)calloc(1, sizeof *p);
+    if (p == NULL) return NULL;
+    pthread_mutex_init(&p->lock, NULL);
+    pthread_cond_init(&p->work, NULL);
+    p->sha256 = use_library ? library_sha256() : NULL;
+    for (int32_t i = 0; i < n_workers; i++) {
+        if (pthread_create(&p->workers[i], NULL, worker, p) != 0) break;
+        p->n_workers++;
+    }
+    if (p->n_workers == 0) {
+        pthread_cond_destroy(&p->work);
+        pthread_mutex_destroy(&p->lock);
+        free(p);
+        return NULL;
+    }
+    return p;
+}
+
+int32_t smoe_pool_workers(const struct smoe_pool *p) { return p->n_workers; }
+
+/* 1 when digests use a library (OpenSSL, CommonCrypto), 0 for the portable implementation. */
+int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
+
+/* Queue n jobs (urgent: ahead of every background job) and wait until all are done.
+   Returns the number of jobs whose status is not 0. */
+int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int32_t urgent) {
+    if (n <= 0) return 0;
+    struct smoe_call call;
+    call.remaining = n;
+    pthread_cond_init(&call.done, NULL);
+    int q = urgent ? 0 : 1;
+    pthread_mutex_lock(&p->lock);
+    for (int64_t i = 0; i < n; i++) {
+        jobs[i].next = NULL;
+        jobs[i].call = &call;
+        jobs[i].status = 0;
+        if (p->tail[q] != NULL) p->tail[q]->next = &jobs[i];
+        else p->head[q] = &jobs[i];
+        p->tail[q] = &jobs[i];
+    }
+    if (urgent) p->urgent_jobs += n;
+    else p->background_jobs += n;
+    pthread_cond_broadcast(&p->work);
+    while (call.remaining > 0) pthread_cond_wait(&call.done, &p->lock);
+    pthread_mutex_unlock(&p->lock);
+    pthread_cond_destroy(&call.done);
+    int64_t failed = 0;
+    for (int64_t i = 0; i < n; i++) failed += jobs[i].status != 0;
+    return failed;
+}
+
+/* Stop the workers (callers must have returned from smoe_pool_run) and free the pool. */
+void smoe_pool_free(struct smoe_pool *p) {
+    if (p == NULL) return;
+    pthread_mutex_lock(&p->lock);
+    p->closing = 1;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    for (int32_t i = 0; i < p->n_workers; i++) pthread_join(p->workers[i], NULL);
+    pthread_cond_destroy(&p->work);
+    pthread_mutex_destroy(&p->lock);
+    free(p);
+}
+
+size_t smoe_job_sizeof(void) { return sizeof(struct smoe_job); }
+
+#ifndef SMOE_NO_PYTHON
+#include <Python.h>
+static struct PyModuleDef moduledef = {PyModuleDef_HEAD_INIT, "_readpool", "ctypes-loaded read pool", -1, NULL};
+PyMODINIT_FUNC PyInit__readpool(void) { return PyModule_Create(&moduledef); }
+#endif

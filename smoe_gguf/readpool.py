@@ -1,0 +1,140 @@
+"""Native part readers: many leaf parts read at once, off the GIL, straight into the X-Slot.
+
+A :class:`ReadPool` is a pool of C threads (``_readpool.c``, loaded with ctypes). :meth:`ReadPool.run`
+hands it a batch of :class:`Read` s and blocks, without the GIL, until every one is done: the
+parts are read in parallel, in place where the destination and the file offset are block-aligned
+(through a bounce buffer where not), and hashed by the workers where a digest is given. An
+*urgent* batch (a gate waiting for it) is served before every queued background one (prefetch).
+The number of workers is the number of reads the disk sees at once (``--io-depth``).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+import os
+from ctypes import POINTER, Structure, c_char_p, c_double, c_int32, c_int64, c_size_t, c_void_p
+from dataclasses import dataclass
+
+from .errors import SmoeError
+
+SHORT = -1  # the file ends before the part does
+MISMATCH = -2  # the bytes do not have the expected sha256
+DEFAULT_IO_DEPTH = 4  # concurrent reads: the best of 1-16 on the disks measured (docs/bench.md)
+MAX_IO_DEPTH = 64
+
+
+class _Job(Structure):
+    """``struct smoe_job`` in _readpool.c (checked against its sizeof at load)."""
+
+    _fields_ = [
+        ("fd", c_int32),
+        ("direct", c_int32),
+        ("offset", c_int64),
+        ("length", c_int64),
+        ("dest", c_void_p),
+        ("sha256", c_char_p),
+        ("status", c_int32),
+        ("in_place", c_int32),
+        ("bytes_read", c_int64),
+        ("read_seconds", c_double),
+        ("hash_seconds", c_double),
+        ("next", c_void_p),
+        ("call", c_void_p),
+    ]
+
+
+@dataclass(frozen=True)
+class Read:
+    """One part to read: ``length`` bytes of ``fd`` at ``offset`` into memory at ``dest``."""
+
+    fd: int
+    direct: bool  # the descriptor was opened with O_DIRECT
+    offset: int
+    length: int
+    dest: int
+    sha256: bytes | None = None  # the digest the bytes must have (32 bytes), or None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What became of one :class:`Read`: ``status`` 0, an errno, :data:`SHORT` or :data:`MISMATCH`."""
+
+    status: int
+    bytes_read: int
+    in_place: bool
+    read_seconds: float
+    hash_seconds: float
+
+    def error(self) -> str:
+        """Why it failed, in words."""
+        if self.status == SHORT:
+            return "truncated"
+        if self.status == MISMATCH:
+            return "checksum mismatch"
+        return os.strerror(self.status)
+
+
+_LIB: ctypes.CDLL | None = None
+
+
+def _lib() -> ctypes.CDLL:
+    global _LIB
+    if _LIB is None:
+        spec = importlib.util.find_spec("smoe_gguf._readpool")
+        if spec is None or spec.origin is None:
+            raise SmoeError("smoe_gguf._readpool is not built: reinstall the package (`make install` or `pip install -e .`)")
+        lib = ctypes.CDLL(spec.origin)  # a CDLL call releases the GIL
+        lib.smoe_job_sizeof.restype = c_size_t
+        if lib.smoe_job_sizeof() != ctypes.sizeof(_Job):
+            raise SmoeError(f"smoe_gguf._readpool does not match readpool.py (job of {lib.smoe_job_sizeof()} "
+                            f"bytes, expected {ctypes.sizeof(_Job)}): rebuild the package")
+        lib.smoe_pool_new.restype = c_void_p
+        lib.smoe_pool_new.argtypes = [c_int32, c_int32]
+        lib.smoe_pool_run.restype = c_int64
+        lib.smoe_pool_run.argtypes = [c_void_p, POINTER(_Job), c_int64, c_int32]
+        lib.smoe_pool_free.restype = None
+        lib.smoe_pool_free.argtypes = [c_void_p]
+        lib.smoe_pool_workers.restype = c_int32
+        lib.smoe_pool_workers.argtypes = [c_void_p]
+        lib.smoe_pool_library_sha256.restype = c_int32
+        lib.smoe_pool_library_sha256.argtypes = [c_void_p]
+        _LIB = lib
+    return _LIB
+
+
+class ReadPool:
+    """``workers`` native reader threads; :meth:`run` may be called from any number of threads."""
+
+    def __init__(self, workers: int = DEFAULT_IO_DEPTH) -> None:
+        self._pool: int | None = None
+        if not 1 <= workers <= MAX_IO_DEPTH:
+            raise SmoeError(f"io depth must be 1 to {MAX_IO_DEPTH}, not {workers}")
+        self._lib = _lib()
+        self._pool = self._lib.smoe_pool_new(workers, 1)
+        if not self._pool:
+            raise SmoeError("could not start the reader threads")
+        self.workers = int(self._lib.smoe_pool_workers(self._pool))
+        self.library_sha256 = bool(self._lib.smoe_pool_library_sha256(self._pool))
+
+    def run(self, reads: list[Read], urgent: bool) -> list[Outcome]:
+        """Read every part of ``reads`` (urgent: ahead of queued background batches); their outcomes."""
+        if not reads:
+            return []
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        jobs = (_Job * len(reads))()
+        for j, r in zip(jobs, reads, strict=True):
+            j.fd, j.direct, j.offset, j.length, j.dest = r.fd, int(r.direct), r.offset, r.length, r.dest
+            j.sha256 = r.sha256
+        self._lib.smoe_pool_run(self._pool, jobs, len(reads), 1 if urgent else 0)
+        return [Outcome(j.status, j.bytes_read, bool(j.in_place), j.read_seconds, j.hash_seconds) for j in jobs]
+
+    def close(self) -> None:
+        """Stop the threads (no :meth:`run` may be in progress)."""
+        if self._pool:
+            self._lib.smoe_pool_free(self._pool)
+            self._pool = None
+
+    def __del__(self) -> None:
+        self.close()
