@@ -566,7 +566,9 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     mp = stock.model_params(n_gpu_layers=spec.get("n_gpu_layers", 0), plain_experts=spec.get("plain_experts", True))
     n_ubatch = spec.get("n_ubatch", 512)
     n_batch = max(512, n_ubatch)
-    cp = stock.context_params(n_ctx=spec["n_ctx"], n_threads=spec["threads"] or os.cpu_count() or 2, n_batch=n_batch, n_ubatch=n_ubatch)
+    threads = spec["threads"] or os.cpu_count() or 2
+    cp = stock.context_params(n_ctx=spec["n_ctx"], n_threads=threads, n_batch=n_batch, n_ubatch=n_ubatch,
+                              n_threads_batch=spec.get("threads_batch") or threads)
     t0, io0 = time.perf_counter(), _io_read()
     model = stock.load_model(spec["model"], mp)
     ctx = stock.new_context(model, cp)
@@ -620,7 +622,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
     from smoe_gguf.engine import Engine
 
     t0 = time.perf_counter()
-    kw = {k: spec[k] for k in ("policy", "speculate", "pipeline") if k in spec}
+    kw = {k: spec[k] for k in ("policy", "speculate", "pipeline", "io_depth") if k in spec}
     with Engine(spec["model"], budget=spec["budget"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
                 n_gpu_layers=spec.get("n_gpu_layers", 0), profile=spec.get("profile"), learn=False,
                 trace=spec.get("trace"), **kw) as eng:
@@ -673,7 +675,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             "budget_bytes": st["budget_bytes"], "core_bytes": st["core_bytes"], "n_ubatch": st["n_ubatch"],
             "hit_rate_all": st["hit_rate"], "bytes_read_all": st["bytes_read"], "direct_io": st["direct_io"],
             "speculation": st.get("speculation"), "warnings": list(getattr(eng, "warnings", [])),
-            "n_threads": st.get("n_threads"), "observer_pauses": st.get("observer_pauses"),
+            "n_threads": st.get("n_threads"), "n_threads_batch": st.get("n_threads_batch"), "observer_pauses": st.get("observer_pauses"),
             "prefetched": st.get("prefetched"),
         })
     return out
@@ -791,7 +793,9 @@ class Bench:
         disk_bw = curve["best"]
         print(f"  disk: {disk_curve_text(curve)}", flush=True)
         leaf_bytes = leaf_read_bytes(part_spans(source))
-        base = {"prompts": self.prompts, "n": a.n, "sampling": self.sampling}
+        io_depth = a.io_depth or curve["best_readers"]  # smoe-gguf reads as many parts at once as suit the disk
+        print(f"  smoe-gguf rows read {io_depth} parts at once (--io-depth)", flush=True)
+        base = {"prompts": self.prompts, "n": a.n, "sampling": self.sampling, "io_depth": io_depth}
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 
         row_a = self.add(name, "a", "stock llama.cpp, fully resident", None,
@@ -888,14 +892,16 @@ class Bench:
             if r["row"] != "a":
                 r["same_as_a"], r["tokens_compared_a"] = same_tokens(r["tokens"], row_a["tokens"]) \
                     if row_a.get("tokens") else (None, 0)
-            key = (r.get("n_ubatch", 512), r.get("n_threads") or a.threads or os.cpu_count() or 2)
+            threads = r.get("n_threads") or a.threads or os.cpu_count() or 2
+            key = (r.get("n_ubatch", 512), threads, r.get("n_threads_batch") or threads)
             if r["row"] in ("c", "d") and r["system"].startswith("smoe"):
                 if key not in ref_tokens:
                     ref = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True,
-                                      "n_ubatch": key[0], "threads": key[1], "prompt_seconds": None}, [])
+                                      "n_ubatch": key[0], "threads": key[1], "threads_batch": key[2],
+                                      "prompt_seconds": None}, [])
                     ref_tokens[key] = ref.get("tokens")
                     if ref.get("error"):
-                        self.notes.append(f"{name}: stock reference at n_ubatch {key[0]}, {key[1]} threads failed: "
+                        self.notes.append(f"{name}: stock reference at n_ubatch {key[0]}, {key[1]}/{key[2]} threads failed: "
                                           f"{ref['error']}")
                 ref_t = ref_tokens[key]
                 r["bit_exact"], r["tokens_compared"] = same_tokens(r["tokens"], ref_t) if ref_t else (None, 0)
@@ -903,7 +909,7 @@ class Bench:
                 r["bit_exact"] = r["same_as_a"]
 
         if a.long_prompt:
-            self.long_prompt_rows(name, gguf, source, stock_files)
+            self.long_prompt_rows(name, gguf, source, stock_files, io_depth)
 
         # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
         def limit(missed: float) -> dict[str, Any]:
@@ -932,7 +938,7 @@ class Bench:
             r.setdefault("active_bytes_per_token", active)
             r.setdefault("disk_bw", disk_bw)
 
-    def long_prompt_rows(self, name: str, gguf: Path, source: Path, files: list[Path]) -> None:
+    def long_prompt_rows(self, name: str, gguf: Path, source: Path, files: list[Path], io_depth: int) -> None:
         """Time to first token of a long prompt of C headers: stock resident, and smoe-gguf at each
         budget with the expert bytes it read per prompt token."""
         a = self.a
@@ -945,7 +951,7 @@ class Bench:
         stock_res = self.spawn({**spec, "kind": "stock", "model": str(gguf), "plain_experts": True}, files)
         for budget in a.budgets:
             res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
-                              "speculate": False, "profile": None, "pipeline": False}, files)
+                              "speculate": False, "profile": None, "pipeline": False, "io_depth": io_depth}, files)
             row = {"model": name, "budget": budget, "prompt_tokens": res.get("prompt_tokens"),
                    "ttft_seconds": res.get("ttft_seconds"), "stock_ttft_seconds": stock_res.get("ttft_seconds"),
                    "expert_bytes_per_prompt_token": res["prefill_bytes"] / res["prompt_tokens"]
@@ -1063,6 +1069,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--disk-bytes", type=int, default=256 << 20, help="bytes read per point of the disk curve")
     ap.add_argument("--readers", type=lambda t: [int(x) for x in t.split(",")], default=[1, 2, 4, 8, 16],
                     help="concurrent readers at which the disk is measured, comma-separated")
+    ap.add_argument("--io-depth", type=int, default=None,
+                    help="parts smoe-gguf reads at once (default: the disk curve's best number of readers)")
     ap.add_argument("--threads", type=int, default=None,
                     help="compute threads (default: stock all cores, smoe-gguf its own default: one less while paging)")
     ap.add_argument("--n-ctx", type=int, default=512)

@@ -93,7 +93,8 @@ class RunStats:
 
     budget_bytes: int
     n_ubatch: int
-    n_threads: int
+    n_threads: int  # decode
+    n_threads_batch: int  # prompt micro-batches
     startup_seconds: float
     startup_read_bytes: int
     core_bytes: int
@@ -205,8 +206,10 @@ class Engine:
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
             self.n_threads = n_threads or _default_threads(self.paging)
-            cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads,
-                                      n_batch=self.n_batch, n_ubatch=self.n_ubatch)
+            # a prompt micro-batch's matmuls are long: they keep every core (the readers wait on the disk)
+            self.n_threads_batch = n_threads or _default_threads(False)
+            cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
+                                   n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
             self._orchestrate(trace, speculate, (speculate_threshold, speculate_rank, speculate_lookahead),
                               Path(path).name)
@@ -535,6 +538,7 @@ class Engine:
             budget_bytes=self.budget,
             n_ubatch=self.n_ubatch,
             n_threads=self.n_threads,
+            n_threads_batch=self.n_threads_batch,
             startup_seconds=round(self.startup_seconds, 3),
             startup_read_bytes=self.startup_read_bytes,
             core_bytes=self.source.core_bytes,
@@ -575,10 +579,10 @@ def _percentile(values: list[float], q: float) -> float:
 
 
 def _default_threads(paging: bool) -> int:
-    """Compute threads: the usable cores (at most 8), less one while paging. ggml's threads meet
-    at spinning barriers many times per token (more with the gate splitting the graph); when one
-    of them loses its core, to the I/O thread or to any other process, the others spin until it
-    is back, so one core is left to the I/O thread and the gate."""
+    """Compute threads: the usable cores (at most 8), less one for decoding while paging. ggml's
+    threads meet at spinning barriers many times per token (more with the gate splitting the
+    graph); when one of them loses its core, to the I/O threads or to any other process, the
+    others spin until it is back, so one core is left to the I/O threads and the gate."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores - 1 if paging else cores))
 

@@ -122,13 +122,15 @@ def model_params(n_gpu_layers: int = 0, plain_experts: bool = False) -> llama_cp
 
 
 def context_params(n_ctx: int = 512, n_threads: int = 2, n_batch: int = 512,
-                   n_ubatch: int = 512) -> llama_cpp.llama_context_params:
+                   n_ubatch: int = 512, n_threads_batch: int | None = None) -> llama_cpp.llama_context_params:
+    """``n_threads`` compute one-token batches (decode), ``n_threads_batch`` (default: the same)
+    the others (prompt micro-batches)."""
     p = llama_cpp.llama_context_default_params()
     p.n_ctx = n_ctx
     p.n_batch = n_batch
     p.n_ubatch = n_ubatch
     p.n_threads = n_threads
-    p.n_threads_batch = n_threads
+    p.n_threads_batch = n_threads_batch or n_threads
     p.no_perf = True
     return p
 
