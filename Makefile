@@ -20,8 +20,9 @@ lint: install
 	$(BIN)/ruff check smoe_gguf tests scripts
 
 # `make sanitize`: the read pool (smoe_gguf/_readpool.c) stressed by tests/native/readpool_stress.c
-# under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer; any report fails
-# the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
+# under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer; then the gate and
+# the pool built with AddressSanitizer + UBSan under the engine's stress test against stock
+# llama.cpp (scripts/sanitized_pytest.sh, tests/test_readpool.py); any report fails the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
 # (SANITIZE_DEFS=-DSMOE_TEST_RACE or -DSMOE_TEST_OVERFLOW plants a bug in the harness to see it
 # fail). A few seconds each. ThreadSanitizer runs with ASLR off where setarch can turn it off:
 # some compilers' TSan refuses high-entropy layouts ("unexpected memory mapping").
@@ -33,7 +34,7 @@ SAN_LIBS  := $(if $(filter Linux,$(SAN_OS)),-ldl)
 SAN_LEAKS := $(if $(filter Darwin,$(SAN_OS)),0,1)
 SAN_NOASLR = $(shell setarch $$(uname -m) -R true >/dev/null 2>&1 && echo setarch $$(uname -m) -R)
 
-sanitize:
+sanitize: install
 	@mkdir -p $(SAN_DIR)
 	$(CC) $(SAN_CFLAGS) -fsanitize=thread -o $(SAN_DIR)/readpool_stress_tsan $(SAN_SRC) $(SAN_LIBS)
 	$(CC) $(SAN_CFLAGS) -fsanitize=address,undefined -fno-sanitize-recover=all \
@@ -41,6 +42,7 @@ sanitize:
 	TSAN_OPTIONS=halt_on_error=1 $(SAN_NOASLR) $(SAN_DIR)/readpool_stress_tsan
 	ASAN_OPTIONS=detect_leaks=$(SAN_LEAKS):abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(SAN_DIR)/readpool_stress_asan
+	scripts/sanitized_pytest.sh address $(SAN_DIR) $(BIN)/python tests/test_readpool.py
 
 test: install lint sanitize
 	$(BIN)/python -m pytest -q

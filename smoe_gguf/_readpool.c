@@ -13,8 +13,9 @@
  * through the worker's bounce buffer. Without O_DIRECT (tmpfs, macOS F_NOCACHE) it reads into
  * the destination directly. The destination's pages are populated first (one call instead of a
  * fault per page). A part with an expected digest is hashed by the worker after the read, off
- * the caller's thread; OpenSSL's SHA256 is used where the process can load libcrypto
- * (CommonCrypto on macOS), else the portable implementation below.
+ * the caller's thread: XXH64 (the pack's fast check, ~10 GB/s) where the job gives one, else
+ * sha256, with OpenSSL's SHA256 where the process can load libcrypto (CommonCrypto on macOS),
+ * else the portable implementation below.
  *
  * Each job reports a status (0, an errno, SMOE_SHORT for a file that ends early,
  * SMOE_MISMATCH for a wrong digest), the bytes that came off the disk and its read and hash
@@ -55,6 +56,9 @@ struct smoe_job {
     int64_t bytes_read;      /* bytes that came off the disk */
     double read_seconds;
     double hash_seconds;
+    uint64_t xxh64;          /* with check_xxh64: the XXH64 (seed 0) the bytes must have */
+    int32_t check_xxh64;     /* 1: check xxh64 instead of sha256 */
+    int32_t reserved;
     /* the queue */
     struct smoe_job *next;
     void *call;
@@ -130,6 +134,90 @@ unsigned char *smoe_sha256_portable(const unsigned char *d, size_t n, unsigned c
         md[4 * i + 2] = (uint8_t)(h[i] >> 8); md[4 * i + 3] = (uint8_t)h[i];
     }
     return md;
+}
+
+/* ------------------------------------------------------------------ XXH64 */
+
+#define XXP1 0x9E3779B185EBCA87ULL
+#define XXP2 0xC2B2AE3D27D4EB4FULL
+#define XXP3 0x165667B19E3779F9ULL
+#define XXP4 0x85EBCA77C2B2AE63ULL
+#define XXP5 0x27D4EB2F165667C5ULL
+
+static inline uint64_t rotl64(uint64_t x, int r) { return (x << r) | (x >> (64 - r)); }
+
+static inline uint64_t read64(const uint8_t *p) {
+    uint64_t v;
+    memcpy(&v, p, 8);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap64(v);
+#endif
+    return v;
+}
+
+static inline uint32_t read32(const uint8_t *p) {
+    uint32_t v;
+    memcpy(&v, p, 4);
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ == __ORDER_BIG_ENDIAN__
+    v = __builtin_bswap32(v);
+#endif
+    return v;
+}
+
+static inline uint64_t xx_round(uint64_t acc, uint64_t input) {
+    acc += input * XXP2;
+    return rotl64(acc, 31) * XXP1;
+}
+
+static inline uint64_t xx_merge(uint64_t acc, uint64_t val) {
+    acc ^= xx_round(0, val);
+    return acc * XXP1 + XXP4;
+}
+
+/* XXH64 of n bytes (the reference algorithm, xxhash.com). */
+uint64_t smoe_xxh64(const void *data, size_t n, uint64_t seed) {
+    const uint8_t *p = (const uint8_t *)data, *end = p + n;
+    uint64_t h;
+    if (n >= 32) {
+        uint64_t v1 = seed + XXP1 + XXP2, v2 = seed + XXP2, v3 = seed, v4 = seed - XXP1;
+        const uint8_t *limit = end - 32;
+        do {
+            v1 = xx_round(v1, read64(p));
+            v2 = xx_round(v2, read64(p + 8));
+            v3 = xx_round(v3, read64(p + 16));
+            v4 = xx_round(v4, read64(p + 24));
+            p += 32;
+        } while (p <= limit);
+        h = rotl64(v1, 1) + rotl64(v2, 7) + rotl64(v3, 12) + rotl64(v4, 18);
+        h = xx_merge(h, v1);
+        h = xx_merge(h, v2);
+        h = xx_merge(h, v3);
+        h = xx_merge(h, v4);
+    } else {
+        h = seed + XXP5;
+    }
+    h += (uint64_t)n;
+    while (p + 8 <= end) {
+        h ^= xx_round(0, read64(p));
+        h = rotl64(h, 27) * XXP1 + XXP4;
+        p += 8;
+    }
+    if (p + 4 <= end) {
+        h ^= (uint64_t)read32(p) * XXP1;
+        h = rotl64(h, 23) * XXP2 + XXP3;
+        p += 4;
+    }
+    while (p < end) {
+        h ^= (uint64_t)(*p) * XXP5;
+        h = rotl64(h, 11) * XXP1;
+        p++;
+    }
+    h ^= h >> 33;
+    h *= XXP2;
+    h ^= h >> 29;
+    h *= XXP3;
+    h ^= h >> 32;
+    return h;
 }
 
 #ifdef __APPLE__
@@ -269,7 +357,10 @@ static void run_job(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
     double t1 = now_seconds();
     j->read_seconds = t1 - t0;
     j->hash_seconds = 0.0;
-    if (j->status == 0 && j->sha256 != NULL) {
+    if (j->status == 0 && j->check_xxh64) {
+        if (smoe_xxh64(j->dest, (size_t)j->length, 0) != j->xxh64) j->status = SMOE_MISMATCH;
+        j->hash_seconds = now_seconds() - t1;
+    } else if (j->status == 0 && j->sha256 != NULL) {
         unsigned char md[32];
         (p->sha256 ? p->sha256 : smoe_sha256_portable)((const unsigned char *)j->dest, (size_t)j->length, md);
         if (memcmp(md, j->sha256, 32) != 0) j->status = SMOE_MISMATCH;

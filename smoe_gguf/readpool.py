@@ -13,7 +13,7 @@ from __future__ import annotations
 import ctypes
 import importlib.util
 import os
-from ctypes import POINTER, Structure, c_char_p, c_double, c_int32, c_int64, c_size_t, c_void_p
+from ctypes import POINTER, Structure, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
 
 from .errors import SmoeError
@@ -39,6 +39,9 @@ class _Job(Structure):
         ("bytes_read", c_int64),
         ("read_seconds", c_double),
         ("hash_seconds", c_double),
+        ("xxh64", c_uint64),
+        ("check_xxh64", c_int32),
+        ("reserved", c_int32),
         ("next", c_void_p),
         ("call", c_void_p),
     ]
@@ -54,6 +57,7 @@ class Read:
     length: int
     dest: int
     sha256: bytes | None = None  # the digest the bytes must have (32 bytes), or None
+    xxh64: int | None = None  # the XXH64 they must have (checked instead of sha256), or None
 
 
 @dataclass(frozen=True)
@@ -99,8 +103,21 @@ def _lib() -> ctypes.CDLL:
         lib.smoe_pool_workers.argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
         lib.smoe_pool_library_sha256.argtypes = [c_void_p]
+        lib.smoe_xxh64.restype = c_uint64
+        lib.smoe_xxh64.argtypes = [c_void_p, c_size_t, c_uint64]
         _LIB = lib
     return _LIB
+
+
+def xxh64(data: bytes | bytearray | memoryview) -> int:
+    """XXH64 (seed 0) of ``data``: the pack's fast per-part check."""
+    view = memoryview(data).cast("B")
+    if not view.nbytes:
+        return int(_lib().smoe_xxh64(None, 0, 0))
+    if view.readonly:
+        buf = ctypes.c_char_p(bytes(view)) if not isinstance(data, bytes) else ctypes.c_char_p(data)
+        return int(_lib().smoe_xxh64(ctypes.cast(buf, c_void_p), view.nbytes, 0))
+    return int(_lib().smoe_xxh64(ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes, 0))
 
 
 class ReadPool:
@@ -127,6 +144,8 @@ class ReadPool:
         for j, r in zip(jobs, reads, strict=True):
             j.fd, j.direct, j.offset, j.length, j.dest = r.fd, int(r.direct), r.offset, r.length, r.dest
             j.sha256 = r.sha256
+            if r.xxh64 is not None:
+                j.xxh64, j.check_xxh64 = r.xxh64, 1
         self._lib.smoe_pool_run(self._pool, jobs, len(reads), 1 if urgent else 0)
         return [Outcome(j.status, j.bytes_read, bool(j.in_place), j.read_seconds, j.hash_seconds) for j in jobs]
 

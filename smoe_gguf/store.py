@@ -6,9 +6,10 @@ native reader threads of :mod:`smoe_gguf.readpool`, many parts at once, each str
 place where O_DIRECT's alignment allows (pack parts start on 4 KiB boundaries, and so do X-Slot
 slices of a page-multiple size); elsewhere through a bounce buffer.
 
-Checksums: each part's sha256 (from the pack manifest) is checked, by the reader thread, the first
-time it is read in a process (``checksums="first"``, the default), on every read (``"always"``) or
-never (``"never"``). A plain GGUF has no checksums.
+Checksums: each part's checksum (from the pack manifest: its XXH64, or its sha256 in packs split
+before XXH64 was recorded) is checked, by the reader thread, the first time it is read in a process
+(``checksums="first"``, the default), on every read (``"always"``) or never (``"never"``).
+``smoe-gguf verify`` checks the sha256 of every file. A plain GGUF has no checksums.
 """
 
 from __future__ import annotations
@@ -39,6 +40,7 @@ class PartLoc:
     offset: int
     length: int
     sha256: str | None
+    xxh64: int | None = None  # checked instead of sha256 where the pack gives it (faster)
 
 
 @dataclass
@@ -76,7 +78,9 @@ class LeafStore:
     def from_pack(cls, pack: Path, manifest: mf.Manifest, **kw: object) -> "LeafStore":
         leaves = {
             (lf.layer, lf.expert): [
-                PartLoc(p.tensor, p.part, p.stage, pack / lf.file, p.offset, p.length, p.sha256) for p in lf.parts
+                PartLoc(p.tensor, p.part, p.stage, pack / lf.file, p.offset, p.length, p.sha256,
+                        int(p.xxh64, 16) if p.xxh64 else None)
+                for p in lf.parts
             ]
             for lf in manifest.leaves
         }
@@ -171,8 +175,10 @@ class LeafStore:
             key = (layer, expert, index)
             check = loc.sha256 is not None and (
                 self.checksums == "always" or (self.checksums == "first" and key not in self._checked))
+            fast = check and loc.xxh64 is not None
             reads.append(Read(fd, fd in self._o_direct, loc.offset, loc.length, dest,
-                              bytes.fromhex(loc.sha256) if check and loc.sha256 else None))
+                              bytes.fromhex(loc.sha256) if check and not fast and loc.sha256 else None,
+                              loc.xxh64 if fast else None))
             checked.append(key if check else None)
         outcomes = self._readers().run(reads, urgent)
         failure: str | None = None

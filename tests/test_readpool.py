@@ -16,7 +16,7 @@ from smoe_gguf.budget import page_cost
 from smoe_gguf.engine import Engine
 from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
-from smoe_gguf.readpool import MISMATCH, SHORT, Read, ReadPool
+from smoe_gguf.readpool import MISMATCH, SHORT, Read, ReadPool, xxh64
 from smoe_gguf.store import LeafStore, PartLoc
 
 from .engine_helpers import N_TOKENS, PROMPT, reference, same
@@ -76,6 +76,30 @@ def test_a_batch_of_parts_is_read_at_once_and_the_failing_part_is_named(tmp_path
         assert store.stats.checked_parts == 1 and store.stats.batches == 1
         with pytest.raises(SmoeError, match=r"layer 0 expert 3 part up: shard .*leaves.bin is truncated"):
             store.read_parts([(0, 0, 0, base), (0, 3, 0, base + 4096)])
+    finally:
+        store.close()
+
+
+def test_xxh64_matches_the_reference_vectors() -> None:
+    assert xxh64(b"") == 0xEF46DB3751D8E999
+    assert xxh64(b"abc") == 0x44BC2CF5AD770999
+    assert xxh64(bytes(range(100))) == xxh64(bytearray(range(100))) == xxh64(memoryview(bytes(range(100))))
+
+
+def test_the_fast_checksum_is_what_a_first_read_checks_where_the_pack_has_it(tmp_path: Path) -> None:
+    blob = bytes(range(256)) * 16  # 4 KiB
+    shard = tmp_path / "leaf.bin"
+    shard.write_bytes(blob)
+    sha = hashlib.sha256(blob).hexdigest()
+    right = PartLoc("t", "gate", 0, shard, 0, 4096, sha, xxh64(blob))
+    wrong = PartLoc("t", "gate", 0, shard, 0, 4096, sha, xxh64(blob) ^ 1)  # sha256 right, xxh64 not
+    raw, base = _aligned(4096)
+    store = LeafStore({(0, 0): [right], (0, 1): [wrong]})
+    try:
+        store.read_parts([(0, 0, 0, base)])
+        assert store.stats.checked_parts == 1
+        with pytest.raises(SmoeError, match="layer 0 expert 1 part gate: checksum mismatch"):
+            store.read_parts([(0, 1, 0, base)])
     finally:
         store.close()
 

@@ -54,6 +54,7 @@ class PartEntry:
     type: str  # ggml type name
     shape: list[int]  # of the slice, ggml order
     sha256: str
+    xxh64: str = ""  # XXH64 (seed 0), 16 hex digits: the fast check of a first read ("" in older packs)
 
 
 @dataclass
@@ -186,6 +187,7 @@ def _fields(d: Any, cls: type, what: str) -> dict[str, Any]:
 
 
 _SHA = re.compile(r"[0-9a-f]{64}")
+_XXH = re.compile(r"[0-9a-f]{16}")
 _HEX = re.compile(r"(?:[0-9a-f]{2})*")
 
 
@@ -298,7 +300,8 @@ def _check(raw: dict[str, Any]) -> Manifest:
         for j, (pd, t) in enumerate(zip(pds, ts)):
             pd = _fields(pd, PartEntry, f"{label} part {j}")
             p = PartEntry(_str(pd, "part"), _str(pd, "tensor"), _int(pd, "stage", 0, 1), _int(pd, "offset"),
-                          _int(pd, "length"), _str(pd, "type"), pd["shape"], _str(pd, "sha256", _SHA))
+                          _int(pd, "length"), _str(pd, "type"), pd["shape"], _str(pd, "sha256", _SHA),
+                          _str(pd, "xxh64", _XXH) if "xxh64" in pd else "")
             _, part_name, stage = archs.parse_expert_tensor(t.name)  # type: ignore[misc]
             if (p.tensor, p.part, p.stage, p.type, p.shape) != (t.name, part_name, stage, t.type, t.shape[:-1]):
                 raise _Bad(f"{label} part {j} ({str(p.part)[:20]}) does not match tensor {t.name}")

@@ -1,7 +1,8 @@
 """`smoe-gguf split`: rewrite a MoE GGUF into a pack (dense core + per-leaf shards + manifest).
 
 One sequential pass over the source: every byte is read once, hashed into the source's sha256,
-and sent to the core file or to its leaf file. The pack is built in a hidden sibling directory
+and sent to the core file or to its leaf file (each leaf part with its own sha256, and its XXH64
+for the run-time check). The pack is built in a hidden sibling directory
 and renamed into place only when complete, so an interrupted split leaves no pack behind.
 """
 
@@ -27,6 +28,7 @@ from smoe_gguf.gguf_layout import (
     write_header,
 )
 from smoe_gguf.moe import MoEModel, analyze
+from smoe_gguf.readpool import xxh64
 from smoe_gguf.safeio import clean_leftovers, leftover_name, open_regular, os_error, read_file
 
 from . import manifest as mf
@@ -170,7 +172,7 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
     part_index = {
         t.info.name: (layer, i) for layer, ts in model.expert_tensors.items() for i, t in enumerate(ts)
     }
-    part_hashes: dict[tuple[int, int, int], str] = {}
+    part_hashes: dict[tuple[int, int, int], tuple[str, str]] = {}  # (sha256, xxh64)
     tensors: list[mf.TensorEntry] = []
     for layer in model.moe_layers:
         (d / mf.leaf_file(layer, 0)).parent.mkdir(parents=True, exist_ok=True)
@@ -200,7 +202,7 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
                 for e in range(model.n_expert):
                     blob = f.read(et.slice_bytes)
                     src_hash.update(blob)
-                    part_hashes[(layer, e, pi)] = hashlib.sha256(blob).hexdigest()
+                    part_hashes[(layer, e, pi)] = (hashlib.sha256(blob).hexdigest(), f"{xxh64(blob):016x}")
                     fd = os.open(d / mf.leaf_file(layer, e), os.O_WRONLY | os.O_CREAT, 0o644)
                     try:
                         os.pwrite(fd, blob, offsets[pi])
@@ -241,7 +243,8 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
                     length=et.slice_bytes,
                     type=et.info.type_name,
                     shape=list(et.slice_shape),
-                    sha256=part_hashes[(layer, e, pi)],
+                    sha256=part_hashes[(layer, e, pi)][0],
+                    xxh64=part_hashes[(layer, e, pi)][1],
                 )
                 for pi, et in enumerate(model.expert_tensors[layer])
             ]

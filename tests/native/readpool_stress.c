@@ -85,6 +85,7 @@ struct part {
     int64_t offset, length;
     int kind;
     uint8_t digest[32]; /* of the file's bytes (P_OK, P_EOF_END) */
+    uint64_t xxh;       /* their XXH64 */
 };
 
 #define MAX_PARTS 512
@@ -112,6 +113,7 @@ static void add_part(int64_t offset, int64_t length, int kind) {
     p->kind = kind;
     if (!past) smoe_sha256_portable(g_ref + offset, (size_t)length, p->digest);
     else memset(p->digest, 0x11, sizeof p->digest);
+    p->xxh = past ? 0x1111 : smoe_xxh64(g_ref + offset, (size_t)length, 0);
 }
 
 static void build_parts(uint64_t *s) {
@@ -299,6 +301,11 @@ static void *submit(void *arg) {
             } else {
                 j->sha256 = NULL;
             }
+            if (e->part != NULL && below(&s, 3) == 0) { /* the fast check instead (of the same verdict) */
+                j->check_xxh64 = 1;
+                j->xxh64 = e->digest == 2 ? e->part->xxh ^ (1ull << below(&s, 64)) : e->part->xxh;
+                if (e->digest == 0) e->digest = 1;  /* checked: right */
+            }
             if (e->part && e->part->kind == P_PAST_EOF) e->status = SMOE_SHORT;
             else if (e->digest == 2) e->status = SMOE_MISMATCH;
             else e->status = 0;
@@ -332,7 +339,7 @@ static void *submit(void *arg) {
             if (r == 0 && k == 0 && dest[SLOT_BYTES - GUARD - e->misalign] == 0x42) t->bytes++; /* past the slot */
 #endif
             if (j->read_seconds < 0 || j->hash_seconds < 0) fail("submitter %d job %d: negative times", t->id, k);
-            int hashed = j->status != SMOE_SHORT && j->sha256 != NULL;
+            int hashed = j->status != SMOE_SHORT && (j->sha256 != NULL || j->check_xxh64);
             if (!hashed && j->hash_seconds != 0.0) fail("submitter %d job %d: hash time without a hash", t->id, k);
             t->jobs++;
             if (j->status == SMOE_SHORT) {

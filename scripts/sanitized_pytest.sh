@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Run pytest with smoe-gguf's native code (the gate, the read pool) built with a sanitizer:
+#   scripts/sanitized_pytest.sh address|thread OUT_DIR PYTHON [pytest arguments...]
+# The package is overlaid in OUT_DIR/py: its Python files are links to the real ones, its
+# extensions are compiled there with -fsanitize=..., and the sanitizer's runtime is preloaded
+# into the interpreter (uninstrumented itself). Any report fails the run.
+set -euo pipefail
+if [ "$(uname -s)" != Linux ]; then
+    echo "sanitized_pytest.sh: Linux only (it preloads the sanitizer runtime with LD_PRELOAD); skipped"
+    exit 0
+fi
+san=$1 out=$2 python=$3
+shift 3
+cc=${CC:-cc}
+root=$(cd "$(dirname "$0")/.." && pwd)
+overlay=$out/py-$san
+rm -rf "$overlay"
+mkdir -p "$overlay/smoe_gguf"
+for f in "$root"/smoe_gguf/*; do
+    case $(basename "$f") in
+        __pycache__ | *.so | *.c) ;;
+        *) ln -s "$f" "$overlay/smoe_gguf/" ;;
+    esac
+done
+include=$("$python" -c 'import sysconfig; print(sysconfig.get_paths()["include"])')
+suffix=$("$python" -c 'import sysconfig; print(sysconfig.get_config_var("EXT_SUFFIX"))')
+case $san in
+    address) flags="-fsanitize=address,undefined -fno-sanitize-recover=all" runtime=libasan.so
+             export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ;;
+    thread)  flags="-fsanitize=thread" runtime=libtsan.so
+             export TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 ;;
+    *) echo "sanitizer must be address or thread, not $san" >&2; exit 2 ;;
+esac
+for ext in _gatecb _readpool; do
+    # shellcheck disable=SC2086
+    "$cc" -shared -fPIC -g -O1 -fno-omit-frame-pointer -pthread $flags -I"$include" \
+        -o "$overlay/smoe_gguf/$ext$suffix" "$root/smoe_gguf/$ext.c" -ldl
+done
+preload=$("$cc" -print-file-name=$runtime)
+# --import-mode=append: the overlay on PYTHONPATH comes before the checkout pytest would prepend
+cd "$root"
+PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -c \
+    "import smoe_gguf._readpool as r, smoe_gguf._gatecb as g; assert r.__file__.startswith('$overlay') and g.__file__.startswith('$overlay'), (r.__file__, g.__file__)"
+PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -m pytest -q -p no:cacheprovider --import-mode=append "$@"
