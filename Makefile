@@ -21,8 +21,9 @@ lint: install
 
 # `make sanitize`: the read pool (smoe_gguf/_readpool.c) stressed by tests/native/readpool_stress.c
 # under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer; then the gate and
-# the pool built with AddressSanitizer + UBSan under the engine's stress test against stock
-# llama.cpp (scripts/sanitized_pytest.sh, tests/test_readpool.py); any report fails the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
+# the pool built with AddressSanitizer + UBSan, then ThreadSanitizer, under the engine's stress test
+# against stock llama.cpp (scripts/sanitized_pytest.sh, tests/test_readpool.py); any report fails
+# the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
 # (SANITIZE_DEFS=-DSMOE_TEST_RACE or -DSMOE_TEST_OVERFLOW plants a bug in the harness to see it
 # fail). A few seconds each. ThreadSanitizer runs with ASLR off where setarch can turn it off:
 # some compilers' TSan refuses high-entropy layouts ("unexpected memory mapping").
@@ -43,6 +44,7 @@ sanitize: install
 	ASAN_OPTIONS=detect_leaks=$(SAN_LEAKS):abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 \
 		$(SAN_DIR)/readpool_stress_asan
 	scripts/sanitized_pytest.sh address $(SAN_DIR) $(BIN)/python tests/test_readpool.py
+	$(SAN_NOASLR) scripts/sanitized_pytest.sh thread $(SAN_DIR) $(BIN)/python tests/test_readpool.py
 
 test: install lint sanitize
 	$(BIN)/python -m pytest -q

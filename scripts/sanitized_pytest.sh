@@ -9,7 +9,7 @@ if [ "$(uname -s)" != Linux ]; then
     echo "sanitized_pytest.sh: Linux only (it preloads the sanitizer runtime with LD_PRELOAD); skipped"
     exit 0
 fi
-san=$1 out=$2 python=$3
+san=$1 out=$(realpath -m "$2") python=$(realpath -s "$3")
 shift 3
 cc=${CC:-cc}
 root=$(cd "$(dirname "$0")/.." && pwd)
@@ -28,7 +28,8 @@ case $san in
     address) flags="-fsanitize=address,undefined -fno-sanitize-recover=all" runtime=libasan.so
              export ASAN_OPTIONS=detect_leaks=0:abort_on_error=1 UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1 ;;
     thread)  flags="-fsanitize=thread" runtime=libtsan.so
-             export TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0 ;;
+             # llama.cpp's uninstrumented threads are suppressed (the file says why)
+             export TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0:suppressions=$root/tests/native/tsan-llama.supp ;;
     *) echo "sanitizer must be address or thread, not $san" >&2; exit 2 ;;
 esac
 for ext in _gatecb _readpool; do
@@ -37,8 +38,14 @@ for ext in _gatecb _readpool; do
         -o "$overlay/smoe_gguf/$ext$suffix" "$root/smoe_gguf/$ext.c" -ldl
 done
 preload=$("$cc" -print-file-name=$runtime)
-# --import-mode=append: the overlay on PYTHONPATH comes before the checkout pytest would prepend
-cd "$root"
+# Run from the overlay: python puts its working directory first on sys.path, so the checkout
+# must not be it. --import-mode=append: the tests package is found after the overlay.
+args=()
+for a in "$@"; do
+    case $a in -* | /*) args+=("$a") ;; *) args+=("$root/$a") ;; esac
+done
+cd "$overlay"
 PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -c \
     "import smoe_gguf._readpool as r, smoe_gguf._gatecb as g; assert r.__file__.startswith('$overlay') and g.__file__.startswith('$overlay'), (r.__file__, g.__file__)"
-PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -m pytest -q -p no:cacheprovider --import-mode=append "$@"
+PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -m pytest -q -p no:cacheprovider --import-mode=append \
+    --rootdir "$root" -c "$root/pyproject.toml" "${args[@]}"
