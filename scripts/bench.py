@@ -527,6 +527,8 @@ class _Meter:
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self.decode_tokens = 0
+        self.decode_each: list[tuple[float, int]] = []  # per prompt: decode seconds, tokens
+        self.full_each: list[bool] = []  # per prompt: every leaf resident when it started (smoe-gguf)
         self.ttft: list[float] = []
         self.decode_bytes = 0
         self.prefill_bytes = 0
@@ -541,6 +543,8 @@ class _Meter:
             "generated_tokens": n_gen,
             "decode_tokens": self.decode_tokens,
             "decode_tps": self.decode_tokens / self.decode_s if self.decode_s else None,
+            "decode_each": self.decode_each,
+            "full_each": self.full_each,
             "prefill_tps": self.prompt_tokens / self.prefill_s if self.prefill_s else None,
             "ttft_seconds": self.ttft[0] if self.ttft else None,
             "ttft_mean_seconds": sum(self.ttft) / len(self.ttft) if self.ttft else None,
@@ -606,6 +610,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
             if len(gen) > 1:
                 m.decode_s += time.perf_counter() - t1
                 m.decode_tokens += len(gen) - 1
+                m.decode_each.append((time.perf_counter() - t1, len(gen) - 1))
                 m.decode_bytes += _io_read() - io1
             m.cpu += _cpu_seconds() - c0
             m.prompt_tokens += len(toks)
@@ -634,6 +639,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             eng.reset()
             s0 = eng.stats().as_dict()
             snap: dict[str, Any] = {}
+            m.full_each.append(eng.residency is not None and eng.residency.holds_everything())
             c0 = _cpu_seconds()
             cap, tp = spec.get("prompt_seconds"), 0.0
             tokens: list[int] = []
@@ -663,6 +669,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             if stats.generated_tokens > 1:
                 m.decode_s += stats.decode_seconds
                 m.decode_tokens += stats.generated_tokens - 1
+                m.decode_each.append((stats.decode_seconds, stats.generated_tokens - 1))
                 m.decode_bytes += s1["bytes_read"] - snap["bytes_read"]
                 hits += s1["hits"] - snap["hits"]
                 misses += s1["misses"] - snap["misses"]
@@ -771,6 +778,21 @@ class Bench:
                   f"{(r.get('bytes_per_token') or 0) / 1e6:.2f} MB/token", flush=True)
         return r
 
+    def after_fill(self, name: str, budget: str, r: dict[str, Any], stock: dict[str, Any]) -> None:
+        """Decode speed over the prompts that started with every leaf resident, against stock
+        resident's on the same prompts (a note; the row's decode tok/s includes the fill)."""
+        full, mine, ref = r.get("full_each") or [], r.get("decode_each") or [], stock.get("decode_each") or []
+        idx = [i for i, f in enumerate(full) if f and i < len(mine) and i < len(ref)]
+        if r.get("error") or not idx:
+            return
+        tps = sum(mine[i][1] for i in idx) / sum(mine[i][0] for i in idx)
+        ref_tps = sum(ref[i][1] for i in idx) / sum(ref[i][0] for i in idx)
+        r.update(decode_after_fill_tps=tps, after_fill_x_stock=tps / ref_tps)
+        self.notes.append(f"{name} {budget} {r['system']}: decode after the background fill (prompts "
+                          f"{', '.join(str(i + 1) for i in idx)}) {tps:.2f} tok/s, {tps / ref_tps:.2f}x stock "
+                          f"resident's {ref_tps:.2f} on the same prompts")
+        print(f"  {self.notes[-1]}", flush=True)
+
     def bench_model(self, gguf: Path, mem_bw: float) -> None:
         from smoe_gguf.devtools.diskprobe import leaf_read_bytes, part_spans
         from smoe_gguf.gguf_layout import read_layout
@@ -802,7 +824,8 @@ class Bench:
                          self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files),
                          same_as_a=True, bit_exact=True)
         # stock's tokens by (n_ubatch, compute threads): llama.cpp's sums depend on both
-        ref_tokens: dict[tuple[int, int], list[list[int]] | None] = {(512, a.threads or os.cpu_count() or 2): row_a.get("tokens")}
+        threads = a.threads or os.cpu_count() or 2
+        ref_tokens: dict[tuple[int, int, int], list[list[int]] | None] = {(512, threads, threads): row_a.get("tokens")}
 
         profile = self.work / f"{name}-profile.json"
         # learnt while paging (a budget that holds every leaf stops gating once full: nothing to learn)
@@ -851,6 +874,8 @@ class Bench:
                 ro.update(belady_hit_rate=belady[budget]["hit_rate"],
                           belady_bytes_per_token=belady[budget]["bytes_per_token"])
             smoe_rows += [rr, ro]
+            for r in (rr, ro):  # a budget that holds every leaf: decode once the background fill is done
+                self.after_fill(name, budget, r, row_a)
 
             budget_bytes = rr.get("budget_bytes") or ro.get("budget_bytes")
             if budget_bytes is None:
