@@ -43,6 +43,9 @@ Key = tuple[int, int]
 FillMany = Callable[[list[Key], "int | None", bool], None]  # (leaves, stage or None, urgent)
 
 REGRET_TOKENS = 2  # a miss on a leaf evicted less than this many passes over the layers ago is a regret
+# Python threads that hand prefetched leaves to the readers (each reads one leaf's parts at once):
+# more only contend for the GIL and the cores; the readers themselves run io_depth reads at once.
+MAX_IO_THREADS = 4
 READ_COST = 0.1  # what a prefetch's read costs, in misses (the disk and the I/O thread it takes)
 
 
@@ -72,7 +75,8 @@ class Residency:
         ``release(layer, expert)`` gives them back (gate thread); without them the residency only
         keeps the books (replay). ``recycle(layer, expert, to_layer, to_expert)`` (gate thread)
         releases a leaf evicted to make room for another, giving its pages to that one (which is
-        then filled or released). ``io_depth``: how many prefetched leaves are read at once."""
+        then filled or released). ``io_depth``: how many prefetched leaves are read at once (at
+        most MAX_IO_THREADS)."""
         self.budget = budget
         self.used = 0  # charged bytes: resident leaves and leaves in flight
         self.n_layer = 1 + max(cost)
@@ -99,7 +103,7 @@ class Residency:
         self.trace: Trace | None = None
         # the I/O threads and what is in flight; down parts are urgent (a layer's matmul waits for them)
         self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
-                               self._landed, workers=io_depth)
+                               self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
