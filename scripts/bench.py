@@ -150,6 +150,8 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("budget", lambda r: r.get("budget") or "-"),
     ("decode tok/s", lambda r: _fmt(r.get("decode_tps"), ".2f")),
     ("tokens", lambda r: str(r["generated_tokens"]) if r.get("generated_tokens") is not None else "-"),
+    ("start-up s", lambda r: _fmt(r.get("load_seconds"), ".2f")),
+    ("start-up MB read", lambda r: _fmt(r.get("load_read_bytes"), ".1f", 1e-6)),
     ("prefill tok/s", lambda r: _fmt(r.get("prefill_tps"), ".1f")),
     ("TTFT s", lambda r: _fmt(r.get("ttft_seconds"), ".3f")),
     ("MB read/token", lambda r: _fmt(r.get("bytes_per_token"), ".2f", 1e-6)),
@@ -244,7 +246,8 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         f"({', '.join(result.get('prompt_domains', []))}), sampled at temperature {s['temp']}, top-p {s['top_p']}, "
         f"seed {s['seed']} (the same sampler in every row).", "",
         markdown_table(result["rows"]), "",
-        "Columns: decode tok/s = decode tokens / decode seconds over all prompts; prefill tok/s = prompt "
+        "Columns: decode tok/s = decode tokens / decode seconds over all prompts; start-up = loading the "
+        "model and creating its context, cold, and the bytes read meanwhile; prefill tok/s = prompt "
         "tokens / prefill seconds; TTFT = the first (coldest) prompt's prefill + first token, after "
         "loading; MB read/token = bytes read from disk during decode / decode tokens (smoe-gguf: leaf "
         "bytes its store read; stock: the process's read_bytes); hit rate and stall: decode phase; "
