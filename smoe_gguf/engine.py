@@ -198,7 +198,7 @@ class Engine:
             self.n_ubatch = self.residency.micro_batch(src.n_expert_used, n_ubatch, room)
             self.n_batch = max(n_batch, self.n_ubatch)
             # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
-            # parts meanwhile by the I/O thread, awaited at the node before the down matmul.
+            # parts meanwhile by the I/O threads, awaited at the node before the down matmul.
             pipelined = pipeline and self.paging
             self.residency.pipeline = pipelined
             down_nodes = {n: KIND_BEFORE_DOWN for n in archs.NODE_BEFORE_DOWN} if pipelined else {}

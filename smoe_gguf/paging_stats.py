@@ -32,7 +32,7 @@ class ResidencyStats:
     misses: int = 0  # leaves a gate needed that were not resident (loaded or waited for)
     late: int = 0  # ... of which a prefetch was already bringing in
     leaves_loaded: int = 0  # by the gate's thread
-    prefetched: int = 0  # leaves loaded by the I/O thread
+    prefetched: int = 0  # leaves loaded by the I/O threads
     prefetch_wasted: int = 0  # prefetched leaves evicted before any gate used them
     prefetch_cancelled: int = 0  # queued prefetches dropped to make room for a gate
     evictions: int = 0

@@ -2,7 +2,7 @@
 
 A micro-batch of ``n`` tokens with top-``k`` routing over ``E`` experts selects nearly every
 expert of a layer once ``n * k`` reaches about twice ``E``. At its top-k gate of layer L, the
-leaves of the next MoE layer that are not resident are handed to the I/O thread, so the disk
+leaves of the next MoE layer that are not resident are handed to the I/O threads, so the disk
 and the matmuls of layer L work at the same time. Leaves of layer L that the node reads are
 never evicted for them. The last MoE layer is not read ahead: it computes only the tokens whose
 logits are wanted. The engine uses this where speculation is off; speculation
@@ -27,7 +27,7 @@ class PromptReadAhead:
         layers = sorted(residency.costs)
         self._next = {a: b for a, b in zip(layers, layers[1:])}  # MoE layer -> the next one
         self._last = layers[-1]
-        self.queued = 0  # leaves handed to the I/O thread
+        self.queued = 0  # leaves handed to the I/O threads
 
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
         if ids.ndim < 2 or ids.shape[0] < self.min_tokens:

@@ -9,7 +9,7 @@ each other; the engine sizes the micro-batch so that one layer's working set alw
 Fetching. A miss is loaded by the gate's thread while the graph waits (a stall). Leaves can also
 be *prefetched*: :meth:`Residency.prefetch` (called from the gate's thread, at a graph node or
 between decodes) charges the budget at once, evicting if it must, and hands the leaf to a
-background I/O thread that fills it while llama.cpp computes; the leaf becomes visible to the
+background I/O threads that fill it while llama.cpp computes; the leaf becomes visible to the
 gate (``state.resident``) only when its bytes are complete. All evictions happen in the gate's
 thread, at moments when the only leaves being read are those of the node being gated, which are
 protected, so a prefetch never evicts a leaf in use. A gate that needs a leaf still queued
@@ -105,7 +105,7 @@ class Residency:
         self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
                                self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
-        self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O thread until finish_layer
+        self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O threads until finish_layer
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
         self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
         self._evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
@@ -340,7 +340,7 @@ class Residency:
 
     def _claim_or_wait(self, key: tuple[int, int]) -> bool:
         """A leaf the gate needs is in flight: take it back if still queued (False: load it
-        yourself, its charge is released), else wait until the I/O thread is done (True)."""
+        yourself, its charge is released), else wait until its I/O thread is done (True)."""
         if self.fetcher.claim(key) or self.fetcher.take_failure(key) is not None:
             self.used -= self._cost[key[0]]
             name = self._source.pop(key, None)  # read by the gate: nothing saved
@@ -413,7 +413,7 @@ class Residency:
         s = self.state
         evictable = None
         protect = True  # predicted leaves stay while anything else can go
-        landed = -1  # prefetches landed when evictable was taken (the I/O thread adds more)
+        landed = -1  # prefetches landed when evictable was taken (the I/O threads add more)
         while self.used + cost > self.budget:
             if evictable is None:
                 self.reap_failures()  # failed prefetches give their charge back
@@ -487,7 +487,7 @@ class Residency:
 
     def prefetch(self, keys: list[tuple[int, int]], layer: int = 0, in_use: list[int] | None = None,
                  evict: bool = True, priority: float | Sequence[float] = 1.0, source: str = "other") -> int:
-        """Queue ``keys`` for the I/O thread (gate thread only). Each is charged now; room is
+        """Queue ``keys`` for the I/O threads (gate thread only). Each is charged now; room is
         made by evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``,
         a protected one, nor one just queued. Stops at the first leaf that does not fit.
         ``priority`` (one for all, or one per key): the chance a gate uses the leaf, for the I/O

@@ -125,7 +125,7 @@ class LookaheadStats:
 @dataclass
 class SpecStats:
     guesses: int = 0  # single-token gates at which later layers were guessed
-    prefetched: int = 0  # leaves handed to the I/O thread
+    prefetched: int = 0  # leaves handed to the I/O threads
     protected: int = 0  # leaves marked protected (resident or queued guesses worth keeping)
     skipped: int = 0  # guesses of the guess set below the cost model's bar
     prompt: list[int] = field(default_factory=lambda: [0, 0, 0])  # micro-batches: the next layer's union
