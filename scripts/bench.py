@@ -695,7 +695,8 @@ def _learn(spec: dict[str, Any]) -> dict[str, Any]:
     from smoe_gguf.engine import Engine
 
     with Engine(spec["model"], budget=spec["budget"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
-                profile=spec["profile"], learn=True, speculate=False) as eng:
+                profile=spec["profile"], learn=True, speculate=True) as eng:
+        eng.observer_switch.window = 1 << 20  # observe every token: the route fits learn from each
         for p in spec["prompts"]:
             eng.reset()
             eng.generate(p, spec["n"])
@@ -831,7 +832,8 @@ class Bench:
         ref_tokens: dict[tuple[int, int, int], list[list[int]] | None] = {(512, threads, threads): row_a.get("tokens")}
 
         profile = self.work / f"{name}-profile.json"
-        # learnt while paging (a budget that holds every leaf stops gating once full: nothing to learn)
+        # learnt while paging (a budget that holds every leaf stops gating once full: nothing to learn):
+        # the tree-map and the route fits, on other prompts than the rows'
         learn = self.spawn({"kind": "learn", "model": str(source), "profile": str(profile), "budget": "50%",
                             "prompts": LEARN_PROMPTS[:a.learn_prompts], "n": a.learn_tokens}, [])
         if learn.get("error"):

@@ -21,7 +21,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from . import archs
+from . import archs, route_fit
 from . import budget as bdg
 from . import llama_session as ls
 from . import profile as tree_map
@@ -279,6 +279,9 @@ class Engine:
         if speculate and self.paging:
             threshold, rank, lookahead = guess
             self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold, rank, lookahead)
+            if self.profile_path is not None:  # earlier sessions' route fits (see route_fit)
+                self.speculator.fit.load(route_fit.load_routes(
+                    route_fit.routes_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))
             self.gate.observe(self.speculator)
         self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
         self.readahead: PromptReadAhead | None = None
@@ -291,9 +294,18 @@ class Engine:
             self.gate.observe(self.recorder)
 
     def save_profile(self) -> tree_map.Profile | None:
-        """Merge this session's leaf use into the profile (done by close() unless learn=False)."""
+        """Merge this session's leaf use into the profile, and its route fits into the profile's
+        route file (done by close() unless learn=False)."""
         if not self._learn or self.recorder is None or not self._profile_writable:
             return None
+        if self.speculator is not None and self.profile_path is not None:
+            try:
+                route_fit.save_routes(route_fit.routes_path(self.profile_path),
+                                      self.profile_path.with_name(self.profile_path.name + ".lock"),
+                                      self.source.model_id, self.source.n_expert, self.speculator.fit.learnt())
+                self.speculator.fit.saved()
+            except OSError as e:
+                self.warnings.append(f"route fits beside {self.profile_path} not saved: {e.strerror or e}")
         self.recorder.cut()
         windows, self.recorder.windows = self.recorder.windows, []
         if not windows:

@@ -11,9 +11,21 @@ Samples come from every observed token: a prompt micro-batch gives one per token
 A pair is fitted only where the plain projection is not enough: its first :data:`PROBE_ROWS`
 tokens decide (the plain guess's recall of T's picks below :data:`FIT_BELOW`). The fit only
 reorders guesses: what the experts compute is never touched.
+
+Across sessions. Beside a tree-map profile, ``<profile>.routes.npz`` keeps every pair's decision
+and, for fitted pairs, their normal equations. A session starts from it (:func:`load_routes`,
+:meth:`RouteFit.load`) and, when it learns, adds what it saw to it under the profile's lock, the
+older evidence weighted down by :data:`DECAY` (:func:`save_routes`). A file that is corrupt or of
+another model is ignored with a warning.
 """
 
 from __future__ import annotations
+
+import os
+import tempfile
+import zipfile
+from collections.abc import Callable
+from pathlib import Path
 
 import numpy as np
 
@@ -63,6 +75,36 @@ class RouteFit:
         self.n_guess = n_guess
         self._probe: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self.fits: dict[tuple[int, int], PairFit | None] = {}  # None: the plain projection is enough
+        self._base: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}  # as loaded (load)
+
+    def load(self, saved: "Routes") -> None:
+        """Start from the decisions and normal equations of earlier sessions."""
+        for pair, v in saved.items():
+            if v is None:
+                self.fits[pair] = None
+                continue
+            fit = PairFit(self.n_expert)
+            fit.a, fit.b, fit.n = v[0].copy(), v[1].copy(), int(v[2])
+            fit._since = fit.n  # solved at its first use
+            self.fits[pair] = fit
+            self._base[pair] = (v[0], v[1], int(v[2]))
+
+    def saved(self) -> None:
+        """What has been learnt so far is saved: :meth:`learnt` counts from here."""
+        self._base = {pair: (fit.a.copy(), fit.b.copy(), fit.n) for pair, fit in self.fits.items() if fit is not None}
+
+    def learnt(self) -> "Routes":
+        """What this session added: decisions, and the fitted pairs' sums less what was loaded
+        (or last saved)."""
+        out: Routes = {}
+        for pair, fit in self.fits.items():
+            if fit is None:
+                out[pair] = None
+                continue
+            a0, b0, n0 = self._base.get(pair, (0.0, 0.0, 0))
+            if fit.n > n0:
+                out[pair] = (fit.a - a0, fit.b - b0, fit.n - n0)
+        return out
 
     @staticmethod
     def features(plain: np.ndarray, own: np.ndarray) -> np.ndarray:
@@ -113,3 +155,78 @@ def top_recall(guess: np.ndarray, actual: np.ndarray, n_used: int, n_guess: int)
     a = np.argsort(-actual, axis=1)[:, :n_used]
     found = sum(len(np.intersect1d(x, y)) for x, y in zip(g, a))
     return found / max(1, a.size)
+
+
+Routes = dict[tuple[int, int], "tuple[np.ndarray, np.ndarray, int] | None"]  # pair -> sums, or None: plain
+ROUTES_FORMAT = "smoe-routes-1"
+DECAY = 0.9  # weight kept by earlier sessions' sums at each save
+
+
+def routes_path(profile: Path) -> Path:
+    return profile.with_name(profile.name + ".routes.npz")
+
+
+def load_routes(path: Path, model_id: str, n_expert: int, warn: Callable[[str], None]) -> Routes:
+    """The route fits saved at ``path`` (none if there is no file or it cannot be used)."""
+    if not path.is_file():
+        return {}
+    f = 2 * n_expert + 1
+    try:
+        if path.stat().st_size > (1 << 16) * f * (f + n_expert) * 8:  # more pairs than any model has
+            raise ValueError("too large")
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != ROUTES_FORMAT:
+                raise ValueError("not a route-fit file")
+            if str(z["model"]) != model_id or int(z["n_expert"]) != n_expert:
+                warn(f"route fits {path} belong to another model; ignoring them")
+                return {}
+            out: Routes = {}
+            for L, T in np.asarray(z["plain"], np.int64).reshape(-1, 2).tolist():
+                out[(L, T)] = None
+            for L, T in np.asarray(z["fitted"], np.int64).reshape(-1, 2).tolist():
+                a, b, n = z[f"a_{L}_{T}"], z[f"b_{L}_{T}"], int(z[f"n_{L}_{T}"])
+                if a.shape != (f, f) or b.shape != (f, n_expert) or n < 0 \
+                        or not (np.isfinite(a).all() and np.isfinite(b).all()):
+                    raise ValueError(f"pair {L}->{T} has the wrong shape")
+                out[(L, T)] = (a.astype(np.float64), b.astype(np.float64), n)
+            return out
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        warn(f"route fits {path} are unreadable ({str(e)[:120]}); ignoring them, new ones replace them")
+        return {}
+
+
+def save_routes(path: Path, lock: Path, model_id: str, n_expert: int, learnt: Routes) -> None:
+    """Add a session's route fits to those at ``path`` (earlier ones weighted by DECAY), under
+    the exclusive lock ``lock``, atomically."""
+    import fcntl
+
+    if not learnt:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(lock, "a") as lk:
+        fcntl.flock(lk, fcntl.LOCK_EX)
+        merged = load_routes(path, model_id, n_expert, lambda _m: None)
+        for pair, v in learnt.items():
+            old = merged.get(pair)
+            if v is None:
+                merged.setdefault(pair, None)
+            elif old is None:
+                merged[pair] = v
+            else:
+                merged[pair] = (DECAY * old[0] + v[0], DECAY * old[1] + v[1], old[2] + v[2])
+        arrays: dict[str, np.ndarray] = {
+            "format": np.array(ROUTES_FORMAT), "model": np.array(model_id), "n_expert": np.array(n_expert),
+            "plain": np.array([p for p, v in merged.items() if v is None], np.int64).reshape(-1, 2),
+            "fitted": np.array([p for p, v in merged.items() if v is not None], np.int64).reshape(-1, 2),
+        }
+        for (L, T), v in merged.items():
+            if v is not None:
+                arrays[f"a_{L}_{T}"], arrays[f"b_{L}_{T}"], arrays[f"n_{L}_{T}"] = v[0], v[1], np.array(v[2])
+        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+        try:
+            with os.fdopen(fd, "wb") as out:
+                np.savez(out, **arrays)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise

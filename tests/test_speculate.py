@@ -6,11 +6,12 @@ from __future__ import annotations
 
 import json
 import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
 
-from smoe_gguf import residency, speculate
+from smoe_gguf import residency, route_fit, speculate
 from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import HOLD_BELOW, QUEUED, Fetcher
 from smoe_gguf.residency import Residency
@@ -273,3 +274,32 @@ def test_a_pair_the_plain_projection_guesses_badly_gets_a_fit_and_one_it_guesses
     fitted = fit.predict((0, 1), f)
     assert fitted is not None and fit.predict((1, 2), f) is None
     assert top_recall(fitted, actual, n_used, 3) > 0.95 > 0.7 > top_recall(plain, actual, n_used, 3)
+
+
+def test_route_fits_learnt_in_one_session_start_the_next_and_stay_bit_exact(tiny_model, pack_of, tmp_path: Path) -> None:
+    """The route fits are saved beside the profile and loaded by the next session, which starts
+    with the same decisions and the fitted pairs' samples; a damaged file is ignored with a warning."""
+    src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
+    prof = tmp_path / "p.json"
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof) as eng:
+        eng.observer_switch.window = 1 << 20
+        eng.generate(PROMPT, N_TOKENS)
+        assert eng.speculator is not None
+        decided = dict(eng.speculator.fit.fits)
+    assert decided, "the session decided no pair"
+    routes = route_fit.routes_path(prof)
+    assert routes.is_file()
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof) as eng:
+        assert eng.speculator is not None
+        fits = eng.speculator.fit.fits
+        assert set(fits) == set(decided)
+        for pair, fit in decided.items():
+            assert (fits[pair] is None) == (fit is None)
+            if fit is not None:
+                assert fits[pair].n == fit.n and np.allclose(fits[pair].a, fit.a)
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
+    routes.write_bytes(b"not a zip")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof, learn=False) as eng:
+        assert any("route fits" in w and "unreadable" in w for w in eng.warnings)
+        assert eng.speculator is not None and not eng.speculator.fit.fits
