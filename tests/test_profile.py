@@ -186,3 +186,10 @@ def test_the_prompts_branch_weighs_its_leaves_for_eviction_until_the_next_prompt
     w = r.state.weight
     assert w[2, 5] == pytest.approx(tm.BRANCH_WEIGHT) and w[3, 5] == pytest.approx(tm.BRANCH_WEIGHT / 2)
     assert np.count_nonzero(w) == 2
+    r.set_budget(4)  # a quarter of it holds one leaf: only the likeliest is weighed
+    rec.start_prompt()
+    for layer in range(tm.PROMPT_LAYERS):
+        ids = np.array([[5]], np.int32)
+        r.on_experts(layer, ids)
+        rec(layer, 0, ids)
+    assert np.count_nonzero(w) == 1 and w[2, 5] == pytest.approx(tm.BRANCH_WEIGHT)
