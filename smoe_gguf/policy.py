@@ -47,7 +47,6 @@ class AccessState:
     pinned: np.ndarray  # uint8: never evicted (--pin)
     node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
     protect: np.ndarray  # uint8: predicted for the next layers; kept while other leaves can go
-    weight: np.ndarray  # float64: a prior worth in uses (the prompt's tree-map branch), for lfru
 
     @classmethod
     def new(cls, n_layer: int, n_expert: int) -> "AccessState":
@@ -56,7 +55,7 @@ class AccessState:
             n_layer, n_expert,
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
             np.zeros(1, np.uint64), np.zeros(shape, np.uint8), np.zeros(n_layer, np.uint8),
-            np.zeros(shape, np.uint8), np.zeros(shape, np.float64),
+            np.zeros(shape, np.uint8),
         )
 
     def tick(self) -> int:
@@ -105,8 +104,7 @@ class LFRU(Policy):
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
         half = self.half_life or LFRU_HALF_LIFE * s.n_layer
         age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / half
-        # decayed use, plus what the prompt's tree-map branch says the leaf is worth
-        score = s.uses.ravel()[flat].astype(np.float64) * np.exp2(-age) + s.weight.ravel()[flat]
+        score = s.uses.ravel()[flat].astype(np.float64) * np.exp2(-age)
         # ties (e.g. never-used leaves): least recently used first
         order = np.lexsort((s.last_use.ravel()[flat], score))
         return int(order[0])

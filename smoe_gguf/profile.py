@@ -23,9 +23,7 @@ first two are rewritten on save; another model's is left alone), never a crash.
 Use. At load the profile's most used leaves are prefetched within the budget; ``--pin N`` keeps
 the N most used resident. At a prompt, the branch closest to the leaves its first layers
 selected is found (descending the tree by cosine similarity) and its leaves in later layers
-are prefetched while the prompt is computed; until the next prompt, its leaves also weigh in
-eviction (``lfru`` counts each as worth up to :data:`BRANCH_WEIGHT` recent uses; only the likeliest
-that fit in :data:`BRANCH_SHARE` of the budget).
+are prefetched while the prompt is computed.
 """
 
 from __future__ import annotations
@@ -58,8 +56,6 @@ MIN_NODE_WINDOWS = 4
 TOP_LEAVES = 64  # leaves kept per tree node
 PROMPT_LAYERS = 2  # layers of the prompt used to choose a branch
 BRANCH_PRIORITY = 0.2  # a branch's leaves are read after likelier prefetches
-BRANCH_WEIGHT = 1.0  # what the branch's likeliest leaf is worth to lfru, in recent uses
-BRANCH_SHARE = 0.25  # ... for its likeliest leaves that fit in this share of the budget
 
 Warn = Callable[[str], None]
 
@@ -385,21 +381,6 @@ class Recorder:
         node = self.profile.branch_for(self._counts, layer + 1)
         if node is None:
             return
-        # the branch's leaves weigh in eviction (lfru) until the next prompt's branch replaces them
-        # (only the likeliest that fit in BRANCH_SHARE of the budget: at a small budget, more would
-        # crowd out the leaves in use)
-        r = self.residency
-        weight = r.state.weight
-        weight[:] = 0.0
-        top = max((s for _l, _e, s in node.leaves), default=0.0)
-        room = BRANCH_SHARE * r.budget
-        for l, e, s in node.leaves:  # most likely first
-            if top <= 0 or l not in r.costs or not 0 <= e < weight.shape[1]:
-                continue
-            room -= r.leaf_cost(l)
-            if room < 0:
-                break
-            weight[l, e] = BRANCH_WEIGHT * s / top
         keys = [(l, e) for l, e, _s in node.leaves if l > layer]
         # the cost model: a branch's leaf is worth evicting for only if it is likelier than the bar
         evict = BRANCH_PRIORITY >= self.residency.prefetch_bar()

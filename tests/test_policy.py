@@ -50,16 +50,6 @@ def test_lfru_keeps_a_frequent_leaf_through_a_burst_that_lru_would_evict_it_for(
     assert _resident(lfru) == {A, C}  # A's three uses outweigh B's one, slightly more recent
 
 
-def test_lfru_keeps_a_leaf_the_prompts_branch_weighs_over_one_used_as_often() -> None:
-    seq = [(0, [A]), (0, [B]), (0, [C])]  # A and B: one use each, A the older
-    plain, weighted = _books("lfru"), _books("lfru")
-    weighted.state.weight[0, A] = 1.0  # the tree-map's branch for this prompt holds A
-    _gates(plain, seq)
-    _gates(weighted, seq)
-    assert _resident(plain) == {B, C}
-    assert _resident(weighted) == {A, C}
-
-
 def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     # Layer 1 is being gated; layers 2 and 3 come next, layer 1 itself only after a full pass.
     s = AccessState.new(4, 2)

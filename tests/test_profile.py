@@ -169,27 +169,3 @@ def _prompts(tmp_path: Path) -> Path:
     p.write_text("def fibonacci(n):\nThe history of the Roman empire\nint main(void) { return 0; }\n"
                  "SELECT name FROM users;\nOnce upon a time, in a land far away\nimport numpy as np\n")
     return p
-
-
-def test_the_prompts_branch_weighs_its_leaves_for_eviction_until_the_next_prompt() -> None:
-    from smoe_gguf.residency import Residency
-
-    r = Residency({layer: 1 for layer in range(N_LAYER)}, N_EXPERT, budget=N_LAYER * N_EXPERT)
-    prof = tm.Profile.empty("m", N_LAYER, N_EXPERT)
-    prof.tree = tm.Node(1.0, [(2, 5, 0.5), (3, 5, 0.25)])
-    rec = tm.Recorder(r, prof, N_EXPERT)
-    rec.start_prompt()
-    for layer in range(tm.PROMPT_LAYERS):
-        ids = np.array([[5]], np.int32)
-        r.on_experts(layer, ids)
-        rec(layer, 0, ids)
-    w = r.state.weight
-    assert w[2, 5] == pytest.approx(tm.BRANCH_WEIGHT) and w[3, 5] == pytest.approx(tm.BRANCH_WEIGHT / 2)
-    assert np.count_nonzero(w) == 2
-    r.set_budget(4)  # a quarter of it holds one leaf: only the likeliest is weighed
-    rec.start_prompt()
-    for layer in range(tm.PROMPT_LAYERS):
-        ids = np.array([[5]], np.int32)
-        r.on_experts(layer, ids)
-        rec(layer, 0, ids)
-    assert np.count_nonzero(w) == 1 and w[2, 5] == pytest.approx(tm.BRANCH_WEIGHT)
