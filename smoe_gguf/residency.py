@@ -376,15 +376,10 @@ class Residency:
 
     def cancel_below(self, priority: float) -> int:
         """Cancel the queued prefetches less likely than ``priority`` (gate thread); how many."""
-        n = 0
-        for key in self.fetcher.cancel_below(priority):
-            self.used -= self._cost[key[0]]
-            self.stats.prefetch_cancelled += 1
-            name = self._source.pop(key, None)
-            if name is not None:
-                self.stats.source(name).cancelled += 1
-            n += 1
-        return n
+        keys = self.fetcher.cancel_below(priority)
+        for key in keys:
+            self._cancelled(key)
+        return len(keys)
 
     def eviction_regret(self) -> float:
         """The estimated chance that an evicted leaf is missed again within REGRET_TOKENS passes
@@ -449,14 +444,18 @@ class Residency:
         """Release the least likely queued prefetch, or wait for a load in progress to land (gate thread)."""
         key = self.fetcher.cancel_least()
         if key is not None:
-            self._give_back(key)
-            self.used -= self._cost[key[0]]
-            self.stats.prefetch_cancelled += 1
-            name = self._source.pop(key, None)
-            if name is not None:
-                self.stats.source(name).cancelled += 1
+            self._cancelled(key)
             return
         self.reap_failures()
+
+    def _cancelled(self, key: Key) -> None:
+        """A queued prefetch was cancelled: the pages evictions moved to it and its charge go back."""
+        self._give_back(key)
+        self.used -= self._cost[key[0]]
+        self.stats.prefetch_cancelled += 1
+        name = self._source.pop(key, None)
+        if name is not None:
+            self.stats.source(name).cancelled += 1
 
     def evict(self, key: tuple[int, int], into: tuple[int, int] | None = None) -> None:
         """Release a resident leaf (gate thread only). With ``into``, a leaf that is not resident,

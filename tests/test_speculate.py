@@ -243,6 +243,34 @@ def test_a_prompt_cancels_what_is_queued_of_unlikely_guesses() -> None:
     r.close()
 
 
+def test_a_cancelled_prefetch_gives_back_the_pages_an_eviction_moved_to_it() -> None:
+    """Room for a queued prefetch was made by evicting a leaf whose pages went to it; cancelling
+    the prefetch releases them (else they stay resident, uncharged)."""
+    busy = threading.Event()
+    released: list[tuple[int, int]] = []
+
+    def fill(layer: int, e: int, _stage: int | None) -> None:
+        if (layer, e) == (0, 0):
+            assert busy.wait(10)
+
+    def recycle(layer: int, e: int, to_layer: int, to_e: int) -> int:
+        return 1
+
+    r = Residency({0: 1}, 4, budget=2, fill=fill, release=lambda layer, e: released.append((layer, e)),
+                  recycle=recycle)
+    _gate(r, 0, 1)
+    assert r.prefetch([(0, 0)], priority=1.0) == 1  # the I/O thread is busy with it
+    assert r.prefetch([(0, 2)], priority=0.05) == 1  # evicts (0, 1), its pages moved to (0, 2)
+    assert r.stats.evictions == 1
+    for cancel in (lambda: r.cancel_below(HOLD_BELOW), lambda: r._cancel_or_wait()):
+        released.clear()
+        cancel()
+        assert released == [(0, 2)] and r.used == 1
+        assert r.prefetch([(0, 2)], priority=0.05) == 1  # queued again (free room: nothing moved)
+    busy.set()
+    r.close()
+
+
 def test_run_json_reports_both_lookaheads(pack_of) -> None:
     pack = pack_of("qwen3moe", "f16")
     code, stdout, stderr = run_cli("run", str(pack), "-p", PROMPT, "-n", "8", "--budget", "25%", "--json",
