@@ -40,7 +40,7 @@ class Fetcher:
         self._on_landed = on_landed
         self.flight: dict[Key, int] = {}  # guarded by cv
         self.failed: dict[Key, BaseException] = {}
-        self.failed_down: dict[Key, BaseException] = {}  # raised by claim_down, never reaped
+        self.failed_down: dict[Key, BaseException] = {}  # raised by await_down, never reaped
         self.cv = threading.Condition()
         # prefetches: a heap of (-priority, order, key); a cancelled entry stays until popped
         self._queue: list[tuple[float, int, Key]] = []
@@ -95,12 +95,18 @@ class Fetcher:
             self.cv.notify_all()
         self._ensure_worker()
 
+    def _unqueue(self, key: Key) -> bool:
+        """Drop a queued prefetch (cv held): True if it was queued, not yet being read."""
+        if self.flight.get(key) != QUEUED:
+            return False
+        del self.flight[key]
+        del self._queued[key]
+        return True
+
     def claim(self, key: Key) -> bool:
         """Take a queued prefetch back (True), else wait until its read is over (False)."""
         with self.cv:
-            if self.flight.get(key) == QUEUED:
-                del self.flight[key]
-                del self._queued[key]
+            if self._unqueue(key):
                 return True
             while key in self.flight:
                 self.cv.wait()
@@ -109,11 +115,7 @@ class Fetcher:
     def claim_queued(self, key: Key) -> bool:
         """Take a queued prefetch back (True); False if it is being read (or not in flight)."""
         with self.cv:
-            if self.flight.get(key) == QUEUED:
-                del self.flight[key]
-                del self._queued[key]
-                return True
-            return False
+            return self._unqueue(key)
 
     def take_down(self, key: Key) -> bool:
         """Take a leaf's queued down parts back (True: the caller reads them); False if they are
@@ -124,16 +126,13 @@ class Fetcher:
                 return True
             return False
 
-    def claim_down(self, key: Key) -> tuple[bool, BaseException | None]:
-        """For a leaf whose down parts were queued: (True, None) if they were still queued (the
-        caller reads them), else wait for the read and return (False, its error or None)."""
+    def await_down(self, key: Key) -> BaseException | None:
+        """Wait until a leaf's down parts, no longer queued (:meth:`take_down`), are read: the
+        read's error or None."""
         with self.cv:
-            if key in self._down_queue:
-                self._down_queue.remove(key)
-                return True, None
             while key in self.flight:
                 self.cv.wait()
-            return False, self.failed_down.pop(key, None)
+            return self.failed_down.pop(key, None)
 
     def done(self, key: Key) -> None:
         """The gate thread has finished with a leaf it claimed."""
@@ -156,8 +155,7 @@ class Fetcher:
         with self.cv:
             if self._queued:
                 key = max(self._queued, key=lambda k: self._queued[k])
-                del self._queued[key]
-                del self.flight[key]
+                self._unqueue(key)
                 return key
             if self.flight:
                 self.cv.wait()
@@ -168,8 +166,7 @@ class Fetcher:
         with self.cv:
             keys = [k for k, (neg, _order) in self._queued.items() if -neg < priority]
             for key in keys:
-                del self._queued[key]
-                del self.flight[key]
+                self._unqueue(key)
         return keys
 
     def take_failures(self) -> list[Key]:

@@ -16,6 +16,8 @@ import os
 from ctypes import POINTER, Structure, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
 
+import numpy as np
+
 from .errors import SmoeError
 
 SHORT = -1  # the file ends before the part does
@@ -111,13 +113,8 @@ def _lib() -> ctypes.CDLL:
 
 def xxh64(data: bytes | bytearray | memoryview) -> int:
     """XXH64 (seed 0) of ``data``: the pack's fast per-part check."""
-    view = memoryview(data).cast("B")
-    if not view.nbytes:
-        return int(_lib().smoe_xxh64(None, 0, 0))
-    if view.readonly:
-        buf = ctypes.c_char_p(bytes(view)) if not isinstance(data, bytes) else ctypes.c_char_p(data)
-        return int(_lib().smoe_xxh64(ctypes.cast(buf, c_void_p), view.nbytes, 0))
-    return int(_lib().smoe_xxh64(ctypes.addressof(ctypes.c_char.from_buffer(view)), view.nbytes, 0))
+    arr = np.frombuffer(data, np.uint8)  # no copy, read-only buffers too
+    return int(_lib().smoe_xxh64(arr.ctypes.data if arr.size else None, arr.size, 0))
 
 
 class ReadPool:

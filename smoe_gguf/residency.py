@@ -301,10 +301,8 @@ class Residency:
             if mine:
                 self._fill_many(mine, 1, True)
             for key in keys:
-                if key not in mine:
-                    _queued, err = self.fetcher.claim_down(key)  # waits for its read
-                    if err is not None:
-                        raise err
+                if key not in mine and (err := self.fetcher.await_down(key)) is not None:
+                    raise err
         except BaseException:
             for key in keys:  # every leaf of this layer is dropped with it
                 self._await_down(key)
@@ -332,22 +330,23 @@ class Residency:
         it, its charge is released); False if an I/O thread is reading it."""
         if not self.fetcher.claim_queued(key):
             return False
-        self.used -= self._cost[key[0]]
-        name = self._source.pop(key, None)  # read by the gate: nothing saved
-        if name is not None:
-            self.stats.source(name).claimed += 1
+        self._taken_back(key)
         return True
 
     def _claim_or_wait(self, key: tuple[int, int]) -> bool:
         """A leaf the gate needs is in flight: take it back if still queued (False: load it
         yourself, its charge is released), else wait until its I/O thread is done (True)."""
         if self.fetcher.claim(key) or self.fetcher.take_failure(key) is not None:
-            self.used -= self._cost[key[0]]
-            name = self._source.pop(key, None)  # read by the gate: nothing saved
-            if name is not None:
-                self.stats.source(name).claimed += 1
+            self._taken_back(key)
             return False  # load it here: an error, if it persists, is raised with its message
         return True
+
+    def _taken_back(self, key: Key) -> None:
+        """A prefetch the gate reads itself (queued, or failed): its charge goes back, nothing saved."""
+        self.used -= self._cost[key[0]]
+        name = self._source.pop(key, None)
+        if name is not None:
+            self.stats.source(name).claimed += 1
 
     def _credit(self, key: tuple[int, int], waited: float, late: bool = False) -> None:
         """A prefetched leaf was used by a gate (that waited ``waited`` seconds for it)."""

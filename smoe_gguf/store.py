@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import SmoeError
 from .moe import MoEModel
 from .pack import manifest as mf
-from .readpool import DEFAULT_IO_DEPTH, Read, ReadPool
+from .readpool import DEFAULT_IO_DEPTH, MISMATCH, SHORT, Read, ReadPool
 from .safeio import in_pack, open_regular
 
 BLOCK = 4096
@@ -198,9 +198,9 @@ class LeafStore:
                 elif failure is None:
                     loc = self.leaves[(layer, expert)][index]
                     label = self._label(layer, expert, loc)
-                    if out.error() == "truncated":
+                    if out.status == SHORT:
                         failure = f"{label}: shard {loc.path} is truncated"
-                    elif out.error() == "checksum mismatch":
+                    elif out.status == MISMATCH:
                         failure = f"{label}: checksum mismatch in {loc.path}"
                     else:
                         failure = f"{label}: read failed in {loc.path}: {out.error()}"
