@@ -119,14 +119,14 @@ class LeafStore:
 
     # ------------------------------------------------------------------------------------------
 
-    def _fd(self, loc: PartLoc, label: str) -> int:
+    def _fd(self, layer: int, expert: int, loc: PartLoc) -> int:
         fd = self._fds.get(loc.path)
         if fd is not None:
             return fd
         with self._lock:
             fd = self._fds.get(loc.path)
             if fd is None:
-                fd = self._open(loc.path, label)
+                fd = self._open(loc.path, self._label(layer, expert, loc))
                 self._fds[loc.path] = fd
         return fd
 
@@ -165,13 +165,14 @@ class LeafStore:
 
     def read_parts(self, items: Sequence[tuple[int, int, int, int]], urgent: bool = True) -> int:
         """Read parts into memory, all at once: ``items`` are (layer, expert, part index, address
-        of the part's destination, its exact length). ``urgent``: ahead of background reads.
+        of the part's destination, which has room for exactly its bytes). ``urgent``: ahead of
+        background reads.
         Returns the bytes read; raises for the first part that failed (the others were read)."""
         reads: list[Read] = []
         checked: list[tuple[int, int, int] | None] = []
         for layer, expert, index, dest in items:
             loc = self.leaves[(layer, expert)][index]
-            fd = self._fd(loc, self._label(layer, expert, loc))
+            fd = self._fd(layer, expert, loc)
             key = (layer, expert, index)
             check = loc.sha256 is not None and (
                 self.checksums == "always" or (self.checksums == "first" and key not in self._checked))
