@@ -300,9 +300,8 @@ class Engine:
             return None
         if self.speculator is not None and self.profile_path is not None:
             try:
-                route_fit.save_routes(route_fit.routes_path(self.profile_path),
-                                      self.profile_path.with_name(self.profile_path.name + ".lock"),
-                                      self.source.model_id, self.source.n_expert, self.speculator.fit.learnt())
+                route_fit.save_routes(self.profile_path, self.source.model_id, self.source.n_expert,
+                                      self.speculator.fit.learnt())
                 self.speculator.fit.saved()
             except OSError as e:
                 self.warnings.append(f"route fits beside {self.profile_path} not saved: {e.strerror or e}")

@@ -28,11 +28,9 @@ are prefetched while the prompt is computed.
 
 from __future__ import annotations
 
-import fcntl
 import json
 import math
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -42,7 +40,7 @@ import numpy as np
 
 from .errors import SmoeError
 from .residency import Residency
-from .safeio import read_file
+from .safeio import locked, read_file, replace_atomically
 
 FORMAT = "smoe-profile"
 VERSION = 1
@@ -296,22 +294,13 @@ def _number(v: Any) -> float:
 
 def save(path: Path, model_id: str, n_layer: int, n_expert: int, windows: list[dict[int, float]], warn: Warn) -> Profile | None:
     """Merge a session's windows into the profile at ``path`` under an exclusive lock, atomically."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
+    with locked(path):
         prof, writable = load(path, model_id, n_layer, n_expert, lambda _m: None)
         if not writable:
             warn(f"profile {path} belongs to another model: not saved")
             return None
         prof.merge(windows)
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                json.dump(prof.to_json(), f, separators=(",", ":"))
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_atomically(path, lambda f: f.write(json.dumps(prof.to_json(), separators=(",", ":")).encode()))
     return prof
 
 

@@ -21,13 +21,13 @@ another model is ignored with a warning.
 
 from __future__ import annotations
 
-import os
-import tempfile
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+
+from .safeio import locked, replace_atomically
 
 PROBE_ROWS = 32  # tokens that decide whether a pair needs a fit
 FIT_BELOW = 0.9  # ... it does when the plain guess found less than this share of T's picks
@@ -195,16 +195,13 @@ def load_routes(path: Path, model_id: str, n_expert: int, warn: Callable[[str], 
         return {}
 
 
-def save_routes(path: Path, lock: Path, model_id: str, n_expert: int, learnt: Routes) -> None:
-    """Add a session's route fits to those at ``path`` (earlier ones weighted by DECAY), under
-    the exclusive lock ``lock``, atomically."""
-    import fcntl
-
+def save_routes(profile: Path, model_id: str, n_expert: int, learnt: Routes) -> None:
+    """Add a session's route fits to those beside ``profile`` (earlier ones weighted by DECAY),
+    under the profile's lock, atomically."""
     if not learnt:
         return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(lock, "a") as lk:
-        fcntl.flock(lk, fcntl.LOCK_EX)
+    path = routes_path(profile)
+    with locked(profile):
         merged = load_routes(path, model_id, n_expert, lambda _m: None)
         for pair, v in learnt.items():
             old = merged.get(pair)
@@ -222,11 +219,4 @@ def save_routes(path: Path, lock: Path, model_id: str, n_expert: int, learnt: Ro
         for (L, T), v in merged.items():
             if v is not None:
                 arrays[f"a_{L}_{T}"], arrays[f"b_{L}_{T}"], arrays[f"n_{L}_{T}"] = v[0], v[1], np.array(v[2])
-        fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
-        try:
-            with os.fdopen(fd, "wb") as out:
-                np.savez(out, **arrays)
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        replace_atomically(path, lambda f: np.savez(f, **arrays))

@@ -12,7 +12,11 @@ import os
 import re
 import shutil
 import stat
+import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path, PurePosixPath
+from typing import BinaryIO
 
 from .errors import SmoeError
 
@@ -180,3 +184,26 @@ def os_error(e: OSError, path: str | os.PathLike[str] | None = None) -> SmoeErro
     name = e.filename if e.filename is not None else path
     reason = e.strerror or str(e)
     return SmoeError(f"{name}: {reason}" if name is not None else reason)
+
+
+@contextmanager
+def locked(path: Path) -> Iterator[None]:
+    """Hold the exclusive lock of ``path`` (``flock`` on ``<path>.lock``) for a read-merge-write
+    of it: two processes saving at once both count."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield
+
+
+def replace_atomically(path: Path, write: Callable[[BinaryIO], object]) -> None:
+    """Write ``path`` through ``write`` into a temporary file beside it, renamed over it once
+    complete: a reader sees the old file or the new one, never part of one."""
+    fd, tmp = tempfile.mkstemp(prefix=path.name, suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
