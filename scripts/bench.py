@@ -528,14 +528,25 @@ class _Meter:
         self.prompt_tokens = 0
         self.prompt_tokens_each: list[int] = []
         self.prefill_s = 0.0
-        self.decode_s = 0.0
-        self.decode_tokens = 0
         self.decode_each: list[tuple[float, int]] = []  # per prompt: decode seconds, tokens
         self.full_each: list[bool] = []  # per prompt: every leaf resident when it started (smoe-gguf)
         self.ttft: list[float] = []
         self.decode_bytes = 0
         self.prefill_bytes = 0
         self.cpu = 0.0
+
+    @property
+    def decode_s(self) -> float:
+        return sum(sec for sec, _n in self.decode_each)
+
+    @property
+    def decode_tokens(self) -> int:
+        return sum(n for _sec, n in self.decode_each)
+
+    def decoded(self, seconds: float, tokens: int, read_bytes: int) -> None:
+        """One prompt's decode: its seconds, tokens and bytes read from disk."""
+        self.decode_each.append((seconds, tokens))
+        self.decode_bytes += read_bytes
 
     def result(self) -> dict[str, Any]:
         n_gen = sum(len(t) for t in self.tokens)
@@ -611,10 +622,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
                 steps.close()
                 sampler.free()
             if len(gen) > 1:
-                m.decode_s += time.perf_counter() - t1
-                m.decode_tokens += len(gen) - 1
-                m.decode_each.append((time.perf_counter() - t1, len(gen) - 1))
-                m.decode_bytes += _io_read() - io1
+                m.decoded(time.perf_counter() - t1, len(gen) - 1, _io_read() - io1)
             m.cpu += _cpu_seconds() - c0
             m.prompt_tokens += len(toks)
             m.prompt_tokens_each.append(len(toks))
@@ -670,10 +678,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             m.ttft.append(stats.ttft_seconds)
             m.prefill_bytes += snap["bytes_read"] - s0["bytes_read"]
             if stats.generated_tokens > 1:
-                m.decode_s += stats.decode_seconds
-                m.decode_tokens += stats.generated_tokens - 1
-                m.decode_each.append((stats.decode_seconds, stats.generated_tokens - 1))
-                m.decode_bytes += s1["bytes_read"] - snap["bytes_read"]
+                m.decoded(stats.decode_seconds, stats.generated_tokens - 1, s1["bytes_read"] - snap["bytes_read"])
                 hits += s1["hits"] - snap["hits"]
                 misses += s1["misses"] - snap["misses"]
                 stall += s1["stall_seconds"] - snap["stall_seconds"]
