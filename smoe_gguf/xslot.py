@@ -248,11 +248,7 @@ class XSlot:
         non-resident, so the page accounting holds."""
         r = self.regions[tensor_name]
         s = r.slice_bytes
-        flags = self._resident[tensor_name]
-        with self._lock:  # claim the slice's pages first (see __init__)
-            if not flags[expert]:
-                flags[expert] = 1
-                self.resident_bytes += s
+        self.claim_slice(tensor_name, expert)  # its pages first (see __init__)
         if self._populate:
             lo, hi = self._pages(r, expert)
             if abi.libc_madvise(lo, hi - lo, _MADV_POPULATE_WRITE) != 0:
