@@ -230,9 +230,8 @@ class Residency:
                 self._charge_for_gate(key, wanted)
                 loads.append(key)
         except BaseException:
-            for key in loads:  # charged, not read: give their charges and pages back
-                self._release(*key)
-                self.used -= self._cost[key[0]]
+            for key in loads:  # charged, not read
+                self._unload(key)
             raise
         self._load(layer, loads)
         for key in landing:
@@ -272,8 +271,7 @@ class Residency:
                 self._fill_many(keys, 0 if self.pipeline else None, True)
         except BaseException:
             for key in keys:
-                self._release(*key)
-                self.used -= self._cost[key[0]]
+                self._unload(key)
             raise
         self.stats.load_seconds += time.perf_counter() - tl
         self.stats.leaves_loaded += len(keys)
@@ -322,6 +320,10 @@ class Residency:
     def _await_down(self, key: tuple[int, int]) -> None:
         """Drop a half-loaded leaf after a failure in its layer (its charge and pages released)."""
         self.fetcher.forget_down(key)
+        self._unload(key)
+
+    def _unload(self, key: Key) -> None:
+        """A charged leaf that will not be resident: its pages and its charge go back."""
         self._release(*key)
         self.used -= self._cost[key[0]]
 
