@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Run pytest with smoe-gguf's native code (the gate, the read pool) built with a sanitizer:
+# Run pytest with smoe-gguf's native code (the gate and its pager, the read pool) built with a sanitizer:
 #   scripts/sanitized_pytest.sh address|thread OUT_DIR PYTHON [pytest arguments...]
 # The package is overlaid in OUT_DIR/py: its Python files are links to the real ones, its
 # extensions are compiled there with -fsanitize=..., and the sanitizer's runtime is preloaded
@@ -32,10 +32,13 @@ case $san in
              export TSAN_OPTIONS=halt_on_error=1:report_signal_unsafe=0:suppressions=$root/tests/native/tsan-llama.supp ;;
     *) echo "sanitizer must be address or thread, not $san" >&2; exit 2 ;;
 esac
-for ext in _gatecb _readpool; do
+# each extension's sources, as pyproject.toml lists them
+for ext in "_gatecb:_gatecb.c _pager.c" "_readpool:_readpool.c"; do
+    name=${ext%%:*} srcs=()
+    for c in ${ext#*:}; do srcs+=("$root/smoe_gguf/$c"); done
     # shellcheck disable=SC2086
     "$cc" -shared -fPIC -g -O1 -fno-omit-frame-pointer -pthread $flags -I"$include" \
-        -o "$overlay/smoe_gguf/$ext$suffix" "$root/smoe_gguf/$ext.c" -ldl
+        -o "$overlay/smoe_gguf/$name$suffix" "${srcs[@]}" -ldl -lm
 done
 preload=$("$cc" -print-file-name=$runtime)
 # Run from the overlay: python puts its working directory first on sys.path, so the checkout

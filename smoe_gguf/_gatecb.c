@@ -22,8 +22,12 @@
 #include <stdlib.h>
 #include <string.h>
 
+#include "_pager.h"
+
 #define SMOE_MAX_PREFIX 4
 #define SMOE_PREFIX_LEN 32
+#define KIND_OBSERVE 2  /* a top-k gate: Python calls the observers only */
+#define KIND_SERVE 3    /* a top-k gate whose observers were called: Python serves it only */
 
 typedef void (*tensor_get_fn)(const void *tensor, void *data, size_t offset, size_t size);
 typedef int32_t (*slow_fn)(void *tensor, int32_t kind, int32_t layer, int32_t n_tokens);
@@ -55,6 +59,7 @@ struct smoe_gate {
                                 that left work for that layer's later node (down parts in
                                 flight); the scheduler asks for a node only after the earlier
                                 nodes' callbacks have returned, so the flag is set in time. */
+    struct smoe_pager *pager;  /* serves misses natively where it can (NULL, or disabled: Python) */
 };
 
 /* The Python path: a 0 stops the graph and marks the gate failed, whether the hook recorded its
@@ -102,20 +107,27 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     g->ids_rows = (int32_t)n_tokens;
     g->ids_cols = (int32_t)n_used;
     g->ids_row_stride = (int64_t)(nb[1] / 4);
-    if (g->every_gate) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
+    struct smoe_pager *pg = g->pager != NULL && g->pager->enabled ? g->pager : NULL;
+    if (g->every_gate && pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
 
-    uint64_t now = ++*g->clock;
     int64_t base = (int64_t)layer * g->n_expert;
     for (int64_t r = 0; r < n_tokens; r++) {
         const int32_t *row = g->ids + r * g->ids_row_stride;
         for (int64_t c = 0; c < n_used; c++) {
             int32_t e = row[c];
             if (e < 0 || e >= g->n_expert || !g->resident[base + e]) {
-                --*g->clock;  /* Python records this gate itself */
-                return call_slow(g, t, 0, layer, (int32_t)n_tokens);
+                /* a miss: the native pager, else Python. Observers first: what they prefetch
+                   for the next layers is read while this gate's misses are (behind them). */
+                if (pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
+                if (g->every_gate && !call_slow(g, t, KIND_OBSERVE, layer, (int32_t)n_tokens)) return false;
+                if (!smoe_pager_serve(pg, layer, g->ids, n_tokens, n_used, g->ids_row_stride, &g->fast_hits))
+                    return call_slow(g, t, KIND_SERVE, layer, (int32_t)n_tokens);
+                g->fast_gates++;
+                return true;
             }
         }
     }
+    uint64_t now = ++*g->clock;
     uint64_t hits = 0;
     for (int64_t r = 0; r < n_tokens; r++) {
         const int32_t *row = g->ids + r * g->ids_row_stride;
@@ -130,7 +142,8 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     }
     g->fast_hits += hits;
     g->fast_gates++;
-    return true;
+    if (pg != NULL) memset(pg->protect + base, 0, (size_t)g->n_expert);  /* served: its guesses are spent */
+    return g->every_gate ? call_slow(g, t, KIND_OBSERVE, layer, (int32_t)n_tokens) : true;
 }
 
 size_t smoe_gate_sizeof(void) { return sizeof(struct smoe_gate); }

@@ -32,6 +32,8 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "_smoe_job.h"
+
 #ifdef __APPLE__
 #include <CommonCrypto/CommonDigest.h>
 #else
@@ -39,30 +41,9 @@
 #endif
 
 #define SMOE_BLOCK 4096
-#define SMOE_SHORT (-1)
-#define SMOE_MISMATCH (-2)
 #define SMOE_MAX_WORKERS 64
 
-struct smoe_job {
-    int32_t fd;
-    int32_t direct;          /* 1: fd was opened with O_DIRECT (block-aligned reads only) */
-    int64_t offset;          /* the part's file offset */
-    int64_t length;          /* its bytes */
-    void *dest;              /* where they go */
-    const uint8_t *sha256;   /* the 32-byte digest they must have, or NULL */
-    /* results */
-    int32_t status;
-    int32_t in_place;        /* 1: the aligned head was read straight into dest */
-    int64_t bytes_read;      /* bytes that came off the disk */
-    double read_seconds;
-    double hash_seconds;
-    uint64_t xxh64;          /* with check_xxh64: the XXH64 (seed 0) the bytes must have */
-    int32_t check_xxh64;     /* 1: check xxh64 instead of sha256 */
-    int32_t reserved;
-    /* the queue */
-    struct smoe_job *next;
-    void *call;
-};
+/* struct smoe_job: _smoe_job.h (shared with the native pager in _pager.c) */
 
 struct smoe_call {
     int64_t remaining;

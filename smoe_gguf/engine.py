@@ -103,6 +103,9 @@ class RunStats:
     misses: int
     hit_rate: float
     evictions: int
+    gates_with_misses_native: int  # gates with a miss that the native pager served (no Python)
+    gates_with_misses_python: int  # ... that Python served
+    pages_moved_bytes: int  # evicted pages handed to the leaf replacing them (no release, no fault)
     prefetched: int
     prefetch_late: int
     prefetch_wasted: int
@@ -152,6 +155,7 @@ class Engine:
         pin: int = 0,
         pipeline: bool = False,
         io_depth: int = DEFAULT_IO_DEPTH,
+        native: bool = True,
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
@@ -160,6 +164,8 @@ class Engine:
         paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
         shrunk below one layer's budget until a micro-batch's leaves fit).
         ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
+        ``native``: the native pager serves the gate's misses where it can; False: Python serves
+        every miss (the reference implementation, for tests).
         ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
         uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
         probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""
@@ -177,7 +183,7 @@ class Engine:
         try:
             self.budget = self._resolve_budget(budget)
             self._load_model(n_gpu_layers)
-            self.residency = Residency.over(self.xslot, src.store, self.budget, src.n_expert, policy)
+            self.residency = Residency.over(self.xslot, src.store, self.budget, src.n_expert, policy, native)
             # Below a budget that holds every leaf, leaves are paged: what the threads, pipelining,
             # speculation, the tree-map and the warm start are chosen for (at start-up).
             self.paging = self.budget < self.residency.total_cost
@@ -205,6 +211,9 @@ class Engine:
             self.gate = Gate(self.residency.on_experts, state=self.residency.state,
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
+            if self.residency.native is not None:  # misses served in C where it can
+                self.gate.attach_pager(self.residency.native.address)
+                self.residency.native.open_shards()
             self.n_threads = n_threads or _default_threads(self.paging)
             # a prompt micro-batch's matmuls are long: they keep every core (the readers wait on the disk)
             self.n_threads_batch = n_threads or _default_threads(False)
@@ -399,6 +408,7 @@ class Engine:
             self.gate.check()
             self.residency.finish_all()
             self.residency.reap_failures()
+            self.residency.drain_native()
             self._after_decode()
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
@@ -558,6 +568,9 @@ class Engine:
             misses=r.misses,
             hit_rate=round(_ratio(hits, r.misses), 4),
             evictions=r.evictions,
+            gates_with_misses_native=r.native_gates,
+            gates_with_misses_python=r.gates - r.native_gates,
+            pages_moved_bytes=r.moved_bytes,
             prefetched=r.prefetched,
             prefetch_late=r.late,
             prefetch_wasted=r.prefetch_wasted,

@@ -20,9 +20,38 @@ from collections import deque
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
+import numpy as np
+
+from . import native
+
 Key = tuple[int, int]
 
 QUEUED, LOADING, DOWN, DOWN_LOADING = 1, 2, 3, 4  # states of a leaf in flight
+
+
+class Flight(dict[Key, int]):
+    """Leaves in flight and their states, mirrored (where :attr:`table` is set) into a byte table
+    ``[n_layer, n_expert]`` that the native pager reads: 1 while in flight. A leaf leaves the
+    table with a release store, after whatever its landing wrote (its resident flag)."""
+
+    table: np.ndarray | None = None
+
+    def __setitem__(self, key: Key, state: int) -> None:
+        super().__setitem__(key, state)
+        if self.table is not None:
+            self.table[key] = 1
+
+    def __delitem__(self, key: Key) -> None:
+        super().__delitem__(key)
+        if self.table is not None:
+            native.store_flag(self.table, key, 0)
+
+    def pop(self, key: Key, *default: int | None) -> int | None:  # type: ignore[override]
+        had = key in self
+        got = super().pop(key, *default)
+        if had and self.table is not None:
+            native.store_flag(self.table, key, 0)
+        return got
 HOLD_BELOW = 0.5  # prefetches less likely than this wait while the gate reads a miss itself
 
 
@@ -38,7 +67,7 @@ class Fetcher:
         self._fill = fill
         self._n_workers = max(1, workers)
         self._on_landed = on_landed
-        self.flight: dict[Key, int] = {}  # guarded by cv
+        self.flight = Flight()  # guarded by cv
         self.failed: dict[Key, BaseException] = {}
         self.failed_down: dict[Key, BaseException] = {}  # raised by await_down, never reaped
         self.cv = threading.Condition()

@@ -8,11 +8,13 @@ whatever it makes resident is what they read.
 
 The callback is C (``_gatecb.c``): the ask for each of the ~450 nodes of a token, and a top-k
 gate whose leaves are all resident (a hit: it stamps the shared access arrays the eviction
-policies read), never enter Python. Only a miss, or a node of another kind, calls back into
-Python: ``on_experts(layer, ids)`` must make the leaves resident before it returns;
-``on_node(kind, layer, tensor_address)`` handles the other kinds. Observers
-(:meth:`Gate.observe`: the trace, next-layer speculation) make every top-k gate call Python;
-each is called after ``on_experts`` with the top-k node, whose inputs it may read.
+policies read), never enter Python. With a native pager attached (:meth:`Gate.attach_pager`,
+``_pager.c``), a miss is served in C too, where the pager can. Anything else (a miss the pager
+leaves to Python, or a node of another kind) calls back into Python: ``on_experts(layer, ids)``
+must make the leaves resident before it returns; ``on_node(kind, layer, tensor_address)``
+handles the other kinds. Observers (:meth:`Gate.observe`: the trace, next-layer speculation)
+make every top-k gate call Python; each is called after the gate is served, with the top-k
+node, whose inputs it may read.
 With :attr:`gating` off the gate asks for nothing: llama.cpp computes each graph in one piece,
 exactly as without a callback (for a budget that holds every leaf, once all are resident).
 """
@@ -20,13 +22,12 @@ exactly as without a callback (for a budget that holds every leaf, once all are 
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 from collections.abc import Callable
 from ctypes import POINTER, Structure, c_char, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
 import numpy as np
 
-from . import archs
+from . import archs, native
 from . import ggml_abi as abi
 from .errors import SmoeError
 from .policy import AccessState
@@ -37,6 +38,8 @@ GateObserver = Callable[[int, int, np.ndarray], None]  # (layer, top-k node addr
 
 KIND_TOPK = 0
 KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
+KIND_OBSERVE = 2  # a top-k gate: Python calls its observers only (C served it, or serves it next)
+KIND_SERVE = 3  # a top-k gate whose observers were called: Python serves it only
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
 PREFIX_LEN = 32
@@ -75,29 +78,13 @@ class _GateStruct(Structure):
         ("failed", c_int32),
         ("every_gate", c_int32),
         ("node_wanted", POINTER(c_uint8)),
+        ("pager", c_void_p),
     ]
 
 
-def _load_lib() -> ctypes.CDLL:
-    spec = importlib.util.find_spec("smoe_gguf._gatecb")
-    if spec is None or spec.origin is None:
-        raise SmoeError("smoe_gguf._gatecb is not built: reinstall the package (`make install` or `pip install -e .`)")
-    lib = ctypes.CDLL(spec.origin)
-    lib.smoe_gate_sizeof.restype = c_size_t
-    if lib.smoe_gate_sizeof() != ctypes.sizeof(_GateStruct):
-        raise SmoeError(f"smoe_gguf._gatecb does not match gate.py (struct of {lib.smoe_gate_sizeof()} "
-                        f"bytes, expected {ctypes.sizeof(_GateStruct)}): rebuild the package")
-    return lib
-
-
-_LIB: ctypes.CDLL | None = None
-
-
 def _lib() -> ctypes.CDLL:
-    global _LIB
-    if _LIB is None:
-        _LIB = _load_lib()
-    return _LIB
+    native.check_sizeof("gate", ctypes.sizeof(_GateStruct), "gate.py")
+    return native.lib()
 
 
 class Gate:
@@ -196,6 +183,11 @@ class Gate:
     def _sync(self) -> None:
         self._st.every_gate = 1 if self._every or (self._observing and self.observers) else 0
 
+    def attach_pager(self, address: int | None) -> None:
+        """Serve misses with the native pager at ``address`` (a ``struct smoe_pager`` that
+        outlives the gate's use; it serves only while enabled), or never (None)."""
+        self._st.pager = address
+
     def install(self, cparams: object) -> None:
         """Point ``cparams.cb_eval`` / ``cb_eval_user_data`` at this gate."""
         cparams.cb_eval = self.callback  # type: ignore[attr-defined]
@@ -236,12 +228,16 @@ class Gate:
 
     def _on_slow(self, t: int, kind: int, layer: int, n_tokens: int) -> int:
         try:
-            if kind == KIND_TOPK:
+            if kind in (KIND_TOPK, KIND_OBSERVE, KIND_SERVE):
                 st = self._st
                 ids = np.lib.stride_tricks.as_strided(
                     self._ids, shape=(st.ids_rows, st.ids_cols), strides=(st.ids_row_stride * 4, 4), writeable=False
                 )
-                self._topk(t, layer, ids)
+                if kind != KIND_SERVE:
+                    self._observe(t, layer, ids)
+                if kind != KIND_OBSERVE:
+                    self.py_gates += 1
+                    self.on_experts(layer, ids)
             elif kind == _KIND_TOPK_UNREAD:
                 ids = self._read(t)
                 if ids.shape[0]:
@@ -256,8 +252,11 @@ class Gate:
             return 0
 
     def _topk(self, t: int, layer: int, ids: np.ndarray) -> None:
+        self._observe(t, layer, ids)
         self.py_gates += 1
         self.on_experts(layer, ids)
+
+    def _observe(self, t: int, layer: int, ids: np.ndarray) -> None:
         for observer in self.observers if self._observing else ():
             observer(layer, t, ids)
 

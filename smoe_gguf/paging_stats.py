@@ -44,6 +44,9 @@ class ResidencyStats:
     down_nodes: int = 0  # layer passes whose down node the gate stopped at (down parts in flight)
     peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
+    native_gates: int = 0  # ... with a miss, served by the native pager
+    native_fallbacks: int = 0  # ... with a miss the native pager left to Python
+    moved_bytes: int = 0  # evicted pages handed to the leaf that replaced them
     per_layer_misses: dict[int, int] = field(default_factory=dict)
     per_layer_stall: dict[int, float] = field(default_factory=dict)
     token_stalls: list[float] = field(default_factory=list)  # stall of each single-token decode

@@ -111,6 +111,16 @@ def _lib() -> ctypes.CDLL:
     return _LIB
 
 
+def job_array(n: int) -> ctypes.Array[_Job]:
+    """Room for ``n`` jobs (the native pager builds its own in it)."""
+    return (_Job * n)()
+
+
+def run_address() -> int:
+    """Address of ``smoe_pool_run`` (for native callers)."""
+    return int(ctypes.cast(_lib().smoe_pool_run, c_void_p).value or 0)
+
+
 def xxh64(data: bytes | bytearray | memoryview) -> int:
     """XXH64 (seed 0) of ``data``: the pack's fast per-part check."""
     arr = np.frombuffer(data, np.uint8)  # no copy, read-only buffers too
@@ -145,6 +155,13 @@ class ReadPool:
                 j.xxh64, j.check_xxh64 = r.xxh64, 1
         self._lib.smoe_pool_run(self._pool, jobs, len(reads), 1 if urgent else 0)
         return [Outcome(j.status, j.bytes_read, bool(j.in_place), j.read_seconds, j.hash_seconds) for j in jobs]
+
+    @property
+    def address(self) -> int:
+        """The native pool (for native callers of ``smoe_pool_run``)."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        return self._pool
 
     def close(self) -> None:
         """Stop the threads (no :meth:`run` may be in progress)."""

@@ -33,6 +33,7 @@ import numpy as np
 from . import budget as bdg
 from .errors import SmoeError
 from .fetcher import HOLD_BELOW, Fetcher
+from .pager import NativePager
 from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
@@ -77,13 +78,17 @@ class Residency:
         releases a leaf evicted to make room for another, giving its pages to that one (which is
         then filled or released). ``io_depth``: how many prefetched leaves are read at once (at
         most MAX_IO_THREADS)."""
-        self.budget = budget
-        self.used = 0  # charged bytes: resident leaves and leaves in flight
+        # the budget ledger, shared with the native pager: [0] charged bytes (resident leaves and
+        # leaves in flight), [1] the budget
+        self.ledger = np.array([0, budget], np.int64)
         self.n_layer = 1 + max(cost)
         self.state = AccessState.new(self.n_layer, n_expert)
         self.policy: Policy = make_policy(policy)
         self.stats = ResidencyStats()
-        self.enabled = True  # False: the gate loads nothing (negative control only)
+        self.native: NativePager | None = None  # serves gate misses in C where it can (Residency.over)
+        self._enabled = True
+        self._pipeline = False
+        self._trace: Trace | None = None
         self._cost = dict(cost)
         one = fill or (lambda layer, e, stage: None)
         self._release = release or (lambda layer, e: None)
@@ -98,23 +103,26 @@ class Residency:
                     raise
 
         self._fill_many: FillMany = fill_many or each
+        self._store: LeafStore | None = None  # where the native pager's reads are counted
         self._recycle = recycle
         self.total_cost = n_expert * sum(self._cost.values())
-        self.trace: Trace | None = None
         # the I/O threads and what is in flight; down parts are urgent (a layer's matmul waits for them)
         self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
                                self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
-        self.pipeline = False  # gate/up parts at the top-k gate, down parts by the I/O threads until finish_layer
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
         self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
-        self._evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
-        self._regret_window = REGRET_TOKENS * len(self._cost)
+        self.evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
+        self.regret_window = REGRET_TOKENS * len(self._cost)
+        self.flight_table = np.zeros((self.n_layer, n_expert), np.uint8)  # 1: queued or being read (native pager)
+        self.fetcher.flight.table = self.flight_table
 
     @classmethod
-    def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru") -> "Residency":
+    def over(cls, xslot: XSlot, store: LeafStore, budget: int, n_expert: int, policy: str = "lru",
+             native: bool = True) -> "Residency":
         """Leaves of ``store`` paged into ``xslot``: each batch of leaves is read by the store's
-        reader threads at once, straight into the slices."""
+        reader threads at once, straight into the slices. ``native``: a native pager serves
+        the gate's misses where it can (else this class serves every one)."""
         cost: dict[int, int] = {}
         unloaded: set[int] = set()  # layers llama.cpp does not load (MTP blocks): never paged
         for (layer, _e), parts in store.leaves.items():
@@ -157,8 +165,94 @@ class Residency:
                 return 0
             return sum(xslot.move_slice(p.tensor, e, q.tensor, to_e) for p, q in zip(parts, to_parts, strict=True))
 
-        return cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
-                   io_depth=store.io_depth)
+        r = cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
+                io_depth=store.io_depth)
+        if native and all(len({p.path for p in parts}) == 1 for parts in store.leaves.values()):  # one shard per leaf
+            r.native = NativePager(r, xslot, store, r.flight_table)
+            r._store = store
+            r._sync_native()
+        return r
+
+    # ------------------------------------------------------------------ what the native pager may do
+
+    @property
+    def used(self) -> int:
+        """Charged bytes: resident leaves and leaves in flight."""
+        return int(self.ledger[0])
+
+    @used.setter
+    def used(self, value: int) -> None:
+        self.ledger[0] = value
+
+    @property
+    def budget(self) -> int:
+        return int(self.ledger[1])
+
+    @budget.setter
+    def budget(self, value: int) -> None:
+        self.ledger[1] = value
+
+    @property
+    def enabled(self) -> bool:
+        """False: the gate loads nothing (negative control only)."""
+        return self._enabled
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._enabled = on
+        self._sync_native()
+
+    @property
+    def pipeline(self) -> bool:
+        """Gate/up parts at the top-k gate, down parts by the I/O threads until finish_layer."""
+        return self._pipeline
+
+    @pipeline.setter
+    def pipeline(self, on: bool) -> None:
+        self._pipeline = on
+        self._sync_native()
+
+    @property
+    def trace(self) -> Trace | None:
+        """Where every gate's accesses are recorded (every gate is then served in Python)."""
+        return self._trace
+
+    @trace.setter
+    def trace(self, trace: Trace | None) -> None:
+        self._trace = trace
+        self._sync_native()
+
+    def _sync_native(self) -> None:
+        if self.native is not None:
+            self.native.enabled = self._enabled and not self._pipeline and self._trace is None
+
+    def drain_native(self) -> None:
+        """Take in what the native pager did since the last call: its counts into :attr:`stats`,
+        its evictions into the prefetch accounting (gate thread, between gates)."""
+        nat = self.native
+        if nat is None or not nat.pending:
+            return
+        for key, last_use in nat.take_evictions():
+            self._forget_prefetch(key, last_use)
+        c = nat.take_counts()
+        st = self.stats
+        st.gates += c.gates
+        st.misses += c.misses
+        st.leaves_loaded += c.loaded
+        st.evictions += c.evictions
+        st.regrets += c.regrets
+        st.native_gates += c.gates
+        st.native_fallbacks += c.fallbacks
+        st.moved_bytes += c.moved_bytes
+        st.stall_seconds += c.stall_ns * 1e-9
+        st.load_seconds += c.stall_ns * 1e-9
+        st.peak_bytes = max(st.peak_bytes, c.peak)
+        for layer, n in (c.layer_misses or {}).items():
+            st.per_layer_misses[layer] = st.per_layer_misses.get(layer, 0) + n
+        for layer, ns in (c.layer_stall_ns or {}).items():
+            st.per_layer_stall[layer] = st.per_layer_stall.get(layer, 0.0) + ns * 1e-9
+        if self._store is not None:
+            self._store.count_native(nat.store_counts(c))
 
     @property
     def costs(self) -> dict[int, int]:
@@ -194,6 +288,7 @@ class Residency:
 
     def on_experts(self, layer: int, ids: np.ndarray) -> None:
         """The gate's hook: make every leaf in ``ids`` of ``layer`` resident, evicting others."""
+        self.drain_native()
         self.stats.gates += 1
         if not self.enabled:
             return
@@ -225,7 +320,7 @@ class Residency:
                     if not self._claim_queued(key):
                         landing.append(key)
                         continue
-                elif self._evicted_at[key] and now - int(self._evicted_at[key]) <= self._regret_window:
+                elif self.evicted_at[key] and now - int(self.evicted_at[key]) <= self.regret_window:
                     self.stats.regrets += 1
                 self._charge_for_gate(key, wanted)
                 loads.append(key)
@@ -275,6 +370,9 @@ class Residency:
             raise
         self.stats.load_seconds += time.perf_counter() - tl
         self.stats.leaves_loaded += len(keys)
+        if self.native is not None:
+            for key in keys:
+                self.native.note_open(*key)
         s = self.state
         for key in keys:
             if self.pipeline:  # resident once its down parts are in (finish_layer)
@@ -363,6 +461,7 @@ class Residency:
 
     def settle_prefetches(self) -> None:
         """Credit landed prefetches that the gate's C path has used since (gate thread)."""
+        self.drain_native()
         last_use = self.state.last_use
         for key, landed in list(self._unused_prefetch.items()):
             if int(last_use[key]) > landed:
@@ -377,6 +476,7 @@ class Residency:
 
     def cancel_below(self, priority: float) -> int:
         """Cancel the queued prefetches less likely than ``priority`` (gate thread); how many."""
+        self.drain_native()
         keys = self.fetcher.cancel_below(priority)
         for key in keys:
             self._cancelled(key)
@@ -464,24 +564,30 @@ class Residency:
         (same-size, page-aligned slices) instead of being released and faulted in again."""
         layer, e = key
         s = self.state
-        landed = self._unused_prefetch.get(key)
-        if landed is not None and int(s.last_use[key]) > landed:
-            self._credit(key, 0.0)  # used by a gate the C path served
-            landed = None
+        self._forget_prefetch(key, int(s.last_use[key]))
         s.resident[layer, e] = 0
         if into is not None and self._recycle is not None:
-            self._recycle(layer, e, *into)
+            self.stats.moved_bytes += self._recycle(layer, e, *into)
         else:
             self._release(layer, e)
         self.used -= self._cost[layer]
         self.stats.evictions += 1
-        self._evicted_at[key] = s.clock[0]
-        if landed is not None:
-            del self._unused_prefetch[key]
-            self.stats.prefetch_wasted += 1
-            name = self._source.pop(key, None)
-            if name is not None:
-                self.stats.source(name).wasted += 1
+        self.evicted_at[key] = s.clock[0]
+
+    def _forget_prefetch(self, key: Key, last_use: int) -> None:
+        """An evicted leaf (``last_use``: its last use then) that was prefetched and not known to be
+        used yet: used if a gate the C path served used it since it landed, else wasted."""
+        landed = self._unused_prefetch.get(key)
+        if landed is None:
+            return
+        if last_use > landed:
+            self._credit(key, 0.0)  # used by a gate the C path served
+            return
+        del self._unused_prefetch[key]
+        self.stats.prefetch_wasted += 1
+        name = self._source.pop(key, None)
+        if name is not None:
+            self.stats.source(name).wasted += 1
 
     # ------------------------------------------------------------------ prefetch
 
@@ -494,6 +600,7 @@ class Residency:
         thread's order. ``source`` names the asker in the counts. Returns how many were queued."""
         if not self.enabled:
             return 0
+        self.drain_native()
         s = self.state
         queued = 0
         protect = list(in_use or [])
@@ -538,6 +645,9 @@ class Residency:
         self.fetcher.drain()
 
     def close(self) -> None:
+        if self.native is not None:
+            self.native.close()
+        self.drain_native()
         self._down_pending.clear()
         self.state.node_wanted[:] = 0
         for key in self.fetcher.close():
@@ -550,6 +660,7 @@ class Residency:
     def set_budget(self, budget: int) -> None:
         """Change the budget live; shrinking evicts at once (policy order)."""
         self.drain()
+        self.drain_native()
         self.budget = budget
         self.state.protect[:] = 0
         self._make_room(0, 0, [])  # nothing is in use between decodes, nothing protected: always succeeds

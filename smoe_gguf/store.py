@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import SmoeError
 from .moe import MoEModel
 from .pack import manifest as mf
-from .readpool import DEFAULT_IO_DEPTH, MISMATCH, SHORT, Read, ReadPool
+from .readpool import DEFAULT_IO_DEPTH, MISMATCH, SHORT, Read, ReadPool, run_address
 from .safeio import in_pack, open_regular
 
 BLOCK = 4096
@@ -162,6 +162,26 @@ class LeafStore:
                     self._pool = ReadPool(self.io_depth)
                 pool = self._pool
         return pool
+
+    def count_native(self, delta: StoreStats) -> None:
+        """Add the native pager's reads to :attr:`stats`."""
+        with self._lock:
+            for name, value in vars(delta).items():
+                setattr(self.stats, name, getattr(self.stats, name) + value)
+
+    def native_readers(self) -> tuple[int, int]:
+        """The reader pool and ``smoe_pool_run``'s address, for the native pager."""
+        return self._readers().address, run_address()
+
+    def leaf_fd(self, layer: int, expert: int) -> tuple[int, bool] | None:
+        """Leaf (layer, expert)'s shard descriptor (opened now if it was not) and whether it was
+        opened with O_DIRECT; None if it cannot be opened (a read of it says why)."""
+        loc = self.leaves[(layer, expert)][0]
+        try:
+            fd = self._fd(layer, expert, loc)
+        except (SmoeError, OSError):
+            return None
+        return fd, fd in self._o_direct
 
     def read_parts(self, items: Sequence[tuple[int, int, int, int]], urgent: bool = True) -> int:
         """Read parts into memory, all at once: ``items`` are (layer, expert, part index, address

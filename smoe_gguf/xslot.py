@@ -46,7 +46,6 @@ import errno
 import mmap
 import os
 import sys
-import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -55,6 +54,7 @@ import numpy as np
 from . import archs
 from . import ggml_abi as abi
 from .errors import SmoeError
+from .native import NativeLock
 
 PAGE = mmap.PAGESIZE
 ALIGNMENT = max(4096, PAGE)
@@ -153,8 +153,8 @@ class XSlot:
         self._hidden: dict[int, tuple[int, bytes]] = {}
         self._region_bytes = 0  # sum of nbytes of all regions
         self.error: str | None = None  # why a tensor was refused (llama.cpp then fails the load)
-        self.resident_bytes = 0  # logical: sum of slice_bytes of resident slices
         self._resident: dict[str, bytearray] = {}  # tensor name -> one flag per expert
+        self._flag_views: dict[str, ctypes.Array[ctypes.c_uint8]] = {}  # ... their memory, for native code
         self._views: dict[str, memoryview] = {}  # tensor name -> writable view of its bytes
         self._override_array: ctypes.Array[abi.LlamaTensorBuftOverride] | None = None
         self._override_patterns: list[bytes] = []
@@ -165,8 +165,10 @@ class XSlot:
         self._moved_in: set[tuple[str, int]] = set()  # resident slices holding pages move_slice gave them
         # Fills of different slices may run in I/O threads while another thread evicts: a slice
         # is claimed (its flag set) under this lock before its pages are written, so an eviction
-        # of a neighbour never releases a boundary page being filled. Copies run outside it.
-        self._lock = threading.Lock()
+        # of a neighbour never releases a boundary page being filled. Copies run outside it. The
+        # native pager (_pager.c) takes the same lock to change flags and pages.
+        self.lock = NativeLock()
+        self._lock = self.lock
 
         # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
         self._buft_iface = abi.GgmlBackendBufferTypeI(
@@ -238,6 +240,21 @@ class XSlot:
     def slice_address(self, tensor_name: str, expert: int) -> int:
         return self.regions[tensor_name].slice_address(expert)
 
+    @property
+    def resident_bytes(self) -> int:
+        """Logical bytes of resident (claimed) slices."""
+        return sum(flags.count(1) * self.regions[name].slice_bytes for name, flags in self._resident.items())
+
+    @property
+    def file_mapped(self) -> bool:
+        """Whether any slice is mapped from a file (:meth:`map_slice`)."""
+        return bool(self._file_mapped)
+
+    def flags_address(self, tensor_name: str) -> int:
+        """Address of the tensor's resident flags (one byte per expert) for native code, which
+        changes them only under :attr:`lock`."""
+        return ctypes.addressof(self._flag_views[tensor_name])
+
     def is_resident(self, tensor_name: str, expert: int) -> bool:
         return bool(self._resident[tensor_name][expert])
 
@@ -267,7 +284,6 @@ class XSlot:
         with self._lock:
             if not flags[expert]:
                 flags[expert] = 1
-                self.resident_bytes += r.slice_bytes
         return r.slice_address(expert)
 
     def load_slice(self, tensor_name: str, expert: int, fd: int, file_offset: int) -> None:
@@ -309,7 +325,6 @@ class XSlot:
             self._file_mapped.add((tensor_name, expert))
             if not flags[expert]:
                 flags[expert] = 1
-                self.resident_bytes += s
 
     def evict_slice(self, tensor_name: str, expert: int) -> None:
         """Give the pages of a slice back to the system, all but boundary pages a resident neighbour uses."""
@@ -319,7 +334,6 @@ class XSlot:
                 return
             r = self.regions[tensor_name]
             flags[expert] = 0
-            self.resident_bytes -= r.slice_bytes
             self._file_mapped.discard((tensor_name, expert))
             self._moved_in.discard((tensor_name, expert))
             lo, hi = self._free_span(r, flags, expert)
@@ -358,7 +372,6 @@ class XSlot:
                 elif ctypes.get_errno() == errno.EINVAL:
                     self.can_move = False  # a kernel without MREMAP_DONTUNMAP: evict from now on
             flags[expert] = 0
-            self.resident_bytes -= size
             self._file_mapped.discard((tensor_name, expert))
             self._moved_in.discard((tensor_name, expert))
             if not moved:
@@ -367,7 +380,6 @@ class XSlot:
                     _map_anon(lo, hi - lo, fixed=True)
                 return 0
             to_flags[to_expert] = 1
-            self.resident_bytes += size
             self.moved_bytes += size
             self._moved_in.add((to_tensor, to_expert))
             return size
@@ -457,8 +469,8 @@ class XSlot:
         for tensor in [t for t, (b, _) in self._hidden.items() if b == buffer]:
             del self._hidden[tensor]  # a failed load: the tensor may be gone with its buffer
         for name in [n for n, r in self.regions.items() if base <= r.address < base + size]:
-            flags = self._resident.pop(name)
-            self.resident_bytes -= self.regions[name].slice_bytes * sum(flags)
+            del self._flag_views[name]
+            self._resident.pop(name)
             self._region_bytes -= self.regions[name].nbytes
             del self.regions[name]
             del self._views[name]
@@ -495,6 +507,7 @@ class XSlot:
         self.regions[name] = r
         self._region_bytes += nbytes
         self._resident[name] = bytearray(r.n_expert)
+        self._flag_views[name] = (ctypes.c_uint8 * r.n_expert).from_buffer(self._resident[name])
         self._views[name] = memoryview((ctypes.c_uint8 * nbytes).from_address(r.address)).cast("B")
         if self.loading:  # keep the loader away from its bytes (module doc); finish_loading restores it
             self._hidden[tensor] = (buffer, name.encode())
@@ -522,7 +535,6 @@ class XSlot:
             for name, r in self.regions.items():
                 if base <= r.address < base + size:
                     flags = self._resident[name]
-                    self.resident_bytes -= r.slice_bytes * sum(flags)
                     flags[:] = bytes(len(flags))
                     self._forget_pages(name)
         else:

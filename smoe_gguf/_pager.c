@@ -1,0 +1,334 @@
+/* The native pager: a router gate's misses served in C, without Python and without the GIL.
+ *
+ * The gate (_gatecb.c) calls smoe_pager_serve() for a top-k node whose selected leaves are not all
+ * resident. With the residency's own tables (pager.py points the struct at the numpy arrays that
+ * residency.py, policy.py and the store keep, and at the X-Slot's per-expert flags) it:
+ *   1. finds the misses; a miss that is in flight (a prefetch), whose shard is not open yet, or
+ *      a layer that is not paged, sends the whole gate to Python, before anything has changed;
+ *   2. picks victims among resident leaves that are not pinned, predicted (protect), in flight or
+ *      selected at this gate, with the residency's policy (the same scores as policy.py: lru,
+ *      lfru, least-stale), until the misses fit the budget; if they cannot, Python serves the gate
+ *      (it may cancel prefetches, drop predictions or wait for a landing);
+ *   3. evicts them: each victim's pages move to a miss's slices where both are page-aligned
+ *      (mremap, no release and no fault), else are released (a fresh anonymous mapping; a
+ *      boundary page that a resident neighbour slice still uses stays);
+ *   4. charges the misses and hands all their parts to the reader threads at once, urgent, and
+ *      waits for exactly those; XXH64 is checked by the readers on a part's first read;
+ *   5. on success stamps the gate's leaves (clock, last use, use count), as the C hit path does;
+ *      on a failed read gives the misses' pages and charge back and lets Python serve the gate
+ *      again, which reads them once more and raises the part's name if the failure persists.
+ * Evictions are logged for Python (prefetch accounting); counters are read and zeroed by Python.
+ * Everything runs on the thread that calls llama_decode; the reader threads and Python's I/O
+ * threads touch other leaves only: a prefetch's leaf is in flight (never picked here) until it
+ * has landed, and its X-Slot flags are changed under the shared lock.
+ */
+#define _GNU_SOURCE
+#include <errno.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <time.h>
+
+#include "_pager.h"
+
+#ifndef MREMAP_DONTUNMAP
+#define MREMAP_DONTUNMAP 4
+#endif
+#ifndef MAP_NORESERVE
+#define MAP_NORESERVE 0
+#endif
+
+static uint64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (uint64_t)ts.tv_sec * 1000000000u + (uint64_t)ts.tv_nsec;
+}
+
+static int map_anon(struct smoe_pager *p, uintptr_t lo, uintptr_t hi) {
+    void *got = mmap((void *)lo, hi - lo, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+                     -1, 0);
+    if (got != (void *)lo) return -1;
+#ifdef MADV_NOHUGEPAGE
+    if (p->thp_advise) (void)madvise((void *)lo, hi - lo, MADV_NOHUGEPAGE);
+#endif
+    return 0;
+}
+
+static inline int64_t slot_of(const struct smoe_pager *p, int32_t layer, int32_t part) {
+    return (int64_t)layer * p->n_parts + part;
+}
+
+static inline uint8_t *flag_of(const struct smoe_pager *p, int64_t slot, int32_t e) {
+    return (uint8_t *)(uintptr_t)p->t_flags[slot] + e;
+}
+
+static inline uintptr_t slice_addr(const struct smoe_pager *p, int64_t slot, int32_t e) {
+    return (uintptr_t)p->t_addr[slot] + (uintptr_t)e * (uintptr_t)p->t_slice[slot];
+}
+
+/* Release slice e of a tensor (lock held): every page it touches that no resident neighbour
+   touches (xslot.py's _free_span). */
+static int release_slice(struct smoe_pager *p, int64_t slot, int32_t e) {
+    uint8_t *flags = (uint8_t *)(uintptr_t)p->t_flags[slot];
+    if (!flags[e]) return 0;
+    flags[e] = 0;
+    uintptr_t page = (uintptr_t)p->page, base = (uintptr_t)p->t_addr[slot], s = (uintptr_t)p->t_slice[slot];
+    uintptr_t start = base + (uintptr_t)e * s, end = start + s;
+    uintptr_t lo = start & ~(page - 1), hi = (end + page - 1) & ~(page - 1);
+    if (lo < start) {  /* the first page holds the tail of earlier slices */
+        int64_t first = lo > base ? (int64_t)((lo - base) / s) : 0;
+        for (int64_t k = first; k < e; k++)
+            if (flags[k]) { lo += page; break; }
+    }
+    if (end < hi) {  /* the last page holds the head of later slices */
+        int64_t last = (int64_t)((hi - 1 - base) / s);
+        if (last > p->t_nexp[slot] - 1) last = p->t_nexp[slot] - 1;
+        for (int64_t k = e + 1; k <= last; k++)
+            if (flags[k]) { hi -= page; break; }
+    }
+    return lo < hi ? map_anon(p, lo, hi) : 0;
+}
+
+/* Whether leaf (layer, e)'s pages can move to leaf (to_layer, to_e): the same parts, of the same
+   page-aligned sizes. */
+static int movable(const struct smoe_pager *p, int32_t layer, int32_t to_layer) {
+    if (!p->can_move || p->layer_parts[layer] != p->layer_parts[to_layer]) return 0;
+    for (int32_t i = 0; i < p->layer_parts[layer]; i++) {
+        int64_t a = slot_of(p, layer, i), b = slot_of(p, to_layer, i);
+        if (p->t_slice[a] != p->t_slice[b] || p->t_slice[a] % p->page || p->t_addr[a] % p->page ||
+            p->t_addr[b] % p->page)
+            return 0;
+    }
+    return 1;
+}
+
+/* Evict leaf (layer, e); with to_layer >= 0 its pages go to leaf (to_layer, to_e), claimed
+   (its flags set) whether they moved or not. Lock held. */
+static void evict_leaf(struct smoe_pager *p, int32_t layer, int32_t e, int32_t to_layer, int32_t to_e) {
+    int move = to_layer >= 0 && movable(p, layer, to_layer);
+    for (int32_t i = 0; i < p->layer_parts[layer]; i++) {
+        int64_t src = slot_of(p, layer, i);
+        int moved = 0;
+#ifdef __linux__
+        if (move && *flag_of(p, src, e)) {
+            int64_t dst = slot_of(p, to_layer, i);
+            uintptr_t from = slice_addr(p, src, e), to = slice_addr(p, dst, to_e);
+            size_t size = (size_t)p->t_slice[src];
+            if (!*flag_of(p, dst, to_e) &&
+                mremap((void *)from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)to) == (void *)to) {
+                *flag_of(p, src, e) = 0;
+                *flag_of(p, dst, to_e) = 1;
+                (void)map_anon(p, from, from + size);  /* a fresh mapping that merges with its neighbours */
+                p->moved_bytes += size;
+                moved = 1;
+            } else if (errno == EINVAL) {
+                p->can_move = 0;  /* a kernel without MREMAP_DONTUNMAP */
+            }
+        }
+#endif
+        if (!moved) (void)release_slice(p, src, e);
+    }
+    (void)move;
+}
+
+/* The score order of policy.py: 1 if leaf a (flat index) goes before leaf b. */
+static int before(const struct smoe_pager *p, int64_t a, int64_t b, int32_t layer, double now) {
+    if (p->policy == SMOE_POLICY_LFRU) {
+        double sa = (double)p->uses[a] * exp2(-(now - (double)p->last_use[a]) / p->half_life);
+        double sb = (double)p->uses[b] * exp2(-(now - (double)p->last_use[b]) / p->half_life);
+        if (sa != sb) return sa < sb;
+    } else if (p->policy == SMOE_POLICY_LEAST_STALE) {
+        int32_t L = p->n_layer;
+        int32_t ua = (((int32_t)(a / p->n_expert) - layer - 1) % L + L) % L;
+        int32_t ub = (((int32_t)(b / p->n_expert) - layer - 1) % L + L) % L;
+        if (ua != ub) return ua > ub;
+    }
+    if (p->last_use[a] != p->last_use[b]) return p->last_use[a] < p->last_use[b];
+    return a < b;
+}
+
+static void log_eviction(struct smoe_pager *p, int64_t k) {
+    if (p->log_n < p->log_cap) {
+        p->log[2 * p->log_n] = k;
+        p->log[2 * p->log_n + 1] = (int64_t)p->last_use[k];
+        p->log_n++;
+    }
+}
+
+static void release_leaf(struct smoe_pager *p, int32_t layer, int32_t e) {
+    for (int32_t i = 0; i < p->layer_parts[layer]; i++) (void)release_slice(p, slot_of(p, layer, i), e);
+}
+
+int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
+                     int64_t row_stride, uint64_t *gate_hits) {
+    const int32_t E = p->n_expert;
+    if (!p->enabled || layer < 0 || layer >= p->n_layer || p->cost[layer] <= 0) return 0;
+    if (p->log_n >= p->log_cap - E) return 0;  /* Python drains the log first */
+    const int64_t base = (int64_t)layer * E, cost = p->cost[layer];
+    int32_t *wanted = p->scratch, *miss = p->scratch + E, *victim = p->scratch + 2 * E;
+    int32_t n_w = 0, n_miss = 0, n_victim = 0;
+    uint8_t *mark = p->mark;  /* all zero between calls */
+    int ok = 0;
+
+    for (int64_t r = 0; r < rows; r++) {
+        for (int64_t c = 0; c < cols; c++) {
+            int32_t e = ids[r * row_stride + c];
+            if (e < 0 || e >= E) goto out;
+            if (!mark[base + e]) {
+                mark[base + e] = 1;
+                wanted[n_w++] = e;
+            }
+        }
+    }
+    for (int32_t i = 0; i < n_w; i++) {
+        int64_t k = base + wanted[i];
+        /* in flight first: a prefetch sets resident before it leaves the flight (release) */
+        if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) goto out;
+        if (__atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE)) continue;
+        if (p->fd[k] < 0) goto out;
+        miss[n_miss++] = wanted[i];
+    }
+    if ((int64_t)n_miss * p->n_parts > p->jobs_cap) goto out;
+    uint64_t t0 = now_ns();
+
+    /* victims, chosen before anything changes */
+    const uint64_t now = *p->clock + 1;
+    const double fnow = (double)now;
+    int64_t used = p->ledger[0], budget = p->ledger[1];
+    int64_t over = used + (int64_t)n_miss * cost - budget;
+    const int64_t n_all = (int64_t)p->n_layer * E;
+    while (over > 0) {
+        int64_t best = -1;
+        for (int64_t k = 0; k < n_all; k++) {
+            if (!p->resident[k] || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
+            if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) continue;
+            if (best < 0 || before(p, k, best, layer, fnow)) best = k;
+        }
+        if (best < 0 || n_victim == E) goto unmark;  /* Python may cancel prefetches or drop predictions */
+        mark[best] = 1;
+        victim[n_victim++] = (int32_t)best;  /* flat index < 2^31: n_layer * n_expert is checked in Python */
+        over -= p->cost[best / E];
+    }
+
+    /* evict, charge, claim */
+    *p->clock = now;
+    memset(p->protect + base, 0, (size_t)E);  /* the layer is served: its guesses are spent */
+    for (int32_t i = 0; i < n_miss; i++) {
+        int64_t k = base + miss[i];
+        if (p->evicted_at[k] && now - p->evicted_at[k] <= p->regret_window) p->regrets++;
+    }
+    pthread_mutex_lock(p->lock);
+    for (int32_t j = 0; j < n_victim; j++) {
+        int64_t k = victim[j];
+        int32_t vl = (int32_t)(k / E), ve = (int32_t)(k % E);
+        mark[k] = 0;
+        __atomic_store_n(&p->resident[k], 0, __ATOMIC_RELEASE);
+        log_eviction(p, k);
+        evict_leaf(p, vl, ve, j < n_miss ? layer : -1, j < n_miss ? miss[j] : 0);
+        p->ledger[0] -= p->cost[vl];
+        p->evicted_at[k] = now;
+        p->evictions++;
+    }
+    int64_t n_jobs = 0;
+    for (int32_t i = 0; i < n_miss; i++) {
+        int32_t e = miss[i];
+        int64_t k = base + e;
+        p->ledger[0] += cost;
+        for (int32_t part = 0; part < p->layer_parts[layer]; part++) {
+            int64_t slot = slot_of(p, layer, part), pid = k * p->n_parts + part;
+            *flag_of(p, slot, e) = 1;
+            struct smoe_job *j = &p->jobs[n_jobs++];
+            memset(j, 0, sizeof *j);
+            j->fd = p->fd[k];
+            j->direct = p->direct[k];
+            j->offset = p->offset[pid];
+            j->length = p->t_slice[slot];
+            j->dest = (void *)slice_addr(p, slot, e);
+            j->check_xxh64 = p->check[pid] ? 1 : 0;
+            j->xxh64 = p->xxh64[pid];
+        }
+    }
+    pthread_mutex_unlock(p->lock);
+    if ((uint64_t)p->ledger[0] > p->peak) p->peak = (uint64_t)p->ledger[0];
+
+    /* read, all at once, ahead of every prefetch */
+    int64_t failed = p->run(p->pool, p->jobs, n_jobs, 1);
+    p->batches++;
+    for (int64_t i = 0; i < n_jobs; i++) {
+        struct smoe_job *j = &p->jobs[i];
+        p->part_reads++;
+        p->bytes_read += (uint64_t)j->bytes_read;
+        p->in_place_reads += (uint64_t)j->in_place;
+        p->read_seconds += j->read_seconds;
+        p->hash_seconds += j->hash_seconds;
+    }
+    if (failed) {  /* give the misses back; Python reads them again and names a lasting failure */
+        pthread_mutex_lock(p->lock);
+        for (int32_t i = 0; i < n_miss; i++) {
+            release_leaf(p, layer, miss[i]);
+            p->ledger[0] -= cost;
+        }
+        pthread_mutex_unlock(p->lock);
+        goto out;
+    }
+    int64_t ji = 0;
+    for (int32_t i = 0; i < n_miss; i++) {
+        int64_t k = base + miss[i];
+        for (int32_t part = 0; part < p->layer_parts[layer]; part++, ji++) {
+            if (p->jobs[ji].check_xxh64) {
+                p->checked_parts++;
+                if (!p->check_always) p->check[k * p->n_parts + part] = 0;
+            }
+        }
+        __atomic_store_n(&p->resident[k], 1, __ATOMIC_RELEASE);
+    }
+    for (int32_t i = 0; i < n_w; i++) {
+        int64_t k = base + wanted[i];
+        p->last_use[k] = now;
+        p->uses[k]++;
+    }
+    uint64_t hits = (uint64_t)(n_w - n_miss);
+    *gate_hits += hits;
+    p->gates++;
+    p->hits += hits;
+    p->misses += (uint64_t)n_miss;
+    p->loaded += (uint64_t)n_miss;
+    p->layer_misses[layer] += (uint64_t)n_miss;
+    uint64_t dt = now_ns() - t0;
+    p->stall_ns += dt;
+    p->layer_stall_ns[layer] += dt;
+    ok = 1;
+    goto out;
+
+unmark:
+    for (int32_t i = 0; i < n_victim; i++) mark[victim[i]] = 0;
+out:
+    for (int32_t i = 0; i < n_w; i++) mark[base + wanted[i]] = 0;
+    p->fallbacks += !ok;
+    return ok;
+}
+
+size_t smoe_pager_sizeof(void) { return sizeof(struct smoe_pager); }
+
+/* The X-Slot's lock, shared by Python (xslot.py, through ctypes: the GIL is released while it
+   waits) and the pager. */
+pthread_mutex_t *smoe_lock_new(void) {
+    pthread_mutex_t *m = malloc(sizeof *m);
+    if (m != NULL) pthread_mutex_init(m, NULL);
+    return m;
+}
+
+void smoe_lock_acquire(pthread_mutex_t *m) { pthread_mutex_lock(m); }
+
+void smoe_lock_release(pthread_mutex_t *m) { pthread_mutex_unlock(m); }
+
+void smoe_lock_free(pthread_mutex_t *m) {
+    if (m == NULL) return;
+    pthread_mutex_destroy(m);
+    free(m);
+}
+
+/* A release store of 0 or 1 into a flag that the pager reads with acquire (Python's writes to
+   the in-flight table go through here, so that "resident" is seen before "no longer in flight"). */
+void smoe_store_flag(uint8_t *flag, uint8_t value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }

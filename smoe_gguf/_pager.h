@@ -1,0 +1,61 @@
+/* The native pager: a gate's misses served in C (see _pager.c). pager.py mirrors the struct. */
+#ifndef SMOE_PAGER_H
+#define SMOE_PAGER_H
+#include <pthread.h>
+#include <stdint.h>
+
+#include "_smoe_job.h"
+
+#define SMOE_POLICY_LRU 0
+#define SMOE_POLICY_LFRU 1
+#define SMOE_POLICY_LEAST_STALE 2
+
+struct smoe_pager {
+    int32_t enabled;           /* 0: every miss goes to Python */
+    int32_t policy;            /* SMOE_POLICY_* */
+    double half_life;          /* lfru: in gates */
+    int32_t n_layer, n_expert, n_parts;  /* n_parts: the most parts a leaf has */
+    int32_t can_move;          /* evicted pages may move to the incoming slice (mremap) */
+    int32_t check_always;      /* 1: check every read; 0: a part's first read only */
+    int32_t thp_advise;        /* 1: madvise(MADV_NOHUGEPAGE) each fresh mapping */
+    int64_t page;
+    int64_t *ledger;           /* [0] bytes charged (resident and in flight), [1] the budget */
+    int64_t *cost;             /* [n_layer] bytes charged per leaf; 0: the layer is not paged */
+    uint8_t *resident, *pinned, *protect, *in_flight;  /* [n_layer * n_expert] */
+    uint64_t *last_use;
+    uint32_t *uses;
+    uint64_t *clock;
+    uint64_t *evicted_at;      /* [n_layer * n_expert] clock of the last eviction */
+    uint64_t regret_window;    /* a miss this many gates after its eviction is a regret */
+    int32_t *fd;               /* [n_layer * n_expert] the leaf's shard; -1: not open (Python reads) */
+    uint8_t *direct;           /* [n_layer * n_expert] 1: fd was opened with O_DIRECT */
+    int32_t *layer_parts;      /* [n_layer] parts per leaf */
+    int64_t *t_addr;           /* [n_layer * n_parts] address of the tensor that holds the part */
+    int64_t *t_slice;          /* ... bytes of one expert's slice of it */
+    int64_t *t_nexp;           /* ... experts in it */
+    int64_t *t_flags;          /* ... address of the X-Slot's resident flags (one byte per expert) */
+    int64_t *offset;           /* [n_layer * n_expert * n_parts] the part's offset in its shard */
+    uint64_t *xxh64;           /* ... its XXH64 */
+    uint8_t *check;            /* ... 1: check its XXH64 when it is next read */
+    void *pool;                /* the reader threads (readpool.py) */
+    smoe_pool_run_fn run;
+    pthread_mutex_t *lock;     /* the X-Slot's lock (smoe_lock_new) */
+    int64_t *log;              /* evictions Python has not seen yet: (leaf, last use) pairs */
+    int64_t log_cap, log_n;    /* in pairs */
+    struct smoe_job *jobs;     /* scratch: [jobs_cap] */
+    int64_t jobs_cap;
+    int32_t *scratch;          /* [3 * n_expert] */
+    uint8_t *mark;             /* [n_layer * n_expert] zeroed scratch */
+    /* counters, read and zeroed by Python */
+    uint64_t gates, hits, misses, loaded, evictions, regrets, moved_bytes, fallbacks, peak;
+    uint64_t stall_ns, part_reads, in_place_reads, bytes_read, checked_parts, batches;
+    double read_seconds, hash_seconds;
+    uint64_t *layer_misses;    /* [n_layer] */
+    uint64_t *layer_stall_ns;  /* [n_layer] */
+};
+
+/* 1: the gate's leaves are resident (the caller stamps nothing: done here); 0: Python must serve it */
+int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
+                     int64_t row_stride, uint64_t *gate_hits);
+
+#endif

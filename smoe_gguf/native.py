@@ -1,0 +1,73 @@
+"""The gate's native library (``_gatecb.c`` with ``_pager.c``), loaded with ctypes: one loader for
+the gate, the pager and the X-Slot's lock, and the few small calls they share."""
+
+from __future__ import annotations
+
+import ctypes
+import importlib.util
+from ctypes import c_size_t, c_uint8, c_void_p
+
+import numpy as np
+
+from .errors import SmoeError
+
+_LIB: ctypes.CDLL | None = None
+
+
+def lib() -> ctypes.CDLL:
+    """The library, loaded once (its struct sizes are checked by the modules that mirror them)."""
+    global _LIB
+    if _LIB is None:
+        spec = importlib.util.find_spec("smoe_gguf._gatecb")
+        if spec is None or spec.origin is None:
+            raise SmoeError("smoe_gguf._gatecb is not built: reinstall the package (`make install` or `pip install -e .`)")
+        lb = ctypes.CDLL(spec.origin)  # a CDLL call releases the GIL
+        lb.smoe_gate_sizeof.restype = c_size_t
+        lb.smoe_pager_sizeof.restype = c_size_t
+        lb.smoe_lock_new.restype = c_void_p
+        lb.smoe_lock_new.argtypes = []
+        for name in ("smoe_lock_acquire", "smoe_lock_release", "smoe_lock_free"):
+            getattr(lb, name).restype = None
+            getattr(lb, name).argtypes = [c_void_p]
+        lb.smoe_store_flag.restype = None
+        lb.smoe_store_flag.argtypes = [c_void_p, c_uint8]
+        _LIB = lb
+    return _LIB
+
+
+def check_sizeof(name: str, size: int, mirror: str) -> None:
+    """Raise unless the C struct ``name`` has ``size`` bytes (its ctypes mirror in ``mirror``)."""
+    got = getattr(lib(), f"smoe_{name}_sizeof")()
+    if got != size:
+        raise SmoeError(f"smoe_gguf._gatecb does not match {mirror} (struct {name} of {got} bytes, "
+                        f"expected {size}): rebuild the package")
+
+
+class NativeLock:
+    """A mutex that Python threads and the native pager share (a context manager). Waiting for it
+    releases the GIL, so a thread holding it may run Python while another waits."""
+
+    def __init__(self) -> None:
+        self._lib = lib()
+        self.address: int = self._lib.smoe_lock_new()
+        if not self.address:
+            raise SmoeError("could not allocate a lock")
+
+    def __enter__(self) -> "NativeLock":
+        self._lib.smoe_lock_acquire(self.address)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._lib.smoe_lock_release(self.address)
+
+    def __del__(self) -> None:
+        if getattr(self, "address", 0):
+            self._lib.smoe_lock_free(self.address)
+            self.address = 0
+
+
+def store_flag(table: np.ndarray, index: tuple[int, int], value: int) -> None:
+    """``table[index] = value`` as a release store: a thread that reads it with acquire (the
+    pager) sees every write made before it (a prefetch marks its leaf resident, then not in flight)."""
+    offset = sum(i * s for i, s in zip(index, table.strides, strict=True))
+    lib().smoe_store_flag(table.ctypes.data + offset, value)

@@ -1,0 +1,343 @@
+"""The native pager (``_pager.c``): a gate's misses served in C, over the residency's own tables.
+
+:class:`NativePager` fills a ``struct smoe_pager`` with pointers to the arrays the residency, the
+policies and the fetcher already keep (resident, last use, use counts, the clock, pinned and
+predicted leaves, leaves in flight, the budget ledger), with where each leaf part lives (its
+shard's descriptor and offset, its XXH64, its slice in the X-Slot and the X-Slot's flags) and with
+the reader pool. The gate (:meth:`~smoe_gguf.gate.Gate.attach_pager`) then serves a miss without
+entering Python; what the pager cannot do (a miss already in flight, a shard not opened yet, no
+room without cancelling prefetches, a failed read) it leaves to the Python residency, which
+remains the reference implementation.
+
+Python reads what the pager did with :meth:`NativePager.take_counts` (counters since the last
+call) and :meth:`NativePager.take_evictions` (leaves it evicted, with their last use at eviction),
+on the thread that calls llama_decode, between gates.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import mmap
+import os
+import resource
+import threading
+from ctypes import POINTER, Structure, c_double, c_int32, c_int64, c_uint8, c_uint32, c_uint64, c_void_p
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+import numpy as np
+
+from . import native
+from .errors import SmoeError
+from .policy import LFRU, LFRU_HALF_LIFE, AccessState, Policy
+from .store import LeafStore, StoreStats
+
+if TYPE_CHECKING:
+    from .xslot import XSlot
+
+
+class Books(Protocol):
+    """What the pager reads of the residency (residency.py): its tables and its rules."""
+
+    state: AccessState
+    ledger: np.ndarray  # int64 [2]: charged bytes, budget
+    evicted_at: np.ndarray  # uint64 [n_layer, n_expert]
+    regret_window: int
+    policy: Policy
+
+    @property
+    def costs(self) -> dict[int, int]: ...
+
+    @property
+    def budget(self) -> int: ...
+
+POLICY_CODES = {"lru": 0, "lfru": 1, "least-stale": 2}
+LOG_PAIRS = 4096  # evictions the pager can log between two drains
+
+
+class _PagerStruct(Structure):
+    """``struct smoe_pager`` in _pager.h (checked against its sizeof at load)."""
+
+    _fields_ = [
+        ("enabled", c_int32),
+        ("policy", c_int32),
+        ("half_life", c_double),
+        ("n_layer", c_int32),
+        ("n_expert", c_int32),
+        ("n_parts", c_int32),
+        ("can_move", c_int32),
+        ("check_always", c_int32),
+        ("thp_advise", c_int32),
+        ("page", c_int64),
+        ("ledger", POINTER(c_int64)),
+        ("cost", POINTER(c_int64)),
+        ("resident", POINTER(c_uint8)),
+        ("pinned", POINTER(c_uint8)),
+        ("protect", POINTER(c_uint8)),
+        ("in_flight", POINTER(c_uint8)),
+        ("last_use", POINTER(c_uint64)),
+        ("uses", POINTER(c_uint32)),
+        ("clock", POINTER(c_uint64)),
+        ("evicted_at", POINTER(c_uint64)),
+        ("regret_window", c_uint64),
+        ("fd", POINTER(c_int32)),
+        ("direct", POINTER(c_uint8)),
+        ("layer_parts", POINTER(c_int32)),
+        ("t_addr", POINTER(c_int64)),
+        ("t_slice", POINTER(c_int64)),
+        ("t_nexp", POINTER(c_int64)),
+        ("t_flags", POINTER(c_int64)),
+        ("offset", POINTER(c_int64)),
+        ("xxh64", POINTER(c_uint64)),
+        ("check", POINTER(c_uint8)),
+        ("pool", c_void_p),
+        ("run", c_void_p),
+        ("lock", c_void_p),
+        ("log", POINTER(c_int64)),
+        ("log_cap", c_int64),
+        ("log_n", c_int64),
+        ("jobs", c_void_p),
+        ("jobs_cap", c_int64),
+        ("scratch", POINTER(c_int32)),
+        ("mark", POINTER(c_uint8)),
+        *((name, c_uint64) for name in (
+            "gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks", "peak",
+            "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")),
+        ("read_seconds", c_double),
+        ("hash_seconds", c_double),
+        ("layer_misses", POINTER(c_uint64)),
+        ("layer_stall_ns", POINTER(c_uint64)),
+    ]
+
+
+COUNTERS = ("gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks",
+            "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")
+
+
+@dataclass
+class Counts:
+    """What the pager did since the last :meth:`NativePager.take_counts`."""
+
+    gates: int = 0  # gates with a miss it served
+    hits: int = 0  # ... their leaves that were resident
+    misses: int = 0
+    loaded: int = 0
+    evictions: int = 0
+    regrets: int = 0
+    moved_bytes: int = 0  # pages handed from victims to misses
+    fallbacks: int = 0  # gates with a miss it left to Python
+    stall_ns: int = 0
+    part_reads: int = 0
+    in_place_reads: int = 0
+    bytes_read: int = 0
+    checked_parts: int = 0
+    batches: int = 0
+    read_seconds: float = 0.0
+    hash_seconds: float = 0.0
+    peak: int = 0  # most bytes charged at once (not reset)
+    layer_misses: dict[int, int] | None = None
+    layer_stall_ns: dict[int, int] | None = None
+
+
+def _ptr(arr: np.ndarray, ctype: type) -> object:
+    if not arr.flags.c_contiguous:
+        raise SmoeError("native pager tables must be contiguous")
+    return arr.ctypes.data_as(POINTER(ctype))
+
+
+class NativePager:
+    """A ``struct smoe_pager`` over ``residency``'s tables, ``xslot``'s slices and ``store``'s
+    parts. It serves while :attr:`enabled` (the residency switches it off for what only Python
+    does: tracing, part pipelining, the negative control)."""
+
+    def __init__(self, residency: Books, xslot: "XSlot", store: LeafStore, in_flight: np.ndarray) -> None:
+        native.check_sizeof("pager", ctypes.sizeof(_PagerStruct), "pager.py")
+        r, s = residency, residency.state
+        L, E = s.n_layer, s.n_expert
+        if L * E >= 2**31:
+            raise SmoeError("too many leaves for the native pager")
+        costs = r.costs
+        P = max(len(store.parts(layer, 0)) for layer in costs)
+        self.n_layer, self.n_expert, self.n_parts = L, E, P
+        self._store = store
+        self._keep: list[object] = []  # everything C points to
+        st = _PagerStruct()
+        st.policy = POLICY_CODES[r.policy.name]
+        half = r.policy.half_life if isinstance(r.policy, LFRU) else None
+        st.half_life = float(half or LFRU_HALF_LIFE * L)
+        st.n_layer, st.n_expert, st.n_parts = L, E, P
+        st.check_always = 1 if store.checksums == "always" else 0
+        from .xslot import _MADV_NOHUGEPAGE  # the X-Slot's choice for its own fresh mappings
+
+        st.thp_advise = 1 if _MADV_NOHUGEPAGE is not None else 0
+        st.page = mmap.PAGESIZE
+        self.cost = np.zeros(L, np.int64)
+        for layer, c in costs.items():
+            self.cost[layer] = c
+        self.layer_parts = np.zeros(L, np.int32)
+        self.t_addr = np.zeros(L * P, np.int64)
+        self.t_slice = np.zeros(L * P, np.int64)
+        self.t_nexp = np.zeros(L * P, np.int64)
+        self.t_flags = np.zeros(L * P, np.int64)
+        self.offset = np.zeros(L * E * P, np.int64)
+        self.xxh64 = np.zeros(L * E * P, np.uint64)
+        self.check = np.zeros(L * E * P, np.uint8)
+        self.fd = np.full(L * E, -1, np.int32)
+        self.direct = np.zeros(L * E, np.uint8)
+        usable = True  # False: a part the pager cannot check (sha256 only) or place
+        for layer in costs:
+            parts = store.parts(layer, 0)
+            self.layer_parts[layer] = len(parts)
+            for i, p in enumerate(parts):
+                reg = xslot.regions[p.tensor]
+                k = layer * P + i
+                self.t_addr[k], self.t_slice[k], self.t_nexp[k] = reg.address, reg.slice_bytes, reg.n_expert
+                self.t_flags[k] = xslot.flags_address(p.tensor)
+            for e in range(E):
+                for i, p in enumerate(store.parts(layer, e)):
+                    pid = (layer * E + e) * P + i
+                    self.offset[pid] = p.offset
+                    if p.sha256 is not None and store.checksums != "never":
+                        if p.xxh64 is None:
+                            usable = False
+                        else:
+                            self.xxh64[pid], self.check[pid] = p.xxh64, 1
+                    if p.length != xslot.regions[p.tensor].slice_bytes:
+                        usable = False
+        self.usable = usable and not xslot.file_mapped
+        # pages move only while the slices holding moved pages surely stay below the X-Slot's bound
+        from .xslot import MAX_MOVED_SLICES
+
+        most = (r.budget // max(1, min(costs.values())) + 1) * P
+        st.can_move = 1 if xslot.can_move and most <= MAX_MOVED_SLICES else 0
+        self.ledger = r.ledger
+        self._log = np.zeros(2 * LOG_PAIRS, np.int64)
+        self._jobs_cap = E * P
+        from .readpool import job_array
+
+        self._jobs = job_array(self._jobs_cap)
+        self._scratch = np.zeros(3 * E, np.int32)
+        self._mark = np.zeros(L * E, np.uint8)
+        self.layer_misses = np.zeros(L, np.uint64)
+        self.layer_stall_ns = np.zeros(L, np.uint64)
+        st.ledger = _ptr(self.ledger, c_int64)
+        st.cost = _ptr(self.cost, c_int64)
+        st.resident, st.pinned, st.protect = (_ptr(a, c_uint8) for a in (s.resident, s.pinned, s.protect))
+        st.in_flight = _ptr(in_flight, c_uint8)
+        st.last_use, st.uses, st.clock = _ptr(s.last_use, c_uint64), _ptr(s.uses, c_uint32), _ptr(s.clock, c_uint64)
+        st.evicted_at = _ptr(r.evicted_at, c_uint64)
+        st.regret_window = r.regret_window
+        st.fd, st.direct = _ptr(self.fd, c_int32), _ptr(self.direct, c_uint8)
+        st.layer_parts = _ptr(self.layer_parts, c_int32)
+        st.t_addr, st.t_slice = _ptr(self.t_addr, c_int64), _ptr(self.t_slice, c_int64)
+        st.t_nexp, st.t_flags = _ptr(self.t_nexp, c_int64), _ptr(self.t_flags, c_int64)
+        st.offset, st.xxh64, st.check = _ptr(self.offset, c_int64), _ptr(self.xxh64, c_uint64), _ptr(self.check, c_uint8)
+        pool, run = store.native_readers()
+        st.pool, st.run = pool, run
+        st.lock = xslot.lock.address
+        st.log, st.log_cap = _ptr(self._log, c_int64), LOG_PAIRS
+        st.jobs, st.jobs_cap = ctypes.addressof(self._jobs), self._jobs_cap
+        st.scratch, st.mark = _ptr(self._scratch, c_int32), _ptr(self._mark, c_uint8)
+        st.layer_misses, st.layer_stall_ns = _ptr(self.layer_misses, c_uint64), _ptr(self.layer_stall_ns, c_uint64)
+        self._st = st
+        self._keep += [xslot, store, in_flight, s]
+        self.address = ctypes.addressof(st)
+        self._opener: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    @property
+    def enabled(self) -> bool:
+        return bool(self._st.enabled)
+
+    @enabled.setter
+    def enabled(self, on: bool) -> None:
+        self._st.enabled = 1 if on and self.usable else 0
+
+    def open_shards(self) -> None:
+        """Open every leaf's shard in a background thread, so that misses need not wait for
+        Python to open one (a shard that cannot be opened stays to Python, which names it)."""
+        if self._opener is not None:
+            return
+        leaves = sorted(k for k in self._store.leaves if k[0] < self.n_layer and self.cost[k[0]] > 0)
+        limit = _fd_room()
+
+        def run() -> None:
+            for n, (layer, e) in enumerate(leaves):
+                if self._stop.is_set() or n >= limit:
+                    return
+                self.note_open(layer, e)
+
+        self._opener = threading.Thread(target=run, name="smoe-open-shards", daemon=True)
+        self._opener.start()
+
+    def wait_opened(self) -> None:
+        """Wait until :meth:`open_shards` has opened every shard it could."""
+        if self._opener is not None:
+            self._opener.join()
+
+    def note_open(self, layer: int, e: int) -> None:
+        """Give the pager leaf (layer, e)'s shard descriptor, opening it if needed (any thread)."""
+        got = self._store.leaf_fd(layer, e)
+        if got is not None:
+            fd, direct = got
+            k = layer * self.n_expert + e
+            self.direct[k] = 1 if direct else 0
+            self.fd[k] = fd
+
+    def store_counts(self, c: Counts) -> StoreStats:
+        """The reads of ``c``, as the store counts its own."""
+        return StoreStats(bytes_read=c.bytes_read, part_reads=c.part_reads, in_place_reads=c.in_place_reads,
+                          read_seconds=c.read_seconds, hash_seconds=c.hash_seconds, checked_parts=c.checked_parts,
+                          batches=c.batches)
+
+    def take_counts(self) -> Counts:
+        """The counters since the last call (gate thread, between gates)."""
+        st = self._st
+        c = Counts(**{name: int(getattr(st, name)) for name in COUNTERS},
+                   read_seconds=float(st.read_seconds), hash_seconds=float(st.hash_seconds), peak=int(st.peak))
+        for name in COUNTERS:
+            setattr(st, name, 0)
+        st.read_seconds = st.hash_seconds = 0.0
+        nz = np.flatnonzero(self.layer_misses)
+        c.layer_misses = {int(i): int(self.layer_misses[i]) for i in nz}
+        c.layer_stall_ns = {int(i): int(self.layer_stall_ns[i]) for i in nz}
+        self.layer_misses[:] = 0
+        self.layer_stall_ns[:] = 0
+        return c
+
+    def take_evictions(self) -> list[tuple[tuple[int, int], int]]:
+        """Leaves the pager evicted since the last call, with their last use then (gate thread)."""
+        n = int(self._st.log_n)
+        if not n:
+            return []
+        pairs = self._log[: 2 * n].reshape(n, 2).tolist()
+        self._st.log_n = 0
+        return [(divmod(k, self.n_expert), last) for k, last in pairs]
+
+    @property
+    def pending(self) -> bool:
+        """Whether there are counts or evictions not yet taken."""
+        return bool(self._st.log_n or self._st.gates or self._st.fallbacks)
+
+    def close(self) -> None:
+        """Stop opening shards (the store closes them)."""
+        self._stop.set()
+        if self._opener is not None:
+            self._opener.join()
+        self._st.enabled = 0
+
+
+def _fd_room() -> int:
+    """How many more descriptors the process may open, leaving room for everything else."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and (hard == resource.RLIM_INFINITY or hard > soft):
+        want = min(hard if hard != resource.RLIM_INFINITY else soft * 16, 1 << 20)
+        try:  # raise the soft limit towards the hard one (macOS may refuse: keep it)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+            soft = want
+        except (ValueError, OSError):
+            pass
+    if soft == resource.RLIM_INFINITY:
+        soft = 1 << 20
+    used = len(os.listdir("/proc/self/fd")) if os.path.isdir("/proc/self/fd") else 64
+    return max(0, int(soft) - used - 256)

@@ -1,0 +1,109 @@
+"""The native pager (``_pager.c``): misses served in C, bit-exact, in budget, the same choices as
+the Python residency, and failures handed back to Python, which names them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoe_gguf import native
+from smoe_gguf.engine import Engine
+from smoe_gguf.fetcher import Flight
+from smoe_gguf.pack import manifest as mf
+from smoe_gguf.pack.split import split
+
+from .engine_helpers import N_TOKENS, PROMPT, reference, same
+
+
+def _run(pack: Path, budget: str, prompt: str = PROMPT, **kw: object) -> tuple[Engine, list[int], list[np.ndarray], list[int]]:
+    """Generate with an engine that measures ``mincore`` at every gate (an observer: called at
+    each top-k gate, before the gate's misses are served) and after every token."""
+    eng = Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, speculate=False, **kw)
+    seen: list[int] = []
+    eng.gate.observe(lambda _layer, _t, _ids: seen.append(eng.xslot.mincore_bytes()))
+    eng.gate.observing = True
+    if eng.residency.native is not None:
+        eng.residency.native.wait_opened()  # every shard open: no first miss left to Python for that
+    tokens: list[int] = []
+    logits: list[np.ndarray] = []
+    for step in eng.stream(prompt, N_TOKENS, keep_logits=True):
+        tokens.append(step.token)
+        logits.append(step.logits)
+        seen.append(eng.xslot.mincore_bytes())
+    return eng, tokens, logits, seen
+
+
+@pytest.mark.parametrize("dtype", ["f32", "q4_k"])
+def test_misses_are_served_in_c_bit_exact_and_in_budget(dtype: str, pack_of, tiny_model) -> None:
+    """Q4_K slices are whole pages (the victims' pages move to the misses); F32 slices are not
+    (released, boundary pages kept while a neighbour is resident)."""
+    eng, tokens, logits, seen = _run(pack_of("qwen3moe", dtype), "25%")
+    with eng:
+        st = eng.stats()
+        # Python serves only the prompt's gates whose leaves its read-ahead has in flight
+        assert st.gates_with_misses_native > 2 * st.gates_with_misses_python
+        assert st.misses > 0 and st.evictions > 0 and st.bytes_read > 0
+        assert max(seen) <= eng.budget and st.peak_resident_bytes <= eng.budget
+        assert max(seen) > eng.budget // 2  # the measure sees real pages
+        assert eng.xslot.mincore_bytes() == eng.xslot.resident_page_bytes()  # every page is a resident slice's
+        recycles = dtype == "q4_k" and eng.xslot.can_move
+        assert (st.pages_moved_bytes > 0) == recycles
+        assert same(reference(tiny_model("qwen3moe", dtype), eng), tokens, logits)
+
+
+@pytest.mark.parametrize("policy", ["lru", "lfru", "least-stale"])
+def test_the_native_pager_chooses_as_the_python_residency_does(policy: str, pack_of) -> None:
+    """The same misses, evictions and bytes with every miss served in C as in Python (a prompt
+    too short for the read-ahead, whose landings would make the two runs differ in timing)."""
+    figures = []
+    for on in (True, False):
+        eng, tokens, _logits, _seen = _run(pack_of("qwen3moe", "q4_k"), "25%", "Once upon", policy=policy, native=on)
+        with eng:
+            st = eng.stats()
+            assert (st.gates_with_misses_native > 0) == on
+            figures.append((tokens, st.hits, st.misses, st.evictions, st.bytes_read))
+    assert figures[0] == figures[1]
+
+
+def test_a_corrupt_part_read_by_the_native_pager_is_named(tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "q4_k"), pack)
+    m = mf.load(pack)
+    for leaf in m.leaves:
+        if leaf.layer == 1:
+            path = pack / leaf.file
+            data = bytearray(path.read_bytes())
+            data[leaf.parts[1].offset + 5] ^= 0x01
+            path.write_bytes(bytes(data))
+            part = leaf.parts[1].part
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        assert eng.residency.native is not None
+        eng.residency.native.wait_opened()
+        with pytest.raises(Exception, match=rf"layer 1 expert \d+ part {part}: checksum mismatch in "):
+            eng.generate("Once upon", 4)  # too short for the read-ahead: the pager reads layer 1 first
+        eng.residency.drain_native()
+        st = eng.residency.stats
+        assert st.native_fallbacks > 0  # the pager gave the gate back to Python, which named the part
+        assert eng.residency.used == sum(eng.residency.leaf_cost(k[0]) for k in zip(*np.nonzero(eng.residency.state.resident)))
+
+
+def test_the_flight_table_follows_the_fetcher() -> None:
+    f = Flight()
+    f.table = np.zeros((2, 4), np.uint8)
+    f[(1, 2)] = 1
+    f[(0, 3)] = 2
+    assert f.table[1, 2] == 1 and f.table[0, 3] == 1
+    del f[(1, 2)]
+    assert f.pop((0, 3)) == 2 and f.pop((0, 3), None) is None
+    assert not f.table.any() and not f
+
+
+def test_the_shared_lock_excludes_and_flags_store() -> None:
+    lock = native.NativeLock()
+    with lock:
+        pass
+    t = np.zeros((3, 5), np.uint8)
+    native.store_flag(t, (2, 4), 1)
+    assert t[2, 4] == 1 and t.sum() == 1
