@@ -67,7 +67,7 @@ def main() -> None:
     ap.add_argument("model")
     ap.add_argument("--budgets", default="10%,25%,50%")
     ap.add_argument("-n", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=None, help="default: the engine's (cores - 1 while paging)")
+    ap.add_argument("--threads", type=int, default=None, help="default: the engine's")
     ap.add_argument("--learn-tokens", type=int, default=32)
     ap.add_argument("--json-out", default="")
     ap.add_argument("--ablate", action="store_true",

@@ -103,20 +103,19 @@ static int movable(const struct smoe_pager *p, int32_t layer, int32_t to_layer) 
     return 1;
 }
 
-/* Evict leaf (layer, e); with to_layer >= 0 its pages go to leaf (to_layer, to_e), claimed
-   (its flags set) whether they moved or not. Lock held. */
+/* Evict leaf (layer, e); with to_layer >= 0 its pages go to leaf (to_layer, to_e) where they can
+   (that slice's flags are then set; the caller claims the others). Lock held. */
 static void evict_leaf(struct smoe_pager *p, int32_t layer, int32_t e, int32_t to_layer, int32_t to_e) {
     int move = to_layer >= 0 && movable(p, layer, to_layer);
     for (int32_t i = 0; i < p->layer_parts[layer]; i++) {
         int64_t src = slot_of(p, layer, i);
         int moved = 0;
 #ifdef __linux__
-        if (move && *flag_of(p, src, e)) {
-            int64_t dst = slot_of(p, to_layer, i);
+        int64_t dst = move ? slot_of(p, to_layer, i) : 0;
+        if (move && p->can_move && *flag_of(p, src, e) && !*flag_of(p, dst, to_e)) {
             uintptr_t from = slice_addr(p, src, e), to = slice_addr(p, dst, to_e);
             size_t size = (size_t)p->t_slice[src];
-            if (!*flag_of(p, dst, to_e) &&
-                mremap((void *)from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)to) == (void *)to) {
+            if (mremap((void *)from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)to) == (void *)to) {
                 *flag_of(p, src, e) = 0;
                 *flag_of(p, dst, to_e) = 1;
                 (void)map_anon(p, from, from + size);  /* a fresh mapping that merges with its neighbours */
@@ -130,22 +129,26 @@ static void evict_leaf(struct smoe_pager *p, int32_t layer, int32_t e, int32_t t
         if (!moved) (void)release_slice(p, src, e);
     }
     (void)move;
+    (void)to_e;
 }
 
-/* The score order of policy.py: 1 if leaf a (flat index) goes before leaf b. */
-static int before(const struct smoe_pager *p, int64_t a, int64_t b, int32_t layer, double now) {
-    if (p->policy == SMOE_POLICY_LFRU) {
-        double sa = (double)p->uses[a] * exp2(-(now - (double)p->last_use[a]) / p->half_life);
-        double sb = (double)p->uses[b] * exp2(-(now - (double)p->last_use[b]) / p->half_life);
-        if (sa != sb) return sa < sb;
-    } else if (p->policy == SMOE_POLICY_LEAST_STALE) {
-        int32_t L = p->n_layer;
-        int32_t ua = (((int32_t)(a / p->n_expert) - layer - 1) % L + L) % L;
-        int32_t ub = (((int32_t)(b / p->n_expert) - layer - 1) % L + L) % L;
-        if (ua != ub) return ua > ub;
+/* A leaf's eviction key under the policy (policy.py's scores): the smallest goes first; ties go
+   to the least recently used, then the lowest index. */
+struct order {
+    double now;
+    int32_t layer;
+};
+
+static double key_of(const struct smoe_pager *p, int64_t k, const struct order *o) {
+    int32_t n = p->n_layer;
+    switch (p->policy) {
+    case SMOE_POLICY_LFRU:
+        return (double)p->uses[k] * exp2(-(o->now - (double)p->last_use[k]) / p->half_life);
+    case SMOE_POLICY_LEAST_STALE:
+        return -(double)((((int32_t)(k / p->n_expert) - o->layer - 1) % n + n) % n);
+    default:
+        return 0.0;
     }
-    if (p->last_use[a] != p->last_use[b]) return p->last_use[a] < p->last_use[b];
-    return a < b;
 }
 
 static void log_eviction(struct smoe_pager *p, int64_t k) {
@@ -194,16 +197,21 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
 
     /* victims, chosen before anything changes */
     const uint64_t now = *p->clock + 1;
-    const double fnow = (double)now;
+    struct order ord = {(double)now, layer};
     int64_t used = p->ledger[0], budget = p->ledger[1];
     int64_t over = used + (int64_t)n_miss * cost - budget;
     const int64_t n_all = (int64_t)p->n_layer * E;
     while (over > 0) {
         int64_t best = -1;
+        double best_key = 0.0;
         for (int64_t k = 0; k < n_all; k++) {
             if (!p->resident[k] || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
             if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) continue;
-            if (best < 0 || before(p, k, best, layer, fnow)) best = k;
+            double key = key_of(p, k, &ord);
+            if (best < 0 || key < best_key || (key == best_key && p->last_use[k] < p->last_use[best])) {
+                best = k;
+                best_key = key;
+            }
         }
         if (best < 0 || n_victim == E) goto unmark;  /* Python may cancel prefetches or drop predictions */
         mark[best] = 1;

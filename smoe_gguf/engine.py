@@ -214,7 +214,8 @@ class Engine:
             if self.residency.native is not None:  # misses served in C where it can
                 self.gate.attach_pager(self.residency.native.address)
                 self.residency.native.open_shards()
-            self.n_threads = n_threads or _default_threads(self.paging)
+            native_pages = self.residency.native is not None and self.residency.native.enabled
+            self.n_threads = n_threads or _default_threads(self.paging and not native_pages)
             # a prompt micro-batch's matmuls are long: they keep every core (the readers wait on the disk)
             self.n_threads_batch = n_threads or _default_threads(False)
             cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
@@ -283,7 +284,7 @@ class Engine:
                 "n_layer": r.n_layer, "n_expert": src.n_expert, "n_expert_used": src.n_expert_used,
                 "leaf_cost": {str(k): v for k, v in sorted(r.costs.items())}, "total_cost": r.total_cost,
                 "source": name})
-            self.gate.every_gate = True  # hits too must reach the trace
+            self.gate.observe(r.trace_gate, always=True)  # every gate, hits too, before its misses are read
         self.speculator: Speculator | None = None
         if speculate and self.paging:
             threshold, rank, lookahead = guess
@@ -602,13 +603,14 @@ def _percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 4) if values else 0.0
 
 
-def _default_threads(paging: bool) -> int:
-    """Compute threads: the usable cores (at most 8), less one for decoding while paging. ggml's
-    threads meet at spinning barriers many times per token (more with the gate splitting the
-    graph); when one of them loses its core, to the I/O threads or to any other process, the
-    others spin until it is back, so one core is left to the I/O threads and the gate."""
+def _default_threads(python_pages: bool) -> int:
+    """Compute threads: the usable cores (at most 8), less one for decoding where Python serves
+    the gate's misses (part pipelining, a pack without XXH64). ggml's threads meet at spinning
+    barriers many times per token (more with the gate splitting the graph); when one of them
+    loses its core, to Python's I/O threads or to any other process, the others spin until it is
+    back. The native pager's readers wait on the disk, not on a core."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1 if paging else cores))
+    return max(1, min(8, cores - 1 if python_pages else cores))
 
 
 def peak_rss() -> int:

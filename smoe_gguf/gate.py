@@ -120,7 +120,7 @@ class Gate:
         self.py_nodes = 0  # nodes of other kinds seen in Python (the down node: only where wanted)
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
-        self._every = False  # every gate to Python regardless (a trace)
+        self._always: list[GateObserver] = []  # observers never paused (a trace)
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -154,20 +154,16 @@ class Gate:
         self.user_data = ctypes.addressof(st)
         self.callback = abi.EvalCallback(ctypes.cast(self._lib.smoe_gate_cb, c_void_p).value)
 
-    def observe(self, observer: GateObserver) -> None:
-        """Call ``observer(layer, node, ids)`` after every top-k gate (all gates then enter Python)."""
-        self.observers.append(observer)
+    def observe(self, observer: GateObserver, always: bool = False) -> None:
+        """Call ``observer(layer, node, ids)`` at every top-k gate (all gates then enter Python),
+        before the gate's misses are read. ``always``: never paused by :attr:`observing` (a trace)."""
+        (self._always if always else self.observers).append(observer)
         self._sync()
 
     @property
     def every_gate(self) -> bool:
-        """True: every top-k gate calls Python (``on_experts`` sees hits too, e.g. for a trace)."""
+        """True: every top-k gate calls Python (its observers)."""
         return bool(self._st.every_gate)
-
-    @every_gate.setter
-    def every_gate(self, on: bool) -> None:
-        self._every = on
-        self._sync()
 
     @property
     def observing(self) -> bool:
@@ -181,7 +177,7 @@ class Gate:
         self._sync()
 
     def _sync(self) -> None:
-        self._st.every_gate = 1 if self._every or (self._observing and self.observers) else 0
+        self._st.every_gate = 1 if self._always or (self._observing and self.observers) else 0
 
     def attach_pager(self, address: int | None) -> None:
         """Serve misses with the native pager at ``address`` (a ``struct smoe_pager`` that
@@ -257,6 +253,8 @@ class Gate:
         self.on_experts(layer, ids)
 
     def _observe(self, t: int, layer: int, ids: np.ndarray) -> None:
+        for observer in self._always:
+            observer(layer, t, ids)
         for observer in self.observers if self._observing else ():
             observer(layer, t, ids)
 

@@ -214,17 +214,25 @@ class Residency:
 
     @property
     def trace(self) -> Trace | None:
-        """Where every gate's accesses are recorded (every gate is then served in Python)."""
+        """Where :meth:`trace_gate` records every gate's accesses."""
         return self._trace
 
     @trace.setter
     def trace(self, trace: Trace | None) -> None:
         self._trace = trace
-        self._sync_native()
 
     def _sync_native(self) -> None:
         if self.native is not None:
-            self.native.enabled = self._enabled and not self._pipeline and self._trace is None
+            self.native.enabled = self._enabled and not self._pipeline
+
+    def trace_gate(self, layer: int, _node: int, ids: np.ndarray) -> None:
+        """A gate observer that records the gate in :attr:`trace` (called before its misses are
+        read, so its hits are what was resident)."""
+        if self._trace is None or not self._enabled:
+            return
+        wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
+        resident = self.state.resident[layer]
+        self._trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
 
     def drain_native(self) -> None:
         """Take in what the native pager did since the last call: its counts into :attr:`stats`,
@@ -299,8 +307,6 @@ class Residency:
         now = s.tick()
         s.protect[layer] = 0  # served: its guesses are spent
         resident = s.resident[layer]
-        if self.trace is not None:
-            self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
         t0 = None
         loads: list[Key] = []  # misses read now, in one batch
         landing: list[Key] = []  # misses the I/O threads are reading: waited for after the batch

@@ -13,6 +13,7 @@ from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import Flight
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
+from smoe_gguf.policy import POLICIES
 
 from .engine_helpers import N_TOKENS, PROMPT, reference, same
 
@@ -53,7 +54,7 @@ def test_misses_are_served_in_c_bit_exact_and_in_budget(dtype: str, pack_of, tin
         assert same(reference(tiny_model("qwen3moe", dtype), eng), tokens, logits)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfru", "least-stale"])
+@pytest.mark.parametrize("policy", list(POLICIES))
 def test_the_native_pager_chooses_as_the_python_residency_does(policy: str, pack_of) -> None:
     """The same misses, evictions and bytes with every miss served in C as in Python (a prompt
     too short for the read-ahead, whose landings would make the two runs differ in timing)."""

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from smoe_gguf.errors import SmoeError
-from smoe_gguf.policy import AccessState, make_policy
+from smoe_gguf.policy import POLICIES, AccessState, make_policy
 from smoe_gguf.replay import replay
 from smoe_gguf.residency import Residency
 from smoe_gguf.trace import load
@@ -64,7 +64,7 @@ def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     assert make_policy("least-stale").victim(s, evictable, 1) == (3, 0)
 
 
-@pytest.mark.parametrize("policy", ["lru", "lfru", "least-stale"])
+@pytest.mark.parametrize("policy", list(POLICIES))
 def test_leaves_in_use_and_pinned_leaves_are_never_evicted(policy: str) -> None:
     r = _books(policy, n_expert=6, budget_leaves=3)
     r.state.pinned[0, D] = 1
