@@ -51,6 +51,8 @@ def test_physical_limit_formula() -> None:
     assert bench.physical_limit_tps(1e9, 5e8, 10e9, 1e9, overlap=False) == pytest.approx(1 / 0.6)
     assert bench.physical_limit_tps(1e9, 5e8, 10e9, 1e9) == pytest.approx(1 / 0.5)  # overlapped: the slower
     assert bench.physical_limit_tps(2e9, 0, 10e9, 1e9) == pytest.approx(5.0)
+    assert bench.compute_limit_tps(0.01, 5e7, 1e9) == pytest.approx(20.0)  # the disk: 50 ms a token
+    assert bench.compute_limit_tps(0.01, 0, 1e9) == pytest.approx(100.0)  # compute alone
 
 
 def test_same_tokens_compares_the_common_prefix() -> None:
@@ -174,6 +176,8 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert r["decode_tps"] > 0 and r["peak_rss_bytes"] > 0 and r["cpu_per_token"] > 0
         assert 0 <= r["hit_rate"] <= 1 and r["bytes_per_token"] is not None
         assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
+        # the bound at stock's own compute is never above the roofline's
+        assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
     for r in smoe:
         if r["system"] == "smoe-gguf reactive LRU":
             rates = r["replay_hit_rates"]
