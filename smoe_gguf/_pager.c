@@ -195,7 +195,9 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     if ((int64_t)n_miss * p->n_parts > p->jobs_cap) goto out;
     uint64_t t0 = now_ns();
 
-    /* victims, chosen before anything changes */
+    /* victims, chosen before anything else changes; the layer is being served: its guesses
+       are spent (as Python does) */
+    memset(p->protect + base, 0, (size_t)E);
     const uint64_t now = *p->clock + 1;
     struct order ord = {(double)now, layer};
     int64_t used = p->ledger[0], budget = p->ledger[1];
@@ -221,7 +223,6 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
 
     /* evict, charge, claim */
     *p->clock = now;
-    memset(p->protect + base, 0, (size_t)E);  /* the layer is served: its guesses are spent */
     for (int32_t i = 0; i < n_miss; i++) {
         int64_t k = base + miss[i];
         if (p->evicted_at[k] && now - p->evicted_at[k] <= p->regret_window) p->regrets++;

@@ -52,6 +52,16 @@ class Flight(dict[Key, int]):
         if had and self.table is not None:
             native.store_flag(self.table, key, 0)
         return got
+
+    def drop_marked(self, key: Key) -> None:
+        """Leave the flight but stay in the table: a failed read, whose pages and charge only the
+        gate thread gives back (:meth:`unmark` then)."""
+        super().__delitem__(key)
+
+    def unmark(self, key: Key) -> None:
+        """Out of the table, unless in flight again."""
+        if self.table is not None and key not in self:
+            native.store_flag(self.table, key, 0)
 HOLD_BELOW = 0.5  # prefetches less likely than this wait while the gate reads a miss itself
 
 
@@ -161,6 +171,7 @@ class Fetcher:
         with self.cv:
             while key in self.flight:
                 self.cv.wait()
+            self.flight.unmark(key)
             return self.failed_down.pop(key, None)
 
     def done(self, key: Key) -> None:
@@ -177,6 +188,7 @@ class Fetcher:
                 self.cv.wait()
             self.flight.pop(key, None)
             self.failed_down.pop(key, None)
+            self.flight.unmark(key)
 
     def cancel_least(self) -> Key | None:
         """Cancel the least likely queued prefetch (the newest among equals) and return it; if
@@ -204,11 +216,16 @@ class Fetcher:
             return []
         with self.cv:
             failed, self.failed = self.failed, {}
+            for key in failed:
+                self.flight.unmark(key)
         return list(failed)
 
     def take_failure(self, key: Key) -> BaseException | None:
         with self.cv:
-            return self.failed.pop(key, None)
+            err = self.failed.pop(key, None)
+            if err is not None:
+                self.flight.unmark(key)
+            return err
 
     def drain(self) -> None:
         """Wait until nothing is in flight."""
@@ -276,7 +293,9 @@ class Fetcher:
             with self.cv:
                 if err is not None:  # its charge is released by the gate thread
                     (self.failed_down if down else self.failed)[key] = err
-                elif not down:
-                    self._on_landed(key, priority)
-                del self.flight[key]  # a leaf's down parts: the residency makes it resident
+                    self.flight.drop_marked(key)  # the native pager keeps off it until then
+                else:
+                    if not down:
+                        self._on_landed(key, priority)
+                    del self.flight[key]  # a leaf's down parts: the residency makes it resident
                 self.cv.notify_all()

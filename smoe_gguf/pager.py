@@ -205,11 +205,8 @@ class NativePager:
                     if p.length != xslot.regions[p.tensor].slice_bytes:
                         usable = False
         self.usable = usable and not xslot.file_mapped
-        # pages move only while the slices holding moved pages surely stay below the X-Slot's bound
-        from .xslot import MAX_MOVED_SLICES
-
-        most = (r.budget // max(1, min(costs.values())) + 1) * P
-        st.can_move = 1 if xslot.can_move and most <= MAX_MOVED_SLICES else 0
+        self._min_cost = max(1, min(costs.values()))
+        st.can_move = 1 if xslot.can_move and self._moves_bounded(r.budget) else 0
         self.ledger = r.ledger
         self._log = np.zeros(2 * LOG_PAIRS, np.int64)
         self._jobs_cap = E * P
@@ -244,6 +241,19 @@ class NativePager:
         self.address = ctypes.addressof(st)
         self._opener: threading.Thread | None = None
         self._stop = threading.Event()
+
+    def _moves_bounded(self, budget: int) -> bool:
+        """Whether the slices that can hold moved pages under ``budget`` (each is a mapping of its
+        own) surely stay below the X-Slot's bound."""
+        from .xslot import MAX_MOVED_SLICES
+
+        return (budget // self._min_cost + 1) * self.n_parts <= MAX_MOVED_SLICES
+
+    def budget_changed(self, budget: int) -> None:
+        """A new budget: pages stop moving where it could hold too many moved slices (they never
+        start again: the kernel may have refused a move)."""
+        if not self._moves_bounded(budget):
+            self._st.can_move = 0
 
     @property
     def enabled(self) -> bool:

@@ -668,5 +668,7 @@ class Residency:
         self.drain()
         self.drain_native()
         self.budget = budget
+        if self.native is not None:
+            self.native.budget_changed(budget)
         self.state.protect[:] = 0
         self._make_room(0, 0, [])  # nothing is in use between decodes, nothing protected: always succeeds

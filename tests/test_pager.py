@@ -10,7 +10,7 @@ import pytest
 
 from smoe_gguf import native
 from smoe_gguf.engine import Engine
-from smoe_gguf.fetcher import Flight
+from smoe_gguf.fetcher import Fetcher, Flight
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 from smoe_gguf.policy import POLICIES
@@ -108,3 +108,22 @@ def test_the_shared_lock_excludes_and_flags_store() -> None:
     t = np.zeros((3, 5), np.uint8)
     native.store_flag(t, (2, 4), 1)
     assert t[2, 4] == 1 and t.sum() == 1
+
+
+def test_a_failed_prefetch_stays_off_limits_to_the_pager_until_reaped() -> None:
+    """Its pages and charge are given back by the gate thread when it reaps the failure; until
+    then the pager must not read the leaf into pages about to be released."""
+
+    def fill(layer: int, e: int, stage: int | None) -> None:
+        if (layer, e) == (0, 1):
+            raise OSError("bad disk")
+
+    landed: list[tuple[int, int]] = []
+    f = Fetcher(fill, lambda key, _p: landed.append(key), workers=2)
+    f.flight.table = np.zeros((1, 4), np.uint8)
+    f.prefetch((0, 1))
+    f.prefetch((0, 2))
+    f.drain()
+    assert landed == [(0, 2)] and f.flight.table.tolist() == [[0, 1, 0, 0]]
+    assert f.take_failures() == [(0, 1)] and not f.flight.table.any()
+    f.close()
