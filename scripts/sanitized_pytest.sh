@@ -45,7 +45,9 @@ preload=$("$cc" -print-file-name=$runtime)
 # must not be it. --import-mode=append: the tests package is found after the overlay.
 args=()
 for a in "$@"; do
-    case $a in -* | /*) args+=("$a") ;; *) args+=("$root/$a") ;; esac
+    # a path of the checkout (a test file, or a test in it) is made absolute; other words (the
+    # value of -k) are passed as they are
+    if [[ $a != -* && $a != /* && -e "$root/${a%%::*}" ]]; then args+=("$root/$a"); else args+=("$a"); fi
 done
 cd "$overlay"
 PYTHONPATH="$overlay" LD_PRELOAD="$preload" "$python" -c \
