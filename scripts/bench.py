@@ -265,7 +265,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         "CPU s/token = user + system CPU seconds of prompts and decode / generated tokens; peak RSS: the "
         "row's process. tokens = (a): the same tokens as row (a). bit-exact: the same tokens as stock "
         "llama.cpp with experts in the plain CPU buffer at the same n_ubatch and compute threads (smoe-gguf "
-        "shrinks the micro-batch at small budgets and computes with one thread less while paging; llama.cpp's "
+        "shrinks the micro-batch at small budgets and may compute with other thread counts; llama.cpp's "
         "logits depend on both).", "",
     ]
     if result.get("long_prompt"):
