@@ -3,6 +3,7 @@ the Python residency, and failures handed back to Python, which names them."""
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +22,8 @@ from .engine_helpers import N_TOKENS, PROMPT, reference, same
 def _run(pack: Path, budget: str, prompt: str = PROMPT, **kw: object) -> tuple[Engine, list[int], list[np.ndarray], list[int]]:
     """Generate with an engine that measures ``mincore`` at every gate (an observer: called at
     each top-k gate, before the gate's misses are served) and after every token."""
-    eng = Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, speculate=False, **kw)
+    kw.setdefault("n_threads", 2)
+    eng = Engine(pack, budget=budget, n_ctx=256, profile=None, speculate=False, **kw)
     seen: list[int] = []
     eng.gate.observe(lambda _layer, _t, _ids: seen.append(eng.xslot.mincore_bytes()))
     eng.gate.observing = True
@@ -127,3 +129,34 @@ def test_a_failed_prefetch_stays_off_limits_to_the_pager_until_reaped() -> None:
     assert landed == [(0, 2)] and f.flight.table.tolist() == [[0, 1, 0, 0]]
     assert f.take_failures() == [(0, 1)] and not f.flight.table.any()
     f.close()
+
+
+@pytest.mark.parametrize("checksums", ["first", "always", "never"])
+def test_the_pager_checks_what_the_checksum_mode_asks(checksums: str, pack_of) -> None:
+    eng, _tokens, _logits, _seen = _run(pack_of("qwen3moe", "q4_k"), "25%", "Once upon", checksums=checksums)
+    with eng:
+        st = eng.source.store.stats
+        assert eng.stats().gates_with_misses_native > 0
+        n_parts = sum(len(parts) for parts in eng.source.store.leaves.values())
+        if checksums == "always":
+            assert st.checked_parts == st.part_reads > n_parts  # every read, re-reads included
+        elif checksums == "first":
+            assert 0 < st.checked_parts <= n_parts < st.part_reads  # each part once at most
+        else:
+            assert st.checked_parts == 0
+
+
+def test_a_pack_without_xxh64_is_paged_by_python(tiny_model, tmp_path: Path) -> None:
+    """The pager checks XXH64 only: a pack split before it was recorded (sha256 only) is paged by
+    the Python residency, which checks sha256, with one core left to its I/O threads."""
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "q4_k"), pack)
+    path = pack / "manifest.json"
+    path.write_text(re.sub(r',\s*"xxh64":\s*"[0-9a-f]+"', "", path.read_text()))
+    assert '"xxh64"' not in path.read_text()
+    eng, _tokens, _logits, _seen = _run(pack, "25%", "Once upon", n_threads=None)
+    with eng:
+        st = eng.stats()
+        assert st.gates_with_misses_native == 0 and st.misses > 0 and eng.source.store.stats.checked_parts > 0
+        assert eng.residency.native is not None and not eng.residency.native.enabled
+        assert eng.n_threads == max(1, eng.n_threads_batch - 1)
