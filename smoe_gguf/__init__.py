@@ -6,5 +6,10 @@ import os
 # matmuls: its worker threads would spin on the cores llama.cpp computes on. Set before numpy
 # loads it; a user's own setting wins.
 os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+# llama.cpp's OpenMP threads (libgomp) spin this many rounds before they sleep between graph
+# pieces, a few milliseconds instead of libgomp's default of about three times as long: while a
+# gate waits on the disk, the other compute threads stop burning the cores the readers and the
+# observers need. Set before llama.cpp loads libgomp; a user's own setting wins.
+os.environ.setdefault("GOMP_SPINCOUNT", "100000")
 
 __version__ = "0.1.0"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -104,3 +105,14 @@ def _pieces(model: Path, tokens: list[int]) -> list[bytes]:
         return [token_piece(vocab, t) for t in tokens]
     finally:
         llama_cpp.llama_model_free(m)
+
+
+def test_thread_knobs_default_and_yield_to_the_users() -> None:
+    """numpy's BLAS single-threaded and libgomp's spin shortened, unless the user set them."""
+    code = "import os, smoe_gguf; print(os.environ['OPENBLAS_NUM_THREADS'], os.environ['GOMP_SPINCOUNT'])"
+    env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "100000"]
+    env["GOMP_SPINCOUNT"] = "7"
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["1", "7"]
