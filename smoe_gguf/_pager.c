@@ -163,6 +163,55 @@ static void release_leaf(struct smoe_pager *p, int32_t layer, int32_t e) {
     for (int32_t i = 0; i < p->layer_parts[layer]; i++) (void)release_slice(p, slot_of(p, layer, i), e);
 }
 
+/* Victims until `over` bytes are free, in policy order, never a marked leaf (mark[]: those in use),
+   pinned, predicted, in flight or unpaged; each is marked. Returns how many, or -1 (marks of the
+   victims cleared) if not enough can go. Nothing else changes. */
+static int32_t choose_victims(struct smoe_pager *p, int64_t over, const struct order *ord, int32_t *victim,
+                              int32_t cap) {
+    const int32_t E = p->n_expert;
+    const int64_t n_all = (int64_t)p->n_layer * E;
+    uint8_t *mark = p->mark;
+    int32_t n = 0;
+    while (over > 0) {
+        int64_t best = -1;
+        double best_key = 0.0;
+        for (int64_t k = 0; k < n_all; k++) {
+            if (!p->resident[k] || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
+            if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) continue;
+            double key = key_of(p, k, ord);
+            if (best < 0 || key < best_key || (key == best_key && p->last_use[k] < p->last_use[best])) {
+                best = k;
+                best_key = key;
+            }
+        }
+        if (best < 0 || n == cap) {
+            for (int32_t i = 0; i < n; i++) mark[victim[i]] = 0;
+            return -1;
+        }
+        mark[best] = 1;
+        victim[n++] = (int32_t)best;  /* flat index < 2^31: n_layer * n_expert is checked in Python */
+        over -= p->cost[best / E];
+    }
+    return n;
+}
+
+/* Evict the victims (lock held): the first n_into give their pages to leaves into[] of into_layer. */
+static void evict_victims(struct smoe_pager *p, const int32_t *victim, int32_t n, int32_t into_layer,
+                          const int32_t *into, int32_t n_into, uint64_t now) {
+    const int32_t E = p->n_expert;
+    for (int32_t j = 0; j < n; j++) {
+        int64_t k = victim[j];
+        int32_t vl = (int32_t)(k / E), ve = (int32_t)(k % E);
+        p->mark[k] = 0;
+        __atomic_store_n(&p->resident[k], 0, __ATOMIC_RELEASE);
+        log_eviction(p, k);
+        evict_leaf(p, vl, ve, j < n_into ? into_layer : -1, j < n_into ? into[j] : 0);
+        p->ledger[0] -= p->cost[vl];
+        p->evicted_at[k] = now;
+        p->evictions++;
+    }
+}
+
 int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
                      int64_t row_stride, uint64_t *gate_hits) {
     const int32_t E = p->n_expert;
@@ -200,25 +249,10 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     memset(p->protect + base, 0, (size_t)E);
     const uint64_t now = *p->clock + 1;
     struct order ord = {(double)now, layer};
-    int64_t used = p->ledger[0], budget = p->ledger[1];
-    int64_t over = used + (int64_t)n_miss * cost - budget;
-    const int64_t n_all = (int64_t)p->n_layer * E;
-    while (over > 0) {
-        int64_t best = -1;
-        double best_key = 0.0;
-        for (int64_t k = 0; k < n_all; k++) {
-            if (!p->resident[k] || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
-            if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) continue;
-            double key = key_of(p, k, &ord);
-            if (best < 0 || key < best_key || (key == best_key && p->last_use[k] < p->last_use[best])) {
-                best = k;
-                best_key = key;
-            }
-        }
-        if (best < 0 || n_victim == E) goto unmark;  /* Python may cancel prefetches or drop predictions */
-        mark[best] = 1;
-        victim[n_victim++] = (int32_t)best;  /* flat index < 2^31: n_layer * n_expert is checked in Python */
-        over -= p->cost[best / E];
+    n_victim = choose_victims(p, p->ledger[0] + (int64_t)n_miss * cost - p->ledger[1], &ord, victim, E);
+    if (n_victim < 0) {  /* Python may cancel prefetches or drop predictions */
+        n_victim = 0;
+        goto out;
     }
 
     /* evict, charge, claim */
@@ -228,17 +262,7 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
         if (p->evicted_at[k] && now - p->evicted_at[k] <= p->regret_window) p->regrets++;
     }
     pthread_mutex_lock(p->lock);
-    for (int32_t j = 0; j < n_victim; j++) {
-        int64_t k = victim[j];
-        int32_t vl = (int32_t)(k / E), ve = (int32_t)(k % E);
-        mark[k] = 0;
-        __atomic_store_n(&p->resident[k], 0, __ATOMIC_RELEASE);
-        log_eviction(p, k);
-        evict_leaf(p, vl, ve, j < n_miss ? layer : -1, j < n_miss ? miss[j] : 0);
-        p->ledger[0] -= p->cost[vl];
-        p->evicted_at[k] = now;
-        p->evictions++;
-    }
+    evict_victims(p, victim, n_victim, layer, miss, n_miss, now);
     int64_t n_jobs = 0;
     for (int32_t i = 0; i < n_miss; i++) {
         int32_t e = miss[i];
@@ -308,14 +332,44 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     p->stall_ns += dt;
     p->layer_stall_ns[layer] += dt;
     ok = 1;
-    goto out;
 
-unmark:
-    for (int32_t i = 0; i < n_victim; i++) mark[victim[i]] = 0;
 out:
     for (int32_t i = 0; i < n_w; i++) mark[base + wanted[i]] = 0;
     p->fallbacks += !ok;
     return ok;
+}
+
+/* Room for `need` more bytes, for a prefetch of leaf (into_layer, into_e) (into_layer < 0: for
+   nothing), evicting in policy order but never one of the n_in_use experts of `layer` that the
+   node being gated reads, one of the n_also leaves `also` (flat indices: the same call's earlier
+   prefetches, landed or not), nor a pinned, predicted or in-flight leaf. The first victim's pages go
+   to the prefetched leaf's slices where they can (claimed: the caller fills them or releases
+   them). Returns 1, or 0 with nothing changed if not enough can go. The thread that calls
+   llama_decode, between gates or in a gate's observer; the evictions are logged and counted as
+   the gate's are. */
+int32_t smoe_pager_make_room(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
+                             const int64_t *also, int32_t n_also, int64_t need, int32_t into_layer, int32_t into_e) {
+    const int32_t E = p->n_expert;
+    const int64_t n_all = (int64_t)p->n_layer * E;
+    int64_t over = p->ledger[0] + need - p->ledger[1];
+    if (over <= 0) return 1;
+    if (p->log_n >= p->log_cap - E || layer < 0 || layer >= p->n_layer) return 0;
+    int32_t *victim = p->scratch + 2 * E;
+    for (int32_t i = 0; i < n_in_use; i++)
+        if (in_use[i] >= 0 && in_use[i] < E) p->mark[(int64_t)layer * E + in_use[i]] = 1;
+    for (int32_t i = 0; i < n_also; i++)
+        if (also[i] >= 0 && also[i] < n_all) p->mark[also[i]] = 1;
+    struct order ord = {(double)*p->clock, layer};
+    int32_t n = choose_victims(p, over, &ord, victim, E);
+    for (int32_t i = 0; i < n_in_use; i++)
+        if (in_use[i] >= 0 && in_use[i] < E) p->mark[(int64_t)layer * E + in_use[i]] = 0;
+    for (int32_t i = 0; i < n_also; i++)
+        if (also[i] >= 0 && also[i] < n_all) p->mark[also[i]] = 0;
+    if (n < 0) return 0;
+    pthread_mutex_lock(p->lock);
+    evict_victims(p, victim, n, into_layer, &into_e, into_layer >= 0 ? 1 : 0, *p->clock);
+    pthread_mutex_unlock(p->lock);
+    return 1;
 }
 
 size_t smoe_pager_sizeof(void) { return sizeof(struct smoe_pager); }

@@ -21,6 +21,7 @@ import mmap
 import os
 import resource
 import threading
+from collections.abc import Sequence
 from ctypes import POINTER, Structure, c_double, c_int32, c_int64, c_uint8, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Protocol
@@ -238,6 +239,11 @@ class NativePager:
         st.layer_misses, st.layer_stall_ns = _ptr(self.layer_misses, c_uint64), _ptr(self.layer_stall_ns, c_uint64)
         self._st = st
         self._keep += [xslot, store, in_flight, s]
+        lib = native.lib()
+        self._make_room = lib.smoe_pager_make_room
+        self._make_room.restype = c_int32
+        self._make_room.argtypes = [c_void_p, c_int32, POINTER(c_int32), c_int32, POINTER(c_int64), c_int32, c_int64,
+                                    c_int32, c_int32]
         self.address = ctypes.addressof(st)
         self._opener: threading.Thread | None = None
         self._stop = threading.Event()
@@ -279,6 +285,19 @@ class NativePager:
 
         self._opener = threading.Thread(target=run, name="smoe-open-shards", daemon=True)
         self._opener.start()
+
+    def make_room(self, need: int, layer: int, in_use: list[int], also: Sequence[tuple[int, int]],
+                  into: tuple[int, int] | None) -> bool:
+        """Evict (policy order) until ``need`` more bytes fit, never one of ``in_use`` at ``layer``,
+        one of ``also``, a pinned, predicted or in-flight leaf; the first victim's pages go to leaf
+        ``into`` where they can (it is then claimed: fill it or release it). False, with nothing
+        changed, if not enough can go. On the thread that calls llama_decode, outside a gate's
+        native service."""
+        ids = np.asarray(in_use, np.int32)
+        keys = np.asarray([layer_ * self.n_expert + e for layer_, e in also], np.int64)
+        to = into if into is not None else (-1, 0)
+        return bool(self._make_room(self.address, layer, ids.ctypes.data_as(POINTER(c_int32)), ids.size,
+                                    keys.ctypes.data_as(POINTER(c_int64)), keys.size, need, *to))
 
     def wait_opened(self) -> None:
         """Wait until :meth:`open_shards` has opened every shard it could."""

@@ -512,6 +512,10 @@ class Residency:
         (:meth:`_give_back`). False if it cannot."""
         if self.used + cost <= self.budget:
             return True
+        if not for_gate and self.native is not None and self.native.enabled:
+            self.reap_failures()  # failed prefetches give their charge back
+            if self.native.make_room(cost, layer, list(in_use), also, into):
+                return True  # else as below: a prefetch may land meanwhile
         s = self.state
         evictable = None
         protect = True  # predicted leaves stay while anything else can go

@@ -16,7 +16,7 @@ from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 from smoe_gguf.policy import POLICIES
 
-from .engine_helpers import N_TOKENS, PROMPT, reference, same
+from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
 
 
 def _run(pack: Path, budget: str, prompt: str = PROMPT, **kw: object) -> tuple[Engine, list[int], list[np.ndarray], list[int]]:
@@ -160,3 +160,21 @@ def test_a_pack_without_xxh64_is_paged_by_python(tiny_model, tmp_path: Path) -> 
         assert st.gates_with_misses_native == 0 and st.misses > 0 and eng.source.store.stats.checked_parts > 0
         assert eng.residency.native is not None and not eng.residency.native.enabled
         assert eng.n_threads == max(1, eng.n_threads_batch - 1)
+
+
+def test_room_for_a_prefetch_is_made_in_c_and_spares_what_it_must(pack_of) -> None:
+    """Never a leaf the gated node reads, one the same prefetch call queued before, a pinned or
+    a predicted one; with nothing else to evict, nothing changes."""
+    pack = pack_of("qwen3moe", "q4_k")
+    with Engine(pack, budget=budgets(pack)["min"], n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        r, nat = eng.residency, eng.residency.native
+        assert nat is not None and nat.enabled
+        r.on_experts(0, np.arange(4, dtype=np.int32))
+        cost = r.leaf_cost(0)
+        assert r.used == r.budget and r.state.resident[0, :4].all()
+        assert not nat.make_room(cost, 0, [0, 1, 2, 3], [], None) and r.used == r.budget
+        r.state.pinned[0, 0] = r.state.protect[0, 1] = 1
+        assert nat.make_room(cost, 1, [], [(0, 2)], None)
+        assert r.state.resident[0].tolist()[:4] == [1, 1, 1, 0] and r.used == r.budget - cost
+        r.drain_native()
+        assert r.stats.evictions == 1 and eng.xslot.mincore_bytes() <= r.used
