@@ -83,8 +83,9 @@ class _GateStruct(Structure):
 
 
 def _lib() -> ctypes.CDLL:
-    native.check_sizeof("gate", ctypes.sizeof(_GateStruct), "gate.py")
-    return native.lib()
+    lb = native.lib()
+    native.check_sizeof(lb, "gate", ctypes.sizeof(_GateStruct), "gate.py")
+    return lb
 
 
 class Gate:

@@ -14,16 +14,30 @@ from .errors import SmoeError
 _LIB: ctypes.CDLL | None = None
 
 
+def load_extension(name: str) -> ctypes.CDLL:
+    """One of the package's extensions (``smoe_gguf.<name>``), loaded with ctypes: pip builds them
+    as Python extensions only so that it compiles them. A call through it releases the GIL."""
+    spec = importlib.util.find_spec(f"smoe_gguf.{name}")
+    if spec is None or spec.origin is None:
+        raise SmoeError(f"smoe_gguf.{name} is not built: reinstall the package (`make install` or `pip install -e .`)")
+    return ctypes.CDLL(spec.origin)
+
+
+def check_sizeof(lb: ctypes.CDLL, name: str, size: int, mirror: str) -> None:
+    """Raise unless the C struct ``name`` of library ``lb`` has ``size`` bytes (its ctypes mirror
+    in ``mirror``)."""
+    sizeof = getattr(lb, f"smoe_{name}_sizeof")
+    sizeof.restype = c_size_t
+    if sizeof() != size:
+        raise SmoeError(f"{lb._name} does not match {mirror} (struct {name} of {sizeof()} bytes, "
+                        f"expected {size}): rebuild the package")
+
+
 def lib() -> ctypes.CDLL:
-    """The library, loaded once (its struct sizes are checked by the modules that mirror them)."""
+    """The gate's library, loaded once (its struct sizes are checked by the modules that mirror them)."""
     global _LIB
     if _LIB is None:
-        spec = importlib.util.find_spec("smoe_gguf._gatecb")
-        if spec is None or spec.origin is None:
-            raise SmoeError("smoe_gguf._gatecb is not built: reinstall the package (`make install` or `pip install -e .`)")
-        lb = ctypes.CDLL(spec.origin)  # a CDLL call releases the GIL
-        lb.smoe_gate_sizeof.restype = c_size_t
-        lb.smoe_pager_sizeof.restype = c_size_t
+        lb = load_extension("_gatecb")
         lb.smoe_lock_new.restype = c_void_p
         lb.smoe_lock_new.argtypes = []
         for name in ("smoe_lock_acquire", "smoe_lock_release", "smoe_lock_free"):
@@ -33,14 +47,6 @@ def lib() -> ctypes.CDLL:
         lb.smoe_store_flag.argtypes = [c_void_p, c_uint8]
         _LIB = lb
     return _LIB
-
-
-def check_sizeof(name: str, size: int, mirror: str) -> None:
-    """Raise unless the C struct ``name`` has ``size`` bytes (its ctypes mirror in ``mirror``)."""
-    got = getattr(lib(), f"smoe_{name}_sizeof")()
-    if got != size:
-        raise SmoeError(f"smoe_gguf._gatecb does not match {mirror} (struct {name} of {got} bytes, "
-                        f"expected {size}): rebuild the package")
 
 
 class NativeLock:

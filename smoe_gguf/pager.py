@@ -152,7 +152,7 @@ class NativePager:
     does: tracing, part pipelining, the negative control)."""
 
     def __init__(self, residency: Books, xslot: "XSlot", store: LeafStore, in_flight: np.ndarray) -> None:
-        native.check_sizeof("pager", ctypes.sizeof(_PagerStruct), "pager.py")
+        native.check_sizeof(native.lib(), "pager", ctypes.sizeof(_PagerStruct), "pager.py")
         r, s = residency, residency.state
         L, E = s.n_layer, s.n_expert
         if L * E >= 2**31:

@@ -11,7 +11,6 @@ The number of workers is the number of reads the disk sees at once (``--io-depth
 from __future__ import annotations
 
 import ctypes
-import importlib.util
 import os
 from ctypes import POINTER, Structure, c_char_p, c_double, c_int32, c_int64, c_size_t, c_uint64, c_void_p
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import SmoeError
+from .native import check_sizeof, load_extension
 
 SHORT = -1  # the file ends before the part does
 MISMATCH = -2  # the bytes do not have the expected sha256
@@ -87,14 +87,8 @@ _LIB: ctypes.CDLL | None = None
 def _lib() -> ctypes.CDLL:
     global _LIB
     if _LIB is None:
-        spec = importlib.util.find_spec("smoe_gguf._readpool")
-        if spec is None or spec.origin is None:
-            raise SmoeError("smoe_gguf._readpool is not built: reinstall the package (`make install` or `pip install -e .`)")
-        lib = ctypes.CDLL(spec.origin)  # a CDLL call releases the GIL
-        lib.smoe_job_sizeof.restype = c_size_t
-        if lib.smoe_job_sizeof() != ctypes.sizeof(_Job):
-            raise SmoeError(f"smoe_gguf._readpool does not match readpool.py (job of {lib.smoe_job_sizeof()} "
-                            f"bytes, expected {ctypes.sizeof(_Job)}): rebuild the package")
+        lib = load_extension("_readpool")
+        check_sizeof(lib, "job", ctypes.sizeof(_Job), "readpool.py")
         lib.smoe_pool_new.restype = c_void_p
         lib.smoe_pool_new.argtypes = [c_int32, c_int32]
         lib.smoe_pool_run.restype = c_int64
