@@ -24,17 +24,16 @@ import threading
 from collections.abc import Sequence
 from ctypes import POINTER, Structure, c_double, c_int32, c_int64, c_uint8, c_uint32, c_uint64, c_void_p
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Protocol
+from typing import Protocol
 
 import numpy as np
 
 from . import native
 from .errors import SmoeError
 from .policy import LFRU, LFRU_HALF_LIFE, AccessState, Policy
+from .readpool import job_array
 from .store import LeafStore, StoreStats
-
-if TYPE_CHECKING:
-    from .xslot import XSlot
+from .xslot import _MADV_NOHUGEPAGE, MAX_MOVED_SLICES, XSlot
 
 
 class Books(Protocol):
@@ -54,6 +53,9 @@ class Books(Protocol):
 
 POLICY_CODES = {"lru": 0, "lfru": 1, "least-stale": 2}
 LOG_PAIRS = 4096  # evictions the pager can log between two drains
+# the pager's counters Python takes and zeroes (struct smoe_pager also has "peak", never zeroed)
+COUNTERS = ("gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks",
+            "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")
 
 
 class _PagerStruct(Structure):
@@ -101,18 +103,12 @@ class _PagerStruct(Structure):
         ("jobs_cap", c_int64),
         ("scratch", POINTER(c_int32)),
         ("mark", POINTER(c_uint8)),
-        *((name, c_uint64) for name in (
-            "gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks", "peak",
-            "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")),
+        *((name, c_uint64) for name in (*COUNTERS[:8], "peak", *COUNTERS[8:])),
         ("read_seconds", c_double),
         ("hash_seconds", c_double),
         ("layer_misses", POINTER(c_uint64)),
         ("layer_stall_ns", POINTER(c_uint64)),
     ]
-
-
-COUNTERS = ("gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks",
-            "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")
 
 
 @dataclass
@@ -151,7 +147,7 @@ class NativePager:
     parts. It serves while :attr:`enabled` (the residency switches it off for what only Python
     does: tracing, part pipelining, the negative control)."""
 
-    def __init__(self, residency: Books, xslot: "XSlot", store: LeafStore, in_flight: np.ndarray) -> None:
+    def __init__(self, residency: Books, xslot: XSlot, store: LeafStore, in_flight: np.ndarray) -> None:
         native.check_sizeof(native.lib(), "pager", ctypes.sizeof(_PagerStruct), "pager.py")
         r, s = residency, residency.state
         L, E = s.n_layer, s.n_expert
@@ -168,9 +164,7 @@ class NativePager:
         st.half_life = float(half or LFRU_HALF_LIFE * L)
         st.n_layer, st.n_expert, st.n_parts = L, E, P
         st.check_always = 1 if store.checksums == "always" else 0
-        from .xslot import _MADV_NOHUGEPAGE  # the X-Slot's choice for its own fresh mappings
-
-        st.thp_advise = 1 if _MADV_NOHUGEPAGE is not None else 0
+        st.thp_advise = 1 if _MADV_NOHUGEPAGE is not None else 0  # as the X-Slot does for its own mappings
         st.page = mmap.PAGESIZE
         self.cost = np.zeros(L, np.int64)
         for layer, c in costs.items():
@@ -211,8 +205,6 @@ class NativePager:
         self.ledger = r.ledger
         self._log = np.zeros(2 * LOG_PAIRS, np.int64)
         self._jobs_cap = E * P
-        from .readpool import job_array
-
         self._jobs = job_array(self._jobs_cap)
         self._scratch = np.zeros(3 * E, np.int32)
         self._mark = np.zeros(L * E, np.uint8)
@@ -251,8 +243,6 @@ class NativePager:
     def _moves_bounded(self, budget: int) -> bool:
         """Whether the slices that can hold moved pages under ``budget`` (each is a mapping of its
         own) surely stay below the X-Slot's bound."""
-        from .xslot import MAX_MOVED_SLICES
-
         return (budget // self._min_cost + 1) * self.n_parts <= MAX_MOVED_SLICES
 
     def budget_changed(self, budget: int) -> None:
@@ -313,14 +303,9 @@ class NativePager:
             self.direct[k] = 1 if direct else 0
             self.fd[k] = fd
 
-    def store_counts(self, c: Counts) -> StoreStats:
-        """The reads of ``c``, as the store counts its own."""
-        return StoreStats(bytes_read=c.bytes_read, part_reads=c.part_reads, in_place_reads=c.in_place_reads,
-                          read_seconds=c.read_seconds, hash_seconds=c.hash_seconds, checked_parts=c.checked_parts,
-                          batches=c.batches)
-
     def take_counts(self) -> Counts:
-        """The counters since the last call (gate thread, between gates)."""
+        """The counters since the last call (gate thread, between gates); its reads are added to
+        the store's own figures."""
         st = self._st
         c = Counts(**{name: int(getattr(st, name)) for name in COUNTERS},
                    read_seconds=float(st.read_seconds), hash_seconds=float(st.hash_seconds), peak=int(st.peak))
@@ -332,6 +317,10 @@ class NativePager:
         c.layer_stall_ns = {int(i): int(self.layer_stall_ns[i]) for i in nz}
         self.layer_misses[:] = 0
         self.layer_stall_ns[:] = 0
+        self._store.count_native(StoreStats(
+            bytes_read=c.bytes_read, part_reads=c.part_reads, in_place_reads=c.in_place_reads,
+            read_seconds=c.read_seconds, hash_seconds=c.hash_seconds, checked_parts=c.checked_parts,
+            batches=c.batches))
         return c
 
     def take_evictions(self) -> list[tuple[tuple[int, int], int]]:

@@ -103,7 +103,6 @@ class Residency:
                     raise
 
         self._fill_many: FillMany = fill_many or each
-        self._store: LeafStore | None = None  # where the native pager's reads are counted
         self._recycle = recycle
         self.total_cost = n_expert * sum(self._cost.values())
         # the I/O threads and what is in flight; down parts are urgent (a layer's matmul waits for them)
@@ -169,7 +168,6 @@ class Residency:
                 io_depth=store.io_depth)
         if native and all(len({p.path for p in parts}) == 1 for parts in store.leaves.values()):  # one shard per leaf
             r.native = NativePager(r, xslot, store, r.flight_table)
-            r._store = store
             r._sync_native()
         return r
 
@@ -259,8 +257,6 @@ class Residency:
             st.per_layer_misses[layer] = st.per_layer_misses.get(layer, 0) + n
         for layer, ns in (c.layer_stall_ns or {}).items():
             st.per_layer_stall[layer] = st.per_layer_stall.get(layer, 0.0) + ns * 1e-9
-        if self._store is not None:
-            self._store.count_native(nat.store_counts(c))
 
     @property
     def costs(self) -> dict[int, int]:
