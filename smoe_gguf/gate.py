@@ -13,8 +13,9 @@ policies read), never enter Python. With a native pager attached (:meth:`Gate.at
 leaves to Python, or a node of another kind) calls back into Python: ``on_experts(layer, ids)``
 must make the leaves resident before it returns; ``on_node(kind, layer, tensor_address)``
 handles the other kinds. Observers (:meth:`Gate.observe`: the trace, next-layer speculation)
-make every top-k gate call Python; each is called after the gate is served, with the top-k
-node, whose inputs it may read.
+make every top-k gate call Python; each is called with the top-k node, whose inputs it may read,
+before the gate's misses are read (what it prefetches is read behind them), or after a gate of
+hits has been stamped.
 With :attr:`gating` off the gate asks for nothing: llama.cpp computes each graph in one piece,
 exactly as without a callback (for a budget that holds every leaf, once all are resident).
 """
@@ -230,11 +231,12 @@ class Gate:
                 ids = np.lib.stride_tricks.as_strided(
                     self._ids, shape=(st.ids_rows, st.ids_cols), strides=(st.ids_row_stride * 4, 4), writeable=False
                 )
-                if kind != KIND_SERVE:
+                if kind == KIND_TOPK:
+                    self._topk(t, layer, ids)
+                elif kind == KIND_OBSERVE:
                     self._observe(t, layer, ids)
-                if kind != KIND_OBSERVE:
-                    self.py_gates += 1
-                    self.on_experts(layer, ids)
+                else:
+                    self._serve(layer, ids)
             elif kind == _KIND_TOPK_UNREAD:
                 ids = self._read(t)
                 if ids.shape[0]:
@@ -250,6 +252,9 @@ class Gate:
 
     def _topk(self, t: int, layer: int, ids: np.ndarray) -> None:
         self._observe(t, layer, ids)
+        self._serve(layer, ids)
+
+    def _serve(self, layer: int, ids: np.ndarray) -> None:
         self.py_gates += 1
         self.on_experts(layer, ids)
 

@@ -88,7 +88,7 @@ class Residency:
         self.native: NativePager | None = None  # serves gate misses in C where it can (Residency.over)
         self._enabled = True
         self._pipeline = False
-        self._trace: Trace | None = None
+        self.trace: Trace | None = None  # where trace_gate records every gate's accesses
         self._cost = dict(cost)
         one = fill or (lambda layer, e, stage: None)
         self._release = release or (lambda layer, e: None)
@@ -210,15 +210,6 @@ class Residency:
         self._pipeline = on
         self._sync_native()
 
-    @property
-    def trace(self) -> Trace | None:
-        """Where :meth:`trace_gate` records every gate's accesses."""
-        return self._trace
-
-    @trace.setter
-    def trace(self, trace: Trace | None) -> None:
-        self._trace = trace
-
     def _sync_native(self) -> None:
         if self.native is not None:
             self.native.enabled = self._enabled and not self._pipeline
@@ -226,11 +217,11 @@ class Residency:
     def trace_gate(self, layer: int, _node: int, ids: np.ndarray) -> None:
         """A gate observer that records the gate in :attr:`trace` (called before its misses are
         read, so its hits are what was resident)."""
-        if self._trace is None or not self._enabled:
+        if self.trace is None or not self._enabled:
             return
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
         resident = self.state.resident[layer]
-        self._trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
+        self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
 
     def drain_native(self) -> None:
         """Take in what the native pager did since the last call: its counts into :attr:`stats`,

@@ -168,7 +168,6 @@ class XSlot:
         # of a neighbour never releases a boundary page being filled. Copies run outside it. The
         # native pager (_pager.c) takes the same lock to change flags and pages.
         self.lock = NativeLock()
-        self._lock = self.lock
 
         # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
         self._buft_iface = abi.GgmlBackendBufferTypeI(
@@ -281,7 +280,7 @@ class XSlot:
         address: the caller writes all of its bytes, or :meth:`evict_slice` s it on failure."""
         r = self.regions[tensor_name]
         flags = self._resident[tensor_name]
-        with self._lock:
+        with self.lock:
             if not flags[expert]:
                 flags[expert] = 1
         return r.slice_address(expert)
@@ -321,7 +320,7 @@ class XSlot:
             # writable private mapping write-faults, i.e. copies every page: no faster than load_slice)
             abi.libc_madvise(address, s, _MADV_POPULATE_READ)
         flags = self._resident[tensor_name]
-        with self._lock:
+        with self.lock:
             self._file_mapped.add((tensor_name, expert))
             if not flags[expert]:
                 flags[expert] = 1
@@ -329,7 +328,7 @@ class XSlot:
     def evict_slice(self, tensor_name: str, expert: int) -> None:
         """Give the pages of a slice back to the system, all but boundary pages a resident neighbour uses."""
         flags = self._resident[tensor_name]
-        with self._lock:
+        with self.lock:
             if not flags[expert]:
                 return
             r = self.regions[tensor_name]
@@ -359,7 +358,7 @@ class XSlot:
         lo, to = src.slice_address(expert), dst.slice_address(to_expert)
         movable = (self.can_move and size == dst.slice_bytes and size % PAGE == 0 and lo % PAGE == 0
                    and to % PAGE == 0 and (tensor_name, expert) != (to_tensor, to_expert))
-        with self._lock:
+        with self.lock:
             if not flags[expert]:
                 return 0
             moved = 0
