@@ -17,6 +17,7 @@
  * it; it is loaded with ctypes.
  */
 #include <Python.h>
+#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -44,6 +45,8 @@ struct smoe_gate {
     uint64_t *last_use;      /* [n_layer * n_expert]: clock of the last access */
     uint32_t *uses;          /* [n_layer * n_expert]: number of gates that selected the leaf */
     uint64_t *clock;         /* [1]: +1 per top-k gate (shared with Python's ticks) */
+    double *freq;            /* [n_layer * n_expert]: lfru's score as of the last use (policy.py) */
+    double half_life;        /* of that score, in gates */
     uint64_t fast_hits;      /* leaf hits served here (distinct per gate) */
     uint64_t fast_gates;     /* top-k gates served here */
     int32_t *ids;            /* scratch for the ids, ids_cap int32s */
@@ -134,6 +137,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
         for (int64_t c = 0; c < n_used; c++) {
             int64_t k = base + row[c];
             if (g->last_use[k] != now) {
+                g->freq[k] = g->freq[k] * exp2(-(double)(now - g->last_use[k]) / g->half_life) + 1.0;
                 g->last_use[k] = now;
                 g->uses[k]++;
                 hits++;

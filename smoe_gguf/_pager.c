@@ -143,7 +143,7 @@ static double key_of(const struct smoe_pager *p, int64_t k, const struct order *
     int32_t n = p->n_layer;
     switch (p->policy) {
     case SMOE_POLICY_LFRU:
-        return (double)p->uses[k] * exp2(-(o->now - (double)p->last_use[k]) / p->half_life);
+        return p->freq[k] * exp2(-(o->now - (double)p->last_use[k]) / p->half_life);
     case SMOE_POLICY_LEAST_STALE:
         return -(double)((((int32_t)(k / p->n_expert) - o->layer - 1) % n + n) % n);
     default:
@@ -318,6 +318,7 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     }
     for (int32_t i = 0; i < n_w; i++) {
         int64_t k = base + wanted[i];
+        p->freq[k] = p->freq[k] * exp2(-(double)(now - p->last_use[k]) / p->half_life) + 1.0;
         p->last_use[k] = now;
         p->uses[k]++;
     }

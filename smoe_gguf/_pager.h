@@ -13,7 +13,7 @@
 struct smoe_pager {
     int32_t enabled;           /* 0: every miss goes to Python */
     int32_t policy;            /* SMOE_POLICY_* */
-    double half_life;          /* lfru: in gates */
+    double half_life;          /* lfru: in gates (the access state's) */
     int32_t n_layer, n_expert, n_parts;  /* n_parts: the most parts a leaf has */
     int32_t can_move;          /* evicted pages may move to the incoming slice (mremap) */
     int32_t check_always;      /* 1: check every read; 0: a part's first read only */
@@ -24,6 +24,7 @@ struct smoe_pager {
     uint8_t *resident, *pinned, *protect, *in_flight;  /* [n_layer * n_expert] */
     uint64_t *last_use;
     uint32_t *uses;
+    double *freq;              /* lfru's score as of the last use (policy.py) */
     uint64_t *clock;
     uint64_t *evicted_at;      /* [n_layer * n_expert] clock of the last eviction */
     uint64_t regret_window;    /* a miss this many gates after its eviction is a regret */

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import ctypes
 from collections.abc import Callable
-from ctypes import POINTER, Structure, c_char, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
+from ctypes import POINTER, Structure, c_char, c_double, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
 import numpy as np
 
@@ -67,6 +67,8 @@ class _GateStruct(Structure):
         ("last_use", POINTER(c_uint64)),
         ("uses", POINTER(c_uint32)),
         ("clock", POINTER(c_uint64)),
+        ("freq", POINTER(c_double)),
+        ("half_life", c_double),
         ("fast_hits", c_uint64),
         ("fast_gates", c_uint64),
         ("ids", POINTER(c_int32)),
@@ -140,7 +142,8 @@ class Gate:
         st.off_nb = abi.GgmlTensor.nb.offset  # type: ignore[attr-defined]
         st.off_name = abi.TENSOR_NAME_OFFSET
         st.n_layer, st.n_expert = s.n_layer, s.n_expert
-        for name in ("resident", "last_use", "uses", "clock", "node_wanted"):
+        st.half_life = s.half_life
+        for name in ("resident", "last_use", "uses", "clock", "freq", "node_wanted"):
             arr = getattr(s, name)
             if not arr.flags.c_contiguous:
                 raise SmoeError(f"access state {name} must be contiguous")

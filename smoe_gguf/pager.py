@@ -30,7 +30,7 @@ import numpy as np
 
 from . import native
 from .errors import SmoeError
-from .policy import LFRU, LFRU_HALF_LIFE, AccessState, Policy
+from .policy import AccessState, Policy
 from .readpool import job_array
 from .store import LeafStore, StoreStats
 from .xslot import _MADV_NOHUGEPAGE, MAX_MOVED_SLICES, XSlot
@@ -80,6 +80,7 @@ class _PagerStruct(Structure):
         ("in_flight", POINTER(c_uint8)),
         ("last_use", POINTER(c_uint64)),
         ("uses", POINTER(c_uint32)),
+        ("freq", POINTER(c_double)),
         ("clock", POINTER(c_uint64)),
         ("evicted_at", POINTER(c_uint64)),
         ("regret_window", c_uint64),
@@ -160,8 +161,7 @@ class NativePager:
         self._keep: list[object] = []  # everything C points to
         st = _PagerStruct()
         st.policy = POLICY_CODES[r.policy.name]
-        half = r.policy.half_life if isinstance(r.policy, LFRU) else None
-        st.half_life = float(half or LFRU_HALF_LIFE * L)
+        st.half_life = s.half_life
         st.n_layer, st.n_expert, st.n_parts = L, E, P
         st.check_always = 1 if store.checksums == "always" else 0
         st.thp_advise = 1 if _MADV_NOHUGEPAGE is not None else 0  # as the X-Slot does for its own mappings
@@ -215,6 +215,7 @@ class NativePager:
         st.resident, st.pinned, st.protect = (_ptr(a, c_uint8) for a in (s.resident, s.pinned, s.protect))
         st.in_flight = _ptr(in_flight, c_uint8)
         st.last_use, st.uses, st.clock = _ptr(s.last_use, c_uint64), _ptr(s.uses, c_uint32), _ptr(s.clock, c_uint64)
+        st.freq = _ptr(s.freq, c_double)
         st.evicted_at = _ptr(r.evicted_at, c_uint64)
         st.regret_window = r.regret_window
         st.fd, st.direct = _ptr(self.fd, c_int32), _ptr(self.direct, c_uint8)

@@ -11,11 +11,13 @@ Policies:
 ``lru``
     evict the leaf used longest ago.
 ``lfru`` (the default: :data:`DEFAULT_POLICY`)
-    frequency-weighted LRU: a leaf's score is its use count decayed by its age
-    (``uses * 0.5 ** (age / half_life)``, half-life in gates, :data:`LFRU_HALF_LIFE` passes over
-    the layers by default); evict the lowest score. A leaf used often survives a burst of
-    one-off leaves that plain LRU would keep. Chosen over the others by replaying traces of
-    sampled text on the reference model (``smoe-gguf replay``, held-out prompts).
+    frequency-weighted LRU (LRFU): a leaf's score is the sum over its uses of
+    ``0.5 ** (age of the use / half-life)``, half-life :data:`LFRU_HALF_LIFE` passes over the
+    layers; evict the lowest score. A leaf used often survives a burst of one-off leaves that
+    plain LRU would keep, and a burst of uses long ago fades. The score is kept as
+    :attr:`AccessState.freq`, the sum as of the last use, and decayed to now when compared.
+    Chosen over the others by replaying traces of sampled text (``smoe-gguf replay``, held-out
+    prompts).
 ``least-stale``
     evict the leaf whose layer comes furthest in the future in layer order: after layer
     ``c``, layer ``c+1`` is needed next and layer ``c`` last. Among leaves of that layer,
@@ -43,10 +45,12 @@ class AccessState:
     resident: np.ndarray  # uint8: 1 when the leaf is in the X-Slot
     last_use: np.ndarray  # uint64: clock of the leaf's last use (0: never)
     uses: np.ndarray  # uint32: gates that selected the leaf
+    freq: np.ndarray  # float64: lfru's score as of the leaf's last use (see record)
     clock: np.ndarray  # uint64[1]: +1 per gate
     pinned: np.ndarray  # uint8: never evicted (--pin)
     node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
     protect: np.ndarray  # uint8: predicted for the next layers; kept while other leaves can go
+    half_life: float  # of lfru's score, in gates
 
     @classmethod
     def new(cls, n_layer: int, n_expert: int) -> "AccessState":
@@ -54,8 +58,8 @@ class AccessState:
         return cls(
             n_layer, n_expert,
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
-            np.zeros(1, np.uint64), np.zeros(shape, np.uint8), np.zeros(n_layer, np.uint8),
-            np.zeros(shape, np.uint8),
+            np.zeros(shape, np.float64), np.zeros(1, np.uint64), np.zeros(shape, np.uint8),
+            np.zeros(n_layer, np.uint8), np.zeros(shape, np.uint8), LFRU_HALF_LIFE * n_layer,
         )
 
     def tick(self) -> int:
@@ -63,7 +67,10 @@ class AccessState:
         return int(self.clock[0])
 
     def record(self, layer: int, experts: list[int], now: int) -> None:
-        """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate)."""
+        """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate): the C gate's hit
+        path and the native pager stamp the same way."""
+        age = (now - self.last_use[layer, experts].astype(np.float64)) / self.half_life
+        self.freq[layer, experts] = self.freq[layer, experts] * np.exp2(-age) + 1.0
         self.last_use[layer, experts] = now
         self.uses[layer, experts] += 1
 
@@ -98,13 +105,9 @@ class LRU(Policy):
 class LFRU(Policy):
     name = "lfru"
 
-    def __init__(self, half_life: float | None = None) -> None:
-        self.half_life = half_life  # in gates; default: LFRU_HALF_LIFE passes over the layers
-
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
-        half = self.half_life or LFRU_HALF_LIFE * s.n_layer
-        age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / half
-        score = s.uses.ravel()[flat].astype(np.float64) * np.exp2(-age)
+        age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / s.half_life
+        score = s.freq.ravel()[flat] * np.exp2(-age)
         # ties (e.g. never-used leaves): least recently used first
         order = np.lexsort((s.last_use.ravel()[flat], score))
         return int(order[0])

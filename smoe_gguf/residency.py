@@ -624,10 +624,12 @@ class Residency:
         A likely one counts as just used (not the first victim); an unlikely guess (below
         HOLD_BELOW: a warm start, a branch) keeps its last use, so it goes before what was used."""
         layer, e = key
-        self.state.resident[layer, e] = 1
-        now = int(self.state.clock[0])
-        if priority >= HOLD_BELOW:
-            self.state.last_use[layer, e] = now
+        s = self.state
+        s.resident[layer, e] = 1
+        now = int(s.clock[0])
+        if priority >= HOLD_BELOW:  # its lfru score is carried to now, not raised
+            s.freq[layer, e] *= 2.0 ** (-(now - int(s.last_use[layer, e])) / s.half_life)
+            s.last_use[layer, e] = now
         self._unused_prefetch[key] = now
         self.stats.prefetched += 1
 

@@ -14,7 +14,8 @@ from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import Fetcher, Flight
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
-from smoe_gguf.policy import POLICIES
+from smoe_gguf.policy import POLICIES, AccessState
+from smoe_gguf.trace import load
 
 from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
 
@@ -60,14 +61,35 @@ def test_misses_are_served_in_c_bit_exact_and_in_budget(dtype: str, pack_of, tin
 def test_the_native_pager_chooses_as_the_python_residency_does(policy: str, pack_of) -> None:
     """The same misses, evictions and bytes with every miss served in C as in Python (a prompt
     too short for the read-ahead, whose landings would make the two runs differ in timing)."""
-    figures = []
+    figures, stamps = [], []
     for on in (True, False):
         eng, tokens, _logits, _seen = _run(pack_of("qwen3moe", "q4_k"), "25%", "Once upon", policy=policy, native=on)
         with eng:
             st = eng.stats()
             assert (st.gates_with_misses_native > 0) == on
             figures.append((tokens, st.hits, st.misses, st.evictions, st.bytes_read))
+            state = eng.residency.state
+            stamps.append((state.last_use.copy(), state.uses.copy(), state.freq.copy()))
     assert figures[0] == figures[1]
+    assert all(np.array_equal(a, b) for a, b in zip(stamps[0][:2], stamps[1][:2]))
+    np.testing.assert_allclose(stamps[0][2], stamps[1][2], rtol=1e-12)
+
+
+def test_the_c_gate_and_the_pager_stamp_uses_as_the_access_state_records_them(pack_of, tmp_path: Path) -> None:
+    """Last use, use count and lfru's score after a run (hits stamped by the C gate, misses by
+    the pager) equal those of the trace's gates recorded one by one in Python."""
+    trace = tmp_path / "t.jsonl"
+    eng, _tokens, _logits, _seen = _run(pack_of("qwen3moe", "q4_k"), "25%", "Once upon", trace=str(trace))
+    with eng:
+        live = eng.residency.state
+        assert eng.stats().gates_with_misses_native > 0 and eng.stats().hits > 0
+    data = load(trace)
+    ref = AccessState.new(live.n_layer, live.n_expert)
+    for _pos, _n, layer, rows in data.events:
+        ref.record(layer, np.unique(rows).tolist(), ref.tick())
+    assert ref.clock[0] == live.clock[0]
+    assert np.array_equal(ref.last_use, live.last_use) and np.array_equal(ref.uses, live.uses)
+    np.testing.assert_allclose(ref.freq, live.freq, rtol=1e-12)
 
 
 def test_a_corrupt_part_read_by_the_native_pager_is_named(tiny_model, tmp_path: Path) -> None:

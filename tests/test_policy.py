@@ -50,6 +50,18 @@ def test_lfru_keeps_a_frequent_leaf_through_a_burst_that_lru_would_evict_it_for(
     assert _resident(lfru) == {A, C}  # A's three uses outweigh B's one, slightly more recent
 
 
+def test_lfru_lets_a_burst_of_uses_long_ago_fade() -> None:
+    # A was used in a burst, then idle for six half-lives but for one use; B twice since. Counting
+    # uses without decaying them would keep A (9 uses); their decayed sum keeps B.
+    r = _books("lfru")
+    _gates(r, [(0, [A])] * 8)
+    r.state.clock[0] += 6 * int(r.state.half_life)
+    _gates(r, [(0, [A]), (0, [B]), (0, [B]), (0, [C])])
+    assert _resident(r) == {B, C}
+    s = r.state
+    assert s.freq[0, B] == pytest.approx(1 + 2 ** (-1 / s.half_life))  # one gate between B's uses
+
+
 def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     # Layer 1 is being gated; layers 2 and 3 come next, layer 1 itself only after a full pass.
     s = AccessState.new(4, 2)
