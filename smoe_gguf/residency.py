@@ -47,7 +47,9 @@ REGRET_TOKENS = 2  # a miss on a leaf evicted less than this many passes over th
 # Python threads that hand prefetched leaves to the readers (each reads one leaf's parts at once):
 # more only contend for the GIL and the cores; the readers themselves run io_depth reads at once.
 MAX_IO_THREADS = 4
-READ_COST = 0.1  # what a prefetch's read costs, in misses (the disk and the I/O thread it takes)
+# what a prefetch's read costs, in misses: where decode waits on the disk, a wasted read holds the
+# disk from a gate's miss for as long as that miss's own read takes, less what overlaps compute
+READ_COST = 0.5
 
 
 class Residency:
