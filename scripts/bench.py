@@ -45,6 +45,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
+import smoe_gguf
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
 
 ROW_MARK = "BENCH-ROW "
@@ -769,9 +770,12 @@ class Bench:
             spec["cgroup"] = str(cgroup)
         self.cache_drop = drop_caches(files, self.a.drop)
         cmd = [sys.executable, str(Path(__file__).resolve()), "row", json.dumps(spec)]
+        env = None
+        if spec.get("kind") == "stock" and not smoe_gguf.GOMP_SPINCOUNT_FROM_USER:
+            env = {**os.environ, "GOMP_SPINCOUNT": smoe_gguf.LIBGOMP_SPINCOUNT}  # stock as llama.cpp runs it
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.row_timeout)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.row_timeout, env=env)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {self.a.row_timeout} s"}
         wall = time.perf_counter() - t0
@@ -1027,6 +1031,11 @@ class Bench:
         energy = Energy().source
         self.notes.append(f"energy: {energy}; CPU-seconds per token are given instead" if energy == ENERGY_NONE
                           else f"energy: {energy}")
+        spin = os.environ.get("GOMP_SPINCOUNT")
+        self.notes.append(f"OpenMP spin before sleeping (GOMP_SPINCOUNT): {spin} in every row, set by the user"
+                          if smoe_gguf.GOMP_SPINCOUNT_FROM_USER else
+                          f"OpenMP spin before sleeping (GOMP_SPINCOUNT): stock rows libgomp's default "
+                          f"({smoe_gguf.LIBGOMP_SPINCOUNT}), smoe-gguf rows smoe-gguf's ({spin})")
         self.notes.append("row (b): memory limit = the peak RSS of smoe-gguf's rows at that budget (budget + dense "
                           "core + its runtime: KV cache, compute buffers, Python), or where they failed the budget "
                           f"+ core + {a.cgroup_margin >> 20} MiB; llama.cpp's mmap pages are charged to it and "
