@@ -34,6 +34,7 @@ FIT_BELOW = 0.9  # ... it does when the plain guess found less than this share o
 RIDGE = 1.0  # pull toward the plain projection, in squared logits per sample
 REFIT = 16  # new samples between two solves, at least ...
 REFIT_SHARE = 0.25  # ... and at least this share of the samples so far (later samples change little)
+FOLD_ROWS = 64  # samples kept apart before they are summed into a pair's normal equations
 
 
 class PairFit:
@@ -42,19 +43,54 @@ class PairFit:
     def __init__(self, n_expert: int) -> None:
         f = 2 * n_expert + 1
         self.n_expert = n_expert
-        self.a = np.zeros((f, f))
-        self.b = np.zeros((f, n_expert))
+        self._a = np.zeros((f, f))
+        self._b = np.zeros((f, n_expert))
+        self._rows: list[tuple[np.ndarray, np.ndarray]] = []  # samples not summed yet (see add)
+        self._n_rows = 0
         self.n = 0
         self._since = 0
         self.w: np.ndarray | None = None
         self._prior = np.zeros((f, n_expert))
         self._prior[:n_expert] = np.eye(n_expert)  # the plain projection, unchanged
 
+    @classmethod
+    def from_sums(cls, n_expert: int, a: np.ndarray, b: np.ndarray, n: int) -> "PairFit":
+        """A pair whose normal equations an earlier session summed (solved at its first use)."""
+        fit = cls(n_expert)
+        fit._a, fit._b, fit.n, fit._since = a.copy(), b.copy(), n, n
+        return fit
+
     def add(self, features: np.ndarray, target: np.ndarray) -> None:
-        self.a += features.T @ features
-        self.b += features.T @ target
+        """Samples: feature rows and T's actual logits. They are summed into the normal equations
+        FOLD_ROWS at a time, or when the sums are read (one product of many rows costs about
+        what one of a single row does)."""
+        self._rows.append((features, target))
+        self._n_rows += len(features)
         self.n += len(features)
         self._since += len(features)
+        if self._n_rows >= FOLD_ROWS:
+            self._fold()
+
+    def _fold(self) -> None:
+        if self._rows:
+            f = np.vstack([x for x, _t in self._rows])
+            t = np.vstack([y for _x, y in self._rows])
+            self._rows.clear()
+            self._n_rows = 0
+            self._a += f.T @ f
+            self._b += f.T @ t
+
+    @property
+    def a(self) -> np.ndarray:
+        """Sum of features^T features over every sample added."""
+        self._fold()
+        return self._a
+
+    @property
+    def b(self) -> np.ndarray:
+        """Sum of features^T targets over every sample added."""
+        self._fold()
+        return self._b
 
     def weights(self) -> np.ndarray | None:
         """The fitted map (features -> logits), re-solved once REFIT new samples and REFIT_SHARE
@@ -83,10 +119,7 @@ class RouteFit:
             if v is None:
                 self.fits[pair] = None
                 continue
-            fit = PairFit(self.n_expert)
-            fit.a, fit.b, fit.n = v[0].copy(), v[1].copy(), int(v[2])
-            fit._since = fit.n  # solved at its first use
-            self.fits[pair] = fit
+            self.fits[pair] = PairFit.from_sums(self.n_expert, v[0], v[1], int(v[2]))
             self._base[pair] = (v[0], v[1], int(v[2]))
 
     def saved(self) -> None:

@@ -153,7 +153,7 @@ class Speculator:
         self._bias: list[np.ndarray | None] = []
         self._sel_bias: list[np.ndarray | None] = []  # exp_probs_b: added to the gating output for selection
         self._norm: list[np.ndarray | None] = []
-        self._ratio: dict[tuple[int, int], np.ndarray] = {}
+        self._scaled: dict[tuple[int, int], np.ndarray] = {}  # (here, there) -> scaled router, transposed
         # per guessed layer: (lookahead, ranked experts, their guessed probabilities)
         self._pending: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._prompt_pending: dict[int, np.ndarray] = {}  # per layer: a micro-batch's guessed experts
@@ -188,15 +188,25 @@ class Speculator:
         self._sel_bias = [t.get(f"blk.{layer}.exp_probs_b.bias") for layer in range(n_layer)]
         self._norm = [t.get(f"blk.{layer}.{norm_suffix}") for layer in range(n_layer)]
 
-    def _ratio_of(self, here: int, there: int) -> np.ndarray | None:
+    def _scaled_router(self, here: int, there: int) -> np.ndarray | None:
+        """Layer ``there``'s router, transposed, its rows scaled by the norm ratio
+        ``w_there / w_here`` (0 where ``w_here`` is; none for ``here == there``), so that one
+        product of ``here``'s router input gives the logits; made once per pair."""
         key = (here, there)
-        r = self._ratio.get(key)
-        if r is None:
-            w_there, w_here = self._norm[there], self._norm[here]
-            if w_there is None or w_here is None or w_there.shape != w_here.shape:
+        m = self._scaled.get(key)
+        if m is None:
+            assert self._router is not None
+            router = self._router[there]
+            if router is None:
                 return None
-            r = self._ratio[key] = np.divide(w_there, w_here, out=np.zeros_like(w_there), where=w_here != 0)
-        return r
+            if here != there:
+                w_there, w_here = self._norm[there], self._norm[here]
+                if w_there is None or w_here is None or w_there.shape != w_here.shape \
+                        or router.shape[1] != w_here.shape[0]:
+                    return None
+                router = router * np.divide(w_there, w_here, out=np.zeros_like(w_there), where=w_here != 0)
+            m = self._scaled[key] = np.ascontiguousarray(router.T)
+        return m
 
     # ------------------------------------------------------------------ the observer
 
@@ -338,10 +348,10 @@ class Speculator:
         """Layer ``there``'s router applied to layer ``here``'s router input rows ``x`` (with the
         norm ratio and the router bias): ``[tokens, n_expert]`` logits."""
         assert self._router is not None
-        router, ratio = self._router[there], self._ratio_of(here, there)
-        if router is None or ratio is None or router.shape[1] != x.shape[1]:
+        m = self._scaled_router(here, there)
+        if m is None or m.shape[0] != x.shape[1]:
             return None
-        logits = (x @ router.T) if here == there else (x * ratio) @ router.T
+        logits = x @ m
         b = self._bias[there]
         return logits if b is None else logits + b
 

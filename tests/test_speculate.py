@@ -331,3 +331,21 @@ def test_route_fits_learnt_in_one_session_start_the_next_and_stay_bit_exact(tiny
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof, learn=False) as eng:
         assert any("route fits" in w and "unreadable" in w for w in eng.warnings)
         assert eng.speculator is not None and not eng.speculator.fit.fits
+
+
+def test_a_pair_fits_samples_added_one_by_one_as_if_summed_at_once() -> None:
+    """Samples are summed into the normal equations in batches; what is read (the sums, the
+    count, the solved weights) does not depend on when they were folded in."""
+    rng = np.random.default_rng(0)
+    n_expert, rows = 4, 2 * route_fit.FOLD_ROWS + 5
+    feats, targets = rng.normal(size=(rows, 2 * n_expert + 1)), rng.normal(size=(rows, n_expert))
+    one_by_one, at_once = route_fit.PairFit(n_expert), route_fit.PairFit(n_expert)
+    for i in range(rows):
+        one_by_one.add(feats[i : i + 1], targets[i : i + 1])
+    at_once.add(feats, targets)
+    assert one_by_one.n == at_once.n == rows
+    np.testing.assert_allclose(one_by_one.a, feats.T @ feats, rtol=1e-12)
+    np.testing.assert_allclose(one_by_one.b, feats.T @ targets, rtol=1e-12)
+    w1, w2 = one_by_one.weights(), at_once.weights()
+    assert w1 is not None and w2 is not None
+    np.testing.assert_allclose(w1, w2, rtol=1e-9)
