@@ -111,4 +111,4 @@ bench: $(MODEL) $(patsubst %.gguf,%.pack,$(filter models/%.gguf,$(MODEL)))
 	@$(BIN)/python -c 'import matplotlib' 2>/dev/null || $(BIN)/python -m pip install -q -e '.[bench]'
 	nice -n 5 $(BIN)/python scripts/bench.py $(MODEL) --budgets '$(BUDGETS)' -n $(N) --prompts $(PROMPTS) \
 		--row-seconds $(ROW_SECONDS) \
-		--out bench --command 'make bench MODEL="$(strip $(MODEL))" BUDGETS=$(BUDGETS) N=$(N) PROMPTS=$(PROMPTS)' $(BENCH_ARGS)
+		--out bench --command 'make bench MODEL="$(strip $(MODEL))" BUDGETS=$(BUDGETS) N=$(N) PROMPTS=$(PROMPTS)$(if $(strip $(BENCH_ARGS)), BENCH_ARGS="$(strip $(BENCH_ARGS))")' $(BENCH_ARGS)
