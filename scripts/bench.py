@@ -710,7 +710,7 @@ def _learn(spec: dict[str, Any]) -> dict[str, Any]:
 
     with Engine(spec["model"], budget=spec["budget"], n_ctx=spec["n_ctx"], n_threads=spec["threads"],
                 profile=spec["profile"], learn=True, speculate=True) as eng:
-        eng.observer_switch.window = 1 << 20  # observe every token: the route fits learn from each
+        eng.observer_switch.keep(True)  # observe every token: the route fits learn from each
         for p in spec["prompts"]:
             eng.reset()
             eng.generate(p, spec["n"])

@@ -281,41 +281,50 @@ class Gate:
 class ObserverSwitch:
     """Whether a gate's observers (speculation, the tree-map) pay for themselves, decided from
     decode timings. Each observer costs a call into Python at every top-k gate; it pays only
-    where it hides more stall than that. So decode alternates: ``window`` tokens with observers,
-    ``window`` without; then holds the faster of the two for ``hold`` tokens and measures again,
-    sooner if half of the last ``window`` tokens each stalled longer than the faster window's mean
-    token took (a change of topic: one stalling token alone is not).
+    where it hides more stall than that. So decode measures ``2 * window`` tokens, observers on
+    and off in turns of ``block`` tokens, ordered on, off, off, on (so that a steady drift, such
+    as a cache warming up after a prompt, weighs on both alike); then holds the faster of the
+    two for ``hold`` tokens and measures
+    again, sooner if half of the last ``window`` tokens each stalled longer than the faster
+    state's mean token took (a change of topic: one stalling token alone is not).
     :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
 
-    def __init__(self, window: int = 8, hold: int = 128) -> None:
-        self.window, self.hold = window, hold
-        self.phase = "on"  # "on", "off": measuring with / without; "hold": keeping the faster
+    def __init__(self, window: int = 8, hold: int = 128, block: int = 2) -> None:
+        self.window, self.hold, self.block = window, hold, block
+        self.phase = "measure"  # "measure": turns with and without; "hold": keeping the faster; "fixed"
         self.observing = True
         self.pauses = 0  # times observers were found not to pay
-        self._seconds, self._n = 0.0, 0
-        self._means: dict[str, float] = {}
+        self._n = 0
+        self._sums = {True: [0.0, 0], False: [0.0, 0]}  # per state: seconds, tokens
+        self._fast = 0.0  # the faster state's mean token, while holding
         self._stalls: list[float] = []  # the last ``window`` tokens' stalls, while holding
 
+    def keep(self, on: bool) -> None:
+        """Observe (or not) every token from now on, without measuring."""
+        self.phase, self.observing = "fixed", on
+
     def tick(self, seconds: float, stall: float) -> bool:
-        self._seconds += seconds
         self._n += 1
-        if self.phase in ("on", "off") and self._n >= self.window:
-            self._means[self.phase] = self._seconds / self._n
-            if self.phase == "on":
-                self._enter("off", False)
-            else:
-                faster_on = self._means["on"] < self._means["off"]
+        if self.phase == "measure":
+            acc = self._sums[self.observing]
+            acc[0] += seconds
+            acc[1] += 1
+            if self._n >= 2 * self.window:
+                on, off = (self._sums[k][0] / max(1, self._sums[k][1]) for k in (True, False))
+                faster_on = on < off
                 self.pauses += not faster_on
+                self._fast = min(on, off)
                 self._enter("hold", faster_on)
+            else:
+                self.observing = (self._n // self.block) % 4 in (0, 3)  # on, off, off, on, ...
         elif self.phase == "hold":
-            fast = min(self._means.values())
             self._stalls = [*self._stalls[1 - self.window:], stall]
-            sustained = 2 * sum(x > fast for x in self._stalls) >= self.window
+            sustained = 2 * sum(x > self._fast for x in self._stalls) >= self.window
             if self._n >= self.hold or sustained:
-                self._enter("on", True)
+                self._enter("measure", True)
         return self.observing
 
     def _enter(self, phase: str, observing: bool) -> None:
         self.phase, self.observing = phase, observing
-        self._seconds, self._n, self._stalls = 0.0, 0, []
-
+        self._n, self._stalls = 0, []
+        self._sums = {True: [0.0, 0], False: [0.0, 0]}

@@ -9,32 +9,60 @@ def feed(sw: ObserverSwitch, n: int, seconds: float, stall: float = 0.0) -> list
     return [sw.tick(seconds, stall) for _ in range(n)]
 
 
+def measure(sw: ObserverSwitch, on: float, off: float) -> list[bool]:
+    """One measuring round: each token takes ``on`` or ``off`` seconds by the state it ran in.
+    Returns the states the tokens ran in."""
+    states = []
+    for _ in range(2 * sw.window):
+        states.append(sw.observing)
+        sw.tick(on if sw.observing else off, 0.0)
+    return states
+
+
+def test_measuring_takes_turns_with_and_without_observers() -> None:
+    sw = ObserverSwitch(window=4, hold=10, block=2)
+    assert measure(sw, 0.010, 0.020) == [True, True, False, False, False, False, True, True]
+
+
 def test_observers_kept_when_they_are_faster() -> None:
     sw = ObserverSwitch(window=4, hold=10)
-    assert feed(sw, 3, 0.010) == [True] * 3
-    assert sw.tick(0.010, 0.0) is False  # 4 tokens measured with: now 4 without
-    assert feed(sw, 3, 0.020) == [False] * 3
-    assert sw.tick(0.020, 0.0) is True  # without was slower: observers back on and held
-    assert sw.phase == "hold" and sw.pauses == 0
+    measure(sw, 0.010, 0.020)
+    assert sw.phase == "hold" and sw.observing and sw.pauses == 0
     assert feed(sw, 9, 0.010) == [True] * 9
     sw.tick(0.010, 0.0)  # hold over: measure again
-    assert sw.phase == "on"
+    assert sw.phase == "measure" and sw.observing
 
 
 def test_observers_paused_when_they_cost_more_than_they_hide() -> None:
     sw = ObserverSwitch(window=4, hold=10)
-    feed(sw, 4, 0.020)  # with observers: slower
-    out = feed(sw, 4, 0.010)
-    assert out[-1] is False and sw.phase == "hold" and sw.pauses == 1
+    measure(sw, 0.020, 0.010)
+    assert sw.phase == "hold" and not sw.observing and sw.pauses == 1
     assert feed(sw, 2, 0.010) == [False] * 2
     assert feed(sw, 1, 0.5, stall=0.4) == [False]  # one stalling token: not yet a change of topic
     assert feed(sw, 2, 0.010) == [False] * 2
     # tokens that stall, on average, longer than a fast token takes: a change of topic, measure again
     assert feed(sw, 1, 0.5, stall=0.4) == [True]  # 2 of the last 4: half
-    assert sw.phase == "on"
+    assert sw.phase == "measure"
 
 
-def test_negative_control_no_decision_before_a_window() -> None:
+def test_a_trend_weighs_on_both_states_alike() -> None:
+    """Tokens that get faster as the cache warms, whatever the state: measured in turns (on,
+    off, off, on), the drift cancels and the faster state wins (measured in two halves, the
+    first, observers on, would have lost by 8 ms against their 0.5 ms gain)."""
+    sw = ObserverSwitch(window=8, hold=128, block=2)
+    t = [0.030 - 0.001 * i for i in range(16)]
+    for i in range(16):
+        sw.tick(t[i] - (0.0005 if sw.observing else 0.0), 0.0)  # observers 0.5 ms faster per token
+    assert sw.phase == "hold" and sw.observing and sw.pauses == 0
+
+
+def test_kept_observers_are_never_measured() -> None:
+    sw = ObserverSwitch(window=2, hold=4)
+    sw.keep(True)
+    assert feed(sw, 20, 1.0, stall=1.0) == [True] * 20 and sw.phase == "fixed"
+
+
+def test_negative_control_no_decision_before_a_round() -> None:
     sw = ObserverSwitch(window=8, hold=128)
-    assert feed(sw, 7, 1.0, stall=1.0) == [True] * 7  # stalls alone do not switch while measuring
-    assert sw.phase == "on"
+    feed(sw, 15, 1.0, stall=1.0)  # stalls alone do not end a measuring round
+    assert sw.phase == "measure" and sw.pauses == 0

@@ -122,7 +122,7 @@ def test_stress_misses_prefetches_evictions_and_cancellations_race_bit_exact(tin
     leaf = max(sum(page_cost(p.length) for p in lf.parts) for lf in m.leaves)
     budget = (m.n_expert_used + 3) * leaf
     with Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, io_depth=4, pipeline=pipeline) as eng:
-        eng.observer_switch.window = 1 << 20  # speculation on at every token
+        eng.observer_switch.keep(True)  # speculation on at every token
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert same(reference(src, eng), gen.tokens, gen.logits)
         r = eng.residency.stats

@@ -155,10 +155,11 @@ def test_a_prefetch_the_c_path_used_is_credited_when_evicted() -> None:
 # ---------------------------------------------------------------------- the speculator, live
 
 
-def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of) -> None:
+def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of, monkeypatch) -> None:
+    monkeypatch.setattr(residency, "READ_COST", 0.0)  # every guess is prefetched: many reach a gate
     src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
-        eng.observer_switch.window = 1 << 20  # observe every token (no pause to measure)
+        eng.observer_switch.keep(True)  # observe every token (no pause to measure)
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert same(reference(src, eng), gen.tokens, gen.logits)
         spec = eng.stats().speculation
@@ -178,7 +179,9 @@ def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of) -> 
             assert top_k["precision"] == top_k["recall"]  # k guessed, k picked
             assert top_k["recall"] > 1.5 * n_used / n_expert  # the router's guess beats chance
         src_counts = eng.stats().prefetch_by_source["speculation"]
-        assert spec["prefetched"] == src_counts["queued"] > 0 and src_counts["used"] > 0
+        # a gate needed some of them: used (landed, or waited for), or taken back while still
+        # queued (which of the two is a race between the readers and a tiny model's compute)
+        assert spec["prefetched"] == src_counts["queued"] > 0 and src_counts["used"] + src_counts["claimed"] > 0
         assert not eng.residency.state.protect.any()  # every guessed layer was served
 
 
@@ -310,7 +313,7 @@ def test_route_fits_learnt_in_one_session_start_the_next_and_stay_bit_exact(tiny
     src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
     prof = tmp_path / "p.json"
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof) as eng:
-        eng.observer_switch.window = 1 << 20
+        eng.observer_switch.keep(True)
         eng.generate(PROMPT, N_TOKENS)
         assert eng.speculator is not None
         decided = dict(eng.speculator.fit.fits)
