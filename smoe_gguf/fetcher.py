@@ -106,7 +106,9 @@ class Fetcher:
             entry = (-float(priority), next(self._order))
             self._queued[key] = entry
             heapq.heappush(self._queue, (*entry, key))
-            self.cv.notify_all()
+            # one reader for one leaf: on the gate's thread (the only caller) no one but the
+            # readers waits on cv, and waking all of them would have them queue for the GIL
+            self.cv.notify()
         self._ensure_worker()
 
     @property
