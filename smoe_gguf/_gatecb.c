@@ -17,7 +17,6 @@
  * it; it is loaded with ctypes.
  */
 #include <Python.h>
-#include <math.h>
 #include <stdbool.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -137,9 +136,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
         for (int64_t c = 0; c < n_used; c++) {
             int64_t k = base + row[c];
             if (g->last_use[k] != now) {
-                g->freq[k] = g->freq[k] * exp2(-(double)(now - g->last_use[k]) / g->half_life) + 1.0;
-                g->last_use[k] = now;
-                g->uses[k]++;
+                smoe_stamp_use(g->freq, g->last_use, g->uses, k, now, g->half_life);
                 hits++;
             }
         }

@@ -24,7 +24,6 @@
  */
 #define _GNU_SOURCE
 #include <errno.h>
-#include <math.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
@@ -143,7 +142,7 @@ static double key_of(const struct smoe_pager *p, int64_t k, const struct order *
     int32_t n = p->n_layer;
     switch (p->policy) {
     case SMOE_POLICY_LFRU:
-        return p->freq[k] * exp2(-(o->now - (double)p->last_use[k]) / p->half_life);
+        return smoe_lfru_at(p->freq[k], p->last_use[k], o->now, p->half_life);
     case SMOE_POLICY_LEAST_STALE:
         return -(double)((((int32_t)(k / p->n_expert) - o->layer - 1) % n + n) % n);
     default:
@@ -317,10 +316,7 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
         __atomic_store_n(&p->resident[k], 1, __ATOMIC_RELEASE);
     }
     for (int32_t i = 0; i < n_w; i++) {
-        int64_t k = base + wanted[i];
-        p->freq[k] = p->freq[k] * exp2(-(double)(now - p->last_use[k]) / p->half_life) + 1.0;
-        p->last_use[k] = now;
-        p->uses[k]++;
+        smoe_stamp_use(p->freq, p->last_use, p->uses, base + wanted[i], now, p->half_life);
     }
     uint64_t hits = (uint64_t)(n_w - n_miss);
     *gate_hits += hits;
@@ -340,6 +336,18 @@ out:
     return ok;
 }
 
+/* Mark (or unmark) the n_in_use experts of `layer` and the n_also leaves `also` (flat indices),
+   ignoring any out of range: choose_victims passes over marked leaves. */
+static void set_marks(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
+                      const int64_t *also, int32_t n_also, uint8_t value) {
+    const int32_t E = p->n_expert;
+    const int64_t n_all = (int64_t)p->n_layer * E;
+    for (int32_t i = 0; i < n_in_use; i++)
+        if (in_use[i] >= 0 && in_use[i] < E) p->mark[(int64_t)layer * E + in_use[i]] = value;
+    for (int32_t i = 0; i < n_also; i++)
+        if (also[i] >= 0 && also[i] < n_all) p->mark[also[i]] = value;
+}
+
 /* Room for `need` more bytes, for a prefetch of leaf (into_layer, into_e) (into_layer < 0: for
    nothing), evicting in policy order but never one of the n_in_use experts of `layer` that the
    node being gated reads, one of the n_also leaves `also` (flat indices: the same call's earlier
@@ -351,21 +359,14 @@ out:
 int32_t smoe_pager_make_room(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
                              const int64_t *also, int32_t n_also, int64_t need, int32_t into_layer, int32_t into_e) {
     const int32_t E = p->n_expert;
-    const int64_t n_all = (int64_t)p->n_layer * E;
     int64_t over = p->ledger[0] + need - p->ledger[1];
     if (over <= 0) return 1;
     if (p->log_n >= p->log_cap - E || layer < 0 || layer >= p->n_layer) return 0;
     int32_t *victim = p->scratch + 2 * E;
-    for (int32_t i = 0; i < n_in_use; i++)
-        if (in_use[i] >= 0 && in_use[i] < E) p->mark[(int64_t)layer * E + in_use[i]] = 1;
-    for (int32_t i = 0; i < n_also; i++)
-        if (also[i] >= 0 && also[i] < n_all) p->mark[also[i]] = 1;
+    set_marks(p, layer, in_use, n_in_use, also, n_also, 1);
     struct order ord = {(double)*p->clock, layer};
     int32_t n = choose_victims(p, over, &ord, victim, E);
-    for (int32_t i = 0; i < n_in_use; i++)
-        if (in_use[i] >= 0 && in_use[i] < E) p->mark[(int64_t)layer * E + in_use[i]] = 0;
-    for (int32_t i = 0; i < n_also; i++)
-        if (also[i] >= 0 && also[i] < n_all) p->mark[also[i]] = 0;
+    set_marks(p, layer, in_use, n_in_use, also, n_also, 0);
     if (n < 0) return 0;
     pthread_mutex_lock(p->lock);
     evict_victims(p, victim, n, into_layer, &into_e, into_layer >= 0 ? 1 : 0, *p->clock);

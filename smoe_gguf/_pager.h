@@ -1,6 +1,7 @@
 /* The native pager: a gate's misses served in C (see _pager.c). pager.py mirrors the struct. */
 #ifndef SMOE_PAGER_H
 #define SMOE_PAGER_H
+#include <math.h>
 #include <pthread.h>
 #include <stdint.h>
 
@@ -54,6 +55,21 @@ struct smoe_pager {
     uint64_t *layer_misses;    /* [n_layer] */
     uint64_t *layer_stall_ns;  /* [n_layer] */
 };
+
+/* lfru's score of a leaf at clock `now`: its score as of its last use, decayed since
+   (policy.py's AccessState.decayed). */
+static inline double smoe_lfru_at(double freq, uint64_t last_use, double now, double half_life) {
+    return freq * exp2(-(now - (double)last_use) / half_life);
+}
+
+/* Stamp leaf k as used at `now` (policy.py's AccessState.record): the C gate's hits, the pager's
+   gates. */
+static inline void smoe_stamp_use(double *freq, uint64_t *last_use, uint32_t *uses, int64_t k, uint64_t now,
+                                  double half_life) {
+    freq[k] = smoe_lfru_at(freq[k], last_use[k], (double)now, half_life) + 1.0;
+    last_use[k] = now;
+    uses[k]++;
+}
 
 /* 1: the gate's leaves are resident (the caller stamps nothing: done here); 0: Python must serve it */
 int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
