@@ -27,6 +27,7 @@ Policies:
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -66,11 +67,16 @@ class AccessState:
         self.clock[0] += 1
         return int(self.clock[0])
 
+    def decayed(self, index: Any, now: float) -> np.ndarray:
+        """lfru's score of the leaves at ``index`` (into the ``[n_layer, n_expert]`` arrays) at
+        clock ``now``: :attr:`freq` decayed since their last use (``smoe_lfru_at`` in C)."""
+        age = (now - self.last_use[index].astype(np.float64)) / self.half_life
+        return self.freq[index] * np.exp2(-age)
+
     def record(self, layer: int, experts: list[int], now: int) -> None:
         """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate): the C gate's hit
-        path and the native pager stamp the same way."""
-        age = (now - self.last_use[layer, experts].astype(np.float64)) / self.half_life
-        self.freq[layer, experts] = self.freq[layer, experts] * np.exp2(-age) + 1.0
+        path and the native pager stamp the same way (``smoe_stamp_use``)."""
+        self.freq[layer, experts] = self.decayed((layer, experts), now) + 1.0
         self.last_use[layer, experts] = now
         self.uses[layer, experts] += 1
 
@@ -106,8 +112,7 @@ class LFRU(Policy):
     name = "lfru"
 
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
-        age = (float(s.clock[0]) - s.last_use.ravel()[flat].astype(np.float64)) / s.half_life
-        score = s.freq.ravel()[flat] * np.exp2(-age)
+        score = s.decayed(np.divmod(flat, s.n_expert), float(s.clock[0]))
         # ties (e.g. never-used leaves): least recently used first
         order = np.lexsort((s.last_use.ravel()[flat], score))
         return int(order[0])

@@ -630,7 +630,7 @@ class Residency:
         s.resident[layer, e] = 1
         now = int(s.clock[0])
         if priority >= HOLD_BELOW:  # its lfru score is carried to now, not raised
-            s.freq[layer, e] *= 2.0 ** (-(now - int(s.last_use[layer, e])) / s.half_life)
+            s.freq[layer, e] = s.decayed((layer, e), now)
             s.last_use[layer, e] = now
         self._unused_prefetch[key] = now
         self.stats.prefetched += 1
