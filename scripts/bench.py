@@ -67,16 +67,16 @@ def physical_limit_tps(active_bytes_per_token: float, missed_bytes_per_token: fl
     bandwidth (every missed byte read once from disk) allow; bandwidths in bytes/s. ``overlap``:
     reads fully hidden behind compute (an upper bound: the slower of the two); else one after
     the other (their sum)."""
-    mem = active_bytes_per_token / mem_bw
+    return compute_limit_tps(active_bytes_per_token / mem_bw, missed_bytes_per_token, disk_bw, overlap)
+
+
+def compute_limit_tps(compute_seconds_per_token: float, missed_bytes_per_token: float, disk_bw: float,
+                      overlap: bool = True) -> float:
+    """Decode tok/s that a compute time per token (the memory roofline's, or stock llama.cpp's
+    decode with every expert resident) and disk bandwidth allow; ``overlap`` as in
+    :func:`physical_limit_tps`."""
     disk = missed_bytes_per_token / disk_bw if missed_bytes_per_token else 0.0
-    seconds = max(mem, disk) if overlap else mem + disk
-    return 1.0 / seconds if seconds > 0 else float("inf")
-
-
-def compute_limit_tps(compute_seconds_per_token: float, missed_bytes_per_token: float, disk_bw: float) -> float:
-    """Decode tok/s that this machine's compute (stock llama.cpp's decode with every expert
-    resident: seconds per token) and disk bandwidth allow, reads fully hidden behind compute."""
-    seconds = max(compute_seconds_per_token, missed_bytes_per_token / disk_bw if missed_bytes_per_token else 0.0)
+    seconds = max(compute_seconds_per_token, disk) if overlap else compute_seconds_per_token + disk
     return 1.0 / seconds if seconds > 0 else float("inf")
 
 
