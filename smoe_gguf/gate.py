@@ -284,9 +284,9 @@ class ObserverSwitch:
     where it hides more stall than that. So decode measures ``2 * window`` tokens, observers on
     and off in turns of ``block`` tokens, ordered on, off, off, on (so that a steady drift, such
     as a cache warming up after a prompt, weighs on both alike); then holds the faster of the
-    two for ``hold`` tokens and measures
-    again, sooner if half of the last ``window`` tokens each stalled longer than the faster
-    state's mean token took (a change of topic: one stalling token alone is not).
+    two for ``hold`` tokens and measures again, sooner if half of the last ``window`` tokens each
+    stalled longer than the faster state's mean token took (a change of topic: one stalling
+    token alone is not).
     :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
 
     def __init__(self, window: int = 8, hold: int = 128, block: int = 2) -> None:
