@@ -91,7 +91,12 @@ def run_greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int,
 
 
 def greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int = 32, n_ctx: int = 512,
-           n_threads: int = 2, n_batch: int = 512, n_ubatch: int = 512, plain_experts: bool = False) -> GreedyRun:
-    """Greedy-decode ``n_tokens`` tokens with unmodified llama.cpp on the CPU (see model_params)."""
-    return run_greedy(model_path, prompt, n_tokens, model_params(plain_experts=plain_experts),
-                      context_params(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch))
+           n_threads: int = 2, n_batch: int = 512, n_ubatch: int = 512, plain_experts: bool = False,
+           n_gpu_layers: int = 0) -> GreedyRun:
+    """Greedy-decode ``n_tokens`` tokens with unmodified llama.cpp (see model_params): on the CPU,
+    or with ``n_gpu_layers`` layers on a GPU where the build has one; its experts on the CPU with
+    ``plain_experts``, never copied to a GPU for a prompt's matmuls (llama.cpp's
+    ``--no-op-offload``, as the engine runs)."""
+    cparams = context_params(n_ctx=n_ctx, n_threads=n_threads, n_batch=n_batch, n_ubatch=n_ubatch)
+    cparams.op_offload = False
+    return run_greedy(model_path, prompt, n_tokens, model_params(n_gpu_layers, plain_experts=plain_experts), cparams)
