@@ -23,6 +23,7 @@ exactly as without a callback (for a budget that holds every leaf, once all are 
 from __future__ import annotations
 
 import ctypes
+import time
 from collections.abc import Callable
 from ctypes import POINTER, Structure, c_char, c_double, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
@@ -41,6 +42,7 @@ KIND_TOPK = 0
 KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
 KIND_OBSERVE = 2  # a top-k gate: Python calls its observers only (C served it, or serves it next)
 KIND_SERVE = 3  # a top-k gate whose observers were called: Python serves it only
+STALL_SHARE = 0.25  # observers stay on while their time per token is below this share of the stall (ObserverSwitch)
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
 PREFIX_LEN = 32
@@ -125,6 +127,7 @@ class Gate:
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._always: list[GateObserver] = []  # observers never paused (a trace)
+        self.observe_seconds = 0.0  # time spent in the observers that can be paused
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -264,8 +267,11 @@ class Gate:
     def _observe(self, t: int, layer: int, ids: np.ndarray) -> None:
         for observer in self._always:
             observer(layer, t, ids)
-        for observer in self.observers if self._observing else ():
-            observer(layer, t, ids)
+        if self._observing and self.observers:
+            t0 = time.perf_counter()
+            for observer in self.observers:
+                observer(layer, t, ids)
+            self.observe_seconds += time.perf_counter() - t0
 
     def _read(self, t: int) -> np.ndarray:
         tt = abi.tensor_at(t)
@@ -283,43 +289,51 @@ class ObserverSwitch:
     decode timings. Each observer costs a call into Python at every top-k gate; it pays only
     where it hides more stall than that. So decode measures ``2 * window`` tokens, observers on
     and off in turns of ``block`` tokens, ordered on, off, off, on (so that a steady drift, such
-    as a cache warming up after a prompt, weighs on both alike); then holds the faster of the
-    two for ``hold`` tokens and measures again, sooner if half of the last ``window`` tokens each
-    stalled longer than the faster state's mean token took (a change of topic: one stalling
-    token alone is not).
+    as a cache warming up after a prompt, weighs on both alike); then holds a state for ``hold``
+    tokens and measures again, sooner if half of the last ``window`` tokens each stalled longer
+    than the held state's mean token took (a change of topic: one stalling token alone is not).
+    The observers are held if their tokens were the faster, and also where the observers' own
+    time per token was below ``stall_share`` of the stall a token without them waited: a leaf
+    they bring in is hit by later tokens of either turn, which the turns cannot attribute to
+    them, and where reads dominate a token their prefetches are what can shorten it.
     :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
 
-    def __init__(self, window: int = 8, hold: int = 128, block: int = 2) -> None:
-        self.window, self.hold, self.block = window, hold, block
+    def __init__(self, window: int = 8, hold: int = 128, block: int = 2, stall_share: float = STALL_SHARE) -> None:
+        self.window, self.hold, self.block, self.stall_share = window, hold, block, stall_share
         self.phase = "measure"  # "measure": turns with and without; "hold": keeping the faster; "fixed"
         self.observing = True
         self.pauses = 0  # times observers were found not to pay
         self._n = 0
-        self._sums = {True: [0.0, 0], False: [0.0, 0]}  # per state: seconds, tokens
-        self._fast = 0.0  # the faster state's mean token, while holding
+        self._sums = {True: [0.0, 0, 0.0, 0.0], False: [0.0, 0, 0.0, 0.0]}  # per state: seconds, tokens, stall, cost
+        self._held = 0.0  # the held state's mean token, while holding
         self._stalls: list[float] = []  # the last ``window`` tokens' stalls, while holding
 
     def keep(self, on: bool) -> None:
         """Observe (or not) every token from now on, without measuring."""
         self.phase, self.observing = "fixed", on
 
-    def tick(self, seconds: float, stall: float) -> bool:
+    def tick(self, seconds: float, stall: float, cost: float = 0.0) -> bool:
+        """``seconds``: the token's time; ``stall``: what it waited on reads; ``cost``: the time
+        its observers took."""
         self._n += 1
         if self.phase == "measure":
             acc = self._sums[self.observing]
             acc[0] += seconds
             acc[1] += 1
+            acc[2] += stall
+            acc[3] += cost
             if self._n >= 2 * self.window:
-                on, off = (self._sums[k][0] / max(1, self._sums[k][1]) for k in (True, False))
-                faster_on = on < off
-                self.pauses += not faster_on
-                self._fast = min(on, off)
-                self._enter("hold", faster_on)
+                (on, _, _, cost_on), (off, _, stall_off, _) = (
+                    [x / max(1, self._sums[k][1]) for x in self._sums[k]] for k in (True, False))
+                keep_on = on < off or cost_on < self.stall_share * stall_off
+                self.pauses += not keep_on
+                self._held = on if keep_on else off
+                self._enter("hold", keep_on)
             else:
                 self.observing = (self._n // self.block) % 4 in (0, 3)  # on, off, off, on, ...
         elif self.phase == "hold":
             self._stalls = [*self._stalls[1 - self.window:], stall]
-            sustained = 2 * sum(x > self._fast for x in self._stalls) >= self.window
+            sustained = 2 * sum(x > self._held for x in self._stalls) >= self.window
             if self._n >= self.hold or sustained:
                 self._enter("measure", True)
         return self.observing
@@ -327,4 +341,4 @@ class ObserverSwitch:
     def _enter(self, phase: str, observing: bool) -> None:
         self.phase, self.observing = phase, observing
         self._n, self._stalls = 0, []
-        self._sums = {True: [0.0, 0], False: [0.0, 0]}
+        self._sums = {True: [0.0, 0, 0.0, 0.0], False: [0.0, 0, 0.0, 0.0]}
