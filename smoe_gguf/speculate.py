@@ -287,25 +287,33 @@ class Speculator:
                 continue  # a micro-batch's next layer is most of a layer's leaves already: no further
             if n > 1 and target == self._last_paged:
                 logits = logits[-1:]  # the last layer computes the tokens whose logits are wanted only
-            p = np.exp(logits - logits.max(axis=1, keepdims=True))
-            p /= p.sum(axis=1, keepdims=True)
             sel = self._sel_bias[target]
-            score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
-            order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
-            ps = np.take_along_axis(p, order, axis=1)
             pu = self.p_used(a, target)[: self.n_guess]
             # per expert, the chance that some token of the micro-batch picks it (guesses of
             # each token taken as independent), over the guess set: top n_guess, above threshold
             miss = np.zeros(self.n_expert)
-            ranks = order[:, : self.n_guess]
-            ok = ps[:, : self.n_guess] >= self.threshold
-            np.add.at(miss, ranks[ok], np.log1p(-np.minimum(pu, 1 - 1e-9))[np.nonzero(ok)[1]])
-            p_any = 1.0 - np.exp(miss)
-            if n == 1:
-                self._pending.setdefault(target, []).append((a, order[0], ps[0]))
+            if n == 1:  # one token: the same arithmetic on one row, in fewer array calls
+                lg = logits[0]
+                p1 = np.exp(lg - lg.max())
+                p1 /= p1.sum()
+                score1 = p1 if sel is None else (1.0 / (1.0 + np.exp(-lg)) if self._sigmoid else p1) + sel
+                order1 = np.argsort(-score1, kind="stable")[: self.max_rank]
+                ps1 = p1[order1]
+                ok1 = ps1[: self.n_guess] >= self.threshold
+                miss[order1[: self.n_guess][ok1]] = np.log1p(-np.minimum(pu[ok1], 1 - 1e-9))
+                self._pending.setdefault(target, []).append((a, order1, ps1))
                 guesses += 1
             else:
+                p = np.exp(logits - logits.max(axis=1, keepdims=True))
+                p /= p.sum(axis=1, keepdims=True)
+                score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
+                order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
+                ps = np.take_along_axis(p, order, axis=1)
+                ranks = order[:, : self.n_guess]
+                ok = ps[:, : self.n_guess] >= self.threshold
+                np.add.at(miss, ranks[ok], np.log1p(-np.minimum(pu, 1 - 1e-9))[np.nonzero(ok)[1]])
                 self._prompt_pending[target] = np.unique(ranks[ok])
+            p_any = 1.0 - np.exp(miss)
             cand = np.flatnonzero(p_any > 0)
             kept = cand[p_any[cand] >= bar]
             state.protect[target] = 0  # the newest guess for a layer replaces an older one
@@ -383,6 +391,8 @@ class Speculator:
         if self._buf.size < need:
             self._buf = np.empty(need, np.float32)
         abi.ggml_backend_tensor_get(x_addr, self._buf.ctypes.data, 0, need * 4)
+        if rows == 1:
+            return self._buf[None, :n_embd]
         return np.lib.stride_tricks.as_strided(self._buf, shape=(rows, n_embd), strides=(stride, 4), writeable=False)
 
     def summary(self) -> dict[str, Any]:
