@@ -354,8 +354,12 @@ class Recorder:
 
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
         flat = ids.ravel()
-        np.add.at(self._counts[layer], flat, 1)
-        self._seen[layer, np.unique(flat)] += 1
+        if ids.shape[0] == 1:  # one token's picks are distinct experts
+            self._counts[layer][flat] += 1
+            self._seen[layer, flat] += 1
+        else:
+            np.add.at(self._counts[layer], flat, 1)
+            self._seen[layer, np.unique(flat)] += 1
         if layer == self._first:
             self._tokens += ids.shape[0]
         if self._prompt_layers_seen >= 0 and layer == self._prompt_layer:
