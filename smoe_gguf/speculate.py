@@ -287,27 +287,19 @@ class Speculator:
                 continue  # a micro-batch's next layer is most of a layer's leaves already: no further
             if n > 1 and target == self._last_paged:
                 logits = logits[-1:]  # the last layer computes the tokens whose logits are wanted only
-            sel = self._sel_bias[target]
             pu = self.p_used(a, target)[: self.n_guess]
             # per expert, the chance that some token of the micro-batch picks it (guesses of
             # each token taken as independent), over the guess set: top n_guess, above threshold
             miss = np.zeros(self.n_expert)
             if n == 1:  # one token: the same arithmetic on one row, in fewer array calls
-                lg = logits[0]
-                p1 = np.exp(lg - lg.max())
-                p1 /= p1.sum()
-                score1 = p1 if sel is None else (1.0 / (1.0 + np.exp(-lg)) if self._sigmoid else p1) + sel
-                order1 = np.argsort(-score1, kind="stable")[: self.max_rank]
+                p1, order1 = self._ranked(target, logits[0])
                 ps1 = p1[order1]
                 ok1 = ps1[: self.n_guess] >= self.threshold
                 miss[order1[: self.n_guess][ok1]] = np.log1p(-np.minimum(pu[ok1], 1 - 1e-9))
                 self._pending.setdefault(target, []).append((a, order1, ps1))
                 guesses += 1
             else:
-                p = np.exp(logits - logits.max(axis=1, keepdims=True))
-                p /= p.sum(axis=1, keepdims=True)
-                score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
-                order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
+                p, order = self._ranked(target, logits)
                 ps = np.take_along_axis(p, order, axis=1)
                 ranks = order[:, : self.n_guess]
                 ok = ps[:, : self.n_guess] >= self.threshold
@@ -331,6 +323,16 @@ class Speculator:
             self.stats.prefetched += r.prefetch([keys[i] for i in order_k], layer=layer,
                                                 in_use=np.unique(ids).tolist(),
                                                 priority=[prios[i] for i in order_k], source="speculation")
+
+    def _ranked(self, target: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Layer ``target``'s router probabilities from ``logits`` (a row per token, or one row)
+        and, along the last axis, the first ``max_rank`` experts in the order its selection
+        ranks them (with its selection bias, and its gating function's scores)."""
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        sel = self._sel_bias[target]
+        score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
+        return p, np.argsort(-score, axis=-1, kind="stable")[..., : self.max_rank]
 
     def _score(self, layer: int, ids: np.ndarray) -> None:
         """Score the guesses made for ``layer`` against what its router picked."""
