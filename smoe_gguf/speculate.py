@@ -60,7 +60,7 @@ RANK_SWEEP = (1.0, 1.5, 2.0, 3.0)
 THRESHOLD_SWEEP = (0.0, 0.02, 0.05, 0.1, 0.2)
 _SWEEP = np.array(THRESHOLD_SWEEP)
 PRIOR_WEIGHT = 4.0  # pseudo-observations behind a layer's rank counts before it has its own
-RESCORE = 8  # a layer's chance of use by rank is re-estimated every RESCORE scored guesses
+RESCORE = 8  # the chances of use by rank are re-estimated every RESCORE passes over the layers
 # Graph nodes between a layer's top-k and its router logits: 4 for plain top-k, 8 with expert
 # groups (deepseek2: the group top-k and its mask sit in between).
 SEARCH_DEPTH = 8
@@ -72,53 +72,74 @@ def _pr(counts: list[int] | np.ndarray) -> dict[str, float]:
     return {"precision": round(tp / max(1, guessed), 4), "recall": round(tp / max(1, actual), 4)}
 
 
-@dataclass
 class LookaheadStats:
-    """Scored guesses of one lookahead. Counts are ``[true positives, guessed, actual]``."""
+    """Scored guesses of one lookahead: per layer, how often each rank was picked, and the guess
+    set's counts ``[true positives, guessed, actual]`` (per layer, and by threshold). Guesses
+    are kept as they come and scored together (:meth:`flush`): one array pass per
+    :data:`RESCORE` passes over the layers rather than a dozen small ones per guess."""
 
-    max_rank: int
-    per_layer: dict[int, list[int]] = field(default_factory=dict)  # the guess set (rank, threshold)
-    by_threshold: dict[float, list[int]] = field(default_factory=lambda: {t: [0, 0, 0] for t in THRESHOLD_SWEEP})
-    rank_hits: dict[int, np.ndarray] = field(default_factory=dict)  # per layer: times rank r was picked
-    scored: dict[int, int] = field(default_factory=dict)  # per layer: guesses scored
+    def __init__(self, n_layer: int, n_expert: int, max_rank: int, n_guess: int, threshold: float) -> None:
+        self.n_expert, self.max_rank, self.n_guess, self.threshold = n_expert, max_rank, n_guess, threshold
+        self.rank_hits = np.zeros((n_layer, max_rank), np.int64)  # per layer: times rank r was picked
+        self.scored = np.zeros(n_layer, np.int64)  # per layer: guesses scored
+        self.per_layer = np.zeros((n_layer, 3), np.int64)  # the guess set (rank, threshold)
+        self.by_threshold = np.zeros((len(THRESHOLD_SWEEP), 3), np.int64)
+        self._layers: list[int] = []
+        self._orders: list[np.ndarray] = []
+        self._probs: list[np.ndarray] = []
+        self._picked: list[np.ndarray] = []
 
-    def score(self, layer: int, order: np.ndarray, p: np.ndarray, picked: np.ndarray, n_actual: int,
-              n_guess: int, threshold: float) -> None:
-        """One guess against what the router picked (``picked``: a bool mask over experts)."""
-        hit = picked[order]
-        hits = self.rank_hits.get(layer)
-        if hits is None:
-            hits = self.rank_hits[layer] = np.zeros(self.max_rank, np.int64)
-        hits[: hit.size] += hit
-        self.scored[layer] = self.scored.get(layer, 0) + 1
-        cum = np.zeros(hit.size + 1, np.int64)
-        np.cumsum(hit, out=cum[1:])
-        top = p[:n_guess]
-        m = int(np.count_nonzero(top >= threshold))
-        c = self.per_layer.setdefault(layer, [0, 0, 0])
-        c[0] += int(cum[m])
-        c[1] += m
-        c[2] += n_actual
-        ms = np.count_nonzero(top[None, :] >= _SWEEP[:, None], axis=1).tolist()
-        for m, c in zip(ms, self.by_threshold.values()):
-            c[0] += int(cum[m])
-            c[1] += m
-            c[2] += n_actual
+    def add(self, layer: int, order: np.ndarray, p: np.ndarray, picked: np.ndarray) -> None:
+        """One guess for ``layer``: experts by rank, their guessed probabilities in that order,
+        and the experts the router then picked (one token's row of ids)."""
+        self._layers.append(layer)
+        self._orders.append(order)
+        self._probs.append(p[: self.n_guess])
+        self._picked.append(picked)
+
+    @property
+    def waiting(self) -> int:
+        """Guesses added and not scored yet."""
+        return len(self._layers)
+
+    def flush(self) -> None:
+        """Score the guesses added since the last flush."""
+        if not self._layers:
+            return
+        layers = np.array(self._layers)
+        order = np.vstack(self._orders)
+        probs = np.vstack(self._probs)
+        picked_ids = np.vstack(self._picked)
+        self._layers, self._orders, self._probs, self._picked = [], [], [], []
+        rows = np.arange(len(layers))
+        picked = np.zeros((len(layers), self.n_expert), bool)
+        picked[rows[:, None], picked_ids] = True
+        n_actual = np.count_nonzero(picked, axis=1)
+        hit = picked[rows[:, None], order]
+        np.add.at(self.rank_hits, layers, hit)
+        np.add.at(self.scored, layers, 1)
+        cum = np.zeros((len(layers), hit.shape[1] + 1), np.int64)
+        np.cumsum(hit, axis=1, out=cum[:, 1:])
+        m = np.count_nonzero(probs >= self.threshold, axis=1)
+        np.add.at(self.per_layer, layers, np.stack([cum[rows, m], m, n_actual], axis=1))
+        ms = np.count_nonzero(probs[:, None, :] >= _SWEEP[None, :, None], axis=2)
+        self.by_threshold += np.stack([np.take_along_axis(cum, ms, axis=1).sum(axis=0), ms.sum(axis=0),
+                                       np.full(len(_SWEEP), n_actual.sum())], axis=1)
 
     def summary(self, n_used: int) -> dict[str, Any]:
-        total = np.sum([c for c in self.per_layer.values()], axis=0) if self.per_layer else np.zeros(3)
-        hits = np.sum(list(self.rank_hits.values()), axis=0) if self.rank_hits else np.zeros(self.max_rank)
-        n = sum(self.scored.values())
+        self.flush()
+        n = int(self.scored.sum())
+        hits = self.rank_hits.sum(axis=0)
         by_rank = {}
         for f in RANK_SWEEP:
             r = min(self.max_rank, max(1, round(f * n_used)))
             by_rank[str(r)] = _pr([int(hits[:r].sum()), r * n, n_used * n])
         return {
-            **_pr(total),
+            **_pr(self.per_layer.sum(axis=0)),
             "scored": n,
-            "per_layer": {layer: _pr(c) for layer, c in sorted(self.per_layer.items())},
+            "per_layer": {layer: _pr(self.per_layer[layer]) for layer in np.flatnonzero(self.scored).tolist()},
             "by_rank": by_rank,
-            "by_threshold": {str(t): _pr(c) for t, c in self.by_threshold.items()},
+            "by_threshold": {str(t): _pr(c) for t, c in zip(THRESHOLD_SWEEP, self.by_threshold)},
         }
 
 
@@ -146,14 +167,18 @@ class Speculator:
         self.n_guess = min(self.n_expert, max(1, round(rank * n_expert_used)))
         self.max_rank = min(self.n_expert, max(self.n_guess, round(max(RANK_SWEEP) * n_expert_used)))
         self.lookahead = max(0, lookahead)
-        self.stats = SpecStats(lookahead={a: LookaheadStats(self.max_rank) for a in range(1, self.lookahead + 1)})
         paged = sorted(residency.costs)  # MoE layers (dense ones have nothing to guess)
+        self.stats = SpecStats(lookahead={
+            a: LookaheadStats(residency.n_layer, self.n_expert, self.max_rank, self.n_guess, threshold)
+            for a in range(1, self.lookahead + 1)})
+        self._rescore_every = RESCORE * len(paged)
         self._ahead = {layer: paged[i + 1 : i + 1 + self.lookahead] for i, layer in enumerate(paged)}
         self._router: list[np.ndarray | None] | None = None  # per layer: [n_expert, n_embd]
         self._bias: list[np.ndarray | None] = []
         self._sel_bias: list[np.ndarray | None] = []  # exp_probs_b: added to the gating output for selection
         self._norm: list[np.ndarray | None] = []
         self._scaled: dict[tuple[int, int], np.ndarray] = {}  # (here, there) -> scaled router, transposed
+        self._proj: dict[int, tuple[list[tuple[int, int]], np.ndarray, np.ndarray] | None] = {}  # see _projections
         # per guessed layer: (lookahead, ranked experts, their guessed probabilities)
         self._pending: dict[int, list[tuple[int, np.ndarray, np.ndarray]]] = {}
         self._prompt_pending: dict[int, np.ndarray] = {}  # per layer: a micro-batch's guessed experts
@@ -232,14 +257,12 @@ class Speculator:
     def _estimate(self, lookahead: int, layer: int) -> np.ndarray:
         st = self.stats.lookahead[lookahead]
         prior = np.where(np.arange(self.max_rank) < self.n_used, 0.5, 0.2)
-        n_all = sum(st.scored.values())
+        n_all = int(st.scored.sum())
         if n_all:
-            hits_all = np.sum(list(st.rank_hits.values()), axis=0)
-            prior = (hits_all + 2.0 * prior) / (n_all + 2.0)
-        hits = st.rank_hits.get(layer)
-        if hits is None:
+            prior = (st.rank_hits.sum(axis=0) + 2.0 * prior) / (n_all + 2.0)
+        if not st.scored[layer]:
             return prior
-        return (hits + PRIOR_WEIGHT * prior) / (st.scored[layer] + PRIOR_WEIGHT)
+        return (st.rank_hits[layer] + PRIOR_WEIGHT * prior) / (st.scored[layer] + PRIOR_WEIGHT)
 
     def __call__(self, layer: int, node: int, ids: np.ndarray) -> None:
         state = self.residency.state
@@ -258,53 +281,91 @@ class Speculator:
         x = self._router_input(node, layer, n)
         if x is None or self._router is None:
             return
-        wanted = bool(feats) or any(self.fit.wanted((layer, t)) for t in targets)
-        own = self._project(layer, layer, x) if wanted else None  # this layer's router logits
-        if feats and own is not None:  # samples for the fits of pairs that end here
+        proj = self._projections(layer, targets)
+        if proj is None:
+            return
+        looks, matrix, bias = proj
+        everything = x @ matrix + bias  # this layer's router logits, then each target's plain guess
+        e = self.n_expert
+        own = everything[:, :e]
+        if feats:  # samples for the fits of pairs that end here
             for src, f in feats:
                 if len(f) >= n:
                     self.fit.add((src, layer), f[len(f) - n :], own)  # the last layer: output rows only
-        if not targets:
+        if not looks:
             return
-        r = self.residency
-        bar = r.prefetch_bar()
-        keys: list[tuple[int, int]] = []
-        prios: list[float] = []
-        guesses = 0
-        for a, target in enumerate(targets, 1):
-            plain = self._project(layer, target, x)
-            if plain is None:
-                continue
+        guessed = []  # (lookahead, target, logits)
+        for i, (a, target) in enumerate(looks, 1):
+            logits = everything[:, i * e : (i + 1) * e]
             pair = (layer, target)
-            logits = plain
-            if own is not None and self.fit.wanted(pair):
-                f = RouteFit.features(plain, own)
+            if self.fit.wanted(pair):
+                f = RouteFit.features(logits, own)
                 self._feat.setdefault(target, []).append((layer, f))
                 fitted = self.fit.predict(pair, f)
                 if fitted is not None:
                     logits = fitted
             if n > 1 and a > 1:
                 continue  # a micro-batch's next layer is most of a layer's leaves already: no further
-            if n > 1 and target == self._last_paged:
+            guessed.append((a, target, logits))
+        if not guessed:
+            return
+        bar = self.residency.prefetch_bar()
+        if n == 1:
+            keys, prios = self._guess_token(guessed, bar)
+        else:
+            keys, prios = self._guess_batch(guessed, bar)
+        if keys:
+            order_k = sorted(range(len(keys)), key=lambda i: -prios[i])
+            self.stats.prefetched += self.residency.prefetch(
+                [keys[i] for i in order_k], layer=layer, in_use=np.unique(ids).tolist(),
+                priority=[prios[i] for i in order_k], source="speculation")
+
+    def _guess_token(self, guessed: list[tuple[int, int, np.ndarray]],
+                     bar: float) -> tuple[list[tuple[int, int]], list[float]]:
+        """A decoded token's guesses, every guessed layer at once: the guess set (top n_guess
+        above the threshold) of each, of which the leaves whose chance of use (by rank) reaches
+        ``bar`` are protected; those not resident are returned, with that chance, to prefetch."""
+        state = self.residency.state
+        g = self.n_guess
+        layers = np.array([t for _a, t, _l in guessed])
+        p, order = self._ranked_rows(layers, np.vstack([lg for _a, _t, lg in guessed]))
+        ps = np.take_along_axis(p, order, axis=1)
+        pu = np.vstack([self.p_used(a, t)[:g] for a, t, _l in guessed])
+        ok = ps[:, :g] >= self.threshold
+        kept = ok & (pu >= bar)
+        for i, (a, t, _l) in enumerate(guessed):
+            self._pending.setdefault(t, []).append((a, order[i], ps[i]))
+        rows, ranks = np.nonzero(kept)
+        k_layers, k_experts = layers[rows], order[rows, ranks]
+        state.protect[layers] = 0  # the newest guess for a layer replaces an older one
+        state.protect[k_layers, k_experts] = 1
+        st = self.stats
+        st.guesses += 1
+        st.protected += int(rows.size)
+        st.skipped += int(np.count_nonzero(ok)) - int(rows.size)
+        out = state.resident[k_layers, k_experts] == 0
+        keys = list(zip(k_layers[out].tolist(), k_experts[out].tolist()))
+        return keys, pu[rows[out], ranks[out]].tolist()
+
+    def _guess_batch(self, guessed: list[tuple[int, int, np.ndarray]],
+                     bar: float) -> tuple[list[tuple[int, int]], list[float]]:
+        """A prompt micro-batch's guess for the next layer: per expert, the chance that some
+        token picks it (each token's guesses taken as independent), over the guess set; the
+        leaves whose chance reaches ``bar`` are protected, those not resident returned to prefetch."""
+        state = self.residency.state
+        keys: list[tuple[int, int]] = []
+        prios: list[float] = []
+        for a, target, logits in guessed:
+            if target == self._last_paged:
                 logits = logits[-1:]  # the last layer computes the tokens whose logits are wanted only
             pu = self.p_used(a, target)[: self.n_guess]
-            # per expert, the chance that some token of the micro-batch picks it (guesses of
-            # each token taken as independent), over the guess set: top n_guess, above threshold
+            p, order = self._ranked(target, logits)
+            ps = np.take_along_axis(p, order, axis=1)
+            ranks = order[:, : self.n_guess]
+            ok = ps[:, : self.n_guess] >= self.threshold
             miss = np.zeros(self.n_expert)
-            if n == 1:  # one token: the same arithmetic on one row, in fewer array calls
-                p1, order1 = self._ranked(target, logits[0])
-                ps1 = p1[order1]
-                ok1 = ps1[: self.n_guess] >= self.threshold
-                miss[order1[: self.n_guess][ok1]] = np.log1p(-np.minimum(pu[ok1], 1 - 1e-9))
-                self._pending.setdefault(target, []).append((a, order1, ps1))
-                guesses += 1
-            else:
-                p, order = self._ranked(target, logits)
-                ps = np.take_along_axis(p, order, axis=1)
-                ranks = order[:, : self.n_guess]
-                ok = ps[:, : self.n_guess] >= self.threshold
-                np.add.at(miss, ranks[ok], np.log1p(-np.minimum(pu, 1 - 1e-9))[np.nonzero(ok)[1]])
-                self._prompt_pending[target] = np.unique(ranks[ok])
+            np.add.at(miss, ranks[ok], np.log1p(-np.minimum(pu, 1 - 1e-9))[np.nonzero(ok)[1]])
+            self._prompt_pending[target] = np.unique(ranks[ok])
             p_any = 1.0 - np.exp(miss)
             cand = np.flatnonzero(p_any > 0)
             kept = cand[p_any[cand] >= bar]
@@ -316,13 +377,7 @@ class Speculator:
                 if not state.resident[target, e]:
                     keys.append((target, e))
                     prios.append(float(p_any[e]))
-        if guesses:
-            self.stats.guesses += 1
-        if keys:
-            order_k = sorted(range(len(keys)), key=lambda i: -prios[i])
-            self.stats.prefetched += r.prefetch([keys[i] for i in order_k], layer=layer,
-                                                in_use=np.unique(ids).tolist(),
-                                                priority=[prios[i] for i in order_k], source="speculation")
+        return keys, prios
 
     def _ranked(self, target: int, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Layer ``target``'s router probabilities from ``logits`` (a row per token, or one row)
@@ -334,18 +389,27 @@ class Speculator:
         score = p if sel is None else (1.0 / (1.0 + np.exp(-logits)) if self._sigmoid else p) + sel
         return p, np.argsort(-score, axis=-1, kind="stable")[..., : self.max_rank]
 
+    def _ranked_rows(self, layers: np.ndarray, logits: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """:meth:`_ranked` of one row of ``logits`` per guessed layer of ``layers``."""
+        if any(self._sel_bias[t] is not None for t in layers.tolist()):
+            ranked = [self._ranked(t, row) for t, row in zip(layers.tolist(), logits)]
+            return np.vstack([p for p, _o in ranked]), np.vstack([o for _p, o in ranked])
+        p = np.exp(logits - logits.max(axis=-1, keepdims=True))
+        p /= p.sum(axis=-1, keepdims=True)
+        return p, np.argsort(-p, axis=-1, kind="stable")[:, : self.max_rank]
+
     def _score(self, layer: int, ids: np.ndarray) -> None:
         """Score the guesses made for ``layer`` against what its router picked."""
         n = ids.shape[0]
         pending = self._pending.pop(layer, None)
         if pending is not None and n == 1:
-            picked = np.zeros(self.n_expert, bool)
-            picked[ids[0]] = True
-            n_actual = int(np.count_nonzero(picked))
             for a, order, p in pending:
-                self.stats.lookahead[a].score(layer, order, p, picked, n_actual, self.n_guess, self.threshold)
-                if self.stats.lookahead[a].scored[layer] % RESCORE == 0:
-                    self._p_used.pop((a, layer), None)
+                st = self.stats.lookahead[a]
+                st.add(layer, order, p, np.array(ids[0]))  # ids are valid during the call only
+                if st.waiting >= self._rescore_every:  # RESCORE passes: every layer's chances anew
+                    st.flush()
+                    for key in [k for k in self._p_used if k[0] == a]:
+                        del self._p_used[key]
         guessed = self._prompt_pending.pop(layer, None)
         if guessed is not None and n > 1:
             actual = np.unique(ids)
@@ -354,16 +418,28 @@ class Speculator:
             c[1] += int(guessed.size)
             c[2] += int(actual.size)
 
-    def _project(self, here: int, there: int, x: np.ndarray) -> np.ndarray | None:
-        """Layer ``there``'s router applied to layer ``here``'s router input rows ``x`` (with the
-        norm ratio and the router bias): ``[tokens, n_expert]`` logits."""
-        assert self._router is not None
-        m = self._scaled_router(here, there)
-        if m is None or m.shape[0] != x.shape[1]:
-            return None
-        logits = x @ m
-        b = self._bias[there]
-        return logits if b is None else logits + b
+    def _projections(self, layer: int, targets: list[int]) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray] | None:
+        """For one product of ``layer``'s router input rows: the guessed layers it can project to
+        (lookahead, layer), and the matrix and bias whose columns give ``layer``'s own router
+        logits, then each of those layers' plain guess (its router with the norm ratio); made
+        once per layer. None where ``layer`` has no router."""
+        if layer in self._proj:
+            return self._proj[layer]
+        own = self._scaled_router(layer, layer)
+        out = None
+        if own is not None:
+            looks: list[tuple[int, int]] = []
+            mats, biases = [own], [self._bias[layer]]
+            for a, target in enumerate(targets, 1):
+                m = self._scaled_router(layer, target)
+                if m is not None and m.shape[0] == own.shape[0]:
+                    looks.append((a, target))
+                    mats.append(m)
+                    biases.append(self._bias[target])
+            bias = np.concatenate([np.zeros(self.n_expert, np.float32) if b is None else b for b in biases])
+            out = (looks, np.ascontiguousarray(np.hstack(mats)), bias)
+        self._proj[layer] = out
+        return out
 
     def _router_input(self, node: int, layer: int, n_tokens: int) -> np.ndarray | None:
         """``x_L`` of the micro-batch's tokens (``[n_tokens, n_embd]``): the second source of
