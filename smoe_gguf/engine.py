@@ -397,6 +397,8 @@ class Engine:
             # what is still queued of a warm start: a prompt streams its own leaves through the
             # budget and evicts such guesses before any gate uses them
             self.residency.cancel_below(HOLD_BELOW)
+        if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
+            self._between_decodes()
         stall0, obs0, t0 = self.residency.stats.stall_seconds, self.gate.observe_seconds, time.perf_counter()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
@@ -410,7 +412,7 @@ class Engine:
             self.residency.finish_all()
             self.residency.reap_failures()
             self.residency.drain_native()
-            self._after_decode()
+            self._between_decodes()
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
@@ -430,10 +432,11 @@ class Engine:
             self.speculator.forget()  # its last guesses are stale, or no gate would clear their protection
         self.gate.observing = on
 
-    def _after_decode(self) -> None:
+    def _between_decodes(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
-        background (layer order); once all are resident the gate stops asking for nodes, so
-        llama.cpp computes each graph in one piece, exactly as stock does."""
+        background (layer order), from the first decode on, beside the gate's own reads; once all
+        are resident the gate stops asking for nodes, so llama.cpp computes each graph in one
+        piece, exactly as stock does."""
         r = self.residency
         if r.holds_everything():
             self.gate.gating = False
@@ -491,7 +494,7 @@ class Engine:
                             f"tokens; restart with this budget")
         self.residency.set_budget(b)
         self.budget = b
-        self._after_decode()
+        self._between_decodes()
 
     def stream(self, prompt: str | list[int], n_tokens: int, sampling: ls.Sampling | None = None,
                keep_logits: bool = False, stop_at_eog: bool = False) -> Iterator[Step]:
