@@ -5,9 +5,8 @@
  * or none) and a class: urgent (a gate waiting for them) or background (prefetch). The call
  * queues them, wakes the workers and blocks until every job of the call is done; ctypes releases
  * the GIL meanwhile, so Python threads and llama.cpp run on. Workers take urgent jobs before any
- * background one, so a gate's reads jump the queue of prefetches, and at most half of them read
- * background jobs at once, so those reads find free workers and few reads ahead of them in the
- * device's queue.
+ * background one, so a gate's reads jump the queue of prefetches; a background job may take any
+ * idle worker (a prefetch read by fewer workers than the disk takes lands after its gate).
  *
  * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
  * block-aligned head of a part whose destination and file offset are block-aligned is read
@@ -61,7 +60,6 @@ struct smoe_pool {
     int32_t n_workers;
     int32_t closing;
     int32_t busy;                        /* workers inside a read */
-    int32_t bg_busy, bg_max;             /* ... of a background job; at most bg_max at once */
     pthread_t workers[SMOE_MAX_WORKERS];
     sha256_fn sha256;                    /* NULL: the portable one */
     int64_t urgent_jobs, background_jobs;
@@ -357,7 +355,7 @@ static void *worker(void *arg) {
     struct bounce b = {NULL, 0};
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->closing && p->head[0] == NULL && (p->head[1] == NULL || p->bg_busy >= p->bg_max))
+        while (!p->closing && p->head[0] == NULL && p->head[1] == NULL)
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
         int q = p->head[0] != NULL ? 0 : 1;
@@ -365,15 +363,10 @@ static void *worker(void *arg) {
         p->head[q] = j->next;
         if (p->head[q] == NULL) p->tail[q] = NULL;
         p->busy++;
-        p->bg_busy += q;
         pthread_mutex_unlock(&p->lock);
         run_job(p, j, &b);
         pthread_mutex_lock(&p->lock);
         p->busy--;
-        if (q) {
-            p->bg_busy--;
-            if (p->head[1] != NULL) pthread_cond_signal(&p->work);  /* a background slot is free */
-        }
         struct smoe_call *c = (struct smoe_call *)j->call;
         if (--c->remaining == 0) pthread_cond_signal(&c->done);
     }
@@ -393,9 +386,6 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
     p->sha256 = use_library ? library_sha256() : NULL;
-    /* background reads take at most half the workers, so that a gate's urgent batch finds free
-       workers and a short device queue */
-    p->bg_max = n_workers > 1 ? n_workers / 2 : 1;
     for (int32_t i = 0; i < n_workers; i++) {
         if (pthread_create(&p->workers[i], NULL, worker, p) != 0) break;
         p->n_workers++;
