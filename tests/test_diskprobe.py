@@ -5,7 +5,9 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
-from smoe_gguf.devtools.diskprobe import leaf_read_bytes, part_spans, random_read_curve
+import pytest
+
+from smoe_gguf.devtools.diskprobe import ReadCurve, leaf_read_bytes, part_spans, random_read_curve
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.store import BLOCK
 
@@ -38,3 +40,15 @@ def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path
     assert curve.best == max(curve.bytes_per_second.values()) and curve.best_readers in (1, 3)
     d = curve.as_dict()
     assert d["bytes_per_second"].keys() == {"1", "3"} and d["span_bytes"][0] <= d["span_bytes"][1]
+
+
+@pytest.mark.parametrize(("points", "readers"), [
+    ({1: 2.52, 2: 2.35, 4: 1.94, 8: 2.37, 16: 1.73}, 2),  # flat: the best point (1) is noise
+    ({1: 0.46, 2: 0.91, 4: 1.14, 8: 1.62, 16: 1.89}, 16),  # latency-bound: the most readers
+    ({1: 1.69, 2: 1.74, 4: 1.67, 8: 1.57, 16: 1.38}, 2),
+    ({1: 2.0, 2: 1.0, 4: 0.9}, 1),  # one reader far ahead: the best point
+])
+def test_pager_readers_are_the_fewest_near_the_best_and_at_least_two(points: dict[int, float], readers: int) -> None:
+    curve = ReadCurve({k: v * 1e9 for k, v in points.items()}, (1 << 20, 1 << 20), 256 << 20, True)
+    assert curve.pager_readers == readers and curve.as_dict()["pager_readers"] == readers
+

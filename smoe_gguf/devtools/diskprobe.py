@@ -25,6 +25,8 @@ from smoe_gguf.pack import manifest as mf
 from smoe_gguf.store import BLOCK, LeafStore, drop_page_cache
 
 READERS: tuple[int, ...] = (1, 2, 4, 8, 16)
+NEAR_BEST = 0.9  # a concurrency this close to the best bandwidth is as good, within the curve's noise
+MIN_PAGER_READERS = 2  # a prefetch and a gate's read in flight at once
 
 
 @dataclass(frozen=True)
@@ -77,10 +79,21 @@ class ReadCurve:
     def best_readers(self) -> int:
         return max(self.bytes_per_second, key=lambda k: self.bytes_per_second[k])
 
+    @property
+    def pager_readers(self) -> int:
+        """Readers for the pager (``--io-depth``): the fewest, of at least MIN_PAGER_READERS, that
+        read within NEAR_BEST of the best; the best point where none does. On a flat curve the
+        best point is noise; one reader serialises every prefetch with the gates' reads, and each
+        reader more queues more prefetch reads ahead of a gate's."""
+        bps = self.bytes_per_second
+        near = [k for k in sorted(bps) if k >= MIN_PAGER_READERS and bps[k] >= NEAR_BEST * self.best]
+        return near[0] if near else self.best_readers
+
     def as_dict(self) -> dict[str, object]:
         return {"bytes_per_second": {str(k): v for k, v in self.bytes_per_second.items()},
                 "span_bytes": list(self.span_bytes), "bytes_per_level": self.bytes_per_level,
-                "direct": self.direct, "best": self.best, "best_readers": self.best_readers}
+                "direct": self.direct, "best": self.best, "best_readers": self.best_readers,
+                "pager_readers": self.pager_readers}
 
 
 def random_read_curve(spans: Sequence[Span], readers: Sequence[int] = READERS, min_bytes: int = 256 << 20,
