@@ -65,6 +65,21 @@ def test_negative_control_gate_off_differs(arch: str, tiny_model, pack_of) -> No
         assert eng.residency.stats.gates > 0 and eng.xslot.resident_bytes == 0
 
 
+def test_a_full_budget_is_filled_from_the_first_prompt(tiny_model, pack_of) -> None:
+    """A budget that holds every leaf queues them all before the first prompt's first gate (not
+    after its prefill, when the first decoded tokens would wait behind the fill), and the output
+    is still stock's."""
+    pack = pack_of("qwen3moe", "f16")
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
+        queued_at_gate: list[int] = []
+        eng.gate.observe(lambda _layer, _node, _ids: queued_at_gate.append(
+            eng.residency.stats.source("fill").queued), always=True)
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert queued_at_gate and queued_at_gate[0] > 0
+        assert eng.residency.holds_everything() and not eng.gate.gating
+        assert same(reference(tiny_model("qwen3moe", "f16"), eng), gen.tokens, gen.logits)
+
+
 @pytest.mark.parametrize("dtype", ["f32", "q4_k"])
 def test_budget_holds_measured_by_mincore_at_every_gate(dtype: str, pack_of, tiny_model) -> None:
     """Q4_K slices are whole pages (36 KiB): an evicted leaf's pages go to the incoming one
