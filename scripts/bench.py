@@ -236,8 +236,8 @@ def disk_curve_text(curve: dict[str, Any]) -> str:
     points = ", ".join(f"{k}: {v / 1e9:.2f}" for k, v in bw.items())
     how = "O_DIRECT" if curve["direct"] else "buffered, cache dropped (no O_DIRECT here)"
     return (f"{how} random reads of its {size} parts, {curve['bytes_per_level'] / 2**20:.0f} MiB per point, "
-            f"GB/s by concurrent readers {points}; limit uses {curve['best'] / 1e9:.2f} ({curve['best_readers']} readers)"
-            + (f"; smoe-gguf reads with {curve['pager_readers']}" if "pager_readers" in curve else ""))
+            f"GB/s by concurrent readers {points}; limit uses {curve['best'] / 1e9:.2f} ({curve['best_readers']} readers); "
+            f"smoe-gguf rows read {curve['io_depth']} parts at once (--io-depth)")
 
 
 def write_report(out: Path, result: dict[str, Any]) -> None:
@@ -833,12 +833,11 @@ class Bench:
               f"leaf {moe.max_leaf_bytes / 2**20:.2f} MiB, active {active / 1e6:.0f} MB/token; smoe-gguf runs {source}",
               flush=True)
         curve = measure_disk(source, a.disk_bytes, a.readers)
+        io_depth = curve["io_depth"] = a.io_depth or curve["pager_readers"]  # as many parts at once as suit the disk
         self.disk[name] = curve
         disk_bw = curve["best"]
         print(f"  disk: {disk_curve_text(curve)}", flush=True)
         leaf_bytes = leaf_read_bytes(part_spans(source))
-        io_depth = a.io_depth or curve["pager_readers"]  # smoe-gguf reads as many parts at once as suit the disk
-        print(f"  smoe-gguf rows read {io_depth} parts at once (--io-depth)", flush=True)
         base = {"prompts": self.prompts, "n": a.n, "sampling": self.sampling, "io_depth": io_depth}
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 

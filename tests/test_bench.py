@@ -75,7 +75,8 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     md = bench.markdown_table(rows)
     assert md.count("\n") == 6 and "| m | b |" in md and "unavailable" in md
     curve = {"bytes_per_second": {"1": 0.8e9, "4": 1.4e9}, "span_bytes": [1 << 20, 1 << 20],
-             "bytes_per_level": 256 << 20, "direct": True, "best": 1.4e9, "best_readers": 4}
+             "bytes_per_level": 256 << 20, "direct": True, "best": 1.4e9, "best_readers": 4,
+             "pager_readers": 4, "io_depth": 2}
     result = {"command": "bench.py m.gguf", "machine": {"cpu": "x", "cores": 2, "memory_gib": 24.0, "os": "Linux",
               "llama_cpp": "0.3.36", "gpu_offload": False, "mem_bw": 1e10, "disk": {"m": curve}},
               "cache_drop": "files", "energy_source": bench.ENERGY_NONE, "prompts": ["p"], "prompt_domains": ["python"],
@@ -86,7 +87,7 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert "Command: `bench.py m.gguf`" in report and "- a note" in report
     assert "| m | c | smoe-gguf reactive LRU | 25% | 5.00 |" in report and "| 85.0% |" in report
     assert ("- m: O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers "
-            "1: 0.80, 4: 1.40; limit uses 1.40 (4 readers)") in report
+            "1: 0.80, 4: 1.40; limit uses 1.40 (4 readers); smoe-gguf rows read 2 parts at once (--io-depth)") in report
     assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
 
 

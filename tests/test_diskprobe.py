@@ -51,4 +51,3 @@ def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path
 def test_pager_readers_are_the_fewest_near_the_best_and_at_least_two(points: dict[int, float], readers: int) -> None:
     curve = ReadCurve({k: v * 1e9 for k, v in points.items()}, (1 << 20, 1 << 20), 256 << 20, True)
     assert curve.pager_readers == readers and curve.as_dict()["pager_readers"] == readers
-
