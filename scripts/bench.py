@@ -801,19 +801,30 @@ class Bench:
         return r
 
     def after_fill(self, name: str, budget: str, r: dict[str, Any], stock: dict[str, Any]) -> None:
-        """Decode speed over the prompts that started with every leaf resident, against stock
-        resident's on the same prompts (a note; the row's decode tok/s includes the fill)."""
+        """A row whose budget holds every leaf against ``stock`` (stock resident, run beside it):
+        decode over the whole run (the background fill included) and over the prompts that
+        started with every leaf resident, each on the same prompts (a note; the table's decode
+        tok/s is the whole run)."""
         full, mine, ref = r.get("full_each") or [], r.get("decode_each") or [], stock.get("decode_each") or []
-        idx = [i for i, f in enumerate(full) if f and i < len(mine) and i < len(ref)]
-        if r.get("error") or not idx:
+        if r.get("error") or not mine or len(ref) < len(mine):
             return
-        tps = sum(mine[i][1] for i in idx) / sum(mine[i][0] for i in idx)
-        ref_tps = sum(ref[i][1] for i in idx) / sum(ref[i][0] for i in idx)
-        r.update(decode_after_fill_tps=tps, after_fill_x_stock=tps / ref_tps)
-        self.notes.append(f"{name} {budget} {r['system']}: decode after the background fill (prompts "
-                          f"{', '.join(str(i + 1) for i in idx)}) {tps:.2f} tok/s, {tps / ref_tps:.2f}x stock "
-                          f"resident's {ref_tps:.2f} on the same prompts")
-        print(f"  {self.notes[-1]}", flush=True)
+
+        def tps(rows: list[Any], idx: list[int]) -> float:
+            return sum(rows[i][1] for i in idx) / sum(rows[i][0] for i in idx)
+
+        every = list(range(len(mine)))
+        whole, whole_ref = tps(mine, every), tps(ref, every)
+        r.update(decode_beside_stock_tps=whole_ref, whole_x_stock=whole / whole_ref)
+        text = (f"{name} {budget} {r['system']}: decode over the whole run {whole:.2f} tok/s, {whole / whole_ref:.2f}x "
+                f"stock resident's {whole_ref:.2f} run beside it")
+        idx = [i for i in every if i < len(full) and full[i]]
+        if idx:
+            after, after_ref = tps(mine, idx), tps(ref, idx)
+            r.update(decode_after_fill_tps=after, after_fill_x_stock=after / after_ref)
+            text += (f"; after the background fill (prompts {', '.join(str(i + 1) for i in idx)}) {after:.2f} tok/s, "
+                     f"{after / after_ref:.2f}x its {after_ref:.2f} on the same prompts")
+        self.notes.append(text)
+        print(f"  {text}", flush=True)
 
     def bench_model(self, gguf: Path, mem_bw: float) -> None:
         from smoe_gguf.devtools.diskprobe import leaf_read_bytes, part_spans
@@ -886,6 +897,10 @@ class Bench:
                     rr["replay_hit_rates"]["belady"] = opt["hit_rate_all"]
                     rr.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
                 trace.unlink()
+            # a budget that holds every leaf is compared with stock resident run again beside its rows
+            # (between them): this machine's speed drifts over a bench run, more than the gap measured
+            beside = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files) \
+                if any(rr.get("full_each") or []) else None
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
                 {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                  "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
@@ -896,8 +911,11 @@ class Bench:
                 ro.update(belady_hit_rate=belady[budget]["hit_rate"],
                           belady_bytes_per_token=belady[budget]["bytes_per_token"])
             smoe_rows += [rr, ro]
-            for r in (rr, ro):  # a budget that holds every leaf: decode once the background fill is done
-                self.after_fill(name, budget, r, row_a)
+            if beside is not None and beside.get("error"):
+                self.notes.append(f"{name} {budget}: stock resident beside the rows failed: {beside['error']}")
+            elif beside is not None:
+                for r in (rr, ro):
+                    self.after_fill(name, budget, r, beside)
 
             budget_bytes = rr.get("budget_bytes") or ro.get("budget_bytes")
             if budget_bytes is None:

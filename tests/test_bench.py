@@ -91,6 +91,23 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
 
 
+def test_after_fill_compares_with_the_stock_run_beside_the_row() -> None:
+    b = bench.Bench.__new__(bench.Bench)
+    b.notes = []
+    # prompt 1 decoded while the fill ran (not full when it started); prompts 2 and 3 started full
+    row = {"system": "smoe-gguf orchestrator", "decode_each": [(2.0, 100), (1.0, 100), (1.0, 100)],
+           "full_each": [False, True, True]}
+    stock = {"decode_each": [(1.0, 100), (0.8, 100), (1.2, 100)]}
+    b.after_fill("m", "100%", row, stock)
+    assert row["whole_x_stock"] == pytest.approx((300 / 4.0) / (300 / 3.0))
+    assert row["decode_after_fill_tps"] == pytest.approx(100.0) and row["after_fill_x_stock"] == pytest.approx(1.0)
+    assert b.notes == ["m 100% smoe-gguf orchestrator: decode over the whole run 75.00 tok/s, 0.75x stock "
+                       "resident's 100.00 run beside it; after the background fill (prompts 2, 3) 100.00 tok/s, "
+                       "1.00x its 100.00 on the same prompts"]
+    b.after_fill("m", "100%", {**row, "error": "boom"}, stock)  # a failed row: no note
+    assert len(b.notes) == 1
+
+
 def test_decode_replay_counts_the_decode_phase() -> None:
     from smoe_gguf.trace import TraceData
 
@@ -179,6 +196,9 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
         # the bound at stock's own compute is never above the roofline's
         assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
+    for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
+        assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
+    assert len([n for n in res["notes"] if "stock resident's" in n and "run beside it" in n]) == 2, res["notes"]
     for r in smoe:
         if r["system"] == "smoe-gguf reactive LRU":
             rates = r["replay_hit_rates"]
