@@ -42,7 +42,7 @@ KIND_TOPK = 0
 KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
 KIND_OBSERVE = 2  # a top-k gate: Python calls its observers only (C served it, or serves it next)
 KIND_SERVE = 3  # a top-k gate whose observers were called: Python serves it only
-STALL_SHARE = 0.25  # observers stay on while their time per token is below this share of the stall (ObserverSwitch)
+STALL_SHARE = 0.0  # observers also stay on while their time per token is below this share of the stall (off)
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
 PREFIX_LEN = 32
@@ -292,11 +292,11 @@ class ObserverSwitch:
     as a cache warming up after a prompt, weighs on both alike); then holds a state for ``hold``
     tokens and measures again, sooner if half of the last ``window`` tokens each stalled longer
     than the held state's mean token took (a change of topic: one stalling token alone is not).
-    The observers are held if their tokens were the faster, and also where the observers' own
-    time per token was below ``stall_share`` of the stall a token without them waited: a leaf
-    they bring in is hit by later tokens of either turn, which the turns cannot attribute to
-    them, and where reads dominate a token their prefetches are what can shorten it.
-    :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
+    The observers are held if their tokens were the faster. ``stall_share`` above 0 also holds
+    them where their own time per token was below that share of the stall a token without them
+    waited (a leaf they bring in is hit by later tokens of either turn, which the turns cannot
+    attribute to them); by default it is 0: their wasted reads and the cores they take from
+    compute slow the tokens of both turns as well. :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
 
     def __init__(self, window: int = 8, hold: int = 128, block: int = 2, stall_share: float = STALL_SHARE) -> None:
         self.window, self.hold, self.block, self.stall_share = window, hold, block, stall_share

@@ -52,7 +52,11 @@ def test_observers_paused_when_they_cost_more_than_they_hide() -> None:
 def test_observers_kept_where_they_cost_less_than_their_share_of_the_stall() -> None:
     """Tokens with observers measured slower (their prefetches also serve the turns without
     them), but the observers take 4 ms where a token without them waits 20 ms on reads, under
-    a quarter of it: kept. With 12 ms of their own: paused."""
+    a quarter of it: kept with a stall share of a quarter, paused by default (the faster state
+    alone). With 12 ms of their own: paused."""
+    sw = ObserverSwitch(window=4, hold=10)
+    measure(sw, 0.032, 0.030, stall_off=0.020, cost_on=0.004)
+    assert sw.phase == "hold" and not sw.observing and sw.pauses == 1
     sw = ObserverSwitch(window=4, hold=10, stall_share=0.25)
     measure(sw, 0.032, 0.030, stall_off=0.020, cost_on=0.004)
     assert sw.phase == "hold" and sw.observing and sw.pauses == 0
