@@ -7,6 +7,7 @@ its last error lines are kept and put into the SmoeError raised on failure.
 
 from __future__ import annotations
 
+import _signal
 import ctypes
 import functools
 import os
@@ -186,13 +187,19 @@ def signals_deferred() -> Iterator[None]:
         yield
         return
     caught: list[int] = []
-    old = {sig: signal.signal(sig, lambda signum, _frame: caught.append(signum))
-           for sig in _DEFERRED if signal.getsignal(sig) is not None}  # None: set outside Python, left alone
+
+    def defer(signum: int, _frame: object) -> None:
+        caught.append(signum)
+
+    # _signal's functions: signal's own add enum conversions to every call (four per decode call),
+    # for the same handlers
+    old = {sig: _signal.signal(sig, defer)
+           for sig in _DEFERRED if _signal.getsignal(sig) is not None}  # None: set outside Python, left alone
     try:
         yield
     finally:
         for sig, handler in old.items():
-            signal.signal(sig, handler)
+            _signal.signal(sig, handler)
         for signum in caught[:1]:  # the first one decides, as it would have undeferred
             signal.raise_signal(signum)
 

@@ -525,6 +525,22 @@ def test_19_ctrl_c_while_decoding_is_an_interrupt(pack: Path) -> None:
     assert proc.returncode == 130 and stderr.decode().strip().splitlines()[-1] == "interrupted", stderr
 
 
+def test_19_signals_while_llama_cpp_computes_are_held_and_delivered_after() -> None:
+    from smoe_gguf.llama_session import signals_deferred
+
+    got: list[int] = []
+    before = signal.signal(signal.SIGTERM, lambda signum, _frame: got.append(signum))
+    try:
+        with signals_deferred():
+            signal.raise_signal(signal.SIGTERM)
+            signal.raise_signal(signal.SIGTERM)
+            assert got == []  # held: a handler here would run inside llama.cpp's callbacks
+        assert got == [signal.SIGTERM]  # the first one, once the computation is over
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # the handlers are back
+    finally:
+        signal.signal(signal.SIGTERM, before)
+
+
 def test_19_an_interrupt_inside_the_gate_is_an_interrupt() -> None:
     from smoe_gguf.gate import KIND_BEFORE_DOWN, Gate
 
