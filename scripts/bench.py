@@ -592,6 +592,8 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     from smoe_gguf.llama_session import Sampler, sample_tokens
 
     mp = stock.model_params(n_gpu_layers=spec.get("n_gpu_layers", 0), plain_experts=spec.get("plain_experts", True))
+    if spec.get("in_memory"):  # the weights read into the process's memory (llama.cpp's --no-mmap)
+        mp.load_mode = llama_cpp.LLAMA_LOAD_MODE_NONE
     n_ubatch = spec.get("n_ubatch", 512)
     n_batch = max(512, n_ubatch)
     threads = spec["threads"] or os.cpu_count() or 2
@@ -601,7 +603,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     model = stock.load_model(spec["model"], mp)
     ctx = stock.new_context(model, cp)
     out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "load_read_bytes": _io_read() - io0,
-                           "n_ubatch": n_ubatch}
+                           "n_ubatch": n_ubatch, "weights": "in memory" if spec.get("in_memory") else "mmap"}
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     m = _Meter()
@@ -853,7 +855,8 @@ class Bench:
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 
         row_a = self.add(name, "a", "stock llama.cpp, fully resident", None,
-                         self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files),
+                         self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True,
+                                     "in_memory": True}, stock_files),
                          same_as_a=True, bit_exact=True)
         # stock's tokens by (n_ubatch, compute threads): llama.cpp's sums depend on both
         threads = a.threads or os.cpu_count() or 2
@@ -899,8 +902,8 @@ class Bench:
                 trace.unlink()
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
-            beside = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True}, stock_files) \
-                if any(rr.get("full_each") or []) else None
+            beside = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True, "in_memory": True},
+                                stock_files) if any(rr.get("full_each") or []) else None
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
                 {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                  "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
@@ -1017,7 +1020,8 @@ class Bench:
             return
         spec = {"prompts": [text], "n": 1, "sampling": self.sampling, "n_ctx": a.long_prompt + 256,
                 "prompt_seconds": None}
-        stock_res = self.spawn({**spec, "kind": "stock", "model": str(gguf), "plain_experts": True}, files)
+        stock_res = self.spawn({**spec, "kind": "stock", "model": str(gguf), "plain_experts": True, "in_memory": True},
+                               files)
         for budget in a.budgets:
             res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
                               "speculate": False, "profile": None, "pipeline": False, "io_depth": io_depth}, files)
@@ -1054,6 +1058,9 @@ class Bench:
                           if smoe_gguf.GOMP_SPINCOUNT_FROM_USER else
                           f"OpenMP spin before sleeping (GOMP_SPINCOUNT): stock rows libgomp's default "
                           f"({smoe_gguf.LIBGOMP_SPINCOUNT}), smoe-gguf rows smoe-gguf's ({spin})")
+        self.notes.append("stock resident (row (a), the runs beside a full budget's rows, the long prompt's): the "
+                          "weights read into the process's memory, as llama.cpp's --no-mmap does, not mapped from "
+                          "the page cache (llama.cpp's default, row (b)), which can decode slower (docs/bench.md)")
         self.notes.append("row (b): memory limit = the peak RSS of smoe-gguf's rows at that budget (budget + dense "
                           "core + its runtime: KV cache, compute buffers, Python), or where they failed the budget "
                           f"+ core + {a.cgroup_margin >> 20} MiB; llama.cpp's mmap pages are charged to it and "

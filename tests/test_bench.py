@@ -182,6 +182,7 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     assert set(curve["bytes_per_second"]) == {"1", "2"} and curve["best"] == max(curve["bytes_per_second"].values()) > 0
     a = [r for r in rows if r["row"] == "a"]
     assert len(a) == 1 and not a[0].get("error") and [len(t) for t in a[0]["tokens"]] == [6, 6]
+    assert a[0]["weights"] == "in memory"  # stock resident at its best: --no-mmap
     assert a[0]["tokens"][0] != a[0]["tokens"][1]  # two prompts, two continuations
     smoe = [r for r in rows if r["system"].startswith("smoe-gguf")]
     assert {(r["system"], r["budget"]) for r in smoe} == {
@@ -206,6 +207,7 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
             assert rates["belady"] >= max(rates["lru"], rates["lfru"], rates["least-stale"])
     b = [r for r in rows if r["row"] == "b"]
     assert len(b) == 2 and all(r.get("error", "").startswith("unavailable") or r["same_as_a"] for r in b)
+    assert all(r.get("error") or r["weights"] == "mmap" for r in b)
     assert [(r["budget"], r["system"]) for r in rows if r["row"] == "limit"] == [
         (None, bench.LIMIT_NONE), ("25%", bench.LIMIT_OWN), ("25%", bench.LIMIT_BELADY),
         ("100%", bench.LIMIT_OWN), ("100%", bench.LIMIT_BELADY)]
