@@ -585,6 +585,13 @@ def _sampling(spec: dict[str, Any]) -> Any:
     return Sampling(**spec.get("sampling", {}))
 
 
+def stock_resident(gguf: Path) -> dict[str, Any]:
+    """A row spec's stock resident part: the whole model, experts in the plain CPU buffer, its
+    weights read into memory (llama.cpp's --no-mmap; mapped from the page cache they can decode
+    slower, docs/bench.md): the reference the limits and a full budget are read against."""
+    return {"kind": "stock", "model": str(gguf), "plain_experts": True, "in_memory": True}
+
+
 def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     import llama_cpp
 
@@ -855,8 +862,7 @@ class Bench:
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 
         row_a = self.add(name, "a", "stock llama.cpp, fully resident", None,
-                         self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True,
-                                     "in_memory": True}, stock_files),
+                         self.spawn({**base, **stock_resident(gguf)}, stock_files),
                          same_as_a=True, bit_exact=True)
         # stock's tokens by (n_ubatch, compute threads): llama.cpp's sums depend on both
         threads = a.threads or os.cpu_count() or 2
@@ -902,8 +908,8 @@ class Bench:
                 trace.unlink()
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
-            beside = self.spawn({**base, "kind": "stock", "model": str(gguf), "plain_experts": True, "in_memory": True},
-                                stock_files) if any(rr.get("full_each") or []) else None
+            beside = self.spawn({**base, **stock_resident(gguf)}, stock_files) \
+                if any(rr.get("full_each") or []) else None
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
                 {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                  "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
@@ -1020,8 +1026,7 @@ class Bench:
             return
         spec = {"prompts": [text], "n": 1, "sampling": self.sampling, "n_ctx": a.long_prompt + 256,
                 "prompt_seconds": None}
-        stock_res = self.spawn({**spec, "kind": "stock", "model": str(gguf), "plain_experts": True, "in_memory": True},
-                               files)
+        stock_res = self.spawn({**spec, **stock_resident(gguf)}, files)
         for budget in a.budgets:
             res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
                               "speculate": False, "profile": None, "pipeline": False, "io_depth": io_depth}, files)
