@@ -296,7 +296,8 @@ class ObserverSwitch:
     them where their own time per token was below that share of the stall a token without them
     waited (a leaf they bring in is hit by later tokens of either turn, which the turns cannot
     attribute to them); by default it is 0: their wasted reads and the cores they take from
-    compute slow the tokens of both turns as well. :meth:`tick` takes one decoded token and returns the observing state to set from now on."""
+    compute slow the tokens of both turns as well. :meth:`tick` takes one decoded token and
+    returns the observing state to set from now on."""
 
     def __init__(self, window: int = 8, hold: int = 128, block: int = 2, stall_share: float = STALL_SHARE) -> None:
         self.window, self.hold, self.block, self.stall_share = window, hold, block, stall_share

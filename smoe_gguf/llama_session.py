@@ -191,7 +191,7 @@ def signals_deferred() -> Iterator[None]:
     def defer(signum: int, _frame: object) -> None:
         caught.append(signum)
 
-    # _signal's functions: signal's own add enum conversions to every call (four per decode call),
+    # _signal's functions: signal's own add enum conversions to every call (nine per decode call),
     # for the same handlers
     old = {sig: _signal.signal(sig, defer)
            for sig in _DEFERRED if _signal.getsignal(sig) is not None}  # None: set outside Python, left alone
