@@ -12,8 +12,10 @@
  * block-aligned head of a part whose destination and file offset are block-aligned is read
  * straight into the destination, and only an unaligned tail (or a misaligned part, whole) goes
  * through the worker's bounce buffer. Without O_DIRECT (tmpfs, macOS F_NOCACHE) it reads into
- * the destination directly. The destination's pages are populated first (one call instead of a
- * fault per page). A part with an expected digest is hashed by the worker after the read, off
+ * the destination directly. Where bytes reach the destination by a copy (a buffered read, a
+ * bounce), its pages are populated first: one call instead of a fault per page. An in-place
+ * O_DIRECT read pins the destination's pages itself, faulting in only those not present, so it
+ * skips that walk (pages the pager moved in are all present). A part with an expected digest is hashed by the worker after the read, off
  * the caller's thread: XXH64 (the pack's fast check, ~10 GB/s) where the job gives one, else
  * sha256, with OpenSSL's SHA256 where the process can load libcrypto (CommonCrypto on macOS),
  * else the portable implementation below.
@@ -299,14 +301,15 @@ static int32_t read_bounced(struct smoe_job *j, struct bounce *b, int64_t start,
     if (got < 0) return (int32_t)-got;
     j->bytes_read += got;
     if (got < head + want) return SMOE_SHORT;
+    populate(dest, want);
     memcpy(dest, (char *)buf + head, (size_t)want);
     return 0;
 }
 
 static int32_t read_job(struct smoe_job *j, struct bounce *b) {
     if (j->length <= 0) return j->length == 0 ? 0 : EINVAL;
-    populate(j->dest, j->length);
     if (!j->direct) {
+        populate(j->dest, j->length);
         int64_t got = read_full(j->fd, j->dest, j->length, j->offset, 0);
         if (got < 0) return (int32_t)-got;
         j->bytes_read += got;
