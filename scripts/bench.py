@@ -17,7 +17,10 @@ limits are per row):
   (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining; it
       records a trace) and the full orchestrator (the best policy by replay of the reactive
       trace, next-layer speculation, a tree-map profile learnt beforehand from other prompts;
-      part pipelining stays off, as in `run` by default);
+      part pipelining stays off, as in `run` by default); each ``--repeats`` times (default 2),
+      reactive and orchestrator in turn, each run cold in a process of its own, pooled into one
+      row (decode over all runs' tokens, TTFT and the rest averaged; a note gives the
+      orchestrator's ratios run by run);
   (d) on a GPU build only: stock with the core on the GPU and experts on the CPU, and smoe-gguf
       with the core on the GPU;
   physical limits: 1 / max(active bytes per token / memory bandwidth, missed bytes per token /
@@ -138,6 +141,50 @@ def parse_budgets(text: str) -> list[str]:
     out = [b.strip() for b in text.split(",") if b.strip()]
     if not out:
         raise SystemExit("--budgets: give at least one budget, e.g. 10%,25%")
+    return out
+
+
+MEAN_FIELDS = ("ttft_seconds", "ttft_mean_seconds", "load_seconds", "prefill_tps", "bytes_per_token", "hit_rate",
+               "hit_rate_all", "stall_per_token", "cpu_per_token")
+MAX_FIELDS = ("load_read_bytes", "peak_rss_bytes")
+SUM_FIELDS = ("generated_tokens", "prompt_tokens", "prefill_bytes", "cpu_seconds", "cpu_seconds_total", "wall_seconds",
+              "prefetched", "observer_pauses", "bytes_read_all")
+
+
+def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """One row from repeated runs of it (``--repeats``): decode pooled (all tokens over all
+    decode seconds), per-run figures averaged (TTFT: each run's first, coldest prompt), start-up
+    reads and peak RSS at their largest, counts summed; the first run's tokens, trace figures and
+    the rest; each run's own decode, TTFT, hit rate and bytes per token under ``repeats``. A run
+    that failed makes the row fail. Where runs disagree on their tokens (they decode the same
+    prompts with the same sampler and seed), ``repeat_tokens_same`` is false."""
+    failed = next((r for r in runs if r.get("error")), None)
+    if failed is not None:
+        return dict(failed)
+    out = dict(runs[0])
+    if len(runs) == 1:
+        return out
+    each = [x for r in runs for x in r.get("decode_each") or []]
+    secs, toks = sum(x[0] for x in each), sum(x[1] for x in each)
+    out.update(decode_each=each, decode_tokens=toks, decode_tps=toks / secs if secs else None,
+               full_each=[x for r in runs for x in r.get("full_each") or []])
+    for key in MEAN_FIELDS:
+        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key] = sum(vals) / len(vals)
+    for key in MAX_FIELDS:
+        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key] = max(vals)
+    for key in SUM_FIELDS:
+        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+        if vals:
+            out[key] = sum(vals)
+    if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
+        out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
+    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token")} for r in runs]
+    if all(r.get("tokens") is not None for r in runs):
+        out["repeat_tokens_same"] = all(same_tokens(r["tokens"], runs[0]["tokens"])[0] for r in runs[1:])
     return out
 
 
@@ -809,6 +856,30 @@ class Bench:
                   f"{(r.get('bytes_per_token') or 0) / 1e6:.2f} MB/token", flush=True)
         return r
 
+    def run_once(self, model: str, system: str, budget: str, rep: int, spec: dict[str, Any],
+                 files: list[Path]) -> dict[str, Any]:
+        """One run of a row that is repeated (``--repeats``): printed, not yet a table row."""
+        res = self.spawn(spec, files)
+        what = res["error"] if res.get("error") else (
+            f"decode {res.get('decode_tps') or 0:.2f} tok/s, TTFT {res.get('ttft_seconds') or 0:.3f} s")
+        print(f"  {model} {system} {budget}, run {rep} of {self.a.repeats}: {what}", flush=True)
+        return res
+
+    def repeat_note(self, name: str, budget: str, rr: dict[str, Any], ro: dict[str, Any]) -> None:
+        """The orchestrator against reactive run by run, beside the pooled ratio (a note)."""
+        runs = list(zip(rr.get("repeats") or [], ro.get("repeats") or []))
+        if len(runs) < 2 or not rr.get("decode_tps") or not ro.get("decode_tps"):
+            return
+
+        def ratios(key: str, lower_is_better: bool = False) -> str:
+            vals = [(y[key] / x[key]) ** (-1 if lower_is_better else 1) for x, y in runs if x.get(key) and y.get(key)]
+            return ", ".join(f"{v:.2f}x" for v in vals)
+
+        text = (f"{name} {budget}: orchestrator against reactive, pooled decode {ro['decode_tps'] / rr['decode_tps']:.2f}x "
+                f"(run by run {ratios('decode_tps')}); first-token speed-up run by run {ratios('ttft_seconds', True)}")
+        self.notes.append(text)
+        print(f"  {text}", flush=True)
+
     def after_fill(self, name: str, budget: str, r: dict[str, Any], stock: dict[str, Any]) -> None:
         """A row whose budget holds every leaf against ``stock`` (stock resident, run beside it):
         decode over the whole run (the background fill included) and over the prompts that
@@ -884,9 +955,9 @@ class Bench:
         belady: dict[str, dict[str, Any]] = {}
         for budget in a.budgets:
             trace = self.work / f"{name}-{budget.rstrip('%')}.trace.jsonl"
-            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, self.spawn(
-                {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
-                 "speculate": False, "profile": None, "pipeline": False, "trace": str(trace)}, smoe_files))
+            reactive = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
+                        "speculate": False, "profile": None, "pipeline": False}
+            rr = self.run_once(name, "smoe-gguf reactive LRU", budget, 1, {**reactive, "trace": str(trace)}, smoe_files)
             policy = "lru"
             if not rr.get("error") and trace.is_file():
                 from smoe_gguf.policy import POLICIES
@@ -906,14 +977,22 @@ class Bench:
                     rr["replay_hit_rates"]["belady"] = opt["hit_rate_all"]
                     rr.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
                 trace.unlink()
+            orch = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
+                    "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
-            beside = self.spawn({**base, **stock_resident(gguf)}, stock_files) \
-                if any(rr.get("full_each") or []) else None
-            ro = self.add(name, "c", "smoe-gguf orchestrator", budget, self.spawn(
-                {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
-                 "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False},
-                smoe_files), policy=policy)
+            full = any(rr.get("full_each") or [])
+            rr_runs, ro_runs, besides = [rr], [], []
+            for rep in range(1, a.repeats + 1):  # reactive, (stock,) orchestrator; again: pooled below
+                if rep > 1:
+                    rr_runs.append(self.run_once(name, "smoe-gguf reactive LRU", budget, rep, reactive, smoe_files))
+                if full:
+                    besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
+                ro_runs.append(self.run_once(name, "smoe-gguf orchestrator", budget, rep, orch, smoe_files))
+            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, pool_runs(rr_runs))
+            ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
+            beside = pool_runs(besides) if besides else None
+            self.repeat_note(name, budget, rr, ro)
             # the reactive trace is the orchestrator's too where both decoded the same tokens in the same micro-batches
             if budget in belady and not ro.get("error") and ro.get("n_ubatch") == rr.get("n_ubatch") \
                     and ro.get("tokens") == rr.get("tokens"):
@@ -979,6 +1058,9 @@ class Bench:
                                           f"{ref['error']}")
                 ref_t = ref_tokens[key]
                 r["bit_exact"], r["tokens_compared"] = same_tokens(r["tokens"], ref_t) if ref_t else (None, 0)
+                if r.get("repeat_tokens_same") is False:  # a repeat decoded other tokens than the first run
+                    r["bit_exact"] = False
+                    self.notes.append(f"{name} {r['budget']} {r['system']}: its repeated runs decoded different tokens")
             elif r["row"] == "b":
                 r["bit_exact"] = r["same_as_a"]
 
@@ -1155,6 +1237,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--temp", type=float, default=0.8, help="sampling temperature of every row (0: greedy)")
     ap.add_argument("--top-p", type=float, default=0.95, help="top-p of every row's sampler")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed in every row")
+    ap.add_argument("--repeats", type=int, default=2,
+                    help="runs of each smoe-gguf row at each budget, reactive and orchestrator in turn, pooled")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="also time the first token of a prompt of this many tokens of C headers, per budget (0: off)")
     ap.add_argument("--disk-bytes", type=int, default=256 << 20, help="bytes read per point of the disk curve")

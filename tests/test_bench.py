@@ -108,6 +108,23 @@ def test_after_fill_compares_with_the_stock_run_beside_the_row() -> None:
     assert len(b.notes) == 1
 
 
+def test_pool_runs_pools_decode_and_averages_the_rest() -> None:
+    runs = [{"decode_each": [(1.0, 100), (1.0, 100)], "decode_tps": 100.0, "ttft_seconds": 1.0, "hit_rate": 0.5,
+             "load_read_bytes": 10, "cpu_seconds": 2.0, "generated_tokens": 200, "tokens": [[1, 2], [3]],
+             "replay_hit_rates": {"lru": 0.4}},
+            {"decode_each": [(3.0, 100), (1.0, 100)], "decode_tps": 50.0, "ttft_seconds": 2.0, "hit_rate": 0.7,
+             "load_read_bytes": 30, "cpu_seconds": 4.0, "generated_tokens": 200, "tokens": [[1, 2], [3]]}]
+    row = bench.pool_runs(runs)
+    assert row["decode_tps"] == pytest.approx(400 / 6.0) and row["decode_tokens"] == 400  # not the runs' mean (75)
+    assert row["ttft_seconds"] == pytest.approx(1.5) and row["hit_rate"] == pytest.approx(0.6)
+    assert row["load_read_bytes"] == 30 and row["cpu_per_token"] == pytest.approx(6.0 / 400)
+    assert row["replay_hit_rates"] == {"lru": 0.4} and row["tokens"] == [[1, 2], [3]] and row["repeat_tokens_same"]
+    assert [r["decode_tps"] for r in row["repeats"]] == [100.0, 50.0]
+    assert bench.pool_runs(runs[:1]) == runs[0]
+    assert bench.pool_runs([runs[0], {**runs[1], "tokens": [[1, 5], [3]]}])["repeat_tokens_same"] is False
+    assert bench.pool_runs([runs[0], {"error": "boom"}]) == {"error": "boom"}  # a failed run fails the row
+
+
 def test_decode_replay_counts_the_decode_phase() -> None:
     from smoe_gguf.trace import TraceData
 
@@ -197,6 +214,9 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
         # the bound at stock's own compute is never above the roofline's
         assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
+    for r in smoe:  # two runs each (--repeats 2 by default), pooled: both prompts' decodes of both runs
+        assert len(r["repeats"]) == 2 and r["repeat_tokens_same"] and len(r["decode_each"]) == 4, r
+    assert len([n for n in res["notes"] if "orchestrator against reactive, pooled decode" in n]) == 2, res["notes"]
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
         assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
     assert len([n for n in res["notes"] if "stock resident's" in n and "run beside it" in n]) == 2, res["notes"]
