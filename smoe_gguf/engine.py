@@ -399,7 +399,7 @@ class Engine:
             self.residency.cancel_below(HOLD_BELOW)
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
-        stall0, obs0, t0 = self.residency.stats.stall_seconds, self.gate.observe_seconds, time.perf_counter()
+        stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
         for start in range(0, len(tokens), self.n_batch):
             chunk = tokens[start : start + self.n_batch]
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
@@ -419,13 +419,13 @@ class Engine:
         if len(tokens) == 1:
             stall = self.residency.stats.stall_seconds - stall0
             self.residency.stats.token_stalls.append(stall)
-            self._adapt(time.perf_counter() - t0, stall, self.gate.observe_seconds - obs0)
+            self._adapt(time.perf_counter() - t0, stall)
 
-    def _adapt(self, seconds: float, stall: float, cost: float) -> None:
+    def _adapt(self, seconds: float, stall: float) -> None:
         if not self.gate.observers:
             return
         was = self.gate.observing
-        on = self.observer_switch.tick(seconds, stall, cost)
+        on = self.observer_switch.tick(seconds, stall)
         if self.recorder is not None and not was:
             self.recorder.token_unobserved()
         if on != was and self.speculator is not None:

@@ -23,6 +23,7 @@ exactly as without a callback (for a budget that holds every leaf, once all are 
 from __future__ import annotations
 
 import ctypes
+import math
 import time
 from collections.abc import Callable
 from ctypes import POINTER, Structure, c_char, c_double, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
@@ -42,7 +43,7 @@ KIND_TOPK = 0
 KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
 KIND_OBSERVE = 2  # a top-k gate: Python calls its observers only (C served it, or serves it next)
 KIND_SERVE = 3  # a top-k gate whose observers were called: Python serves it only
-STALL_SHARE = 0.0  # observers also stay on while their time per token is below this share of the stall (off)
+SLOWER_BY = 1.5  # observers pause only where their tokens were slower by this many standard errors
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
 PREFIX_LEN = 32
@@ -285,27 +286,32 @@ class Gate:
 
 
 class ObserverSwitch:
-    """Whether a gate's observers (speculation, the tree-map) pay for themselves, decided from
-    decode timings. Each observer costs a call into Python at every top-k gate; it pays only
-    where it hides more stall than that. So decode measures ``2 * window`` tokens, observers on
-    and off in turns of ``block`` tokens, ordered on, off, off, on (so that a steady drift, such
-    as a cache warming up after a prompt, weighs on both alike); then holds a state for ``hold``
-    tokens and measures again, sooner if half of the last ``window`` tokens each stalled longer
-    than the held state's mean token took (a change of topic: one stalling token alone is not).
-    The observers are held if their tokens were the faster. ``stall_share`` above 0 also holds
-    them where their own time per token was below that share of the stall a token without them
-    waited (a leaf they bring in is hit by later tokens of either turn, which the turns cannot
-    attribute to them); by default it is 0: their wasted reads and the cores they take from
-    compute slow the tokens of both turns as well. :meth:`tick` takes one decoded token and
-    returns the observing state to set from now on."""
+    """Whether a gate's observers (speculation, the tree-map) run, decided from decode timings.
+    Each observer costs a call into Python at every top-k gate, and its prefetches take the disk
+    and cores from the gate's own reads; it pays only where it hides more stall than that. So
+    decode measures, observers on and off in turns of ``block`` tokens, ordered on, off, off, on
+    (a steady drift, such as a cache warming up after a prompt, weighs on both alike), and then
+    holds a state for ``hold`` tokens and measures again, sooner if half of the last ``window``
+    tokens each stalled longer than the held state's mean token took (a change of topic: one
+    stalling token alone is not).
 
-    def __init__(self, window: int = 8, hold: int = 128, block: int = 2, stall_share: float = STALL_SHARE) -> None:
-        self.window, self.hold, self.block, self.stall_share = window, hold, block, stall_share
-        self.phase = "measure"  # "measure": turns with and without; "hold": keeping the faster; "fixed"
+    The observers are paused only where their tokens were measurably slower: by more than
+    ``slower_by`` standard errors of the difference of the two states' mean token times. After
+    ``2 * window`` tokens, and after each further round of turns up to ``4 * window``, a clear
+    difference decides; where none shows by then the observers stay on: they are the configured
+    behaviour, and a difference too small to measure is worth the hits they bring. Token
+    times vary by several milliseconds with the misses each one meets, and the turns cannot
+    attribute a leaf one state brought in and the other hit, so an 8-against-8 comparison of
+    means flips with noise. :meth:`tick` takes one decoded token and returns the observing state
+    to set from now on."""
+
+    def __init__(self, window: int = 8, hold: int = 128, block: int = 2, slower_by: float = SLOWER_BY) -> None:
+        self.window, self.hold, self.block, self.slower_by = window, hold, block, slower_by
+        self.phase = "measure"  # "measure": turns with and without; "hold": keeping one; "fixed"
         self.observing = True
         self.pauses = 0  # times observers were found not to pay
         self._n = 0
-        self._sums = {True: [0.0, 0, 0.0, 0.0], False: [0.0, 0, 0.0, 0.0]}  # per state: seconds, tokens, stall, cost
+        self._sums = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}  # per state: tokens, seconds, seconds squared
         self._held = 0.0  # the held state's mean token, while holding
         self._stalls: list[float] = []  # the last ``window`` tokens' stalls, while holding
 
@@ -313,23 +319,20 @@ class ObserverSwitch:
         """Observe (or not) every token from now on, without measuring."""
         self.phase, self.observing = "fixed", on
 
-    def tick(self, seconds: float, stall: float, cost: float = 0.0) -> bool:
-        """``seconds``: the token's time; ``stall``: what it waited on reads; ``cost``: the time
-        its observers took."""
+    def tick(self, seconds: float, stall: float) -> bool:
+        """``seconds``: the token's time; ``stall``: what it waited on reads."""
         self._n += 1
         if self.phase == "measure":
             acc = self._sums[self.observing]
-            acc[0] += seconds
-            acc[1] += 1
-            acc[2] += stall
-            acc[3] += cost
-            if self._n >= 2 * self.window:
-                (on, _, _, cost_on), (off, _, stall_off, _) = (
-                    [x / max(1, self._sums[k][1]) for x in self._sums[k]] for k in (True, False))
-                keep_on = on < off or cost_on < self.stall_share * stall_off
-                self.pauses += not keep_on
-                self._held = on if keep_on else off
-                self._enter("hold", keep_on)
+            acc[0] += 1
+            acc[1] += seconds
+            acc[2] += seconds * seconds
+            verdict = self._verdict() if self._n >= 2 * self.window and self._n % (4 * self.block) == 0 else None
+            if verdict is not None:
+                self.pauses += not verdict
+                n, total, _ = self._sums[verdict]
+                self._held = total / max(1, n)
+                self._enter("hold", verdict)
             else:
                 self.observing = (self._n // self.block) % 4 in (0, 3)  # on, off, off, on, ...
         elif self.phase == "hold":
@@ -339,7 +342,22 @@ class ObserverSwitch:
                 self._enter("measure", True)
         return self.observing
 
+    def _verdict(self) -> bool | None:
+        """True: keep the observers; False: pause them; None: measure on."""
+        (n_on, s_on, q_on), (n_off, s_off, q_off) = self._sums[True], self._sums[False]
+        if n_on < 2 or n_off < 2:
+            return None
+        m_on, m_off = s_on / n_on, s_off / n_off
+        var_on = max(0.0, (q_on - n_on * m_on * m_on) / (n_on - 1))
+        var_off = max(0.0, (q_off - n_off * m_off * m_off) / (n_off - 1))
+        margin = self.slower_by * math.sqrt(var_on / n_on + var_off / n_off)
+        if m_on - m_off > margin:
+            return False
+        if m_off - m_on > margin or self._n >= 4 * self.window:
+            return True
+        return None
+
     def _enter(self, phase: str, observing: bool) -> None:
         self.phase, self.observing = phase, observing
         self._n, self._stalls = 0, []
-        self._sums = {True: [0.0, 0, 0.0, 0.0], False: [0.0, 0, 0.0, 0.0]}
+        self._sums = {True: [0, 0.0, 0.0], False: [0, 0.0, 0.0]}
