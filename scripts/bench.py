@@ -303,7 +303,9 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         f"({', '.join(result.get('prompt_domains', []))}), sampled at temperature {s['temp']}, top-p {s['top_p']}, "
         f"seed {s['seed']} (the same sampler in every row).", "",
         markdown_table(result["rows"]), "",
-        "Columns: decode tok/s = decode tokens / decode seconds over all prompts; start-up = loading the "
+        "Columns: decode tok/s = decode tokens / decode seconds over all prompts (a smoe-gguf row: over "
+        "all its runs, --repeats; its other figures are the runs' mean, start-up MB read and peak RSS "
+        "their largest, tokens their sum); start-up = loading the "
         "model and creating its context, cold, and the bytes read meanwhile; prefill tok/s = prompt "
         "tokens / prefill seconds; TTFT = the first (coldest) prompt's prefill + first token, after "
         "loading; MB read/token = bytes read from disk during decode / decode tokens (smoe-gguf: leaf "
