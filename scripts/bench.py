@@ -17,7 +17,7 @@ limits are per row):
   (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining; it
       records a trace) and the full orchestrator (the best policy by replay of the reactive
       trace, next-layer speculation, a tree-map profile learnt beforehand from other prompts;
-      part pipelining stays off, as in `run` by default); each ``--repeats`` times (default 2),
+      part pipelining stays off, as in `run` by default); each ``--repeats`` times (default 3),
       reactive and orchestrator in turn, each run cold in a process of its own, pooled into one
       row (decode over all runs' tokens, TTFT and the rest averaged; a note gives the
       orchestrator's ratios run by run);
@@ -1239,7 +1239,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--temp", type=float, default=0.8, help="sampling temperature of every row (0: greedy)")
     ap.add_argument("--top-p", type=float, default=0.95, help="top-p of every row's sampler")
     ap.add_argument("--seed", type=int, default=0, help="the sampler's seed in every row")
-    ap.add_argument("--repeats", type=int, default=2,
+    ap.add_argument("--repeats", type=int, default=3,
                     help="runs of each smoe-gguf row at each budget, reactive and orchestrator in turn, pooled")
     ap.add_argument("--long-prompt", type=int, default=0,
                     help="also time the first token of a prompt of this many tokens of C headers, per budget (0: off)")

@@ -191,7 +191,7 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     out = tmp_path / "out"
     bench.main([str(gguf), "--budgets", "25%,100%", "-n", "6", "--prompts", "2", "--drop", "files",
                 "--learn-prompts", "1", "--learn-tokens", "2", "--disk-bytes", str(1 << 20), "--readers", "1,2",
-                "--long-prompt", "200", "--out", str(out)])
+                "--long-prompt", "200", "--repeats", "2", "--out", str(out)])
     res = json.loads((out / "results.json").read_text())
     rows = res["rows"]
     assert res["sampling"] == {"temp": 0.8, "top_p": 0.95, "seed": 0} and res["prompt_domains"] == ["python", "c"]
@@ -214,7 +214,7 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
         # the bound at stock's own compute is never above the roofline's
         assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
-    for r in smoe:  # two runs each (--repeats 2 by default), pooled: both prompts' decodes of both runs
+    for r in smoe:  # two runs each (--repeats 2), pooled: both prompts' decodes of both runs
         assert len(r["repeats"]) == 2 and r["repeat_tokens_same"] and len(r["decode_each"]) == 4, r
     assert len([n for n in res["notes"] if "orchestrator against reactive, pooled decode" in n]) == 2, res["notes"]
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
