@@ -234,10 +234,8 @@ class Engine:
             raise
         self.startup_seconds = time.perf_counter() - t0
         self.startup_read_bytes = _io_read_bytes() - io0
-        if self._warm and self.paging:  # the profile's most used leaves, in the background, as far as the budget goes
+        if self._warm:  # the profile's most used leaves, in the background, as far as the budget goes
             self.residency.prefetch(self._warm, evict=False, priority=WARM_PRIORITY, source="warm-start")
-        elif self._warm:  # a budget that holds every leaf: its fill starts now, not at the first decode
-            self.residency.prefetch(self._warm, evict=False, source="fill")
 
     # ---------------------------------------------------------------------------- setup
 
@@ -274,9 +272,7 @@ class Engine:
             r.drain()
             for key in pins:
                 r.state.pinned[key] = 1
-        if not self.paging:  # the free room is every leaf: the warm start is the whole fill, in layer order
-            hot = [(layer, e) for layer in sorted(r.costs) for e in range(src.n_expert)]
-        self._warm = hot  # prefetched once start-up is done
+        self._warm = hot if self.paging else []  # prefetched once start-up is done
 
     def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool,
                      guess: tuple[float, float, int], name: str) -> None:
@@ -438,9 +434,9 @@ class Engine:
 
     def _between_decodes(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
-        background (layer order), beside the gate's own reads, from the first decode on (with a
-        profile, from start-up on: the warm start); once all are resident the gate stops asking
-        for nodes, so llama.cpp computes each graph in one piece, exactly as stock does."""
+        background (layer order), from the first decode on, beside the gate's own reads; once all
+        are resident the gate stops asking for nodes, so llama.cpp computes each graph in one
+        piece, exactly as stock does."""
         r = self.residency
         if r.holds_everything():
             self.gate.gating = False

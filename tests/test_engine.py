@@ -58,7 +58,7 @@ def test_plain_gguf_runs_bit_exact_too(tiny_model) -> None:
 def test_negative_control_gate_off_differs(arch: str, tiny_model, pack_of) -> None:
     # With the gate loading nothing, the experts read zeros: the comparison must be able to fail.
     src, pack = tiny_model(arch, "f16"), pack_of(arch, "f16")
-    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=None) as eng:  # no fill from start-up
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
         eng.residency.enabled = False
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert not same(reference(src, eng), gen.tokens, gen.logits)

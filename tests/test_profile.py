@@ -164,26 +164,6 @@ def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: P
     assert code == 0 and "tree-map" in stdout and "branch" in stdout
 
 
-def test_a_full_budget_with_a_profile_fills_from_start_up_bit_exact(tiny_model, pack_of, tmp_path: Path) -> None:
-    """With a profile, a budget that holds every leaf starts its fill when start-up is done (the
-    warm start's free room is every leaf); without one, at the first decode (negative control)."""
-    src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
-    path = tmp_path / "prof.json"
-    code, _, stderr = run_cli("profile", str(pack), "--prompts", str(_prompts(tmp_path)), "-n", "4",
-                              "--profile", str(path))
-    assert code == 0, stderr
-    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=path, learn=False) as eng:
-        r = eng.residency
-        r.drain()  # no decode yet
-        assert r.n_resident == len(eng.source.store.leaves) and r.used == r.total_cost
-        assert eng.xslot.mincore_bytes() <= r.budget
-        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
-        assert not eng.gate.gating and same(reference(src, eng), gen.tokens, gen.logits)
-    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=None) as eng:
-        eng.residency.drain()
-        assert eng.residency.n_resident == 0
-
-
 def _prompts(tmp_path: Path) -> Path:
     p = tmp_path / "prompts.txt"
     p.write_text("def fibonacci(n):\nThe history of the Roman empire\nint main(void) { return 0; }\n"

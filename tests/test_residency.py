@@ -97,7 +97,7 @@ def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp
     data = bytearray(path.read_bytes())
     data[leaf.parts[0].offset + 5] ^= 0x01
     path.write_bytes(bytes(data))
-    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=None) as eng:  # no fill from start-up
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
         r = eng.residency
         assert r.prefetch([(1, 2), (1, 3)]) == 2
         r.drain()
