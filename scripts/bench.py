@@ -676,7 +676,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
             cap = spec.get("prompt_seconds")
             sampler = Sampler(ctx, _sampling(spec))
             steps = sample_tokens(lambda t: stock.decode(ctx, t), lambda: stock.last_logits(ctx, n_vocab), sampler,
-                                  spec["n"])
+                                  spec["n"], want_logits=False)  # as smoe-gguf's rows: picked in place
             try:
                 for tok, _logits in steps:
                     gen.append(tok)

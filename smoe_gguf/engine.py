@@ -513,7 +513,8 @@ class Engine:
             self.decode(tokens)
             stats.prefill_seconds = time.perf_counter() - t0
             t1 = t0
-            for i, (tok, lg) in enumerate(ls.sample_tokens(lambda t: self.decode(t), self.logits, sampler, n_tokens)):
+            for i, (tok, lg) in enumerate(ls.sample_tokens(lambda t: self.decode(t), self.logits, sampler, n_tokens,
+                                                          want_logits=keep_logits)):
                 if i == 0:
                     t1 = time.perf_counter()
                     stats.ttft_seconds = t1 - t0

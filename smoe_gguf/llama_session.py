@@ -255,8 +255,12 @@ class Sampler:
             llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_temp(sampling.temp))
             llama_cpp.llama_sampler_chain_add(self.chain, llama_cpp.llama_sampler_init_dist(sampling.seed & 0xFFFFFFFF))
 
-    def pick(self, logits: np.ndarray) -> int:
+    def pick(self, logits: np.ndarray | None) -> int:
+        """The next token: argmax of ``logits``, or the chain's pick from the context's last
+        logits (``logits`` unused, may be None)."""
         if self.chain is None:
+            if logits is None:
+                raise SmoeError("greedy sampling needs the logits")
             return int(np.argmax(logits))
         return int(llama_cpp.llama_sampler_sample(self.chain, self.ctx, -1))
 
@@ -267,12 +271,13 @@ class Sampler:
 
 
 def sample_tokens(decode_one: Callable[[list[int]], None], logits: Callable[[], np.ndarray], sampler: Sampler,
-                  n_tokens: int) -> Iterator[tuple[int, np.ndarray]]:
+                  n_tokens: int, want_logits: bool = True) -> Iterator[tuple[int, np.ndarray | None]]:
     """The decode loop, once the prompt is in: yield (token, the logits it was picked from) up to
     ``n_tokens`` times, decoding each token before the next is picked. The last token yielded
-    is not decoded; neither is one after which the caller stops asking."""
+    is not decoded; neither is one after which the caller stops asking. Without ``want_logits``
+    a sampler chain picks from llama.cpp's own logits, not copied out (None is yielded)."""
     for i in range(n_tokens):
-        lg = logits()
+        lg = logits() if want_logits or sampler.chain is None else None
         tok = sampler.pick(lg)
         yield tok, lg
         if i + 1 < n_tokens:
