@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import ctypes
 import math
-import time
 from collections.abc import Callable
 from ctypes import POINTER, Structure, c_char, c_double, c_int32, c_int64, c_size_t, c_uint8, c_uint32, c_uint64, c_void_p
 
@@ -128,7 +127,6 @@ class Gate:
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._always: list[GateObserver] = []  # observers never paused (a trace)
-        self.observe_seconds = 0.0  # time spent in the observers that can be paused
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -269,10 +267,8 @@ class Gate:
         for observer in self._always:
             observer(layer, t, ids)
         if self._observing and self.observers:
-            t0 = time.perf_counter()
             for observer in self.observers:
                 observer(layer, t, ids)
-            self.observe_seconds += time.perf_counter() - t0
 
     def _read(self, t: int) -> np.ndarray:
         tt = abi.tensor_at(t)
