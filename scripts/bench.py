@@ -144,11 +144,15 @@ def parse_budgets(text: str) -> list[str]:
     return out
 
 
-MEAN_FIELDS = ("ttft_seconds", "ttft_mean_seconds", "load_seconds", "prefill_tps", "bytes_per_token", "hit_rate",
-               "hit_rate_all", "stall_per_token", "cpu_per_token")
-MAX_FIELDS = ("load_read_bytes", "peak_rss_bytes")
-SUM_FIELDS = ("generated_tokens", "prompt_tokens", "prefill_bytes", "cpu_seconds", "cpu_seconds_total", "wall_seconds",
-              "prefetched", "observer_pauses", "bytes_read_all")
+# how a repeated row pools each per-run figure (pool_runs); cpu_per_token, averaged here, is then
+# derived from the summed CPU seconds and tokens where the runs give them
+POOLED_FIELDS: tuple[tuple[tuple[str, ...], Callable[[list[float]], float]], ...] = (
+    (("ttft_seconds", "ttft_mean_seconds", "load_seconds", "prefill_tps", "bytes_per_token", "hit_rate", "hit_rate_all",
+      "stall_per_token", "cpu_per_token"), lambda v: sum(v) / len(v)),
+    (("load_read_bytes", "peak_rss_bytes"), max),
+    (("generated_tokens", "prompt_tokens", "prefill_bytes", "cpu_seconds", "cpu_seconds_total", "wall_seconds",
+      "prefetched", "observer_pauses", "bytes_read_all"), sum),
+)
 
 
 def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -168,18 +172,11 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
     secs, toks = sum(x[0] for x in each), sum(x[1] for x in each)
     out.update(decode_each=each, decode_tokens=toks, decode_tps=toks / secs if secs else None,
                full_each=[x for r in runs for x in r.get("full_each") or []])
-    for key in MEAN_FIELDS:
-        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-        if vals:
-            out[key] = sum(vals) / len(vals)
-    for key in MAX_FIELDS:
-        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-        if vals:
-            out[key] = max(vals)
-    for key in SUM_FIELDS:
-        vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
-        if vals:
-            out[key] = sum(vals)
+    for keys, reduce in POOLED_FIELDS:
+        for key in keys:
+            vals = [r[key] for r in runs if isinstance(r.get(key), (int, float))]
+            if vals:
+                out[key] = reduce(vals)
     if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
         out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
     out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token")} for r in runs]
