@@ -48,7 +48,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
-import smoe_gguf
+from smoe_gguf import spin
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
 
 ROW_MARK = "BENCH-ROW "
@@ -700,6 +700,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
+    spin.for_budget(Path(spec["model"]), spec["budget"])  # as the run commands do, before llama.cpp loads
     from smoe_gguf.engine import Engine
 
     t0 = time.perf_counter()
@@ -827,8 +828,8 @@ class Bench:
         self.cache_drop = drop_caches(files, self.a.drop)
         cmd = [sys.executable, str(Path(__file__).resolve()), "row", json.dumps(spec)]
         env = None
-        if spec.get("kind") == "stock" and not smoe_gguf.GOMP_SPINCOUNT_FROM_USER:
-            env = {**os.environ, "GOMP_SPINCOUNT": smoe_gguf.LIBGOMP_SPINCOUNT}  # stock as llama.cpp runs it
+        if spec.get("kind") == "stock" and not spin.FROM_USER:
+            env = {**os.environ, "GOMP_SPINCOUNT": spin.LIBGOMP_DEFAULT}  # stock as llama.cpp runs it
         t0 = time.perf_counter()
         try:
             p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.row_timeout, env=env)
@@ -1139,11 +1140,11 @@ class Bench:
         energy = Energy().source
         self.notes.append(f"energy: {energy}; CPU-seconds per token are given instead" if energy == ENERGY_NONE
                           else f"energy: {energy}")
-        spin = os.environ.get("GOMP_SPINCOUNT")
-        self.notes.append(f"OpenMP spin before sleeping (GOMP_SPINCOUNT): {spin} in every row, set by the user"
-                          if smoe_gguf.GOMP_SPINCOUNT_FROM_USER else
+        self.notes.append(f"OpenMP spin before sleeping (GOMP_SPINCOUNT): {os.environ.get('GOMP_SPINCOUNT')} in every "
+                          "row, set by the user" if spin.FROM_USER else
                           f"OpenMP spin before sleeping (GOMP_SPINCOUNT): stock rows libgomp's default "
-                          f"({smoe_gguf.LIBGOMP_SPINCOUNT}), smoe-gguf rows smoe-gguf's ({spin})")
+                          f"({spin.LIBGOMP_DEFAULT}); smoe-gguf rows as the run commands choose it, libgomp's "
+                          f"where the budget holds every leaf, else {spin.PAGING}")
         self.notes.append("stock resident (row (a), the runs beside a full budget's rows, the long prompt's): the "
                           "weights read into the process's memory, as llama.cpp's --no-mmap does, not mapped from "
                           "the page cache (llama.cpp's default, row (b)), which can decode slower (docs/bench.md)")

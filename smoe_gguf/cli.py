@@ -229,6 +229,9 @@ def run(
                                                "prompt reads each leaf once; smaller budgets shrink it).")] = None,
 ) -> None:
     """Generate text with the experts paged through a byte-budgeted X-Slot, bit-exact."""
+    from . import spin
+
+    spin.for_budget(model, budget)  # before llama.cpp loads
     from .engine import Engine
     from .options import check_n_tokens, check_run, prompt_text
     from .template import CHAT_UBATCH, ChatTemplate, ReplyText, conversation, printable
@@ -435,6 +438,9 @@ def chat(
                                                help="Print each reply's token ids (for tests).")] = False,
 ) -> None:
     """Chat with the model's own chat template; your prompt is prefilled while you type."""
+    from . import spin
+
+    spin.for_budget(model, budget)  # before llama.cpp loads
     from .chat import run_chat
     from .options import check_n_tokens, check_run
 
@@ -470,6 +476,9 @@ def serve(
     io_depth: IoDepthOpt = DEFAULT_IO_DEPTH,
 ) -> None:
     """Serve the model over OpenAI's HTTP API (/v1/chat/completions, /v1/completions, /v1/models)."""
+    from . import spin
+
+    spin.for_budget(model, budget)  # before llama.cpp loads
     from .serve import serve as do_serve
 
     do_serve(model, host, port, api_key, queue, max_tokens, max_body, model_name,

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from . import archs
+from .budget import page_cost
 from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
 from .moe import analyze
 from .pack import manifest as mf
@@ -85,6 +86,16 @@ def model_identity(path: Path) -> tuple[str, int, int]:
         return m.source.sha256, m.n_layer - archs.nextn_layers(read_layout(path / mf.CORE_FILE)), m.n_expert
     model = analyze(read_layout(path)).require_moe()
     return _gguf_identity(path), model.n_layer - archs.nextn_layers(model.layout), model.n_expert
+
+
+def leaf_footprint(path: Path) -> tuple[int, int]:
+    """(every leaf's page footprint, the core's bytes) of a pack or a plain MoE GGUF, without
+    loading it: what a budget is resolved against (:func:`smoe_gguf.budget.resolve`)."""
+    if path.is_dir():
+        m = mf.load(path)
+        return LeafStore.from_pack(path, m).footprint(page_cost), m.core_bytes
+    model = analyze(read_layout(path)).require_moe()
+    return LeafStore.from_gguf(model).footprint(page_cost), model.core_bytes
 
 
 def _gguf_identity(path: Path) -> str:

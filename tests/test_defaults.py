@@ -116,3 +116,26 @@ def test_thread_knobs_default_and_yield_to_the_users() -> None:
     env["GOMP_SPINCOUNT"] = "7"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "7"]
+
+
+def test_openmp_spin_follows_the_budget(pack_of) -> None:
+    """Before llama.cpp loads, the run commands' spin: libgomp's own where the budget holds every
+    leaf, the paging spin where it does not, the user's where set; none once llama.cpp is loaded
+    (libgomp has read it) or for a model that cannot be read (the engine reports that)."""
+    pack = pack_of("qwen2moe", "f16")
+    code = ("import sys; from pathlib import Path; from smoe_gguf import spin; "
+            "print(spin.for_budget(Path(sys.argv[1]), sys.argv[2]), spin.for_budget(Path(sys.argv[1]), None))")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+
+    def spins(budget: str, model: Path = pack, **extra: str) -> list[str]:
+        return subprocess.run([sys.executable, "-c", code, str(model), budget], env={**env, **extra},
+                              capture_output=True, text=True, check=True).stdout.split()
+
+    assert spins("100%") == ["300000", "300000"]  # the default budget holds a tiny model
+    assert spins("25%") == ["10000", "300000"]
+    assert spins("25%", GOMP_SPINCOUNT="7") == ["None", "None"]
+    assert spins("25%", model=pack / "missing") == ["None", "None"]
+    loaded = code.replace("from smoe_gguf import spin", "import llama_cpp; from smoe_gguf import spin")
+    out = subprocess.run([sys.executable, "-c", loaded, str(pack), "100%"], env=env,
+                         capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["None", "None"]
