@@ -252,6 +252,8 @@ class Engine:
             if pin:
                 raise SmoeError("--pin needs a profile (drop --no-profile)", 2)
             return
+        if not self.paging and not pin:
+            return  # every leaf fits: nothing to warm, pin or learn (no recorder): not read at all
         self.profile, self._profile_writable = tree_map.load(
             self.profile_path, src.model_id, r.n_layer, src.n_expert, self.warnings.append)
         hot = self.profile.hottest(r.n_layer * src.n_expert)

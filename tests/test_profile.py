@@ -169,3 +169,17 @@ def _prompts(tmp_path: Path) -> Path:
     p.write_text("def fibonacci(n):\nThe history of the Roman empire\nint main(void) { return 0; }\n"
                  "SELECT name FROM users;\nOnce upon a time, in a land far away\nimport numpy as np\n")
     return p
+
+
+def test_a_budget_that_holds_every_leaf_does_not_read_the_profile(pack_of, tmp_path: Path) -> None:
+    """Nothing is warmed, pinned or learnt where every leaf fits: the profile is not read (a
+    corrupt one gives no warning), unless --pin asks for it."""
+    pack = pack_of("qwen2moe", "f16")
+    path = tmp_path / "p.json"
+    path.write_text("{not json")
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=path) as eng:
+        assert eng.profile is None and eng.recorder is None and eng.warnings == []
+        assert eng.save_profile() is None
+    assert path.read_text() == "{not json"
+    with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=path, pin=2) as eng:
+        assert eng.profile is not None and any("is corrupt" in w for w in eng.warnings)
