@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # llama-cpp-python builds from source the first time (about 4.5 minutes on 2 cores); pip caches
 # the wheel, so later installs take seconds. For a GPU build see README (CMAKE_ARGS).
-$(STAMP): pyproject.toml smoe_gguf/_gatecb.c smoe_gguf/_readpool.c smoe_gguf/_pager.c smoe_gguf/_pager.h smoe_gguf/_smoe_job.h
+$(STAMP): pyproject.toml smoe_gguf/_gatecb.c smoe_gguf/_readpool.c smoe_gguf/_pager.c smoe_gguf/_xslot_buft.c smoe_gguf/_pager.h smoe_gguf/_smoe_job.h
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'

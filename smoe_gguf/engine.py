@@ -9,6 +9,7 @@ before their matmuls run. :meth:`Engine.stream` yields tokens one at a time.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import os
 import time
@@ -408,7 +409,9 @@ class Engine:
             if self.residency.trace is not None:
                 self.residency.trace.begin(self.n_past)
             ls.LOG.clear()
-            with ls.signals_deferred():
+            # Signals are held only where llama.cpp may call Python (the gate): a decode that gates
+            # nothing enters only native code (the X-Slot's answers to the scheduler are C too)
+            with ls.signals_deferred() if self.gate.gating else contextlib.nullcontext():
                 rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
             self.gate.check()
             self.residency.finish_all()

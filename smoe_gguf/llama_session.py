@@ -180,7 +180,7 @@ _DEFERRED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
 @contextmanager
 def signals_deferred() -> Iterator[None]:
     """Hold Ctrl-C and the termination signals while llama.cpp computes, and deliver them when it
-    returns. llama.cpp calls back into Python (the gate, the X-Slot's buffer functions) and ctypes
+    returns. llama.cpp calls back into Python (the gate's misses and observers) and ctypes
     drops any exception raised there by a signal handler: the signal would be lost, and a callback
     cut short. In threads other than the main one (which receives signals) it does nothing."""
     if threading.current_thread() is not threading.main_thread():

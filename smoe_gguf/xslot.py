@@ -51,7 +51,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import archs
+from . import archs, native
 from . import ggml_abi as abi
 from .errors import SmoeError
 from .native import NativeLock
@@ -101,6 +101,29 @@ if sys.platform.startswith("linux"):
         _mremap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_size_t, ctypes.c_int, ctypes.c_void_p]
 
 
+class _BuftAnswers(ctypes.Structure):
+    """``struct smoe_buft_answers`` in _xslot_buft.c (checked against its sizeof at load)."""
+
+    _fields_ = [("name", ctypes.c_void_p), ("alignment", ctypes.c_uint64), ("is_host", ctypes.c_int32)]
+
+
+def _buft_lib() -> ctypes.CDLL:
+    """The native library, told where ggml's buffer type keeps its context."""
+    lb = native.lib()
+    native.check_sizeof(lb, "buft_answers", ctypes.sizeof(_BuftAnswers), "xslot.py")
+    lb.smoe_buft_set_context_offset.restype = None
+    lb.smoe_buft_set_context_offset.argtypes = [ctypes.c_int64]
+    lb.smoe_buft_set_context_offset(abi.GgmlBackendBufferType.context.offset)  # type: ignore[attr-defined]
+    return lb
+
+
+def _c_function(fn: object) -> int:
+    """The address of a native function, for a ggml callback slot."""
+    address = ctypes.cast(fn, ctypes.c_void_p).value
+    assert address is not None
+    return address
+
+
 @dataclass(frozen=True)
 class Region:
     """Where one expert tensor lives in the X-Slot."""
@@ -145,6 +168,8 @@ class XSlot:
         abi.ensure_layout()
         self._name = ctypes.create_string_buffer(name.encode())
         self._name_address = ctypes.addressof(self._name)
+        # what ggml asks of the buffer type while it schedules a graph, answered in C (_xslot_buft.c)
+        self._answers = _BuftAnswers(name=self._name_address, alignment=ALIGNMENT, is_host=0)
         self.loading = True
         self.regions: dict[str, Region] = {}
         self.buffers: dict[int, tuple[int, int]] = {}  # ggml buffer -> (base, size)
@@ -170,16 +195,17 @@ class XSlot:
         self.lock = NativeLock()
 
         # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
+        lib = _buft_lib()
         self._buft_iface = abi.GgmlBackendBufferTypeI(
-            get_name=abi.BUFT_GET_NAME(self._get_name),
+            get_name=abi.BUFT_GET_NAME(_c_function(lib.smoe_buft_get_name)),
             alloc_buffer=abi.BUFT_ALLOC_BUFFER(self._alloc_buffer),
-            get_alignment=abi.BUFT_GET_ALIGNMENT(self._get_alignment),
+            get_alignment=abi.BUFT_GET_ALIGNMENT(_c_function(lib.smoe_buft_get_alignment)),
             get_max_size=abi.BUFT_GET_MAX_SIZE(),  # NULL: SIZE_MAX
             get_alloc_size=abi.BUFT_GET_ALLOC_SIZE(),  # NULL: ggml_nbytes
-            is_host=abi.BUFT_IS_HOST(self._is_host),
+            is_host=abi.BUFT_IS_HOST(_c_function(lib.smoe_buft_is_host)),
         )
         self._buft_struct = abi.GgmlBackendBufferType(
-            iface=self._buft_iface, device=abi.cpu_device(), context=None
+            iface=self._buft_iface, device=abi.cpu_device(), context=ctypes.addressof(self._answers)
         )
         self.buft: int = ctypes.addressof(self._buft_struct)
         self._buffer_iface = abi.GgmlBackendBufferI(
@@ -440,14 +466,15 @@ class XSlot:
 
     # ---------------------------------------------------------------- ggml callbacks
 
-    def _get_name(self, buft: int) -> int:
-        return self._name_address
+    @property
+    def loading(self) -> bool:
+        """True until the model is loaded: llama.cpp's loader is kept away from the X-Slot's bytes,
+        and the buffer type answers that it is not host memory (see :meth:`finish_loading`)."""
+        return not self._answers.is_host
 
-    def _get_alignment(self, buft: int) -> int:
-        return ALIGNMENT
-
-    def _is_host(self, buft: int) -> bool:
-        return not self.loading
+    @loading.setter
+    def loading(self, on: bool) -> None:
+        self._answers.is_host = 0 if on else 1  # read by _xslot_buft.c on llama.cpp's threads
 
     def _alloc_buffer(self, buft: int, size: int) -> int:
         try:

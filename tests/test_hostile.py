@@ -511,9 +511,10 @@ def test_18_huge_inputs_are_refused_by_their_size(pack: Path, tmp_path: Path) ->
     assert code == 0 and "bytes, more than the" in stderr and "a new one replaces it" in stderr
 
 
-def test_19_ctrl_c_while_decoding_is_an_interrupt(pack: Path) -> None:
+@pytest.mark.parametrize("budget", ["25%", "100%"])  # 374 tokens, paged; every leaf (no signal held once filled)
+def test_19_ctrl_c_while_decoding_is_an_interrupt(pack: Path, budget: str) -> None:
     proc = subprocess.Popen([sys.executable, "-c", "from smoe_gguf.cli import main; main()", "run", str(pack),
-                             "-p", "a b c", "-n", "4000", "--ctx", "4096", "--budget", "25%",  # 374 tokens, paged
+                             "-p", "a b c", "-n", "4000", "--ctx", "4096", "--budget", budget,
                              "--no-profile", "--threads", "1"],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
     try:
