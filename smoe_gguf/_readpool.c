@@ -5,8 +5,10 @@
  * or none) and a class: urgent (a gate waiting for them) or background (prefetch). The call
  * queues them, wakes the workers and blocks until every job of the call is done; ctypes releases
  * the GIL meanwhile, so Python threads and llama.cpp run on. Workers take urgent jobs before any
- * background one, so a gate's reads jump the queue of prefetches; a background job may take any
- * idle worker (a prefetch read by fewer workers than the disk takes lands after its gate).
+ * background one, so a gate's reads jump the queue of prefetches. A pool of n workers (the reads
+ * the disk takes at once) runs n + 1 threads, and background jobs occupy at most n of them: one
+ * thread is always free for an urgent job, which therefore never waits behind a prefetch read
+ * already under way (with one worker, a gate's read would otherwise wait for a whole part).
  *
  * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
  * block-aligned head of a part whose destination and file offset are block-aligned is read
@@ -59,10 +61,12 @@ struct smoe_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
     struct smoe_job *head[2], *tail[2];  /* 0: urgent, 1: background */
-    int32_t n_workers;
+    int32_t n_workers;                   /* background jobs at once: the io depth */
+    int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
-    int32_t busy;                        /* workers inside a read */
-    pthread_t workers[SMOE_MAX_WORKERS];
+    int32_t busy;                        /* threads inside a read */
+    int32_t busy_background, peak_background;  /* threads inside a background job: now, at most */
+    pthread_t workers[SMOE_MAX_WORKERS + 1];
     sha256_fn sha256;                    /* NULL: the portable one */
     int64_t urgent_jobs, background_jobs;
 };
@@ -358,7 +362,8 @@ static void *worker(void *arg) {
     struct bounce b = {NULL, 0};
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->closing && p->head[0] == NULL && p->head[1] == NULL)
+        while (!p->closing && p->head[0] == NULL &&
+               (p->head[1] == NULL || p->busy_background >= p->n_workers))
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
         int q = p->head[0] != NULL ? 0 : 1;
@@ -366,10 +371,12 @@ static void *worker(void *arg) {
         p->head[q] = j->next;
         if (p->head[q] == NULL) p->tail[q] = NULL;
         p->busy++;
+        if (q == 1 && ++p->busy_background > p->peak_background) p->peak_background = p->busy_background;
         pthread_mutex_unlock(&p->lock);
         run_job(p, j, &b);
         pthread_mutex_lock(&p->lock);
         p->busy--;
+        if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
         struct smoe_call *c = (struct smoe_call *)j->call;
         if (--c->remaining == 0) pthread_cond_signal(&c->done);
     }
@@ -380,7 +387,8 @@ static void *worker(void *arg) {
 
 /* ------------------------------------------------------------------ the API */
 
-/* A pool of n_workers threads (1..SMOE_MAX_WORKERS); use_library: 0 forces the portable sha256. */
+/* A pool of n_workers (1..SMOE_MAX_WORKERS) reads at once, on n_workers + 1 threads (the last
+   kept for urgent jobs); use_library: 0 forces the portable sha256. */
 struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     if (n_workers < 1) n_workers = 1;
     if (n_workers > SMOE_MAX_WORKERS) n_workers = SMOE_MAX_WORKERS;
@@ -389,11 +397,14 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     pthread_mutex_init(&p->lock, NULL);
     pthread_cond_init(&p->work, NULL);
     p->sha256 = use_library ? library_sha256() : NULL;
-    for (int32_t i = 0; i < n_workers; i++) {
+    for (int32_t i = 0; i <= n_workers; i++) {
         if (pthread_create(&p->workers[i], NULL, worker, p) != 0) break;
-        p->n_workers++;
+        p->n_threads++;
     }
-    if (p->n_workers == 0) {
+    pthread_mutex_lock(&p->lock);  /* the workers read it under the lock */
+    p->n_workers = p->n_threads > 1 ? p->n_threads - 1 : p->n_threads;  /* without its spare: as many as run */
+    pthread_mutex_unlock(&p->lock);
+    if (p->n_threads == 0) {
         pthread_cond_destroy(&p->work);
         pthread_mutex_destroy(&p->lock);
         free(p);
@@ -403,6 +414,17 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
 }
 
 int32_t smoe_pool_workers(const struct smoe_pool *p) { return p->n_workers; }
+
+/* Threads, the spare for urgent jobs included. */
+int32_t smoe_pool_threads(const struct smoe_pool *p) { return p->n_threads; }
+
+/* The most background jobs that ran at once since the pool started. */
+int32_t smoe_pool_peak_background(struct smoe_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    int32_t peak = p->peak_background;
+    pthread_mutex_unlock(&p->lock);
+    return peak;
+}
 
 /* 1 when digests use a library (OpenSSL, CommonCrypto), 0 for the portable implementation. */
 int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
@@ -442,7 +464,7 @@ void smoe_pool_free(struct smoe_pool *p) {
     p->closing = 1;
     pthread_cond_broadcast(&p->work);
     pthread_mutex_unlock(&p->lock);
-    for (int32_t i = 0; i < p->n_workers; i++) pthread_join(p->workers[i], NULL);
+    for (int32_t i = 0; i < p->n_threads; i++) pthread_join(p->workers[i], NULL);
     pthread_cond_destroy(&p->work);
     pthread_mutex_destroy(&p->lock);
     free(p);

@@ -5,7 +5,9 @@ hands it a batch of :class:`Read` s and blocks, without the GIL, until every one
 parts are read in parallel, in place where the destination and the file offset are block-aligned
 (through a bounce buffer where not), and hashed by the workers where a digest is given. An
 *urgent* batch (a gate waiting for it) is served before every queued background one (prefetch).
-The number of workers is the number of reads the disk sees at once (``--io-depth``).
+The number of workers is the number of reads the disk sees at once (``--io-depth``); the pool
+keeps one thread more, which background batches never occupy, so an urgent read starts at once
+even while every worker reads a prefetch.
 """
 
 from __future__ import annotations
@@ -95,8 +97,9 @@ def _lib() -> ctypes.CDLL:
         lib.smoe_pool_run.argtypes = [c_void_p, POINTER(_Job), c_int64, c_int32]
         lib.smoe_pool_free.restype = None
         lib.smoe_pool_free.argtypes = [c_void_p]
-        lib.smoe_pool_workers.restype = c_int32
-        lib.smoe_pool_workers.argtypes = [c_void_p]
+        for name in ("smoe_pool_workers", "smoe_pool_threads", "smoe_pool_peak_background"):
+            getattr(lib, name).restype = c_int32
+            getattr(lib, name).argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
         lib.smoe_pool_library_sha256.argtypes = [c_void_p]
         lib.smoe_xxh64.restype = c_uint64
@@ -122,7 +125,8 @@ def xxh64(data: bytes | bytearray | memoryview) -> int:
 
 
 class ReadPool:
-    """``workers`` native reader threads; :meth:`run` may be called from any number of threads."""
+    """``workers`` reads at once, on ``workers + 1`` native threads (the spare for urgent reads);
+    :meth:`run` may be called from any number of threads."""
 
     def __init__(self, workers: int = DEFAULT_IO_DEPTH) -> None:
         self._pool: int | None = None
@@ -133,6 +137,7 @@ class ReadPool:
         if not self._pool:
             raise SmoeError("could not start the reader threads")
         self.workers = int(self._lib.smoe_pool_workers(self._pool))
+        self.threads = int(self._lib.smoe_pool_threads(self._pool))
         self.library_sha256 = bool(self._lib.smoe_pool_library_sha256(self._pool))
 
     def run(self, reads: list[Read], urgent: bool) -> list[Outcome]:
@@ -149,6 +154,13 @@ class ReadPool:
                 j.xxh64, j.check_xxh64 = r.xxh64, 1
         self._lib.smoe_pool_run(self._pool, jobs, len(reads), 1 if urgent else 0)
         return [Outcome(j.status, j.bytes_read, bool(j.in_place), j.read_seconds, j.hash_seconds) for j in jobs]
+
+    @property
+    def peak_background(self) -> int:
+        """The most background reads that ran at once so far (never more than :attr:`workers`)."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        return int(self._lib.smoe_pool_peak_background(self._pool))
 
     @property
     def address(self) -> int:

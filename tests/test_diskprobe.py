@@ -35,6 +35,7 @@ def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path
     spans = part_spans(pack_of("qwen3moe", "f16"))
     total = sum(s.length for s in spans)
     curve = random_read_curve(spans, readers=(1, 3), min_bytes=2 * total)  # more than the pack: two passes
+    assert curve.sweeps == 2 and curve.as_dict()["sweeps"] == 2  # 1, 3, then 3, 1: each point their mean
     assert set(curve.bytes_per_second) == {1, 3} and all(v > 0 for v in curve.bytes_per_second.values())
     assert 2 * total <= curve.bytes_per_level < 2 * total + max(s.length for s in spans)
     assert curve.best == max(curve.bytes_per_second.values()) and curve.best_readers in (1, 3)
@@ -51,3 +52,24 @@ def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path
 def test_pager_readers_are_the_fewest_near_the_best_and_at_least_two(points: dict[int, float], readers: int) -> None:
     curve = ReadCurve({k: v * 1e9 for k, v in points.items()}, (1 << 20, 1 << 20), 256 << 20, True)
     assert curve.pager_readers == readers and curve.as_dict()["pager_readers"] == readers
+
+
+def test_each_concurrency_is_the_mean_of_a_sweep_up_and_one_down(pack_of: Callable[[str, str], Path],
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """A disk that bursts on the first reads (then throttles) would make the first concurrency
+    tried look best; read up and back down, each point is the mean of both."""
+    from smoe_gguf.devtools import diskprobe
+
+    order: list[int] = []
+    burst = iter([2.0e9, 1.0e9, 1.0e9, 1.0e9, 1.0e9, 1.0e9])  # the first read bursts
+
+    def fake_read_all(todo, n_readers, buf_bytes, direct):
+        order.append(n_readers)
+        return next(burst)
+
+    monkeypatch.setattr(diskprobe, "_read_all", fake_read_all)
+    curve = random_read_curve(part_spans(pack_of("qwen3moe", "f16")), readers=(1, 2), min_bytes=1 << 20)
+    assert order == [1, 2, 2, 1]
+    assert curve.bytes_per_second == {1: 1.5e9, 2: 1.0e9}
+    one = random_read_curve(part_spans(pack_of("qwen3moe", "f16")), readers=(1, 2), min_bytes=1 << 20, sweeps=1)
+    assert one.sweeps == 1 and order == [1, 2, 2, 1, 1, 2]

@@ -61,6 +61,40 @@ def test_reads_land_exactly_in_place_or_bounced_and_wrong_bytes_are_caught(tmp_p
         os.close(fd)
 
 
+def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) -> None:
+    """A pool of n workers runs n + 1 threads and never more than n background reads at once, so
+    a gate's urgent read never waits behind prefetch reads under way; all reads land."""
+    import threading
+
+    data = np.random.default_rng(1).integers(0, 256, 1 << 20, np.uint8).tobytes()
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    raw, base = _aligned(8 * len(data))
+    pool = ReadPool(2)
+    try:
+        assert (pool.workers, pool.threads, pool.peak_background) == (2, 3, 0)
+        chunk = len(data) // 16
+        failures: list[int] = []
+
+        def submit(slot: int, urgent: bool) -> None:
+            for _ in range(8):
+                reads = [Read(fd, False, i * chunk, chunk, base + slot * len(data) + i * chunk, None) for i in range(16)]
+                failures.extend(o.status for o in pool.run(reads, urgent) if o.status)
+
+        threads = [threading.Thread(target=submit, args=(k, k == 0)) for k in range(4)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not failures
+        assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
+        assert 1 <= pool.peak_background <= pool.workers
+    finally:
+        pool.close()
+        os.close(fd)
+
+
 def test_a_batch_of_parts_is_read_at_once_and_the_failing_part_is_named(tmp_path: Path) -> None:
     blob = bytes(range(256)) * 64  # 16 KiB
     shard = tmp_path / "leaves.bin"

@@ -27,6 +27,7 @@ from smoe_gguf.store import BLOCK, LeafStore, drop_page_cache
 READERS: tuple[int, ...] = (1, 2, 4, 8, 16)
 NEAR_BEST = 0.9  # a concurrency this close to the best bandwidth is as good, within the curve's noise
 MIN_PAGER_READERS = 2  # a prefetch and a gate's read in flight at once
+SWEEPS = 2  # each concurrency read twice: in order, then in reverse
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class ReadCurve:
     span_bytes: tuple[int, int]  # smallest and largest span read
     bytes_per_level: int
     direct: bool  # O_DIRECT was used (False: the file system refused it, cache dropped instead)
+    sweeps: int = 1  # times each concurrency was read (its figure is their mean)
 
     @property
     def best(self) -> float:
@@ -92,24 +94,26 @@ class ReadCurve:
     def as_dict(self) -> dict[str, object]:
         return {"bytes_per_second": {str(k): v for k, v in self.bytes_per_second.items()},
                 "span_bytes": list(self.span_bytes), "bytes_per_level": self.bytes_per_level,
-                "direct": self.direct, "best": self.best, "best_readers": self.best_readers,
+                "direct": self.direct, "sweeps": self.sweeps, "best": self.best, "best_readers": self.best_readers,
                 "pager_readers": self.pager_readers}
 
 
 def random_read_curve(spans: Sequence[Span], readers: Sequence[int] = READERS, min_bytes: int = 256 << 20,
-                      seed: int = 0) -> ReadCurve:
+                      seed: int = 0, sweeps: int = SWEEPS) -> ReadCurve:
     """Read about ``min_bytes`` of randomly chosen ``spans`` at each concurrency of ``readers``
-    (each span at most once per pass; more passes, reshuffled, when the spans are fewer), cold."""
+    (each span at most once per pass; more passes, reshuffled, when the spans are fewer), cold.
+    ``sweeps`` times over the concurrencies, in their order and back again in turn; each point is
+    the mean of its sweeps (a disk that bursts at first, then throttles, favours no concurrency)."""
     if not spans:
         raise ValueError("no spans to read")
     rng = np.random.default_rng(seed)
     files = sorted({s.path for s in spans})
     direct = _direct_ok(files[0])
     biggest = max(s.length for s in spans)
-    out: dict[int, float] = {}
+    got: dict[int, list[float]] = {n: [] for n in readers}
     level_bytes = 0
     passes = max(1, -(-min_bytes // sum(s.length for s in spans)))
-    for n in readers:
+    for n in [n for i in range(max(1, sweeps)) for n in (readers if i % 2 == 0 else readers[::-1])]:
         order = [spans[i] for _ in range(passes) for i in rng.permutation(len(spans))]
         todo: list[Span] = []
         total = 0
@@ -120,9 +124,10 @@ def random_read_curve(spans: Sequence[Span], readers: Sequence[int] = READERS, m
             total += s.length
         for f in files:
             drop_page_cache(f)
-        out[n] = _read_all(todo, n, biggest, direct)
+        got[n].append(_read_all(todo, n, biggest, direct))
         level_bytes = total
-    return ReadCurve(out, (min(s.length for s in spans), biggest), level_bytes, direct)
+    out = {n: float(np.mean(v)) for n, v in got.items()}
+    return ReadCurve(out, (min(s.length for s in spans), biggest), level_bytes, direct, max(1, sweeps))
 
 
 def _direct_ok(path: Path) -> bool:

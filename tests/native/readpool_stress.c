@@ -556,8 +556,12 @@ int main(void) {
     struct phase main_phase = {0}, portable = {0};
     struct smoe_pool *pool = smoe_pool_new(N_WORKERS, 1);
     if (pool == NULL || smoe_pool_workers(pool) != N_WORKERS) fail("smoe_pool_new(%d, 1) failed", N_WORKERS);
+    if (smoe_pool_threads(pool) != N_WORKERS + 1) fail("%d threads, not the workers and a spare", smoe_pool_threads(pool));
     int library = smoe_pool_library_sha256(pool);
     run_phase(pool, N_SUBMITTERS, rounds, &s, &main_phase);
+    /* the spare thread stays free for urgent jobs: background ones never ran on more than the workers */
+    if (smoe_pool_peak_background(pool) < 1 || smoe_pool_peak_background(pool) > N_WORKERS)
+        fail("background jobs ran %d at once on %d workers", smoe_pool_peak_background(pool), N_WORKERS);
     smoe_pool_free(pool);
     stage("the main stress", &t0);
 
