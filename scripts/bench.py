@@ -282,7 +282,8 @@ def disk_curve_text(curve: dict[str, Any]) -> str:
     sweeps = curve.get("sweeps", 1)
     each = f", the mean of {sweeps} sweeps (up, then down)" if sweeps > 1 else ""
     return (f"{how} random reads of its {size} parts, {curve['bytes_per_level'] / 2**20:.0f} MiB per point{each}, "
-            f"GB/s by concurrent readers {points}; limit uses {curve['best'] / 1e9:.2f} ({curve['best_readers']} readers); "
+            f"GB/s by concurrent readers {points}; limit uses {curve['best'] / 1e9:.2f} (the fastest sweep, "
+            f"{curve['best_readers']} readers); "
             f"smoe-gguf rows read {curve['io_depth']} parts at once (--io-depth)")
 
 

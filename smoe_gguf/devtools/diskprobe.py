@@ -65,21 +65,28 @@ def leaf_read_bytes(spans: Sequence[Span]) -> dict[int, int]:
 
 @dataclass
 class ReadCurve:
-    """Bytes per second by number of concurrent readers; what was read."""
+    """Bytes per second by number of concurrent readers (the mean of the sweeps, and the fastest
+    sweep); what was read. The limits use the fastest read seen (:attr:`best`: a bound must not
+    be below what the disk did), the pager's depth the means (:attr:`pager_readers`)."""
 
     bytes_per_second: dict[int, float]
     span_bytes: tuple[int, int]  # smallest and largest span read
     bytes_per_level: int
     direct: bool  # O_DIRECT was used (False: the file system refused it, cache dropped instead)
-    sweeps: int = 1  # times each concurrency was read (its figure is their mean)
+    sweeps: int = 1  # times each concurrency was read (bytes_per_second: their mean)
+    peak_bytes_per_second: dict[int, float] | None = None  # the fastest sweep at each (None: the mean)
+
+    @property
+    def _peaks(self) -> dict[int, float]:
+        return self.peak_bytes_per_second or self.bytes_per_second
 
     @property
     def best(self) -> float:
-        return max(self.bytes_per_second.values())
+        return max(self._peaks.values())
 
     @property
     def best_readers(self) -> int:
-        return max(self.bytes_per_second, key=lambda k: self.bytes_per_second[k])
+        return max(self._peaks, key=lambda k: self._peaks[k])
 
     @property
     def pager_readers(self) -> int:
@@ -88,13 +95,16 @@ class ReadCurve:
         best point is noise; one reader serialises every prefetch with the gates' reads, and each
         reader more queues more prefetch reads ahead of a gate's."""
         bps = self.bytes_per_second
-        near = [k for k in sorted(bps) if k >= MIN_PAGER_READERS and bps[k] >= NEAR_BEST * self.best]
-        return near[0] if near else self.best_readers
+        top = max(bps.values())
+        near = [k for k in sorted(bps) if k >= MIN_PAGER_READERS and bps[k] >= NEAR_BEST * top]
+        return near[0] if near else max(bps, key=lambda k: bps[k])
 
     def as_dict(self) -> dict[str, object]:
         return {"bytes_per_second": {str(k): v for k, v in self.bytes_per_second.items()},
                 "span_bytes": list(self.span_bytes), "bytes_per_level": self.bytes_per_level,
-                "direct": self.direct, "sweeps": self.sweeps, "best": self.best, "best_readers": self.best_readers,
+                "direct": self.direct, "sweeps": self.sweeps,
+                "peak_bytes_per_second": {str(k): v for k, v in self._peaks.items()},
+                "best": self.best, "best_readers": self.best_readers,
                 "pager_readers": self.pager_readers}
 
 
@@ -127,7 +137,8 @@ def random_read_curve(spans: Sequence[Span], readers: Sequence[int] = READERS, m
         got[n].append(_read_all(todo, n, biggest, direct))
         level_bytes = total
     out = {n: float(np.mean(v)) for n, v in got.items()}
-    return ReadCurve(out, (min(s.length for s in spans), biggest), level_bytes, direct, max(1, sweeps))
+    peak = {n: float(max(v)) for n, v in got.items()}
+    return ReadCurve(out, (min(s.length for s in spans), biggest), level_bytes, direct, max(1, sweeps), peak)
 
 
 def _direct_ok(path: Path) -> bool:
