@@ -491,7 +491,7 @@ class Engine:
 
     def set_budget(self, budget: int | str) -> None:
         """Change the X-Slot budget live (shrinking evicts at once); refuses less than one token needs."""
-        b = bdg.resolve(budget, self.source.store.footprint(bdg.page_cost), self.source.core_bytes)
+        b = self._resolve_budget(budget)
         if b < self.min_budget:
             raise SmoeError(f"budget {b} bytes is below the minimum for one token: {self.min_budget} bytes")
         if self.residency.micro_batch(self.source.n_expert_used, self.n_ubatch, b) < self.n_ubatch:

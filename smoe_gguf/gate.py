@@ -153,13 +153,13 @@ class Gate:
         self._ids = np.zeros(max(max_ids, 1024), np.int32)
         st.ids = self._ids.ctypes.data_as(POINTER(c_int32))
         st.ids_cap = self._ids.size
-        st.tensor_get = ctypes.cast(abi.ggml_backend_tensor_get, c_void_p).value
+        st.tensor_get = native.function_address(abi.ggml_backend_tensor_get)
         self._slow = _SLOW(self._on_slow)  # referenced: C holds the pointer
         st.slow = self._slow
         st.gating = 1
         self._st = st
         self.user_data = ctypes.addressof(st)
-        self.callback = abi.EvalCallback(ctypes.cast(self._lib.smoe_gate_cb, c_void_p).value)
+        self.callback = abi.EvalCallback(native.function_address(self._lib.smoe_gate_cb))
 
     def observe(self, observer: GateObserver, always: bool = False) -> None:
         """Call ``observer(layer, node, ids)`` at every top-k gate (all gates then enter Python),

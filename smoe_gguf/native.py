@@ -33,6 +33,13 @@ def check_sizeof(lb: ctypes.CDLL, name: str, size: int, mirror: str) -> None:
                         f"expected {size}): rebuild the package")
 
 
+def function_address(fn: object) -> int:
+    """The address of a native function (a ctypes symbol), for a callback slot of llama.cpp/ggml."""
+    address = ctypes.cast(fn, c_void_p).value
+    assert address is not None
+    return address
+
+
 def lib() -> ctypes.CDLL:
     """The gate's library, loaded once (its struct sizes are checked by the modules that mirror them)."""
     global _LIB

@@ -117,13 +117,6 @@ def _buft_lib() -> ctypes.CDLL:
     return lb
 
 
-def _c_function(fn: object) -> int:
-    """The address of a native function, for a ggml callback slot."""
-    address = ctypes.cast(fn, ctypes.c_void_p).value
-    assert address is not None
-    return address
-
-
 @dataclass(frozen=True)
 class Region:
     """Where one expert tensor lives in the X-Slot."""
@@ -197,12 +190,12 @@ class XSlot:
         # Every CFUNCTYPE object is kept on the instance: ggml holds raw pointers to them.
         lib = _buft_lib()
         self._buft_iface = abi.GgmlBackendBufferTypeI(
-            get_name=abi.BUFT_GET_NAME(_c_function(lib.smoe_buft_get_name)),
+            get_name=abi.BUFT_GET_NAME(native.function_address(lib.smoe_buft_get_name)),
             alloc_buffer=abi.BUFT_ALLOC_BUFFER(self._alloc_buffer),
-            get_alignment=abi.BUFT_GET_ALIGNMENT(_c_function(lib.smoe_buft_get_alignment)),
+            get_alignment=abi.BUFT_GET_ALIGNMENT(native.function_address(lib.smoe_buft_get_alignment)),
             get_max_size=abi.BUFT_GET_MAX_SIZE(),  # NULL: SIZE_MAX
             get_alloc_size=abi.BUFT_GET_ALLOC_SIZE(),  # NULL: ggml_nbytes
-            is_host=abi.BUFT_IS_HOST(_c_function(lib.smoe_buft_is_host)),
+            is_host=abi.BUFT_IS_HOST(native.function_address(lib.smoe_buft_is_host)),
         )
         self._buft_struct = abi.GgmlBackendBufferType(
             iface=self._buft_iface, device=abi.cpu_device(), context=ctypes.addressof(self._answers)
