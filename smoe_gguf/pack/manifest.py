@@ -10,6 +10,7 @@ A pack is a directory::
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import re
@@ -176,13 +177,18 @@ def _str(d: dict[str, Any], key: str, pattern: re.Pattern[str] | None = None) ->
     return v
 
 
+@functools.cache
+def _names(cls: type) -> frozenset[str]:
+    """The fields a manifest object of ``cls`` may have (looked up once per class: a manifest
+    has an object per leaf)."""
+    return frozenset(f.name for f in fields(cls) if not f.name.startswith("_"))
+
+
 def _fields(d: Any, cls: type, what: str) -> dict[str, Any]:
     if not isinstance(d, dict):
         raise _Bad(f"{what} is not an object")
-    names = {f.name for f in fields(cls) if not f.name.startswith("_")}
-    extra = set(d) - names
-    if extra:
-        raise _Bad(f"{what} has unknown field {sorted(extra)[0]!r}")
+    if not _names(cls).issuperset(d):
+        raise _Bad(f"{what} has unknown field {sorted(set(d) - _names(cls))[0]!r}")
     return d
 
 
@@ -274,6 +280,12 @@ def _check(raw: dict[str, Any]) -> Manifest:
         raise _Bad("core_bytes or expert_bytes do not add up")
 
     want = {(layer, e) for layer in expert_tensors for e in range(n_expert)}
+    # per layer, what each leaf's parts must say: (tensor, part, stage, type, shape), and their length
+    expect: dict[int, list[tuple[tuple[str, str, int, str, list[int]], TensorEntry]]] = {}
+    for layer, ts in expert_tensors.items():
+        for t in ts:
+            _, part_name, stage = archs.parse_expert_tensor(t.name)  # type: ignore[misc]
+            expect.setdefault(layer, []).append(((t.name, part_name, stage, t.type, t.shape[:-1]), t))
     leaves: list[LeafEntry] = []
     seen: set[tuple[int, int]] = set()
     for i, ld in enumerate(raw["leaves"]):
@@ -292,18 +304,17 @@ def _check(raw: dict[str, Any]) -> Manifest:
         if size % PART_ALIGNMENT:
             raise _Bad(f"{label}: size {size} is not a multiple of {PART_ALIGNMENT}")
         pds = ld["parts"]
-        ts = expert_tensors[layer]
+        ts = expect[layer]
         if not isinstance(pds, list) or len(pds) != len(ts):
             raise _Bad(f"{label}: {len(pds) if isinstance(pds, list) else 'no'} parts, its layer has {len(ts)}")
         parts = []
         pos = 0
-        for j, (pd, t) in enumerate(zip(pds, ts)):
+        for j, (pd, (said, t)) in enumerate(zip(pds, ts)):
             pd = _fields(pd, PartEntry, f"{label} part {j}")
             p = PartEntry(_str(pd, "part"), _str(pd, "tensor"), _int(pd, "stage", 0, 1), _int(pd, "offset"),
                           _int(pd, "length"), _str(pd, "type"), pd["shape"], _str(pd, "sha256", _SHA),
                           _str(pd, "xxh64", _XXH) if "xxh64" in pd else "")
-            _, part_name, stage = archs.parse_expert_tensor(t.name)  # type: ignore[misc]
-            if (p.tensor, p.part, p.stage, p.type, p.shape) != (t.name, part_name, stage, t.type, t.shape[:-1]):
+            if (p.tensor, p.part, p.stage, p.type, p.shape) != said:
                 raise _Bad(f"{label} part {j} ({str(p.part)[:20]}) does not match tensor {t.name}")
             if p.length != t.nbytes // n_expert or t.nbytes % n_expert:
                 raise _Bad(f"{label} part {p.part}: length {p.length}, its tensor makes {t.nbytes // n_expert}")
