@@ -89,6 +89,12 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert ("- m: O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers "
             "1: 0.80, 4: 1.40; limit uses 1.40 (the fastest sweep, 4 readers); smoe-gguf rows read 2 parts at once (--io-depth)") in report
     assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
+    whole = {**curve, "bytes_per_second": {"1": 1.6e9, "4": 1.5e9}, "span_bytes": [3 << 20, 3 << 20]}
+    both = {**curve, "leaves": whole, "best": 1.7e9, "best_readers": 1, "best_of": "leaves"}
+    assert bench.disk_curve_text(both) == (
+        "O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers 1: 0.80, 4: 1.40; "
+        "whole 3072 KiB leaves 1: 1.60, 4: 1.50; limit uses 1.70 (the fastest sweep of whole leaves, 1 readers); "
+        "smoe-gguf rows read 2 parts at once (--io-depth)")
 
 
 def test_after_fill_compares_with_the_stock_run_beside_the_row() -> None:
@@ -196,7 +202,11 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     rows = res["rows"]
     assert res["sampling"] == {"temp": 0.8, "top_p": 0.95, "seed": 0} and res["prompt_domains"] == ["python", "c"]
     curve = res["machine"]["disk"]["tiny"]
-    assert set(curve["bytes_per_second"]) == {"1", "2"} and curve["best"] == max(curve["peak_bytes_per_second"].values()) >= max(curve["bytes_per_second"].values()) > 0
+    whole = curve["leaves"]  # a pack: each leaf's parts follow one another in its shard, read whole too
+    assert set(curve["bytes_per_second"]) == set(whole["bytes_per_second"]) == {"1", "2"}
+    peaks = [*curve["peak_bytes_per_second"].values(), *whole["peak_bytes_per_second"].values()]
+    assert curve["best"] == max(peaks) >= max(curve["bytes_per_second"].values()) > 0  # the limit: the fastest of both
+    assert "whole" in (out / "report.md").read_text()
     a = [r for r in rows if r["row"] == "a"]
     assert len(a) == 1 and not a[0].get("error") and [len(t) for t in a[0]["tokens"]] == [6, 6]
     assert a[0]["weights"] == "in memory"  # stock resident at its best: --no-mmap

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from smoe_gguf.devtools.diskprobe import ReadCurve, leaf_read_bytes, part_spans, random_read_curve
+from smoe_gguf.devtools.diskprobe import ReadCurve, leaf_read_bytes, leaf_spans, part_spans, random_read_curve
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.store import BLOCK
 
@@ -29,6 +29,21 @@ def test_spans_are_the_aligned_parts_of_every_leaf(pack_of: Callable[[str, str],
     # a plain GGUF: the same parts, read by offset from the one file
     gspans = part_spans(tiny_model("qwen3moe", "f16"))
     assert len(gspans) == len(spans) and len({s.path for s in gspans}) == 1
+
+
+def test_leaf_spans_are_whole_shards_of_a_pack_and_parts_of_a_gguf(pack_of: Callable[[str, str], Path],
+                                                                   tiny_model: Callable[[str, str], Path]) -> None:
+    pack = pack_of("qwen3moe", "f16")
+    m = mf.load(pack)
+    leaves = leaf_spans(part_spans(pack))
+    assert len(leaves) == len(m.leaves)  # one read per leaf: its shard's parts follow one another
+    for s in leaves:
+        lf = next(lf for lf in m.leaves if (lf.layer, lf.expert) == (s.layer, s.expert))
+        assert s.offset == 0 and lf.parts[-1].offset + lf.parts[-1].length <= s.length
+    assert leaf_read_bytes(leaves) == leaf_read_bytes(part_spans(pack))  # the same bytes, fewer reads
+    # a plain GGUF: a leaf's parts lie in three tensors, far apart: each stays a read of its own
+    gspans = part_spans(tiny_model("qwen3moe", "f16"))
+    assert leaf_spans(gspans) == sorted(gspans, key=lambda s: (s.layer, s.expert, str(s.path), s.offset))
 
 
 def test_read_curve_reads_at_each_concurrency(pack_of: Callable[[str, str], Path]) -> None:

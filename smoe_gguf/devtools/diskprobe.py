@@ -1,10 +1,11 @@
 """Disk read bandwidth as the best pager would get it: random reads of a model's own parts.
 
 :func:`part_spans` lists where every leaf part of a pack (or a plain GGUF) lies on disk, as the
-block-aligned span the store reads. :func:`random_read_curve` reads a random selection of those
-spans, cold (the page cache of the files dropped first), with O_DIRECT (page cache bypassed)
-into page-aligned buffers, by 1, 2, 4, ... threads at once, and returns the bytes per second at
-each concurrency.
+block-aligned span the store reads; :func:`leaf_spans` merges each leaf's parts that follow one
+another in a file (a pack's leaf shard) into one span, the whole leaf. :func:`random_read_curve`
+reads a random selection of spans, cold (the page cache of the files dropped first), with
+O_DIRECT (page cache bypassed) into page-aligned buffers, by 1, 2, 4, ... threads at once, and
+returns the bytes per second at each concurrency.
 """
 
 from __future__ import annotations
@@ -49,6 +50,21 @@ def part_spans(model: str | os.PathLike[str]) -> list[Span]:
             start = loc.offset - loc.offset % BLOCK
             length = -(-(loc.offset + loc.length - start) // BLOCK) * BLOCK
             out.append(Span(loc.path, start, length, layer, e))
+    return out
+
+
+def leaf_spans(spans: Sequence[Span]) -> list[Span]:
+    """``spans`` with the parts of each leaf merged where each begins where the one before it ends
+    in the same file (a pack's leaf shard: the whole leaf in one read); parts apart (a plain
+    GGUF's lie in different tensors) stay apart."""
+    out: list[Span] = []
+    for s in sorted(spans, key=lambda s: (s.layer, s.expert, str(s.path), s.offset)):
+        last = out[-1] if out else None
+        if last is not None and (last.layer, last.expert, last.path) == (s.layer, s.expert, s.path) \
+                and last.offset + last.length == s.offset:
+            out[-1] = Span(s.path, last.offset, last.length + s.length, s.layer, s.expert)
+        else:
+            out.append(s)
     return out
 
 
