@@ -296,6 +296,32 @@ def disk_curve_text(curve: dict[str, Any]) -> str:
             f"smoe-gguf rows read {curve['io_depth']} parts at once (--io-depth)")
 
 
+def training_text(gguf: Path) -> str | None:
+    """How a model this project built was trained, from the record beside it (``NAME.json``;
+    a widened model's names its source): its steps, and what stopped them. A model trained to a
+    time cap differs from one machine to the next. None for any other model."""
+    widened = ""
+    for _ in range(2):
+        try:
+            info = json.loads(gguf.with_suffix(".json").read_text())
+        except (OSError, ValueError):
+            return None
+        if not isinstance(info, dict):
+            return None
+        tr = info.get("training")
+        if isinstance(tr, dict) and "steps" in tr:
+            planned = (info.get("train_config") or {}).get("steps")
+            by = "a time cap" if tr.get("stopped_by") == "time" else "its step count"
+            return (f"{widened}trained {tr['steps']}{f' of {planned}' if planned else ''} steps, "
+                    f"stopped by {by} after {tr.get('seconds')} s")
+        src = info.get("source")
+        if not isinstance(src, str):
+            return None
+        gguf = gguf.parent / Path(src).name  # the source beside it, as `make large-reference` builds it
+        widened = f"widened from {gguf.name}, "
+    return None
+
+
 def write_report(out: Path, result: dict[str, Any]) -> None:
     m = result["machine"]
     s = result["sampling"]
@@ -307,6 +333,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         f"Memory bandwidth {m['mem_bw'] / 1e9:.1f} GB/s (numpy copy, read + write counted).",
         "Disk bandwidth, per model:", "",
         *[f"- {name}: {disk_curve_text(c)}" for name, c in m.get("disk", {}).items()], "",
+        *([f"Training: {'; '.join(f'{name} {t}' for name, t in m['trained'].items())}.", ""] if m.get("trained") else []),
         f"Page cache: {result['cache_drop']}. Energy: {result['energy_source']}.",
         f"Prompts: {len(result['prompts'])} x {result['n']} tokens each, one per domain "
         f"({', '.join(result.get('prompt_domains', []))}), sampled at temperature {s['temp']}, top-p {s['top_p']}, "
@@ -837,6 +864,7 @@ class Bench:
         self.cache_drop = ""
         self.work = Path(tempfile.mkdtemp(prefix="smoe-bench-"))
         self.disk: dict[str, dict[str, Any]] = {}  # model -> its read curve
+        self.trained: dict[str, str] = {}  # model -> how its weights were trained (the reference models)
         self.prompts: list[str] = []
         self.sampling: dict[str, Any] = {}
         self.long_rows: list[dict[str, Any]] = []  # the long-prompt rows (--long-prompt)
@@ -948,6 +976,9 @@ class Bench:
         curve = measure_disk(source, a.disk_bytes, a.readers)
         io_depth = curve["io_depth"] = a.io_depth or curve["pager_readers"]  # as many parts at once as suit the disk
         self.disk[name] = curve
+        trained = training_text(gguf)
+        if trained:
+            self.trained[name] = trained
         disk_bw = curve["best"]
         print(f"  disk: {disk_curve_text(curve)}", flush=True)
         leaf_bytes = leaf_read_bytes(part_spans(source))
@@ -1154,7 +1185,7 @@ class Bench:
         load0 = os.getloadavg()
         print("measuring memory bandwidth", flush=True)
         mem_bw = measure_mem_bw()
-        machine = {**machine_info(), "mem_bw": mem_bw, "disk": self.disk}
+        machine = {**machine_info(), "mem_bw": mem_bw, "disk": self.disk, "trained": self.trained}
         print(f"memory {mem_bw / 1e9:.1f} GB/s", flush=True)
         t0 = time.perf_counter()
         for m in models:

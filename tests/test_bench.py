@@ -261,3 +261,13 @@ def test_a_pack_split_from_another_file_is_refused(tiny_model: Callable[[str, st
     bench.check_pack_source(tmp_path / "x.pack", tiny_model("qwen3moe", "f16"))  # the same file: fine
     with pytest.raises(SystemExit, match="split it again"):
         bench.check_pack_source(tmp_path / "x.pack", tiny_model("qwen3moe", "q8_0"))
+
+
+def test_training_text_follows_a_widened_model_to_its_source(tmp_path: Path) -> None:
+    (tmp_path / "ref.json").write_text(json.dumps({"training": {"steps": 554, "stopped_by": "time", "seconds": 1023.9},
+                                                   "train_config": {"steps": 1000}}))
+    (tmp_path / "large.json").write_text(json.dumps({"source": "models/ref.gguf", "factor": 16}))
+    assert bench.training_text(tmp_path / "ref.gguf") == "trained 554 of 1000 steps, stopped by a time cap after 1023.9 s"
+    assert bench.training_text(tmp_path / "large.gguf") == (
+        "widened from ref.gguf, trained 554 of 1000 steps, stopped by a time cap after 1023.9 s")
+    assert bench.training_text(tmp_path / "other.gguf") is None  # no record: a model from elsewhere
