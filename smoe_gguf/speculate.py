@@ -21,7 +21,9 @@ exceeds what the read costs (:meth:`~smoe_gguf.residency.Residency.prefetch_bar`
 miss for the disk and I/O thread it takes, plus, where the budget is full, the chance that the
 leaf evicted for it is missed again).
 
-A prompt micro-batch is guessed the same way, each token's guess for the next MoE layer (and
+A prompt micro-batch is guessed the same way (one of at least ``min_batch`` tokens: fewer, at a
+budget that holds few leaves per layer, leave no room beside their own leaves to read into),
+each token's guess for the next MoE layer (and
 for the last MoE layer, which computes only the tokens whose logits are wanted, the last
 token's): an expert's chance of being needed is that some token picks it, and the leaves worth
 their read by the same cost model are read while the micro-batch computes the layer (prompt
@@ -167,6 +169,8 @@ class Speculator:
         self.n_guess = min(self.n_expert, max(1, round(rank * n_expert_used)))
         self.max_rank = min(self.n_expert, max(self.n_guess, round(max(RANK_SWEEP) * n_expert_used)))
         self.lookahead = max(0, lookahead)
+        # a prompt micro-batch smaller than this is not guessed (see __call__)
+        self.min_batch = -(-2 * self.n_expert // max(1, n_expert_used))
         paged = sorted(residency.costs)  # MoE layers (dense ones have nothing to guess)
         self.stats = SpecStats(lookahead={
             a: LookaheadStats(residency.n_layer, self.n_expert, self.max_rank, self.n_guess, threshold)
@@ -273,6 +277,11 @@ class Speculator:
             self._feat.clear()
         self._last_layer = layer
         n = ids.shape[0]
+        if 1 < n < self.min_batch:
+            # A micro-batch this small (a budget that holds few leaves per layer: n * k below
+            # twice a layer's experts) reads its own leaves and little else fits beside them: a
+            # guess would cost its Python at every gate of the prompt and save no read.
+            return
         self._score(layer, ids)
         feats = self._feat.pop(layer, None)
         targets = self._ahead.get(layer, [])

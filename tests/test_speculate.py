@@ -227,6 +227,25 @@ def test_a_prompt_reads_the_leaves_of_the_next_layer_it_is_guessed_to_select(pac
         assert eng.speculator is None and eng.readahead is not None  # without it, the whole next layer
 
 
+def test_a_prompt_micro_batch_too_small_to_read_beside_is_not_guessed(pack_of) -> None:
+    pack = pack_of("qwen3moe", "f32")
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, n_ubatch=2) as eng:
+        spec, r = eng.speculator, eng.residency
+        assert spec is not None and 1 < eng.n_ubatch < spec.min_batch
+        asked: list[tuple[int, int]] = []
+        prefetch = r.prefetch
+
+        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
+            asked.extend(keys)
+            return prefetch(keys, *args, **kw)
+
+        r.prefetch = spy  # type: ignore[method-assign]
+        eng.decode(eng.tokenize(PROMPT))
+        assert asked == [] and spec.summary()["prompt"] == {"precision": 0.0, "recall": 0.0}
+        eng.decode([eng.tokenize(" the")[0]])  # one token: guessed as ever
+        assert spec.stats.guesses > 0
+
+
 def test_a_prompt_cancels_what_is_queued_of_unlikely_guesses() -> None:
     release = threading.Event()
 
