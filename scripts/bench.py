@@ -27,7 +27,8 @@ limits are per row):
       disk bandwidth): with no misses; per budget with smoe-gguf's fewest missed bytes; per budget
       with the missed bytes of Belady's MIN (the offline optimum, replayed over the reactive
       row's trace). Memory bandwidth: a numpy copy. Disk bandwidth: O_DIRECT random reads of the
-      model's own leaf parts at 1, 2, 4, 8 and 16 concurrent readers, the best of them.
+      model's own leaf parts, and of whole leaves where a leaf's parts follow one another in its
+      file, at 1, 2, 4, 8 and 16 concurrent readers, the fastest of them.
 
 Outputs: a table on stdout, ``<out>/results.json``, ``<out>/report.md``, ``<out>/plot.png``.
 """
