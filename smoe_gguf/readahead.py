@@ -16,6 +16,12 @@ import numpy as np
 from .residency import Residency
 
 
+def layer_covering_tokens(n_expert: int, n_expert_used: int) -> int:
+    """The fewest tokens of a micro-batch whose selections, ``n * k``, reach twice a layer's
+    experts: from there a micro-batch selects nearly every expert of a layer."""
+    return -(-2 * n_expert // max(1, n_expert_used))
+
+
 class PromptReadAhead:
     """A gate observer (:meth:`smoe_gguf.gate.Gate.observe`) for multi-token micro-batches."""
 
@@ -23,7 +29,7 @@ class PromptReadAhead:
         self.residency = residency
         self.n_expert = n_expert
         self.n_used = n_expert_used
-        self.min_tokens = -(-2 * n_expert // max(1, n_expert_used))  # n * k >= 2 E
+        self.min_tokens = layer_covering_tokens(n_expert, n_expert_used)
         layers = sorted(residency.costs)
         self._next = {a: b for a, b in zip(layers, layers[1:])}  # MoE layer -> the next one
         self._last = layers[-1]

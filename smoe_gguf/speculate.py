@@ -51,6 +51,7 @@ from gguf.quants import dequantize
 
 from . import ggml_abi as abi
 from .errors import SmoeError
+from .readahead import layer_covering_tokens
 from .residency import Residency
 from .route_fit import RouteFit
 
@@ -170,7 +171,7 @@ class Speculator:
         self.max_rank = min(self.n_expert, max(self.n_guess, round(max(RANK_SWEEP) * n_expert_used)))
         self.lookahead = max(0, lookahead)
         # a prompt micro-batch smaller than this is not guessed (see __call__)
-        self.min_batch = -(-2 * self.n_expert // max(1, n_expert_used))
+        self.min_batch = layer_covering_tokens(self.n_expert, n_expert_used)
         paged = sorted(residency.costs)  # MoE layers (dense ones have nothing to guess)
         self.stats = SpecStats(lookahead={
             a: LookaheadStats(residency.n_layer, self.n_expert, self.max_rank, self.n_guess, threshold)

@@ -195,19 +195,25 @@ def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> N
         assert spec["below_cost"] > 0
 
 
+def _spy_prefetches(r: Residency) -> list[tuple[int, int]]:
+    """The leaves ``r`` is asked to prefetch from now on, in order (they are still prefetched)."""
+    asked: list[tuple[int, int]] = []
+    prefetch = r.prefetch
+
+    def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
+        asked.extend(keys)
+        return prefetch(keys, *args, **kw)
+
+    r.prefetch = spy  # type: ignore[method-assign]
+    return asked
+
+
 def test_a_prompt_reads_the_leaves_of_the_next_layer_it_is_guessed_to_select(pack_of) -> None:
     pack = pack_of("qwen3moe", "f32")
     with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None) as eng:
         spec, r = eng.speculator, eng.residency
         assert spec is not None and eng.readahead is None  # speculation reads a prompt's next layer itself
-        asked: list[tuple[int, int]] = []
-        prefetch = r.prefetch
-
-        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
-            asked.extend(keys)
-            return prefetch(keys, *args, **kw)
-
-        r.prefetch = spy  # type: ignore[method-assign]
+        asked = _spy_prefetches(r)
         tokens = eng.tokenize(PROMPT)
         eng.decode(tokens)
         assert spec.stats.guesses == 0  # no single-token gate yet
@@ -232,14 +238,7 @@ def test_a_prompt_micro_batch_too_small_to_read_beside_is_not_guessed(pack_of) -
     with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=None, n_ubatch=2) as eng:
         spec, r = eng.speculator, eng.residency
         assert spec is not None and 1 < eng.n_ubatch < spec.min_batch
-        asked: list[tuple[int, int]] = []
-        prefetch = r.prefetch
-
-        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
-            asked.extend(keys)
-            return prefetch(keys, *args, **kw)
-
-        r.prefetch = spy  # type: ignore[method-assign]
+        asked = _spy_prefetches(r)
         eng.decode(eng.tokenize(PROMPT))
         assert asked == [] and spec.summary()["prompt"] == {"precision": 0.0, "recall": 0.0}
         eng.decode([eng.tokenize(" the")[0]])  # one token: guessed as ever
