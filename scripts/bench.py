@@ -47,10 +47,13 @@ import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smoe_gguf import spin
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
+
+if TYPE_CHECKING:
+    from smoe_gguf.devtools.diskprobe import Span
 
 ROW_MARK = "BENCH-ROW "
 
@@ -475,15 +478,15 @@ def measure_mem_bw(nbytes: int = 256 << 20, repeat: int = 3) -> float:
     return 2 * nbytes / best  # read + write
 
 
-def measure_disk(model: Path, min_bytes: int, readers: list[int]) -> dict[str, Any]:
-    """The disk as the best pager would read ``model`` (a pack or a GGUF): O_DIRECT random reads
-    of its own leaf parts at each number of concurrent readers, cold; and where a leaf's parts
+def measure_disk(parts: list[Span], min_bytes: int, readers: list[int]) -> dict[str, Any]:
+    """The disk as the best pager would read a model (a pack or a GGUF) whose leaf parts lie at
+    ``parts`` (:func:`~smoe_gguf.devtools.diskprobe.part_spans`): O_DIRECT random reads of them at
+    each number of concurrent readers, cold; and where a leaf's parts
     follow one another in its file (a pack), of whole leaves too, as the pager reads a missed
     leaf's parts all at once. The limit is the fastest of both ("best"); the pager's depth
     follows the parts' curve (it counts parts in flight)."""
-    from smoe_gguf.devtools.diskprobe import leaf_spans, part_spans, random_read_curve
+    from smoe_gguf.devtools.diskprobe import leaf_spans, random_read_curve
 
-    parts = part_spans(model)
     curve = random_read_curve(parts, readers, min_bytes).as_dict()
     leaves = leaf_spans(parts)
     if len(leaves) < len(parts):
@@ -974,7 +977,8 @@ class Bench:
         print(f"{name}: core {moe.core_bytes / 1e6:.0f} MB, experts {moe.expert_bytes / 1e6:.0f} MB, "
               f"leaf {moe.max_leaf_bytes / 2**20:.2f} MiB, active {active / 1e6:.0f} MB/token; smoe-gguf runs {source}",
               flush=True)
-        curve = measure_disk(source, a.disk_bytes, a.readers)
+        spans = part_spans(source)
+        curve = measure_disk(spans, a.disk_bytes, a.readers)
         io_depth = curve["io_depth"] = a.io_depth or curve["pager_readers"]  # as many parts at once as suit the disk
         self.disk[name] = curve
         trained = training_text(gguf)
@@ -982,7 +986,7 @@ class Bench:
             self.trained[name] = trained
         disk_bw = curve["best"]
         print(f"  disk: {disk_curve_text(curve)}", flush=True)
-        leaf_bytes = leaf_read_bytes(part_spans(source))
+        leaf_bytes = leaf_read_bytes(spans)
         base = {"prompts": self.prompts, "n": a.n, "sampling": self.sampling, "io_depth": io_depth}
         stock_files = smoe_files = sorted({gguf, source})  # every row starts cold
 
