@@ -6,6 +6,8 @@
  *   - a top-k node (kind 0) whose selected leaves are all resident is a hit: we stamp each
  *     leaf's last use and use count in the shared arrays (what the eviction policies read) and
  *     return, still without entering Python;
+ *   - with native speculation on (_speculate.c), a decoded token's gate guesses the next layers
+ *     here too, and enters Python only to queue the prefetches it chose;
  *   - anything else (a miss, or another kind of node) calls the Python hook, which makes the
  *     leaves resident (or reads the node) before the graph goes on. With every_gate set, every
  *     top-k gate calls it (a trace records all accesses; speculation reads the router input).
@@ -23,11 +25,13 @@
 #include <string.h>
 
 #include "_pager.h"
+#include "_speculate.h"
 
 #define SMOE_MAX_PREFIX 4
 #define SMOE_PREFIX_LEN 32
 #define KIND_OBSERVE 2  /* a top-k gate: Python calls the observers only */
 #define KIND_SERVE 3    /* a top-k gate whose observers were called: Python serves it only */
+#define KIND_PREFETCH 4 /* native speculation listed leaves for Python to prefetch (spec->pf_*) */
 
 typedef void (*tensor_get_fn)(const void *tensor, void *data, size_t offset, size_t size);
 typedef int32_t (*slow_fn)(void *tensor, int32_t kind, int32_t layer, int32_t n_tokens);
@@ -62,6 +66,8 @@ struct smoe_gate {
                                 flight); the scheduler asks for a node only after the earlier
                                 nodes' callbacks have returned, so the flag is set in time. */
     struct smoe_pager *pager;  /* serves misses natively where it can (NULL, or disabled: Python) */
+    struct smoe_spec *spec;    /* guesses a decoded token's gates while Python's observers are
+                                  paused (NULL, or disabled: not at all) */
 };
 
 /* The Python path: a 0 stops the graph and marks the gate failed, whether the hook recorded its
@@ -110,6 +116,12 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     g->ids_cols = (int32_t)n_used;
     g->ids_row_stride = (int64_t)(nb[1] / 4);
     struct smoe_pager *pg = g->pager != NULL && g->pager->enabled ? g->pager : NULL;
+    /* native speculation first, as the observers come first: its prefetches queue behind this
+       gate's misses */
+    if (n_tokens == 1 && !g->every_gate && g->spec != NULL && g->spec->enabled &&
+        smoe_spec_gate(g->spec, t, layer, g->ids, (int32_t)n_used) > 0 &&
+        !call_slow(g, t, KIND_PREFETCH, layer, 1))
+        return false;
     if (g->every_gate && pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
 
     int64_t base = (int64_t)layer * g->n_expert;

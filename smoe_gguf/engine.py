@@ -35,6 +35,7 @@ from .readahead import PromptReadAhead
 from .readpool import DEFAULT_IO_DEPTH
 from .residency import Residency
 from .source import open_source
+from .spec_native import NativeSpeculation
 from .speculate import DEFAULT_RANK, DEFAULT_THRESHOLD, LOOKAHEAD, Speculator
 from .trace import Trace
 from .xslot import XSlot
@@ -165,8 +166,9 @@ class Engine:
         paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
         shrunk below one layer's budget until a micro-batch's leaves fit).
         ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
-        ``native``: the native pager serves the gate's misses where it can; False: Python serves
-        every miss (the reference implementation, for tests).
+        ``native``: the native pager serves the gate's misses where it can, and a decoded token's
+        gates are guessed in C (:mod:`smoe_gguf.spec_native`); False: Python does both (the
+        reference implementation, for tests).
         ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
         uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
         probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""
@@ -223,7 +225,7 @@ class Engine:
                                    n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
             self._orchestrate(trace, speculate, (speculate_threshold, speculate_rank, speculate_lookahead),
-                              Path(path).name)
+                              Path(path).name, native)
             cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
             self.cparams = cp
             self._ctx = ls.new_context(self._model, cp)
@@ -278,9 +280,10 @@ class Engine:
         self._warm = hot if self.paging else []  # prefetched once start-up is done
 
     def _orchestrate(self, trace: str | os.PathLike[str] | None, speculate: bool,
-                     guess: tuple[float, float, int], name: str) -> None:
+                     guess: tuple[float, float, int], name: str, native: bool) -> None:
         """Attach the gate observers: the trace, speculation (or, without it, prompt read-ahead),
-        the tree-map recorder."""
+        the tree-map recorder; and (``native``, without a trace, which observes every gate)
+        speculation in C for decoded tokens."""
         src, r = self.source, self.residency
         if trace is not None:
             r.trace = Trace(trace, {
@@ -296,6 +299,9 @@ class Engine:
                 self.speculator.fit.load(route_fit.load_routes(
                     route_fit.routes_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))
             self.gate.observe(self.speculator)
+        self.spec_native: NativeSpeculation | None = None
+        if self.speculator is not None and native and trace is None:
+            self.spec_native = NativeSpeculation(self.speculator, self.gate)
         self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
         self.readahead: PromptReadAhead | None = None
         if self.paging and self.speculator is None:  # speculation reads a prompt's next layer itself
@@ -395,11 +401,21 @@ class Engine:
         if len(tokens) > 1 and self.gate.observers:
             self.gate.observing = True  # the prompt's branch is found by observing its first layers
         if len(tokens) > 1:
+            if self.spec_native is not None:
+                self.spec_native.stop()  # a prompt is observed in Python
             if self.speculator is not None:
                 self.speculator.forget()  # decode's guesses protect nothing a prompt needs
             # what is still queued of a warm start: a prompt streams its own leaves through the
             # budget and evicts such guesses before any gate uses them
             self.residency.cancel_below(HOLD_BELOW)
+        elif self.spec_native is not None and self.spec_native.ready():
+            # a decoded token: guessed in C where the observer switch finds that speculation
+            # pays; Python's observers pause
+            if self.observer_switch.observing:
+                self.spec_native.start()
+            else:
+                self.spec_native.stop()
+            self.gate.observing = False
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
@@ -421,6 +437,8 @@ class Engine:
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
+        if self.spec_native is not None:
+            self.spec_native.take_counts()
         if len(tokens) == 1:
             stall = self.residency.stats.stall_seconds - stall0
             self.residency.stats.token_stalls.append(stall)
@@ -429,6 +447,11 @@ class Engine:
     def _adapt(self, seconds: float, stall: float) -> None:
         if not self.gate.observers:
             return
+        if self._native_guesses():
+            if self.recorder is not None:
+                self.recorder.token_unobserved()  # the recorder recovers the token from the use counts
+            self.observer_switch.tick(seconds, stall)  # on: speculation in C (see decode)
+            return
         was = self.gate.observing
         on = self.observer_switch.tick(seconds, stall)
         if self.recorder is not None and not was:
@@ -436,6 +459,10 @@ class Engine:
         if on != was and self.speculator is not None:
             self.speculator.forget()  # its last guesses are stale, or no gate would clear their protection
         self.gate.observing = on
+
+    def _native_guesses(self) -> bool:
+        """Whether decoded tokens are guessed in C (the speculator has read its routers)."""
+        return self.spec_native is not None and self.spec_native.ready()
 
     def _between_decodes(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
@@ -600,8 +627,15 @@ class Engine:
             direct_io=self.source.store.direct_io_used,
             peak_rss_bytes=peak_rss(),
             observer_pauses=self.observer_switch.pauses,
-            speculation=self.speculator.summary() if self.speculator else None,
+            speculation=self._speculation_summary(),
         )
+
+    def _speculation_summary(self) -> dict[str, Any] | None:
+        if self.speculator is None:
+            return None
+        out = self.speculator.summary()
+        out["native_unlocated"] = self.spec_native.unlocated if self.spec_native is not None else 0
+        return out
 
 
 def _ratio(hits: int, misses: int) -> float:

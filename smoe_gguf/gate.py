@@ -42,6 +42,7 @@ KIND_TOPK = 0
 KIND_BEFORE_DOWN = 1  # the activation node before the down matmul (part pipelining)
 KIND_OBSERVE = 2  # a top-k gate: Python calls its observers only (C served it, or serves it next)
 KIND_SERVE = 3  # a top-k gate whose observers were called: Python serves it only
+KIND_PREFETCH = 4  # native speculation chose prefetches for Python to queue (spec_native)
 SLOWER_BY = 1.5  # observers pause only where their tokens were slower by this many standard errors
 _KIND_TOPK_UNREAD = -1  # a top-k node too large for the C scratch: Python reads it
 MAX_PREFIX = 4
@@ -84,6 +85,7 @@ class _GateStruct(Structure):
         ("every_gate", c_int32),
         ("node_wanted", POINTER(c_uint8)),
         ("pager", c_void_p),
+        ("spec", c_void_p),
     ]
 
 
@@ -127,6 +129,7 @@ class Gate:
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._always: list[GateObserver] = []  # observers never paused (a trace)
+        self.on_prefetch: ExpertsHook | None = None  # native speculation's prefetches (attach_spec)
         s = self.state
         st = _GateStruct()
         nodes = {archs.NODE_TOPK: KIND_TOPK, **(nodes or {})}
@@ -191,6 +194,13 @@ class Gate:
         outlives the gate's use; it serves only while enabled), or never (None)."""
         self._st.pager = address
 
+    def attach_spec(self, address: int | None, on_prefetch: ExpertsHook | None = None) -> None:
+        """Guess a decoded token's gates in C with the ``struct smoe_spec`` at ``address`` (see
+        spec_native; it guesses only while enabled and while observers are paused), calling
+        ``on_prefetch(layer, ids)`` for the prefetches it chose; or never (None)."""
+        self._st.spec = address
+        self.on_prefetch = on_prefetch
+
     def install(self, cparams: object) -> None:
         """Point ``cparams.cb_eval`` / ``cb_eval_user_data`` at this gate."""
         cparams.cb_eval = self.callback  # type: ignore[attr-defined]
@@ -231,7 +241,7 @@ class Gate:
 
     def _on_slow(self, t: int, kind: int, layer: int, n_tokens: int) -> int:
         try:
-            if kind in (KIND_TOPK, KIND_OBSERVE, KIND_SERVE):
+            if kind in (KIND_TOPK, KIND_OBSERVE, KIND_SERVE, KIND_PREFETCH):
                 st = self._st
                 ids = np.lib.stride_tricks.as_strided(
                     self._ids, shape=(st.ids_rows, st.ids_cols), strides=(st.ids_row_stride * 4, 4), writeable=False
@@ -240,6 +250,9 @@ class Gate:
                     self._topk(t, layer, ids)
                 elif kind == KIND_OBSERVE:
                     self._observe(t, layer, ids)
+                elif kind == KIND_PREFETCH:
+                    if self.on_prefetch is not None:
+                        self.on_prefetch(layer, ids)
                 else:
                     self._serve(layer, ids)
             elif kind == _KIND_TOPK_UNREAD:

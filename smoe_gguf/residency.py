@@ -463,11 +463,15 @@ class Residency:
                 self._credit(key, 0.0)
 
     def prefetch_bar(self) -> float:
-        """The cost model: the least chance of use for which a prefetch pays. Its read costs
+        """The cost model: the least chance of use for which a prefetch pays (see :meth:`prefetch_bars`)."""
+        free, full = self.prefetch_bars()
+        return full if self.used + self.max_leaf_cost > self.budget else free
+
+    def prefetch_bars(self) -> tuple[float, float]:
+        """The prefetch bar with room left in the budget, and with the budget full. A read costs
         READ_COST of a miss; where the budget is full, the leaf evicted for it may be missed
         again (:meth:`eviction_regret`)."""
-        full = self.used + self.max_leaf_cost > self.budget
-        return READ_COST + (self.eviction_regret() if full else 0.0)
+        return READ_COST, READ_COST + self.eviction_regret()
 
     def cancel_below(self, priority: float) -> int:
         """Cancel the queued prefetches less likely than ``priority`` (gate thread); how many."""

@@ -259,6 +259,43 @@ class Speculator:
             p = self._p_used[key] = self._estimate(lookahead, layer)
         return p
 
+    def rescore(self, lookahead: int, elsewhere: int = 0) -> bool:
+        """Every RESCORE passes over the layers (guesses scored here, and ``elsewhere``: by the C
+        path), score the guesses kept and estimate every layer's chances of use anew; True then."""
+        st = self.stats.lookahead[lookahead]
+        if st.waiting + elsewhere < self._rescore_every:
+            return False
+        st.flush()
+        for key in [k for k in self._p_used if k[0] == lookahead]:
+            del self._p_used[key]
+        return True
+
+    # ------------------------------------------------------------------ for the C path (spec_native)
+
+    @property
+    def weights_loaded(self) -> bool:
+        """The routers are read (at the first gate observed: which norm feeds them is read from the graph)."""
+        return self._router is not None
+
+    @property
+    def ahead(self) -> dict[int, list[int]]:
+        """Per MoE layer, the layers guessed from its gate (lookahead 1 first)."""
+        return self._ahead
+
+    @property
+    def guessed_layers(self) -> list[int]:
+        return sorted({t for ts in self._ahead.values() for t in ts})
+
+    @property
+    def sigmoid(self) -> bool:
+        """The selection scores are sigmoid(logits) (plus the selection bias), not the softmax."""
+        return self._sigmoid
+
+    @property
+    def selection_bias(self) -> list[np.ndarray | None]:
+        """Per layer, the bias added to the scores for selection (exp_probs_b), or None."""
+        return self._sel_bias
+
     def _estimate(self, lookahead: int, layer: int) -> np.ndarray:
         st = self.stats.lookahead[lookahead]
         prior = np.where(np.arange(self.max_rank) < self.n_used, 0.5, 0.2)
@@ -291,7 +328,7 @@ class Speculator:
         x = self._router_input(node, layer, n)
         if x is None or self._router is None:
             return
-        proj = self._projections(layer, targets)
+        proj = self.projections(layer, targets)
         if proj is None:
             return
         looks, matrix, bias = proj
@@ -416,10 +453,7 @@ class Speculator:
             for a, order, p in pending:
                 st = self.stats.lookahead[a]
                 st.add(layer, order, p, np.array(ids[0]))  # ids are valid during the call only
-                if st.waiting >= self._rescore_every:  # RESCORE passes: every layer's chances anew
-                    st.flush()
-                    for key in [k for k in self._p_used if k[0] == a]:
-                        del self._p_used[key]
+                self.rescore(a)
         guessed = self._prompt_pending.pop(layer, None)
         if guessed is not None and n > 1:
             actual = np.unique(ids)
@@ -428,7 +462,7 @@ class Speculator:
             c[1] += int(guessed.size)
             c[2] += int(actual.size)
 
-    def _projections(self, layer: int, targets: list[int]) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray] | None:
+    def projections(self, layer: int, targets: list[int]) -> tuple[list[tuple[int, int]], np.ndarray, np.ndarray] | None:
         """For one product of ``layer``'s router input rows: the guessed layers it can project to
         (lookahead, layer), and the matrix and bias whose columns give ``layer``'s own router
         logits, then each of those layers' plain guess (its router with the norm ratio); made

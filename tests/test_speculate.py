@@ -185,6 +185,37 @@ def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of, mon
         assert not eng.residency.state.protect.any()  # every guessed layer was served
 
 
+@pytest.mark.parametrize(("arch", "ftype"), [("qwen3moe", "f32"), ("deepseek2", "f16"), ("gpt-oss", "f16")])
+def test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python(arch, ftype, tiny_model, pack_of) -> None:
+    """The C path (spec_native) guesses what the Python observer does: the same ranks, scored the
+    same, with each architecture's gating (softmax; sigmoid with a selection bias; a router bias),
+    the route fits included; the output stays bit-exact. Control: the Python path guesses none in C."""
+    src, pack = tiny_model(arch, ftype), pack_of(arch, ftype)
+    runs = {}
+    for in_c in (True, False):
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+            eng.observer_switch.keep(True)
+            native, spec = eng.spec_native, eng.speculator
+            assert native is not None and spec is not None
+            if not in_c:
+                native.ready = lambda: False  # type: ignore[method-assign]  # the Python observer guesses
+            gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+            assert same(reference(src, eng), gen.tokens, gen.logits)
+            summary = eng.stats().speculation
+            assert summary is not None and summary["native_unlocated"] == 0
+            counts = []
+            for st in spec.stats.lookahead.values():
+                st.flush()
+                counts += [st.rank_hits.copy(), st.scored.copy(), st.per_layer.copy(), st.by_threshold.copy()]
+            runs[in_c] = (native.guessed, spec.stats.guesses, counts, sorted(spec.fit.fits))
+    (c_gates, c_guesses, c_counts, c_pairs), (py_gates, py_guesses, py_counts, py_pairs) = runs[True], runs[False]
+    assert c_gates > 0 and py_gates == 0
+    assert c_guesses == py_guesses and c_pairs == py_pairs
+    assert sum(int(x.sum()) for x in c_counts) > 0
+    for x, y in zip(c_counts, py_counts, strict=True):
+        assert np.array_equal(x, y)
+
+
 def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
     pack = pack_of("qwen3moe", "f32")
     monkeypatch.setattr(residency, "READ_COST", 1.01)  # no guess can be likelier than that
