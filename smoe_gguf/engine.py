@@ -158,6 +158,7 @@ class Engine:
         pipeline: bool = False,
         io_depth: int = DEFAULT_IO_DEPTH,
         native: bool = True,
+        speculate_native: bool = False,
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
@@ -166,9 +167,10 @@ class Engine:
         paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
         shrunk below one layer's budget until a micro-batch's leaves fit).
         ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
-        ``native``: the native pager serves the gate's misses where it can, and a decoded token's
-        gates are guessed in C (:mod:`smoe_gguf.spec_native`); False: Python does both (the
-        reference implementation, for tests).
+        ``native``: the native pager serves the gate's misses where it can; False: Python serves
+        every miss (the reference implementation, for tests). ``speculate_native`` (with
+        ``native``): a decoded token's gates are guessed in C (:mod:`smoe_gguf.spec_native`),
+        not by the Python observer; off by default (docs/prediction.md says why).
         ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
         uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
         probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""
@@ -225,7 +227,7 @@ class Engine:
                                    n_batch=self.n_batch, n_ubatch=self.n_ubatch)
             self.gate.install(cp)
             self._orchestrate(trace, speculate, (speculate_threshold, speculate_rank, speculate_lookahead),
-                              Path(path).name, native)
+                              Path(path).name, native and speculate_native)
             cp.op_offload = False  # never copy whole X-Slot tensors to a GPU (design notes)
             self.cparams = cp
             self._ctx = ls.new_context(self._model, cp)
