@@ -57,7 +57,6 @@ struct smoe_spec {
     float *x;                    /* scratch [n_embd] */
     float *work;                 /* scratch [4 * n_expert] */
     uint8_t *seen;               /* scratch [n_expert], zero between calls */
-    int32_t *order;              /* scratch [max_rank] */
     /* the prefetches for Python (Residency.prefetch), most likely first */
     int32_t *pf_layer, *pf_expert;  /* [lookahead * n_guess] */
     double *pf_prio;

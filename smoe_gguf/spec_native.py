@@ -76,7 +76,6 @@ class _SpecStruct(Structure):
         ("x", POINTER(c_float)),
         ("work", POINTER(c_float)),
         ("seen", POINTER(c_uint8)),
-        ("order", POINTER(c_int32)),
         ("pf_layer", POINTER(c_int32)), ("pf_expert", POINTER(c_int32)),
         ("pf_prio", POINTER(c_double)),
         ("pf_n", c_int32),
@@ -103,7 +102,6 @@ class NativeSpeculation:
         lb.smoe_spec_reset.argtypes = [c_void_p]
         self._lib = lb
         self.spec = speculator
-        self.gate = gate
         r = speculator.residency
         s = r.state
         L, E, A = r.n_layer, speculator.n_expert, speculator.lookahead
@@ -150,7 +148,6 @@ class NativeSpeculation:
         self._logits_at = np.zeros(L, np.int64)
         self._work = np.zeros(4 * E, np.float32)
         self._seen = np.zeros(E, np.uint8)
-        self._order = np.zeros(R, np.int32)
         self._pf_layer = np.zeros(A * G, np.int32)
         self._pf_expert = np.zeros(A * G, np.int32)
         self._pf_prio = np.zeros(A * G, np.float64)
@@ -175,7 +172,7 @@ class NativeSpeculation:
         st.pend_valid = _ptr(self._pend_valid, c_uint8)
         st.last_layer = -1
         st.node_at, st.logits_at = _ptr(self._node_at, c_int64), _ptr(self._logits_at, c_int64)
-        st.work, st.seen, st.order = _ptr(self._work, c_float), _ptr(self._seen, c_uint8), _ptr(self._order, c_int32)
+        st.work, st.seen = _ptr(self._work, c_float), _ptr(self._seen, c_uint8)
         st.pf_layer, st.pf_expert = _ptr(self._pf_layer, c_int32), _ptr(self._pf_expert, c_int32)
         st.pf_prio = _ptr(self._pf_prio, c_double)
         st.tensor_get = native.function_address(abi.ggml_backend_tensor_get)
@@ -190,10 +187,6 @@ class NativeSpeculation:
         """Whether the speculator has what the C path needs: its routers, read at the first gate
         it observed (which norm feeds them is read from the graph)."""
         return self.spec.weights_loaded
-
-    @property
-    def active(self) -> bool:
-        return bool(self._st.enabled)
 
     def start(self) -> None:
         """Refresh the tables from what the speculator knows now, and guess in C (gate thread,
@@ -233,8 +226,9 @@ class NativeSpeculation:
     # ------------------------------------------------------------------ tables
 
     def _build(self) -> None:
-        """The plain projections: per gated layer, its own router's columns and each guessed
-        layer's, in the speculator's one matrix per layer (their addresses, no copies)."""
+        """The plain projections: per MoE layer (the last one included, whose own logits the fits'
+        samples need), its own router's columns and each guessed layer's, in the speculator's one
+        matrix per layer (their addresses, no copies)."""
         sp, st = self.spec, self._st
         E = sp.n_expert
         n_embd = 0
@@ -253,16 +247,6 @@ class NativeSpeculation:
                 self._matrix[layer, a - 1] = matrix.ctypes.data + 4 * i * E
                 self._stride[layer, a - 1] = width
                 self._bias[layer, a - 1] = bias.ctypes.data + 4 * i * E
-        # layers that guess none still compute their own logits for the fits' samples
-        for t in sp.guessed_layers:
-            if not self._own_matrix[t]:
-                proj = sp.projections(t, [])
-                if proj is not None:
-                    _looks, matrix, bias = proj
-                    bias = np.ascontiguousarray(bias, np.float32)
-                    self._keep[t] = (matrix, bias)
-                    self._own_matrix[t], self._own_stride[t] = matrix.ctypes.data, matrix.shape[1]
-                    self._own_bias[t] = bias.ctypes.data
         st.n_embd = n_embd
         self._x = np.zeros(max(1, n_embd), np.float32)
         st.x = _ptr(self._x, c_float)
