@@ -410,13 +410,13 @@ class Engine:
             # what is still queued of a warm start: a prompt streams its own leaves through the
             # budget and evicts such guesses before any gate uses them
             self.residency.cancel_below(HOLD_BELOW)
-        elif self.spec_native is not None and self.spec_native.ready():
+        elif (nat := self._native_guesser()) is not None:
             # a decoded token: guessed in C where the observer switch finds that speculation
             # pays; Python's observers pause
             if self.observer_switch.observing:
-                self.spec_native.start()
+                nat.start()
             else:
-                self.spec_native.stop()
+                nat.stop()
             self.gate.observing = False
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
@@ -449,7 +449,7 @@ class Engine:
     def _adapt(self, seconds: float, stall: float) -> None:
         if not self.gate.observers:
             return
-        if self._native_guesses():
+        if self._native_guesser() is not None:
             if self.recorder is not None:
                 self.recorder.token_unobserved()  # the recorder recovers the token from the use counts
             self.observer_switch.tick(seconds, stall)  # on: speculation in C (see decode)
@@ -462,9 +462,11 @@ class Engine:
             self.speculator.forget()  # its last guesses are stale, or no gate would clear their protection
         self.gate.observing = on
 
-    def _native_guesses(self) -> bool:
-        """Whether decoded tokens are guessed in C (the speculator has read its routers)."""
-        return self.spec_native is not None and self.spec_native.ready()
+    def _native_guesser(self) -> NativeSpeculation | None:
+        """Speculation's C path where decoded tokens are guessed there (it is on and the
+        speculator has read its routers), else None."""
+        nat = self.spec_native
+        return nat if nat is not None and nat.ready() else None
 
     def _between_decodes(self) -> None:
         """Between decodes no leaf is in use. A budget that holds every leaf is filled in the
