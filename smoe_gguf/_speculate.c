@@ -181,10 +181,7 @@ static void take_samples(struct smoe_spec *s, int32_t layer, const float *own) {
         if (!s->feat_valid[pend]) continue;
         s->feat_valid[pend] = 0;
         if (own == NULL) continue;
-        if (s->n_samples >= s->sample_cap) {
-            s->samples_dropped++;
-            continue;
-        }
+        if (s->n_samples >= s->sample_cap) continue;  /* a few tokens' room: Python takes them before each token */
         float *row = s->samples + (int64_t)s->n_samples * (F + E);
         memcpy(row, s->pend_feat + pend * F, (size_t)F * sizeof(float));
         memcpy(row + F, own, (size_t)E * sizeof(float));

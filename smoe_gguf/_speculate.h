@@ -51,7 +51,6 @@ struct smoe_spec {
     float *samples;              /* [sample_cap * (3 * n_expert + 1)] */
     int32_t *sample_pair;        /* [sample_cap * 2] */
     int32_t sample_cap, n_samples;
-    uint64_t samples_dropped;
     int32_t last_layer;          /* -1: a new pass over the layers begins */
     int64_t *node_at, *logits_at;  /* [n_layer]: the top-k node last seen, its ffn_moe_logits node */
     float *x;                    /* scratch [n_embd] */

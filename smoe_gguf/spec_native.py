@@ -70,7 +70,6 @@ class _SpecStruct(Structure):
         ("samples", POINTER(c_float)),
         ("sample_pair", POINTER(c_int32)),
         ("sample_cap", c_int32), ("n_samples", c_int32),
-        ("samples_dropped", c_uint64),
         ("last_layer", c_int32),
         ("node_at", _I64P), ("logits_at", _I64P),
         ("x", POINTER(c_float)),
