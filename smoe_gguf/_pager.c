@@ -3,8 +3,10 @@
  * The gate (_gatecb.c) calls smoe_pager_serve() for a top-k node whose selected leaves are not all
  * resident. With the residency's own tables (pager.py points the struct at the numpy arrays that
  * residency.py, policy.py and the store keep, and at the X-Slot's per-expert flags) it:
- *   1. finds the misses; a miss that is in flight (a prefetch), whose shard is not open yet, or
- *      a layer that is not paged, sends the whole gate to Python, before anything has changed;
+ *   1. finds the misses; a miss whose shard is not open yet, whose prefetch failed, or a layer
+ *      that is not paged, sends the whole gate to Python, before anything has changed. A miss
+ *      that a prefetch has queued is taken from the I/O threads (it is already charged) and read
+ *      with the others; one being read is waited for after them (the flight table, below);
  *   2. picks victims among resident leaves that are not pinned, predicted (protect), in flight or
  *      selected at this gate, with the residency's policy (the same scores as policy.py: lru,
  *      lfru, least-stale), until the misses fit the budget; if they cannot, Python serves the gate
@@ -17,7 +19,11 @@
  *   5. on success stamps the gate's leaves (clock, last use, use count), as the C hit path does;
  *      on a failed read gives the misses' pages and charge back and lets Python serve the gate
  *      again, which reads them once more and raises the part's name if the failure persists.
- * Evictions are logged for Python (prefetch accounting); counters are read and zeroed by Python.
+ * Evictions, and prefetches taken or waited for, are logged for Python (prefetch accounting);
+ * counters are read and zeroed by Python. The in-flight table has a byte per leaf
+ * (SMOE_FLIGHT_*): the gate takes a queued prefetch with a compare-and-swap that the I/O thread's
+ * start of the same read (smoe_flight_start) loses, and waits on the flight signal for a
+ * prefetch being read.
  * Everything runs on the thread that calls llama_decode; the reader threads and Python's I/O
  * threads touch other leaves only: a prefetch's leaf is in flight (never picked here) until it
  * has landed, and its X-Slot flags are changed under the shared lock.
@@ -211,15 +217,55 @@ static void evict_victims(struct smoe_pager *p, const int32_t *victim, int32_t n
     }
 }
 
+static void log_flight(struct smoe_pager *p, int64_t k, int64_t event, int64_t waited_ns) {
+    if (p->flight_log_n < p->flight_log_cap) {
+        int64_t *t = p->flight_log + 3 * p->flight_log_n++;
+        t[0] = k;
+        t[1] = event;
+        t[2] = waited_ns;
+    }
+}
+
+/* Wait until leaf k's flight byte is no longer LOADING (its I/O thread stores the change under
+   the flight mutex and broadcasts); the byte then. */
+static uint8_t wait_landing(struct smoe_pager *p, int64_t k) {
+    uint8_t f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE);
+    if (f != SMOE_FLIGHT_LOADING) return f;
+    pthread_mutex_lock(&p->flight->mutex);
+    while ((f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) == SMOE_FLIGHT_LOADING)
+        pthread_cond_wait(&p->flight->cond, &p->flight->mutex);
+    pthread_mutex_unlock(&p->flight->mutex);
+    return f;
+}
+
+/* Queue leaf (layer, e)'s parts as jobs from *n_jobs on, its slices claimed (lock held). */
+static void add_jobs(struct smoe_pager *p, int32_t layer, int32_t e, int64_t *n_jobs) {
+    int64_t k = (int64_t)layer * p->n_expert + e;
+    for (int32_t part = 0; part < p->layer_parts[layer]; part++) {
+        int64_t slot = slot_of(p, layer, part), pid = k * p->n_parts + part;
+        *flag_of(p, slot, e) = 1;
+        struct smoe_job *j = &p->jobs[(*n_jobs)++];
+        memset(j, 0, sizeof *j);
+        j->fd = p->fd[k];
+        j->direct = p->direct[k];
+        j->offset = p->offset[pid];
+        j->length = p->t_slice[slot];
+        j->dest = (void *)slice_addr(p, slot, e);
+        j->check_xxh64 = p->check[pid] ? 1 : 0;
+        j->xxh64 = p->xxh64[pid];
+    }
+}
+
 int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
                      int64_t row_stride, uint64_t *gate_hits) {
     const int32_t E = p->n_expert;
     if (!p->enabled || layer < 0 || layer >= p->n_layer || p->cost[layer] <= 0) return 0;
-    if (p->log_n >= p->log_cap - E) return 0;  /* Python drains the log first */
+    if (p->log_n >= p->log_cap - E || p->flight_log_n > p->flight_log_cap - E) return 0;  /* Python drains the logs first */
     const int64_t base = (int64_t)layer * E, cost = p->cost[layer];
     int32_t *wanted = p->scratch, *miss = p->scratch + E, *victim = p->scratch + 2 * E;
-    int32_t n_w = 0, n_miss = 0, n_victim = 0;
-    uint8_t *mark = p->mark;  /* all zero between calls */
+    int32_t *queued = p->scratch + 3 * E, *loading = p->scratch + 4 * E;
+    int32_t n_w = 0, n_miss = 0, n_victim = 0, n_queued = 0, n_taken = 0, n_loading = 0;
+    uint8_t *mark = p->mark;  /* all zero between calls; the wanted leaves are marked: never victims */
     int ok = 0;
 
     for (int64_t r = 0; r < rows; r++) {
@@ -235,12 +281,21 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     for (int32_t i = 0; i < n_w; i++) {
         int64_t k = base + wanted[i];
         /* in flight first: a prefetch sets resident before it leaves the flight (release) */
-        if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) goto out;
-        if (__atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE)) continue;
+        uint8_t f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE);
+        if (f != 0 && !p->serve_flights) goto out;
+        if (f == SMOE_FLIGHT_LOADING) {
+            loading[n_loading++] = wanted[i];
+            continue;
+        }
+        if (f != 0 && f != SMOE_FLIGHT_QUEUED) goto out;  /* failed, or down parts: Python's */
+        if (f == 0 && __atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE)) continue;
         if (p->fd[k] < 0) goto out;
-        miss[n_miss++] = wanted[i];
+        if (f == SMOE_FLIGHT_QUEUED)
+            queued[n_queued++] = wanted[i];
+        else
+            miss[n_miss++] = wanted[i];
     }
-    if ((int64_t)n_miss * p->n_parts > p->jobs_cap) goto out;
+    if ((int64_t)(n_miss + n_queued) * p->n_parts > p->jobs_cap) goto out;
     uint64_t t0 = now_ns();
 
     /* victims, chosen before anything else changes; the layer is being served: its guesses
@@ -253,6 +308,16 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
         n_victim = 0;
         goto out;
     }
+    /* queued prefetches are taken (already charged; read here with the misses) unless an I/O
+       thread started one meanwhile: that one is waited for */
+    for (int32_t i = 0; i < n_queued; i++) {
+        uint8_t expect = SMOE_FLIGHT_QUEUED;
+        if (__atomic_compare_exchange_n(&p->in_flight[base + queued[i]], &expect, SMOE_FLIGHT_TAKEN, 0,
+                                        __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE))
+            queued[n_taken++] = queued[i];
+        else
+            loading[n_loading++] = queued[i];
+    }
 
     /* evict, charge, claim */
     *p->clock = now;
@@ -264,29 +329,19 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     evict_victims(p, victim, n_victim, layer, miss, n_miss, now);
     int64_t n_jobs = 0;
     for (int32_t i = 0; i < n_miss; i++) {
-        int32_t e = miss[i];
-        int64_t k = base + e;
         p->ledger[0] += cost;
-        for (int32_t part = 0; part < p->layer_parts[layer]; part++) {
-            int64_t slot = slot_of(p, layer, part), pid = k * p->n_parts + part;
-            *flag_of(p, slot, e) = 1;
-            struct smoe_job *j = &p->jobs[n_jobs++];
-            memset(j, 0, sizeof *j);
-            j->fd = p->fd[k];
-            j->direct = p->direct[k];
-            j->offset = p->offset[pid];
-            j->length = p->t_slice[slot];
-            j->dest = (void *)slice_addr(p, slot, e);
-            j->check_xxh64 = p->check[pid] ? 1 : 0;
-            j->xxh64 = p->xxh64[pid];
-        }
+        add_jobs(p, layer, miss[i], &n_jobs);
     }
+    for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], &n_jobs);
     pthread_mutex_unlock(p->lock);
     if ((uint64_t)p->ledger[0] > p->peak) p->peak = (uint64_t)p->ledger[0];
 
     /* read, all at once, ahead of every prefetch */
-    int64_t failed = p->run(p->pool, p->jobs, n_jobs, 1);
-    p->batches++;
+    int64_t failed = 0;
+    if (n_jobs) {
+        failed = p->run(p->pool, p->jobs, n_jobs, 1);
+        p->batches++;
+    }
     for (int64_t i = 0; i < n_jobs; i++) {
         struct smoe_job *j = &p->jobs[i];
         p->part_reads++;
@@ -297,16 +352,19 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     }
     if (failed) {  /* give the misses back; Python reads them again and names a lasting failure */
         pthread_mutex_lock(p->lock);
-        for (int32_t i = 0; i < n_miss; i++) {
-            release_leaf(p, layer, miss[i]);
-            p->ledger[0] -= cost;
-        }
+        for (int32_t i = 0; i < n_miss; i++) release_leaf(p, layer, miss[i]);
+        for (int32_t i = 0; i < n_taken; i++) release_leaf(p, layer, queued[i]);
+        p->ledger[0] -= (int64_t)(n_miss + n_taken) * cost;
         pthread_mutex_unlock(p->lock);
+        for (int32_t i = 0; i < n_taken; i++) {
+            __atomic_store_n(&p->in_flight[base + queued[i]], 0, __ATOMIC_RELEASE);
+            log_flight(p, base + queued[i], SMOE_EVENT_TAKEN, 0);
+        }
         goto out;
     }
     int64_t ji = 0;
-    for (int32_t i = 0; i < n_miss; i++) {
-        int64_t k = base + miss[i];
+    for (int32_t i = 0; i < n_miss + n_taken; i++) {
+        int64_t k = base + (i < n_miss ? miss[i] : queued[i - n_miss]);
         for (int32_t part = 0; part < p->layer_parts[layer]; part++, ji++) {
             if (p->jobs[ji].check_xxh64) {
                 p->checked_parts++;
@@ -314,17 +372,34 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
             }
         }
         __atomic_store_n(&p->resident[k], 1, __ATOMIC_RELEASE);
+        if (i >= n_miss) {
+            __atomic_store_n(&p->in_flight[k], 0, __ATOMIC_RELEASE);
+            log_flight(p, k, SMOE_EVENT_TAKEN, 0);
+        }
     }
+    p->loaded += (uint64_t)(n_miss + n_taken);
+    /* prefetches being read: wait for their landing (a failed one sends the gate to Python) */
+    int landed = 1;
+    for (int32_t i = 0; i < n_loading; i++) {
+        int64_t k = base + loading[i];
+        uint64_t tw = now_ns();
+        if (wait_landing(p, k) != 0 || !__atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE)) {
+            landed = 0;
+            continue;
+        }
+        log_flight(p, k, SMOE_EVENT_LATE, (int64_t)(now_ns() - tw));
+    }
+    if (!landed) goto out;
     for (int32_t i = 0; i < n_w; i++) {
         smoe_stamp_use(p->freq, p->last_use, p->uses, base + wanted[i], now, p->half_life);
     }
-    uint64_t hits = (uint64_t)(n_w - n_miss);
+    int32_t n_missed = n_miss + n_taken + n_loading;
+    uint64_t hits = (uint64_t)(n_w - n_missed);
     *gate_hits += hits;
     p->gates++;
     p->hits += hits;
-    p->misses += (uint64_t)n_miss;
-    p->loaded += (uint64_t)n_miss;
-    p->layer_misses[layer] += (uint64_t)n_miss;
+    p->misses += (uint64_t)n_missed;
+    p->layer_misses[layer] += (uint64_t)n_missed;
     uint64_t dt = now_ns() - t0;
     p->stall_ns += dt;
     p->layer_stall_ns[layer] += dt;
@@ -397,3 +472,32 @@ void smoe_lock_free(pthread_mutex_t *m) {
 /* A release store of 0 or 1 into a flag that the pager reads with acquire (Python's writes to
    the in-flight table go through here, so that "resident" is seen before "no longer in flight"). */
 void smoe_store_flag(uint8_t *flag, uint8_t value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }
+
+/* The in-flight table's signal (fetcher.py's Flight): a store that wakes a gate waiting for a
+   landing, and the I/O thread's start of a queued prefetch, which fails if the gate took it. */
+struct smoe_flight *smoe_flight_new(void) {
+    struct smoe_flight *f = malloc(sizeof *f);
+    if (f == NULL) return NULL;
+    pthread_mutex_init(&f->mutex, NULL);
+    pthread_cond_init(&f->cond, NULL);
+    return f;
+}
+
+void smoe_flight_free(struct smoe_flight *f) {
+    if (f == NULL) return;
+    pthread_cond_destroy(&f->cond);
+    pthread_mutex_destroy(&f->mutex);
+    free(f);
+}
+
+void smoe_flight_store(struct smoe_flight *f, uint8_t *flag, uint8_t value) {
+    pthread_mutex_lock(&f->mutex);
+    __atomic_store_n(flag, value, __ATOMIC_RELEASE);
+    pthread_cond_broadcast(&f->cond);
+    pthread_mutex_unlock(&f->mutex);
+}
+
+int32_t smoe_flight_start(uint8_t *flag) {
+    uint8_t expect = SMOE_FLIGHT_QUEUED;
+    return __atomic_compare_exchange_n(flag, &expect, SMOE_FLIGHT_LOADING, 0, __ATOMIC_ACQ_REL, __ATOMIC_ACQUIRE);
+}

@@ -11,6 +11,23 @@
 #define SMOE_POLICY_LFRU 1
 #define SMOE_POLICY_LEAST_STALE 2
 
+/* A leaf's byte in the in-flight table (fetcher.py's Flight writes them): */
+#define SMOE_FLIGHT_QUEUED 1   /* a prefetch not started: the gate may take it (-> TAKEN) */
+#define SMOE_FLIGHT_LOADING 2  /* a prefetch being read: the gate waits for it (-> 0 or FAILED) */
+#define SMOE_FLIGHT_TAKEN 3    /* taken by the gate, which reads it: the I/O thread skips it */
+#define SMOE_FLIGHT_FAILED 4   /* its read failed: off limits until Python reaps it */
+#define SMOE_FLIGHT_OTHER 5    /* down parts (pipelining: Python only) */
+
+#define SMOE_EVENT_TAKEN 0     /* flight log: the gate took a queued prefetch and read it */
+#define SMOE_EVENT_LATE 1      /* ... waited for a prefetch being read */
+
+/* Where the gate waits for a loading prefetch: a change of a flight byte away from LOADING is
+   stored under the mutex and broadcast (smoe_flight_store). */
+struct smoe_flight {
+    pthread_mutex_t mutex;
+    pthread_cond_t cond;
+};
+
 struct smoe_pager {
     int32_t enabled;           /* 0: every miss goes to Python */
     int32_t policy;            /* SMOE_POLICY_* */
@@ -54,6 +71,10 @@ struct smoe_pager {
     double read_seconds, hash_seconds;
     uint64_t *layer_misses;    /* [n_layer] */
     uint64_t *layer_stall_ns;  /* [n_layer] */
+    struct smoe_flight *flight;  /* signals the in_flight table's changes */
+    int64_t *flight_log;       /* prefetches the gates took or waited for: (leaf, SMOE_EVENT_*, ns waited) */
+    int64_t flight_log_cap, flight_log_n;  /* in triples */
+    int32_t serve_flights;     /* 0: a miss in flight sends the gate to Python (as before the flight log) */
 };
 
 /* lfru's score of a leaf at clock `now`: its score as of its last use, decayed since

@@ -29,39 +29,67 @@ Key = tuple[int, int]
 QUEUED, LOADING, DOWN, DOWN_LOADING = 1, 2, 3, 4  # states of a leaf in flight
 
 
+# the byte of each state in the table (_pager.h: SMOE_FLIGHT_*)
+TABLE_QUEUED, TABLE_LOADING, TABLE_TAKEN, TABLE_FAILED, TABLE_OTHER = 1, 2, 3, 4, 5
+_TABLE = {QUEUED: TABLE_QUEUED, LOADING: TABLE_LOADING, DOWN: TABLE_OTHER, DOWN_LOADING: TABLE_OTHER}
+
+
 class Flight(dict[Key, int]):
     """Leaves in flight and their states, mirrored (where :attr:`table` is set) into a byte table
-    ``[n_layer, n_expert]`` that the native pager reads: 1 while in flight. A leaf leaves the
-    table with a release store, after whatever its landing wrote (its resident flag)."""
+    ``[n_layer, n_expert]`` that the native pager reads (``TABLE_*``): it takes a queued
+    prefetch (the I/O thread's :meth:`start` then fails), waits on :attr:`signal` for one
+    being read, and leaves the others to Python. A leaf leaves the table with a release store,
+    after whatever its landing wrote (its resident flag)."""
 
     table: np.ndarray | None = None
 
+    def __init__(self) -> None:
+        super().__init__()
+        self.signal = native.FlightSignal()
+
+    def _mark(self, key: Key, value: int) -> None:
+        if self.table is not None:
+            self.signal.store(self.table, key, value)
+
     def __setitem__(self, key: Key, state: int) -> None:
         super().__setitem__(key, state)
-        if self.table is not None:
-            self.table[key] = 1
+        self._mark(key, _TABLE[state])
 
     def __delitem__(self, key: Key) -> None:
         super().__delitem__(key)
-        if self.table is not None:
-            native.store_flag(self.table, key, 0)
+        self._mark(key, 0)
 
     def pop(self, key: Key, *default: int | None) -> int | None:  # type: ignore[override]
         had = key in self
         got = super().pop(key, *default)
-        if had and self.table is not None:
-            native.store_flag(self.table, key, 0)
+        if had:
+            self._mark(key, 0)
         return got
 
+    def start(self, key: Key) -> bool:
+        """A queued prefetch's read starts (I/O thread); False if the native pager took it."""
+        if self.table is not None and not self.signal.start(self.table, key):
+            return False
+        super().__setitem__(key, LOADING)
+        return True
+
+    def forget(self, key: Key) -> None:
+        """Out of the flight, not the table: a prefetch the native pager took (it has cleared the
+        table byte)."""
+        super().pop(key, None)
+
     def drop_marked(self, key: Key) -> None:
-        """Leave the flight but stay in the table: a failed read, whose pages and charge only the
-        gate thread gives back (:meth:`unmark` then)."""
+        """Leave the flight but stay in the table, failed: a failed read, whose pages and charge
+        only the gate thread gives back (:meth:`unmark` then)."""
         super().__delitem__(key)
+        self._mark(key, TABLE_FAILED)
 
     def unmark(self, key: Key) -> None:
         """Out of the table, unless in flight again."""
-        if self.table is not None and key not in self:
-            native.store_flag(self.table, key, 0)
+        if key not in self:
+            self._mark(key, 0)
+
+
 HOLD_BELOW = 0.5  # prefetches less likely than this wait while the gate reads a miss itself
 
 
@@ -212,6 +240,13 @@ class Fetcher:
                 self._unqueue(key)
         return keys
 
+    def forget_taken(self, key: Key) -> None:
+        """A queued prefetch that the native pager took and read (gate thread)."""
+        with self.cv:
+            self._queued.pop(key, None)
+            self.flight.forget(key)
+            self.cv.notify_all()
+
     def take_failures(self) -> list[Key]:
         """The leaves whose reads failed since last asked (their errors are dropped)."""
         if not self.failed:
@@ -281,11 +316,13 @@ class Fetcher:
                 priority = 1.0
                 if down:
                     key = self._down_queue.popleft()
+                    self.flight[key] = DOWN_LOADING
                 else:
                     neg, _order, key = heapq.heappop(self._queue)
                     priority = -neg
                     del self._queued[key]
-                self.flight[key] = DOWN_LOADING if down else LOADING
+                    if not self.flight.start(key):
+                        continue  # the native pager took it (the gate thread settles its books)
             layer, e = key
             err: BaseException | None = None
             try:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import ctypes
 import importlib.util
-from ctypes import c_size_t, c_uint8, c_void_p
+from ctypes import c_int32, c_size_t, c_uint8, c_void_p
 
 import numpy as np
 
@@ -52,6 +52,14 @@ def lib() -> ctypes.CDLL:
             getattr(lb, name).argtypes = [c_void_p]
         lb.smoe_store_flag.restype = None
         lb.smoe_store_flag.argtypes = [c_void_p, c_uint8]
+        lb.smoe_flight_new.restype = c_void_p
+        lb.smoe_flight_new.argtypes = []
+        lb.smoe_flight_free.restype = None
+        lb.smoe_flight_free.argtypes = [c_void_p]
+        lb.smoe_flight_store.restype = None
+        lb.smoe_flight_store.argtypes = [c_void_p, c_void_p, c_uint8]
+        lb.smoe_flight_start.restype = c_int32
+        lb.smoe_flight_start.argtypes = [c_void_p]
         _LIB = lb
     return _LIB
 
@@ -79,8 +87,35 @@ class NativeLock:
             self.address = 0
 
 
+def _flag_address(table: np.ndarray, index: tuple[int, int]) -> int:
+    return table.ctypes.data + sum(i * s for i, s in zip(index, table.strides, strict=True))
+
+
 def store_flag(table: np.ndarray, index: tuple[int, int], value: int) -> None:
     """``table[index] = value`` as a release store: a thread that reads it with acquire (the
     pager) sees every write made before it (a prefetch marks its leaf resident, then not in flight)."""
-    offset = sum(i * s for i, s in zip(index, table.strides, strict=True))
-    lib().smoe_store_flag(table.ctypes.data + offset, value)
+    lib().smoe_store_flag(_flag_address(table, index), value)
+
+
+class FlightSignal:
+    """The in-flight table's signal (``struct smoe_flight``): the native pager waits on it for a
+    prefetch being read; every store through :meth:`store` wakes it to look again."""
+
+    def __init__(self) -> None:
+        self._lib = lib()
+        self.address: int = self._lib.smoe_flight_new()
+        if not self.address:
+            raise SmoeError("could not allocate the flight signal")
+
+    def store(self, table: np.ndarray, index: tuple[int, int], value: int) -> None:
+        """``table[index] = value`` (a release store), then wake the waiters."""
+        self._lib.smoe_flight_store(self.address, _flag_address(table, index), value)
+
+    def start(self, table: np.ndarray, index: tuple[int, int]) -> bool:
+        """Queued -> loading, atomically; False if the byte was not "queued" (the gate took it)."""
+        return bool(self._lib.smoe_flight_start(_flag_address(table, index)))
+
+    def __del__(self) -> None:
+        if getattr(self, "address", 0):
+            self._lib.smoe_flight_free(self.address)
+            self.address = 0

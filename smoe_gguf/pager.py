@@ -10,8 +10,9 @@ room without cancelling prefetches, a failed read) it leaves to the Python resid
 remains the reference implementation.
 
 Python reads what the pager did with :meth:`NativePager.take_counts` (counters since the last
-call) and :meth:`NativePager.take_evictions` (leaves it evicted, with their last use at eviction),
-on the thread that calls llama_decode, between gates.
+call), :meth:`NativePager.take_evictions` (leaves it evicted, with their last use at eviction)
+and :meth:`NativePager.take_flights` (prefetches it took or waited for), on the thread that
+calls llama_decode, between gates.
 """
 
 from __future__ import annotations
@@ -53,6 +54,8 @@ class Books(Protocol):
 
 POLICY_CODES = {"lru": 0, "lfru": 1, "least-stale": 2}
 LOG_PAIRS = 4096  # evictions the pager can log between two drains
+FLIGHT_LOG = 4096  # prefetches taken or waited for that it can log between two drains
+TAKEN, LATE = 0, 1  # the flight log's events (_pager.h: SMOE_EVENT_*)
 # the pager's counters Python takes and zeroes (struct smoe_pager also has "peak", never zeroed)
 COUNTERS = ("gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks",
             "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")
@@ -109,6 +112,11 @@ class _PagerStruct(Structure):
         ("hash_seconds", c_double),
         ("layer_misses", POINTER(c_uint64)),
         ("layer_stall_ns", POINTER(c_uint64)),
+        ("flight", c_void_p),
+        ("flight_log", POINTER(c_int64)),
+        ("flight_log_cap", c_int64),
+        ("flight_log_n", c_int64),
+        ("serve_flights", c_int32),
     ]
 
 
@@ -148,7 +156,8 @@ class NativePager:
     parts. It serves while :attr:`enabled` (the residency switches it off for what only Python
     does: tracing, part pipelining, the negative control)."""
 
-    def __init__(self, residency: Books, xslot: XSlot, store: LeafStore, in_flight: np.ndarray) -> None:
+    def __init__(self, residency: Books, xslot: XSlot, store: LeafStore, in_flight: np.ndarray,
+                 flight_signal: native.FlightSignal) -> None:
         native.check_sizeof(native.lib(), "pager", ctypes.sizeof(_PagerStruct), "pager.py")
         r, s = residency, residency.state
         L, E = s.n_layer, s.n_expert
@@ -206,7 +215,8 @@ class NativePager:
         self._log = np.zeros(2 * LOG_PAIRS, np.int64)
         self._jobs_cap = E * P
         self._jobs = job_array(self._jobs_cap)
-        self._scratch = np.zeros(3 * E, np.int32)
+        self._scratch = np.zeros(5 * E, np.int32)
+        self._flight_log = np.zeros(3 * FLIGHT_LOG, np.int64)
         self._mark = np.zeros(L * E, np.uint8)
         self.layer_misses = np.zeros(L, np.uint64)
         self.layer_stall_ns = np.zeros(L, np.uint64)
@@ -230,8 +240,11 @@ class NativePager:
         st.jobs, st.jobs_cap = ctypes.addressof(self._jobs), self._jobs_cap
         st.scratch, st.mark = _ptr(self._scratch, c_int32), _ptr(self._mark, c_uint8)
         st.layer_misses, st.layer_stall_ns = _ptr(self.layer_misses, c_uint64), _ptr(self.layer_stall_ns, c_uint64)
+        st.flight = flight_signal.address
+        st.serve_flights = 1
+        st.flight_log, st.flight_log_cap = _ptr(self._flight_log, c_int64), FLIGHT_LOG
         self._st = st
-        self._keep += [xslot, store, in_flight, s]
+        self._keep += [xslot, store, in_flight, s, flight_signal]
         lib = native.lib()
         self._make_room = lib.smoe_pager_make_room
         self._make_room.restype = c_int32
@@ -333,10 +346,20 @@ class NativePager:
         self._st.log_n = 0
         return [(divmod(k, self.n_expert), last) for k, last in pairs]
 
+    def take_flights(self) -> list[tuple[tuple[int, int], int, int]]:
+        """Prefetches the pager took from the I/O threads (TAKEN) or waited for (LATE) since the
+        last call, in order, with the nanoseconds waited (gate thread)."""
+        n = int(self._st.flight_log_n)
+        if not n:
+            return []
+        rows = self._flight_log[: 3 * n].reshape(n, 3).tolist()
+        self._st.flight_log_n = 0
+        return [(divmod(k, self.n_expert), event, ns) for k, event, ns in rows]
+
     @property
     def pending(self) -> bool:
-        """Whether there are counts or evictions not yet taken."""
-        return bool(self._st.log_n or self._st.gates or self._st.fallbacks)
+        """Whether there are counts, evictions or flights not yet taken."""
+        return bool(self._st.log_n or self._st.flight_log_n or self._st.gates or self._st.fallbacks)
 
     def close(self) -> None:
         """Stop opening shards (the store closes them)."""

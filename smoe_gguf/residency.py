@@ -33,7 +33,7 @@ import numpy as np
 from . import budget as bdg
 from .errors import SmoeError
 from .fetcher import HOLD_BELOW, Fetcher
-from .pager import NativePager
+from .pager import TAKEN, NativePager
 from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
@@ -169,7 +169,7 @@ class Residency:
         r = cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
                 io_depth=store.io_depth)
         if native and all(len({p.path for p in parts}) == 1 for parts in store.leaves.values()):  # one shard per leaf
-            r.native = NativePager(r, xslot, store, r.flight_table)
+            r.native = NativePager(r, xslot, store, r.flight_table, r.fetcher.flight.signal)
             r._sync_native()
         return r
 
@@ -227,10 +227,20 @@ class Residency:
 
     def drain_native(self) -> None:
         """Take in what the native pager did since the last call: its counts into :attr:`stats`,
-        its evictions into the prefetch accounting (gate thread, between gates)."""
+        its evictions and the prefetches it took or waited for into the prefetch accounting
+        (gate thread, between gates)."""
         nat = self.native
         if nat is None or not nat.pending:
             return
+        for key, event, waited_ns in nat.take_flights():  # before the evictions: a leaf may be both
+            if event == TAKEN:  # read by the gate, still charged: nothing saved
+                self.fetcher.forget_taken(key)
+                name = self._source.pop(key, None)
+                if name is not None:
+                    self.stats.source(name).claimed += 1
+            else:
+                self.stats.late += 1
+                self._credit(key, waited_ns * 1e-9, late=True)
         for key, last_use in nat.take_evictions():
             self._forget_prefetch(key, last_use)
         c = nat.take_counts()
@@ -275,11 +285,13 @@ class Residency:
 
     @property
     def in_flight(self) -> int:
+        """Leaves queued or being read (gate thread: what the native pager took is settled first)."""
+        self.drain_native()
         return len(self.fetcher)
 
     def holds_everything(self) -> bool:
         """Every leaf resident (under a budget that holds them all): nothing left to gate."""
-        return self.used == self.total_cost and not len(self.fetcher)
+        return self.used == self.total_cost and not self.in_flight
 
     # ------------------------------------------------------------------ the gate's hook
 
@@ -647,6 +659,7 @@ class Residency:
 
     def drain(self) -> None:
         """Wait until nothing is in flight."""
+        self.drain_native()  # prefetches the native pager took leave the flight
         self.fetcher.drain()
 
     def close(self) -> None:
@@ -665,7 +678,6 @@ class Residency:
     def set_budget(self, budget: int) -> None:
         """Change the budget live; shrinking evicts at once (policy order)."""
         self.drain()
-        self.drain_native()
         self.budget = budget
         if self.native is not None:
             self.native.budget_changed(budget)

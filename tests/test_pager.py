@@ -11,7 +11,18 @@ import pytest
 
 from smoe_gguf import native
 from smoe_gguf.engine import Engine
-from smoe_gguf.fetcher import Fetcher, Flight
+from smoe_gguf.fetcher import (
+    DOWN,
+    LOADING,
+    QUEUED,
+    TABLE_FAILED,
+    TABLE_LOADING,
+    TABLE_OTHER,
+    TABLE_QUEUED,
+    TABLE_TAKEN,
+    Fetcher,
+    Flight,
+)
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 from smoe_gguf.policy import POLICIES, AccessState
@@ -55,6 +66,45 @@ def test_misses_are_served_in_c_bit_exact_and_in_budget(dtype: str, pack_of, tin
         recycles = dtype == "q4_k" and eng.xslot.can_move
         assert (st.pages_moved_bytes > 0) == recycles
         assert same(reference(tiny_model("qwen3moe", dtype), eng), tokens, logits)
+
+
+def test_prefetches_still_queued_are_taken_by_the_native_pager(pack_of, tiny_model,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """No prefetch ever starts here (the I/O threads are held), so every prefetched leaf a gate
+    needs is still queued: the native pager takes it from the I/O threads and reads it with the
+    gate's misses, where Python did (the control: a miss in flight sends the gate to Python). Both
+    make the same choices (hits, misses, evictions, bytes, prefetches taken and cancelled), the
+    books balance (every queued prefetch was taken, cancelled or is still queued, and charged
+    once), the budget holds and the output is bit-exact."""
+    monkeypatch.setattr(Fetcher, "_next_prefetch", lambda self: False)
+    pack = pack_of("qwen3moe", "q4_k")
+    figures, python_gates = [], []
+    for serve_flights in (True, False):
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=True) as eng:
+            r = eng.residency
+            assert r.native is not None
+            r.native._st.serve_flights = int(serve_flights)
+            r.native.wait_opened()
+            eng.observer_switch.keep(True)  # speculation in every turn, whatever its timing
+            tokens: list[int] = []
+            logits: list[np.ndarray] = []
+            for step in eng.stream(PROMPT, N_TOKENS, keep_logits=True):
+                tokens.append(step.token)
+                logits.append(step.logits)
+                assert eng.xslot.mincore_bytes() <= eng.budget
+            r.drain_native()
+            st = eng.stats()
+            counts = st.prefetch_by_source["speculation"]
+            assert counts["used"] == counts["late"] == 0  # nothing ever landed
+            assert counts["queued"] == counts["claimed"] + counts["cancelled"] + len(r.fetcher)
+            queued_cost = sum(r.leaf_cost(k[0]) for k in r.fetcher.flight)
+            resident_cost = sum(r.leaf_cost(int(k[0])) for k in zip(*np.nonzero(r.state.resident)))
+            assert r.used == resident_cost + queued_cost <= eng.budget
+            figures.append((tokens, st.hits, st.misses, st.evictions, st.bytes_read, counts))
+            python_gates.append(st.gates_with_misses_python)
+            assert same(reference(tiny_model("qwen3moe", "q4_k"), eng), tokens, logits)
+    assert figures[0] == figures[1] and figures[0][-1]["claimed"] > 0
+    assert python_gates[0] < python_gates[1]
 
 
 @pytest.mark.parametrize("policy", list(POLICIES))
@@ -115,14 +165,24 @@ def test_a_corrupt_part_read_by_the_native_pager_is_named(tiny_model, tmp_path: 
 
 
 def test_the_flight_table_follows_the_fetcher() -> None:
+    """Each state's byte, the I/O thread's start of a queued read, which fails once the native
+    pager has taken the leaf, and a taken leaf forgotten without touching the table."""
     f = Flight()
     f.table = np.zeros((2, 4), np.uint8)
-    f[(1, 2)] = 1
-    f[(0, 3)] = 2
-    assert f.table[1, 2] == 1 and f.table[0, 3] == 1
+    f[(1, 2)] = QUEUED
+    f[(0, 3)] = DOWN
+    assert f.table[1, 2] == TABLE_QUEUED and f.table[0, 3] == TABLE_OTHER
+    assert f.start((1, 2)) and f[(1, 2)] == LOADING and f.table[1, 2] == TABLE_LOADING
+    assert not f.start((1, 2))  # not queued any more
     del f[(1, 2)]
-    assert f.pop((0, 3)) == 2 and f.pop((0, 3), None) is None
+    assert f.pop((0, 3)) == DOWN and f.pop((0, 3), None) is None
     assert not f.table.any() and not f
+    f[(1, 1)] = QUEUED
+    f.table[1, 1] = TABLE_TAKEN  # as the pager's compare-and-swap does
+    assert not f.start((1, 1)) and f[(1, 1)] == QUEUED
+    f.table[1, 1] = 0  # read by the gate
+    f.forget((1, 1))
+    assert not f and not f.table.any()
 
 
 def test_the_shared_lock_excludes_and_flags_store() -> None:
@@ -148,7 +208,7 @@ def test_a_failed_prefetch_stays_off_limits_to_the_pager_until_reaped() -> None:
     f.prefetch((0, 1))
     f.prefetch((0, 2))
     f.drain()
-    assert landed == [(0, 2)] and f.flight.table.tolist() == [[0, 1, 0, 0]]
+    assert landed == [(0, 2)] and f.flight.table.tolist() == [[0, TABLE_FAILED, 0, 0]]
     assert f.take_failures() == [(0, 1)] and not f.flight.table.any()
     f.close()
 
