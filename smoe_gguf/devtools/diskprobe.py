@@ -107,13 +107,17 @@ class ReadCurve:
     @property
     def pager_readers(self) -> int:
         """Readers for the pager (``--io-depth``): the fewest, of at least MIN_PAGER_READERS, that
-        read within NEAR_BEST of the best; the best point where none does. On a flat curve the
-        best point is noise; one reader serialises every prefetch with the gates' reads, and each
-        reader more queues more prefetch reads ahead of a gate's."""
+        read within NEAR_BEST of the best of those; the best point where none of them comes within
+        NEAR_BEST of the best overall. On a flat curve the best point is noise; one reader
+        serialises every prefetch with the gates' reads, and each reader more queues more
+        prefetch reads ahead of a gate's."""
         bps = self.bytes_per_second
         top = max(bps.values())
-        near = [k for k in sorted(bps) if k >= MIN_PAGER_READERS and bps[k] >= NEAR_BEST * top]
-        return near[0] if near else max(bps, key=lambda k: bps[k])
+        many = {k: v for k, v in bps.items() if k >= MIN_PAGER_READERS}
+        if not many or max(many.values()) < NEAR_BEST * top:
+            return max(bps, key=lambda k: bps[k])
+        best_many = max(many.values())
+        return min(k for k, v in many.items() if v >= NEAR_BEST * best_many)
 
     def as_dict(self) -> dict[str, object]:
         return {"bytes_per_second": {str(k): v for k, v in self.bytes_per_second.items()},
