@@ -469,12 +469,10 @@ void smoe_lock_free(pthread_mutex_t *m) {
     free(m);
 }
 
-/* A release store of 0 or 1 into a flag that the pager reads with acquire (Python's writes to
-   the in-flight table go through here, so that "resident" is seen before "no longer in flight"). */
-void smoe_store_flag(uint8_t *flag, uint8_t value) { __atomic_store_n(flag, value, __ATOMIC_RELEASE); }
-
-/* The in-flight table's signal (fetcher.py's Flight): a store that wakes a gate waiting for a
-   landing, and the I/O thread's start of a queued prefetch, which fails if the gate took it. */
+/* The in-flight table's signal (fetcher.py's Flight): a release store (Python's writes to the
+   table go through here, so that "resident" is seen before "no longer in flight") that wakes a
+   gate waiting for a landing, and the I/O thread's start of a queued prefetch, which fails if the
+   gate took it. */
 struct smoe_flight *smoe_flight_new(void) {
     struct smoe_flight *f = malloc(sizeof *f);
     if (f == NULL) return NULL;

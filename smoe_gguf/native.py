@@ -50,8 +50,6 @@ def lib() -> ctypes.CDLL:
         for name in ("smoe_lock_acquire", "smoe_lock_release", "smoe_lock_free"):
             getattr(lb, name).restype = None
             getattr(lb, name).argtypes = [c_void_p]
-        lb.smoe_store_flag.restype = None
-        lb.smoe_store_flag.argtypes = [c_void_p, c_uint8]
         lb.smoe_flight_new.restype = c_void_p
         lb.smoe_flight_new.argtypes = []
         lb.smoe_flight_free.restype = None
@@ -91,12 +89,6 @@ def _flag_address(table: np.ndarray, index: tuple[int, int]) -> int:
     return table.ctypes.data + sum(i * s for i, s in zip(index, table.strides, strict=True))
 
 
-def store_flag(table: np.ndarray, index: tuple[int, int], value: int) -> None:
-    """``table[index] = value`` as a release store: a thread that reads it with acquire (the
-    pager) sees every write made before it (a prefetch marks its leaf resident, then not in flight)."""
-    lib().smoe_store_flag(_flag_address(table, index), value)
-
-
 class FlightSignal:
     """The in-flight table's signal (``struct smoe_flight``): the native pager waits on it for a
     prefetch being read; every store through :meth:`store` wakes it to look again."""
@@ -108,7 +100,9 @@ class FlightSignal:
             raise SmoeError("could not allocate the flight signal")
 
     def store(self, table: np.ndarray, index: tuple[int, int], value: int) -> None:
-        """``table[index] = value`` (a release store), then wake the waiters."""
+        """``table[index] = value`` as a release store, then wake the waiters: a thread that reads
+        it with acquire (the pager) sees every write made before it (a prefetch marks its leaf
+        resident, then not in flight)."""
         self._lib.smoe_flight_store(self.address, _flag_address(table, index), value)
 
     def start(self, table: np.ndarray, index: tuple[int, int]) -> bool:
