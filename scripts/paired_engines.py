@@ -15,8 +15,10 @@ writes the same figures.
 
 Configurations: ``reactive`` (LRU, no speculation, no profile), ``orchestrator`` (the defaults:
 speculation observed in Python, the observer switch deciding), ``orchestrator-c`` (speculation of
-decoded tokens in C: ``Engine(speculate_native=True)``); a ``+on`` suffix holds the observer switch
-on (``orchestrator+on``). ``--profile`` gives the orchestrators a tree-map profile (not updated).
+decoded tokens in C: ``Engine(speculate_native=True)``). Suffixes: ``+on`` holds the observer switch
+on (``orchestrator+on``); ``+python-flights`` sends a gate whose miss a prefetch has in flight to
+Python instead of the native pager (``orchestrator+python-flights``). ``--profile`` gives the
+orchestrators a tree-map profile (not updated).
 """
 
 from __future__ import annotations
@@ -38,13 +40,17 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 
 
-def engine_options(name: str, profile: Path | None) -> tuple[dict[str, Any], bool]:
-    """Engine keyword arguments for configuration ``name``, and whether its observer switch is held on."""
-    base, _, hold = name.partition("+")
-    if base not in CONFIGS or hold not in ("", "on"):
-        raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)}, optionally with +on")
+SUFFIXES = ("on", "python-flights")
+
+
+def engine_options(name: str, profile: Path | None) -> tuple[dict[str, Any], set[str]]:
+    """Engine keyword arguments for configuration ``name``, and its suffixes (SUFFIXES)."""
+    base, *suffixes = name.split("+")
+    if base not in CONFIGS or not set(suffixes) <= set(SUFFIXES):
+        raise SystemExit(f"unknown configuration {name!r}: one of {', '.join(CONFIGS)}, "
+                         f"optionally with {' or '.join('+' + x for x in SUFFIXES)}")
     kw = {"profile": profile, **CONFIGS[base]}
-    return kw, hold == "on"
+    return kw, set(suffixes)
 
 
 def compare(model: Path, budget: str, configs: list[str], n: int, reps: int, n_prompt: int = 128,
@@ -55,10 +61,12 @@ def compare(model: Path, budget: str, configs: list[str], n: int, reps: int, n_p
     acc: dict[str, dict[str, Any]] = {}
     try:
         for name in configs:
-            kw, hold = engine_options(name, profile)
+            kw, suffixes = engine_options(name, profile)
             eng = engines[name] = Engine(model, budget=budget, n_ctx=max(256, n_prompt + n + 16), learn=False, **kw)
-            if hold:
+            if "on" in suffixes:
                 eng.observer_switch.keep(True)
+            if "python-flights" in suffixes and eng.residency.native is not None:
+                eng.residency.native.serve_flights = False
             acc[name] = {"tokens": 0, "seconds": 0.0, "bytes": 0, "generated": []}
         turn = 0
         for _rep in range(reps):

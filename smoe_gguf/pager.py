@@ -273,6 +273,16 @@ class NativePager:
     def enabled(self, on: bool) -> None:
         self._st.enabled = 1 if on and self.usable else 0
 
+    @property
+    def serve_flights(self) -> bool:
+        """Whether a miss that a prefetch has in flight is served here (else its gate goes to
+        Python: the control of the comparisons between the two)."""
+        return bool(self._st.serve_flights)
+
+    @serve_flights.setter
+    def serve_flights(self, on: bool) -> None:
+        self._st.serve_flights = 1 if on else 0
+
     def open_shards(self) -> None:
         """Open every leaf's shard in a background thread, so that misses need not wait for
         Python to open one (a shard that cannot be opened stays to Python, which names it)."""

@@ -83,7 +83,7 @@ def test_prefetches_still_queued_are_taken_by_the_native_pager(pack_of, tiny_mod
         with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=True) as eng:
             r = eng.residency
             assert r.native is not None
-            r.native._st.serve_flights = int(serve_flights)
+            r.native.serve_flights = serve_flights
             r.native.wait_opened()
             eng.observer_switch.keep(True)  # speculation in every turn, whatever its timing
             tokens: list[int] = []
