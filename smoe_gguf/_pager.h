@@ -74,7 +74,7 @@ struct smoe_pager {
     struct smoe_flight *flight;  /* signals the in_flight table's changes */
     int64_t *flight_log;       /* prefetches the gates took or waited for: (leaf, SMOE_EVENT_*, ns waited) */
     int64_t flight_log_cap, flight_log_n;  /* in triples */
-    int32_t serve_flights;     /* 0: a miss in flight sends the gate to Python (as before the flight log) */
+    int32_t serve_flights;     /* 0: a miss in flight sends the gate to Python (the comparisons' control) */
 };
 
 /* lfru's score of a leaf at clock `now`: its score as of its last use, decayed since

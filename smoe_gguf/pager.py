@@ -5,8 +5,9 @@ policies and the fetcher already keep (resident, last use, use counts, the clock
 predicted leaves, leaves in flight, the budget ledger), with where each leaf part lives (its
 shard's descriptor and offset, its XXH64, its slice in the X-Slot and the X-Slot's flags) and with
 the reader pool. The gate (:meth:`~smoe_gguf.gate.Gate.attach_pager`) then serves a miss without
-entering Python; what the pager cannot do (a miss already in flight, a shard not opened yet, no
-room without cancelling prefetches, a failed read) it leaves to the Python residency, which
+entering Python, a miss that a prefetch has queued (taken from the I/O threads) or is reading
+(waited for) included; what the pager cannot do (a shard not opened yet, a prefetch that failed,
+no room without cancelling prefetches, a failed read) it leaves to the Python residency, which
 remains the reference implementation.
 
 Python reads what the pager did with :meth:`NativePager.take_counts` (counters since the last

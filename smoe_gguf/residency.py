@@ -235,11 +235,8 @@ class Residency:
         for key, event, waited_ns in nat.take_flights():  # before the evictions: a leaf may be both
             if event == TAKEN:  # read by the gate, still charged: nothing saved
                 self.fetcher.forget_taken(key)
-                name = self._source.pop(key, None)
-                if name is not None:
-                    self.stats.source(name).claimed += 1
+                self._claimed(key)
             else:
-                self.stats.late += 1
                 self._credit(key, waited_ns * 1e-9, late=True)
         for key, last_use in nat.take_evictions():
             self._forget_prefetch(key, last_use)
@@ -339,7 +336,6 @@ class Residency:
         for key in landing:
             tw = time.perf_counter()
             if self._claim_or_wait(key):
-                self.stats.late += 1
                 self._credit(key, time.perf_counter() - tw, late=True)
             else:  # its read failed: the gate reads it (an error that persists is raised with its message)
                 self._charge_for_gate(key, wanted)
@@ -451,12 +447,18 @@ class Residency:
     def _taken_back(self, key: Key) -> None:
         """A prefetch the gate reads itself (queued, or failed): its charge goes back, nothing saved."""
         self.used -= self._cost[key[0]]
+        self._claimed(key)
+
+    def _claimed(self, key: Key) -> None:
+        """Count a prefetch that a gate read itself against its asker."""
         name = self._source.pop(key, None)
         if name is not None:
             self.stats.source(name).claimed += 1
 
     def _credit(self, key: tuple[int, int], waited: float, late: bool = False) -> None:
-        """A prefetched leaf was used by a gate (that waited ``waited`` seconds for it)."""
+        """A prefetched leaf was used by a gate (that waited ``waited`` seconds for it: ``late``,
+        it was still being read)."""
+        self.stats.late += late
         self._unused_prefetch.pop(key, None)
         name = self._source.pop(key, None)
         if name is None:
