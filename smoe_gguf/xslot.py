@@ -83,6 +83,9 @@ def _thp_always() -> bool:
 
 if _MADV_NOHUGEPAGE is not None and not _thp_always():
     _MADV_NOHUGEPAGE = None
+# Where every leaf stays resident (huge_pages), the buffers ask for transparent huge pages: the
+# expert matmuls then walk a 2 MiB page where they would walk 512 small ones.
+_MADV_HUGEPAGE = getattr(mmap, "MADV_HUGEPAGE", None)
 # Fault a slice's pages in with one call before copying into it (instead of one fault per 4 KiB
 # page during the copy): 1 MiB slices from a page-cached file, 2.8 GB/s instead of 2.3 GB/s
 # on the project machine. Linux >= 5.14; switched off when the kernel refuses it.
@@ -134,17 +137,23 @@ class Region:
         return self.address + expert * self.slice_bytes
 
 
-def _map_anon(address: int, size: int, fixed: bool) -> int:
+def _map_anon(address: int, size: int, fixed: bool, huge: bool = False) -> int:
     flags = _MAP_ANON | (_MAP_FIXED if fixed else 0)
     got = abi.libc_mmap(address if fixed else None, size, _PROT_RW, flags, -1, 0)
     if got is None or got == abi.MAP_FAILED or (fixed and got != address):
         err = ctypes.get_errno()
         raise SmoeError(f"X-Slot: mmap of {size} bytes failed: {os.strerror(err)}")
-    if _MADV_NOHUGEPAGE is not None:
-        # A transparent huge page would make one written 4 KiB page cost 2 MiB and break the
-        # page accounting; a fresh MAP_FIXED mapping is a new VMA, so advise it every time.
-        abi.libc_madvise(got, size, _MADV_NOHUGEPAGE)
+    _advise_pages(int(got), size, huge)
     return int(got)
+
+
+def _advise_pages(address: int, size: int, huge: bool) -> None:
+    """Ask for transparent huge pages (``huge``), or, where the kernel would give them unasked,
+    against them: a huge page would make one written 4 KiB page cost 2 MiB and break the page
+    accounting of a paged budget. A fresh MAP_FIXED mapping is a new VMA: advised every time."""
+    advice = _MADV_HUGEPAGE if huge else _MADV_NOHUGEPAGE
+    if advice is not None:
+        abi.libc_madvise(address, size, advice)
 
 
 class XSlot:
@@ -178,6 +187,7 @@ class XSlot:
         self._override_patterns: list[bytes] = []
         self._populate = _MADV_POPULATE_WRITE is not None
         self.can_move = _mremap is not None  # move_slice moves pages (else it evicts)
+        self._huge_pages = False  # see huge_pages
         self.moved_bytes = 0  # bytes of pages move_slice handed from evicted slices to incoming ones
         self._file_mapped: set[tuple[str, int]] = set()  # slices map_slice mapped from a file
         self._moved_in: set[tuple[str, int]] = set()  # resident slices holding pages move_slice gave them
@@ -469,10 +479,27 @@ class XSlot:
     def loading(self, on: bool) -> None:
         self._answers.is_host = 0 if on else 1  # read by _xslot_buft.c on llama.cpp's threads
 
+    @property
+    def huge_pages(self) -> bool:
+        """Whether the buffers ask for transparent huge pages: only where nothing will be evicted
+        (a budget that holds every leaf), since a slice's pages are then never released one by
+        one. Set before the model loads; switching it off advises the buffers against them from
+        then on (their slices are released and moved in small pages)."""
+        return self._huge_pages
+
+    @huge_pages.setter
+    def huge_pages(self, on: bool) -> None:
+        if on and self.buffers:
+            raise SmoeError("X-Slot: huge pages are chosen before the buffers are allocated")
+        if self._huge_pages and not on:
+            for base, size in self.buffers.values():
+                _advise_pages(base, size, huge=False)
+        self._huge_pages = on
+
     def _alloc_buffer(self, buft: int, size: int) -> int:
         try:
             reserve = -(-size // PAGE) * PAGE
-            base = _map_anon(0, reserve, fixed=False)
+            base = _map_anon(0, reserve, fixed=False, huge=self._huge_pages)
             buf = abi.ggml_backend_buffer_init(self.buft, self._buffer_iface, None, size)
             if not buf:
                 abi.libc_munmap(base, reserve)
@@ -550,7 +577,7 @@ class XSlot:
     def _clear(self, buffer: int, value: int) -> None:
         base, size = self.buffers[buffer]
         if value == 0:  # fresh anonymous pages are zero: clearing also releases the memory
-            _map_anon(base, size, fixed=True)
+            _map_anon(base, size, fixed=True, huge=self._huge_pages)
             for name, r in self.regions.items():
                 if base <= r.address < base + size:
                     flags = self._resident[name]
