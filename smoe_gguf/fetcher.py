@@ -41,15 +41,28 @@ class Flight(dict[Key, int]):
     being read, and leaves the others to Python. A leaf leaves the table with a release store,
     after whatever its landing wrote (its resident flag)."""
 
-    table: np.ndarray | None = None
-
     def __init__(self) -> None:
         super().__init__()
         self.signal = native.FlightSignal()
+        self._table: np.ndarray | None = None
+        self._base = self._row = 0  # the table's address and row stride
+
+    @property
+    def table(self) -> np.ndarray | None:
+        return self._table
+
+    @table.setter
+    def table(self, table: np.ndarray) -> None:
+        if table.dtype != np.uint8 or not table.flags.c_contiguous or table.ndim != 2:
+            raise ValueError("the flight table is a C-contiguous 2-D uint8 array")
+        self._table, self._base, self._row = table, table.ctypes.data, table.strides[0]
+
+    def _flag(self, key: Key) -> int:
+        return self._base + key[0] * self._row + key[1]
 
     def _mark(self, key: Key, value: int) -> None:
-        if self.table is not None:
-            self.signal.store(self.table, key, value)
+        if self._table is not None:
+            self.signal.store(self._flag(key), value)
 
     def __setitem__(self, key: Key, state: int) -> None:
         super().__setitem__(key, state)
@@ -68,7 +81,7 @@ class Flight(dict[Key, int]):
 
     def start(self, key: Key) -> bool:
         """A queued prefetch's read starts (I/O thread); False if the native pager took it."""
-        if self.table is not None and not self.signal.start(self.table, key):
+        if self._table is not None and not self.signal.start(self._flag(key)):
             return False
         super().__setitem__(key, LOADING)
         return True

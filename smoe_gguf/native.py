@@ -7,20 +7,21 @@ import ctypes
 import importlib.util
 from ctypes import c_int32, c_size_t, c_uint8, c_void_p
 
-import numpy as np
-
 from .errors import SmoeError
 
 _LIB: ctypes.CDLL | None = None
+_QUICK: ctypes.PyDLL | None = None
 
 
-def load_extension(name: str) -> ctypes.CDLL:
+def load_extension(name: str, keep_gil: bool = False) -> ctypes.CDLL:
     """One of the package's extensions (``smoe_gguf.<name>``), loaded with ctypes: pip builds them
-    as Python extensions only so that it compiles them. A call through it releases the GIL."""
+    as Python extensions only so that it compiles them. A call through it releases the GIL, unless
+    ``keep_gil`` (for calls that return at once: releasing would hand the GIL to another thread
+    and wait to get it back)."""
     spec = importlib.util.find_spec(f"smoe_gguf.{name}")
     if spec is None or spec.origin is None:
         raise SmoeError(f"smoe_gguf.{name} is not built: reinstall the package (`make install` or `pip install -e .`)")
-    return ctypes.CDLL(spec.origin)
+    return ctypes.PyDLL(spec.origin) if keep_gil else ctypes.CDLL(spec.origin)
 
 
 def check_sizeof(lb: ctypes.CDLL, name: str, size: int, mirror: str) -> None:
@@ -54,12 +55,21 @@ def lib() -> ctypes.CDLL:
         lb.smoe_flight_new.argtypes = []
         lb.smoe_flight_free.restype = None
         lb.smoe_flight_free.argtypes = [c_void_p]
+        _LIB = lb
+    return _LIB
+
+
+def quick() -> ctypes.PyDLL:
+    """The gate's library for calls that never wait (the flight table's stores), which keep the GIL."""
+    global _QUICK
+    if _QUICK is None:
+        lb = load_extension("_gatecb", keep_gil=True)
         lb.smoe_flight_store.restype = None
         lb.smoe_flight_store.argtypes = [c_void_p, c_void_p, c_uint8]
         lb.smoe_flight_start.restype = c_int32
         lb.smoe_flight_start.argtypes = [c_void_p]
-        _LIB = lb
-    return _LIB
+        _QUICK = lb
+    return _QUICK
 
 
 class NativeLock:
@@ -85,10 +95,6 @@ class NativeLock:
             self.address = 0
 
 
-def _flag_address(table: np.ndarray, index: tuple[int, int]) -> int:
-    return table.ctypes.data + sum(i * s for i, s in zip(index, table.strides, strict=True))
-
-
 class FlightSignal:
     """The in-flight table's signal (``struct smoe_flight``): the native pager waits on it for a
     prefetch being read; every store through :meth:`store` wakes it to look again."""
@@ -98,16 +104,18 @@ class FlightSignal:
         self.address: int = self._lib.smoe_flight_new()
         if not self.address:
             raise SmoeError("could not allocate the flight signal")
+        quick_lib = quick()
+        self._store, self._start = quick_lib.smoe_flight_store, quick_lib.smoe_flight_start
 
-    def store(self, table: np.ndarray, index: tuple[int, int], value: int) -> None:
-        """``table[index] = value`` as a release store, then wake the waiters: a thread that reads
-        it with acquire (the pager) sees every write made before it (a prefetch marks its leaf
-        resident, then not in flight)."""
-        self._lib.smoe_flight_store(self.address, _flag_address(table, index), value)
+    def store(self, flag: int, value: int) -> None:
+        """The byte at address ``flag`` (a byte of fetcher.py's flight table) set to ``value`` as
+        a release store, then the waiters woken: a thread that reads it with acquire (the pager)
+        sees every write made before it (a prefetch marks its leaf resident, then not in flight)."""
+        self._store(self.address, flag, value)
 
-    def start(self, table: np.ndarray, index: tuple[int, int]) -> bool:
+    def start(self, flag: int) -> bool:
         """Queued -> loading, atomically; False if the byte was not "queued" (the gate took it)."""
-        return bool(self._lib.smoe_flight_start(_flag_address(table, index)))
+        return bool(self._start(flag))
 
     def __del__(self) -> None:
         if getattr(self, "address", 0):
