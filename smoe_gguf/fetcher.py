@@ -121,7 +121,11 @@ class Fetcher:
         self.flight = Flight()  # guarded by cv
         self.failed: dict[Key, BaseException] = {}
         self.failed_down: dict[Key, BaseException] = {}  # raised by await_down, never reaped
-        self.cv = threading.Condition()
+        # One lock, two conditions: the gate thread waits on cv for reads to end; the I/O threads
+        # wait on _wake for work, so that a landing does not wake every idle reader for nothing.
+        lock = threading.RLock()
+        self.cv = threading.Condition(lock)
+        self._wake = threading.Condition(lock)
         # prefetches: a heap of (-priority, order, key); a cancelled entry stays until popped
         self._queue: list[tuple[float, int, Key]] = []
         self._queued: dict[Key, tuple[float, int]] = {}  # key -> its live heap entry (priority, order)
@@ -147,9 +151,7 @@ class Fetcher:
             entry = (-float(priority), next(self._order))
             self._queued[key] = entry
             heapq.heappush(self._queue, (*entry, key))
-            # one reader for one leaf: on the gate's thread (the only caller) no one but the
-            # readers waits on cv, and waking all of them would have them queue for the GIL
-            self.cv.notify()
+            self._wake.notify()  # one reader for one leaf
         self._ensure_worker()
 
     @property
@@ -167,14 +169,14 @@ class Fetcher:
         finally:
             with self.cv:
                 self._gate_reading -= 1
-                self.cv.notify_all()
+                self._wake.notify_all()  # the prefetches it held
 
     def down(self, key: Key) -> None:
         """Queue a leaf's down parts (stage 1), ahead of every prefetch."""
         with self.cv:
             self.flight[key] = DOWN
             self._down_queue.append(key)
-            self.cv.notify_all()
+            self._wake.notify()
         self._ensure_worker()
 
     def _unqueue(self, key: Key) -> bool:
@@ -295,7 +297,7 @@ class Fetcher:
                     del self.flight[key]
                     dropped.append(key)
             self._closing = True
-            self.cv.notify_all()
+            self._wake.notify_all()
             while self.flight:
                 self.cv.wait()
         for worker in self._workers:
@@ -322,7 +324,7 @@ class Fetcher:
         while True:
             with self.cv:
                 while not self._down_queue and not self._next_prefetch() and not self._closing:
-                    self.cv.wait()
+                    self._wake.wait()
                 if self._closing:
                     return
                 down = bool(self._down_queue)
