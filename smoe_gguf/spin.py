@@ -15,7 +15,7 @@ import os
 import sys
 from pathlib import Path
 
-PAGING = "10000"
+PAGING = "2000"
 LIBGOMP_DEFAULT = "300000"  # LIBGOMP's spin where OMP_WAIT_POLICY is unset
 FROM_USER = "GOMP_SPINCOUNT" in os.environ
 

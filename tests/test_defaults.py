@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 
+from smoe_gguf import spin
 from smoe_gguf.cli import app
 from smoe_gguf.devtools import stock
 
@@ -112,7 +113,7 @@ def test_thread_knobs_default_and_yield_to_the_users() -> None:
     code = "import os, smoe_gguf; print(os.environ['OPENBLAS_NUM_THREADS'], os.environ['GOMP_SPINCOUNT'])"
     env = {k: v for k, v in os.environ.items() if k not in ("OPENBLAS_NUM_THREADS", "GOMP_SPINCOUNT")}
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
-    assert out.split() == ["1", "10000"]
+    assert out.split() == ["1", spin.PAGING]
     env["GOMP_SPINCOUNT"] = "7"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stdout
     assert out.split() == ["1", "7"]
@@ -132,7 +133,7 @@ def test_openmp_spin_follows_the_budget(pack_of) -> None:
                               capture_output=True, text=True, check=True).stdout.split()
 
     assert spins("100%") == ["300000", "300000"]  # the default budget holds a tiny model
-    assert spins("25%") == ["10000", "300000"]
+    assert spins("25%") == [spin.PAGING, spin.LIBGOMP_DEFAULT]
     assert spins("25%", GOMP_SPINCOUNT="7") == ["None", "None"]
     assert spins("25%", model=pack / "missing") == ["None", "None"]
     loaded = code.replace("from smoe_gguf import spin", "import llama_cpp; from smoe_gguf import spin")
