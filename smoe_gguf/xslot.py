@@ -67,7 +67,10 @@ if sys.platform == "darwin":
 else:
     _MAP_FIXED, _MAP_NORESERVE = 0x10, 0x4000
 _MAP_ANON = mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | _MAP_NORESERVE
-_MADV_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+# Advice against transparent huge pages: needed on every fresh mapping only where the kernel would
+# give them unasked (mode "always", below); needed always to take back a mapping's own request.
+_NOHUGEPAGE = getattr(mmap, "MADV_NOHUGEPAGE", None)
+_MADV_NOHUGEPAGE = _NOHUGEPAGE
 
 
 def _thp_always() -> bool:
@@ -491,9 +494,9 @@ class XSlot:
     def huge_pages(self, on: bool) -> None:
         if on and self.buffers:
             raise SmoeError("X-Slot: huge pages are chosen before the buffers are allocated")
-        if self._huge_pages and not on:
+        if self._huge_pages and not on and _NOHUGEPAGE is not None:
             for base, size in self.buffers.values():
-                _advise_pages(base, size, huge=False)
+                abi.libc_madvise(base, size, _NOHUGEPAGE)  # takes back their MADV_HUGEPAGE, in any mode
         self._huge_pages = on
 
     def _alloc_buffer(self, buft: int, size: int) -> int:
