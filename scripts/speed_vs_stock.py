@@ -108,10 +108,9 @@ def full_budget(src: str, pack: str, n: int, reps: int, threads: int) -> list[fl
             for rep in range(reps):
                 for i, p in enumerate(prompts):
                     tokens = e.tokenize(p)[:128]
-                    first_stock = (i + rep) % 2 == 0
-                    a = run_stock(tokens) if first_stock else run_smoe(tokens)
-                    b = run_smoe(tokens) if first_stock else run_stock(tokens)
-                    st, sm = (a, b) if first_stock else (b, a)
+                    order = (run_stock, run_smoe) if (i + rep) % 2 == 0 else (run_smoe, run_stock)
+                    tps = {run: run(tokens) for run in order}
+                    st, sm = tps[run_stock], tps[run_smoe]
                     ratios.append(sm / st)
                     print(f"rep {rep} prompt {i}: stock {st:.1f} tok/s, smoe {sm:.1f}, ratio {ratios[-1]:.3f}", flush=True)
             return ratios

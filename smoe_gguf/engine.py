@@ -186,9 +186,10 @@ class Engine:
         self._model = None
         self._ctx = None
         try:
+            self._footprint = src.store.footprint(bdg.page_cost)  # what budgets resolve against
             self.budget = self._resolve_budget(budget)
             # a budget that holds every leaf never evicts one: its X-Slot can take huge pages
-            self.xslot.huge_pages = self.budget >= self.source.store.footprint(bdg.page_cost)
+            self.xslot.huge_pages = self.budget >= self._footprint
             self._load_model(n_gpu_layers)
             self.residency = Residency.over(self.xslot, src.store, self.budget, src.n_expert, policy, native)
             # Below a budget that holds every leaf, leaves are paged: what the threads, pipelining,
@@ -340,7 +341,7 @@ class Engine:
             return None
 
     def _resolve_budget(self, budget: int | str | None) -> int:
-        return bdg.resolve(budget, self.source.store.footprint(bdg.page_cost), self.source.core_bytes)
+        return bdg.resolve(budget, self._footprint, self.source.core_bytes)
 
     def _load_model(self, n_gpu_layers: int) -> None:
         mp = ls.model_params(n_gpu_layers=n_gpu_layers)
@@ -530,8 +531,8 @@ class Engine:
         if self.residency.micro_batch(self.source.n_expert_used, self.n_ubatch, b) < self.n_ubatch:
             raise SmoeError(f"budget {b} bytes is too small for this context's micro-batch of {self.n_ubatch} "
                             f"tokens; restart with this budget")
-        if b < self.residency.total_cost:
-            self.xslot.huge_pages = False  # leaves will be evicted: small pages from now on
+        if b < self._footprint:
+            self.xslot.huge_pages = False  # leaves may be evicted: small pages from now on
         self.residency.set_budget(b)
         self.budget = b
         self._between_decodes()
