@@ -17,7 +17,13 @@
  * the destination directly. Where bytes reach the destination by a copy (a buffered read, a
  * bounce), its pages are populated first: one call instead of a fault per page. An in-place
  * O_DIRECT read pins the destination's pages itself, faulting in only those not present, so it
- * skips that walk (pages the pager moved in are all present). A part with an expected digest is hashed by the worker after the read, off
+ * skips that walk (pages the pager moved in are all present). Jobs of one call that follow each
+ * other on disk (a leaf's parts: one file, each part where the last one ends) are chained and
+ * read by one worker with one preadv, each part into its own destination: one request of the
+ * whole leaf instead of a request per part, which a disk serves faster (and one wake-up, one
+ * syscall). On O_DIRECT only parts read whole in place are chained (block-aligned offsets,
+ * lengths and destinations); a chain whose preadv comes back short or failed is read again part
+ * by part, as unchained jobs are. A part with an expected digest is hashed by the worker after the read, off
  * the caller's thread: XXH64 (the pack's fast check, ~10 GB/s) where the job gives one, else
  * sha256, with OpenSSL's SHA256 where the process can load libcrypto (CommonCrypto on macOS),
  * else the portable implementation below.
@@ -34,6 +40,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/uio.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -47,6 +54,7 @@
 
 #define SMOE_BLOCK 4096
 #define SMOE_MAX_WORKERS 64
+#define SMOE_MAX_CHAIN 16  /* parts one preadv reads at most */
 
 /* struct smoe_job: _smoe_job.h (shared with the native pager in _pager.c) */
 
@@ -69,6 +77,7 @@ struct smoe_pool {
     pthread_t workers[SMOE_MAX_WORKERS + 1];
     sha256_fn sha256;                    /* NULL: the portable one */
     int64_t urgent_jobs, background_jobs;
+    int64_t chains, chained_jobs;        /* chains read with one preadv, and their jobs */
 };
 
 /* ------------------------------------------------------------------ sha256 (portable) */
@@ -338,13 +347,9 @@ static int32_t read_job(struct smoe_job *j, struct bounce *b) {
     return read_bounced(j, b, start, span, head, j->length, (char *)j->dest);
 }
 
-static void run_job(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
-    double t0 = now_seconds();
-    j->bytes_read = 0;
-    j->in_place = 0;
-    j->status = read_job(j, b);
+/* Check a read job's digest, if it has one (status stays 0, or becomes SMOE_MISMATCH). */
+static void check_job(struct smoe_pool *p, struct smoe_job *j) {
     double t1 = now_seconds();
-    j->read_seconds = t1 - t0;
     j->hash_seconds = 0.0;
     if (j->status == 0 && j->check_xxh64) {
         if (smoe_xxh64(j->dest, (size_t)j->length, 0) != j->xxh64) j->status = SMOE_MISMATCH;
@@ -354,6 +359,54 @@ static void run_job(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
         (p->sha256 ? p->sha256 : smoe_sha256_portable)((const unsigned char *)j->dest, (size_t)j->length, md);
         if (memcmp(md, j->sha256, 32) != 0) j->status = SMOE_MISMATCH;
         j->hash_seconds = now_seconds() - t1;
+    }
+}
+
+static void run_job(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
+    double t0 = now_seconds();
+    j->bytes_read = 0;
+    j->in_place = 0;
+    j->status = read_job(j, b);
+    j->read_seconds = now_seconds() - t0;
+    check_job(p, j);
+}
+
+/* Whether job b continues job a on disk so that one preadv reads both (see the top). */
+static int continues(const struct smoe_job *a, const struct smoe_job *b) {
+    if (a->fd != b->fd || a->direct != b->direct || a->length <= 0 || b->length <= 0 ||
+        a->offset + a->length != b->offset)
+        return 0;
+    if (!a->direct) return 1;
+    return a->offset % SMOE_BLOCK == 0 && a->length % SMOE_BLOCK == 0 && b->length % SMOE_BLOCK == 0 &&
+           (uintptr_t)a->dest % SMOE_BLOCK == 0 && (uintptr_t)b->dest % SMOE_BLOCK == 0;
+}
+
+/* A chain of n jobs (j[0].chain == n - 1): one preadv into every destination, then each part's
+   digest; the read's time is shared out by bytes. Short or failed: each job is read on its own. */
+static void run_chain(struct smoe_pool *p, struct smoe_job *j, int32_t n, struct bounce *b) {
+    struct iovec iov[SMOE_MAX_CHAIN];
+    int64_t total = 0;
+    double t0 = now_seconds();
+    for (int32_t i = 0; i < n; i++) {
+        if (!j[i].direct) populate(j[i].dest, j[i].length);
+        iov[i].iov_base = j[i].dest;
+        iov[i].iov_len = (size_t)j[i].length;
+        total += j[i].length;
+    }
+    ssize_t got;
+    do got = preadv(j[0].fd, iov, n, (off_t)j[0].offset);
+    while (got < 0 && errno == EINTR);
+    double spent = now_seconds() - t0;
+    if (got != total) {  /* the end of the file, an error: part by part, naming the part it is */
+        for (int32_t i = 0; i < n; i++) run_job(p, &j[i], b);
+        return;
+    }
+    for (int32_t i = 0; i < n; i++) {
+        j[i].bytes_read = j[i].length;
+        j[i].in_place = j[i].direct;
+        j[i].status = 0;
+        j[i].read_seconds = spent * (double)j[i].length / (double)total;
+        check_job(p, &j[i]);
     }
 }
 
@@ -372,13 +425,19 @@ static void *worker(void *arg) {
         if (p->head[q] == NULL) p->tail[q] = NULL;
         p->busy++;
         if (q == 1 && ++p->busy_background > p->peak_background) p->peak_background = p->busy_background;
+        int32_t n = 1 + j->chain;
         pthread_mutex_unlock(&p->lock);
-        run_job(p, j, &b);
+        if (n > 1) run_chain(p, j, n, &b);
+        else run_job(p, j, &b);
         pthread_mutex_lock(&p->lock);
         p->busy--;
+        if (n > 1) {
+            p->chains++;
+            p->chained_jobs += n;
+        }
         if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
         struct smoe_call *c = (struct smoe_call *)j->call;
-        if (--c->remaining == 0) pthread_cond_signal(&c->done);
+        if ((c->remaining -= n) == 0) pthread_cond_signal(&c->done);
     }
     pthread_mutex_unlock(&p->lock);
     free(b.buf);
@@ -426,6 +485,14 @@ int32_t smoe_pool_peak_background(struct smoe_pool *p) {
     return peak;
 }
 
+/* Chains read with one preadv since the pool started. */
+int64_t smoe_pool_chains(struct smoe_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    int64_t n = p->chains;
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
+
 /* 1 when digests use a library (OpenSSL, CommonCrypto), 0 for the portable implementation. */
 int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
 
@@ -437,11 +504,18 @@ int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int
     call.remaining = n;
     pthread_cond_init(&call.done, NULL);
     int q = urgent ? 0 : 1;
-    pthread_mutex_lock(&p->lock);
     for (int64_t i = 0; i < n; i++) {
         jobs[i].next = NULL;
         jobs[i].call = &call;
         jobs[i].status = 0;
+        jobs[i].chain = 0;
+    }
+    for (int64_t i = 0; i < n; i += 1 + jobs[i].chain)
+        while (i + 1 + jobs[i].chain < n && jobs[i].chain + 1 < SMOE_MAX_CHAIN &&
+               continues(&jobs[i + jobs[i].chain], &jobs[i + 1 + jobs[i].chain]))
+            jobs[i].chain++;
+    pthread_mutex_lock(&p->lock);
+    for (int64_t i = 0; i < n; i += 1 + jobs[i].chain) {  /* a chain is queued as its first job */
         if (p->tail[q] != NULL) p->tail[q]->next = &jobs[i];
         else p->head[q] = &jobs[i];
         p->tail[q] = &jobs[i];

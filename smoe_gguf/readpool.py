@@ -45,7 +45,7 @@ class _Job(Structure):
         ("hash_seconds", c_double),
         ("xxh64", c_uint64),
         ("check_xxh64", c_int32),
-        ("reserved", c_int32),
+        ("chain", c_int32),
         ("next", c_void_p),
         ("call", c_void_p),
     ]
@@ -100,6 +100,8 @@ def _lib() -> ctypes.CDLL:
         for name in ("smoe_pool_workers", "smoe_pool_threads", "smoe_pool_peak_background"):
             getattr(lib, name).restype = c_int32
             getattr(lib, name).argtypes = [c_void_p]
+        lib.smoe_pool_chains.restype = c_int64
+        lib.smoe_pool_chains.argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
         lib.smoe_pool_library_sha256.argtypes = [c_void_p]
         lib.smoe_xxh64.restype = c_uint64
@@ -161,6 +163,14 @@ class ReadPool:
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_peak_background(self._pool))
+
+    @property
+    def chains(self) -> int:
+        """Runs of reads that followed each other on disk (a leaf's parts) and were read with one
+        ``preadv`` each, so far."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        return int(self._lib.smoe_pool_chains(self._pool))
 
     @property
     def address(self) -> int:

@@ -61,6 +61,42 @@ def test_reads_land_exactly_in_place_or_bounced_and_wrong_bytes_are_caught(tmp_p
         os.close(fd)
 
 
+def test_a_leafs_parts_are_read_with_one_preadv_and_a_failing_part_is_still_named(tmp_path: Path) -> None:
+    part = 3 * 4096
+    data = np.random.default_rng(1).integers(0, 256, 10 * part + 100, np.uint8).tobytes()
+    path = tmp_path / "leaf.bin"
+    path.write_bytes(data)
+    try:
+        fd, direct = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), bool(getattr(os, "O_DIRECT", 0))
+    except OSError:  # a filesystem without O_DIRECT (tmpfs)
+        fd, direct = os.open(path, os.O_RDONLY), False
+    raw, base = _aligned(12 * part)
+    dests = [base + 4 * i * part for i in range(3)]  # apart in memory, as an X-Slot's parts are
+
+    def leaf(first: int, xxh: list[int | None]) -> list[Read]:
+        return [Read(fd, direct, (first + i) * part, part, dests[i], None, xxh[i]) for i in range(3)]
+
+    def right(first: int) -> list[int | None]:
+        return [xxh64(data[(first + i) * part:(first + i + 1) * part]) for i in range(3)]
+
+    pool = ReadPool(2)
+    try:
+        outs = pool.run(leaf(2, right(2)), urgent=True)
+        assert [o.status for o in outs] == [0, 0, 0] and pool.chains == 1
+        assert all(ctypes.string_at(dests[i], part) == data[(2 + i) * part:(3 + i) * part] for i in range(3))
+        assert [o.in_place for o in outs] == [direct] * 3 and [o.bytes_read for o in outs] == [part] * 3
+        wrong = right(5)
+        wrong[1] ^= 1
+        assert [o.status for o in pool.run(leaf(5, wrong), urgent=False)] == [0, MISMATCH, 0]
+        # the last part runs past the end of the file: the chain is read again part by part
+        outs = pool.run(leaf(8, [None, None, None]), urgent=True)
+        assert [o.status for o in outs] == [0, 0, SHORT] and pool.chains == 3
+        assert ctypes.string_at(dests[1], part) == data[9 * part:10 * part]
+    finally:
+        pool.close()
+        os.close(fd)
+
+
 def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) -> None:
     """A pool of n workers runs n + 1 threads and never more than n background reads at once, so
     a gate's urgent read never waits behind prefetch reads under way; all reads land."""

@@ -91,6 +91,8 @@ struct part {
 #define MAX_PARTS 512
 static struct part g_parts[MAX_PARTS];
 static int g_n_parts;
+static int g_leaves[32];    /* the first of three parts that follow each other in the file */
+static int g_n_leaves;
 
 static int64_t length_of(uint64_t *s, int shape) {
     switch (shape) {
@@ -130,6 +132,23 @@ static void build_parts(uint64_t *s) {
             if (off % SMOE_BLOCK == 0) off -= 1;
             add_part(off, len, P_OK);
         }
+    }
+    /* leaves: three parts of whole blocks, each where the last ends (a chain: one preadv) */
+    for (int i = 0; i < 16; i++) {
+        int64_t len[3], total = 0;
+        for (int q = 0; q < 3; q++) total += len[q] = SMOE_BLOCK * (int64_t)(1 + below(s, 48));
+        int64_t off = SMOE_BLOCK * (int64_t)below(s, (uint64_t)((FILE_SIZE - total) / SMOE_BLOCK + 1));
+        g_leaves[g_n_leaves++] = g_n_parts;
+        for (int q = 0; q < 3; q++, off += len[q - 1]) add_part(off, len[q], P_OK);
+    }
+    for (int i = 0; i < 4; i++) { /* ... whose last part runs past the end of the file */
+        int64_t off3 = (blocks - (int64_t)below(s, 3)) * SMOE_BLOCK;
+        int64_t len3 = (FILE_SIZE - off3 + SMOE_BLOCK - 1) / SMOE_BLOCK * SMOE_BLOCK + SMOE_BLOCK * (int64_t)below(s, 2);
+        int64_t len2 = SMOE_BLOCK * (int64_t)(1 + below(s, 8)), len1 = SMOE_BLOCK * (int64_t)(1 + below(s, 8));
+        g_leaves[g_n_leaves++] = g_n_parts;
+        add_part(off3 - len2 - len1, len1, P_OK);
+        add_part(off3 - len2, len2, P_OK);
+        add_part(off3, len3, P_PAST_EOF);
     }
     add_part(0, 4096, P_OK);
     add_part(0, 1, P_OK);
@@ -262,6 +281,8 @@ static void *submit(void *arg) {
         int n = 1 + (int)below(&s, MAX_BATCH);
         int urgent = (int)below(&s, 2);
         int64_t expect_failed = 0;
+        int leaf = -1, leaf_left = 0; /* a leaf's parts in jobs one after another: the pool chains them */
+        int32_t leaf_fd = -1, leaf_direct = 0;
         for (int k = 0; k < n; k++) {
             struct smoe_job *j = &jobs[k];
             struct expect *e = &exp[k];
@@ -270,9 +291,13 @@ static void *submit(void *arg) {
             j->status = 12345;
             j->in_place = 7;
             j->bytes_read = -5;
-            e->part = &g_parts[below(&s, (uint64_t)g_n_parts)];
+            if (leaf_left == 0 && k + 3 <= n && below(&s, 3) == 0) {
+                leaf = g_leaves[below(&s, (uint64_t)g_n_leaves)];
+                leaf_left = 3;
+            }
+            e->part = leaf_left > 0 ? &g_parts[leaf + 3 - leaf_left] : &g_parts[below(&s, (uint64_t)g_n_parts)];
 #ifdef SMOE_STRESS_ZERO_LENGTH
-            if (below(&s, 16) == 0) e->part = NULL;
+            if (leaf_left == 0 && below(&s, 16) == 0) e->part = NULL;
 #endif
             int64_t off = e->part ? e->part->offset : SMOE_BLOCK * (int64_t)below(&s, 16);
             int64_t len = e->part ? e->part->length : 0;
@@ -283,8 +308,16 @@ static void *submit(void *arg) {
                 j->fd = g_fd_plain;
                 j->direct = (int32_t)below(&s, 2); /* the block-aligned path works on any descriptor */
             }
-            uint64_t m = below(&s, 4);
-            e->misalign = m < 2 ? 0 : m == 2 ? 8 : 1 + (size_t)below(&s, MAX_MISALIGN);
+            if (leaf_left == 3) {
+                leaf_fd = j->fd;
+                leaf_direct = j->direct;
+            } else if (leaf_left > 0) { /* the leaf's descriptor; a destination out of line now and then */
+                j->fd = leaf_fd;
+                j->direct = leaf_direct;
+            }
+            uint64_t m = below(&s, leaf_left > 0 ? 24 : 4);
+            e->misalign = m < 2 || m > 3 ? 0 : m == 2 ? 8 : 1 + (size_t)below(&s, MAX_MISALIGN);
+            if (leaf_left > 0) leaf_left--;
             uint8_t *slot = t->slots[k];
             uint8_t *dest = slot + GUARD + e->misalign;
             j->offset = off;
@@ -559,6 +592,8 @@ int main(void) {
     if (smoe_pool_threads(pool) != N_WORKERS + 1) fail("%d threads, not the workers and a spare", smoe_pool_threads(pool));
     int library = smoe_pool_library_sha256(pool);
     run_phase(pool, N_SUBMITTERS, rounds, &s, &main_phase);
+    int64_t chains = pool->chains, chained = pool->chained_jobs; /* the pool is idle: no lock needed */
+    if (chains == 0) fail("no leaf's parts were read as one chain");
     /* the spare thread stays free for urgent jobs: background ones never ran on more than the workers */
     if (smoe_pool_peak_background(pool) < 1 || smoe_pool_peak_background(pool) > N_WORKERS)
         fail("background jobs ran %d at once on %d workers", smoe_pool_peak_background(pool), N_WORKERS);
@@ -580,11 +615,11 @@ int main(void) {
     free(g_ref);
     free(g_neg);
     printf("readpool_stress: ok: %" PRId64 " jobs (%" PRId64 " ok, %" PRId64 " mismatch, %" PRId64 " short; %" PRId64
-           " in place, %" PRId64 " bounced; %.0f MiB) by %d submitters on %d workers in %.1f s, %" PRId64
+           " in place, %" PRId64 " bounced, %" PRId64 " in %" PRId64 " chains; %.0f MiB) by %d submitters on %d workers in %.1f s, %" PRId64
            " more with the portable sha256; fd %s; sha256 vectors ok, library %s; %d pool lifecycles; seed %" PRIu64
            "; %.1f s\n",
            main_phase.jobs, main_phase.ok, main_phase.mismatch, main_phase.short_, main_phase.in_place,
-           main_phase.bounced, (double)main_phase.bytes / (1 << 20), N_SUBMITTERS, N_WORKERS, main_phase.seconds,
+           main_phase.bounced, chained, chains, (double)main_phase.bytes / (1 << 20), N_SUBMITTERS, N_WORKERS, main_phase.seconds,
            portable.jobs, g_direct_how,
            library ? (compared ? "= portable" : "unchecked") : "absent", cycles, g_seed, now_seconds() - start);
     return 0;
