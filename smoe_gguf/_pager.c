@@ -325,23 +325,28 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
         int64_t k = base + miss[i];
         if (p->evicted_at[k] && now - p->evicted_at[k] <= p->regret_window) p->regrets++;
     }
-    pthread_mutex_lock(p->lock);
-    evict_victims(p, victim, n_victim, layer, miss, n_miss, now);
+    /* reads go ahead of every prefetch, each leaf's as soon as it has its room: the taken
+       prefetches' at once (already charged); each miss's once its victim has given up its pages
+       (victims beyond the misses first), so that one leaf's read runs while the next one's
+       pages move, and the pages resident never exceed the ledger */
+    struct smoe_call call;
+    memset(&call, 0, sizeof call);
     int64_t n_jobs = 0;
+    pthread_mutex_lock(p->lock);
+    for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], &n_jobs);
+    p->start(p->pool, &call, p->jobs, n_jobs, 1);
+    if (n_victim > n_miss) evict_victims(p, victim + n_miss, n_victim - n_miss, layer, NULL, 0, now);
     for (int32_t i = 0; i < n_miss; i++) {
+        int64_t first = n_jobs;
+        if (i < n_victim) evict_victims(p, victim + i, 1, layer, miss + i, 1, now);
         p->ledger[0] += cost;
         add_jobs(p, layer, miss[i], &n_jobs);
+        p->start(p->pool, &call, p->jobs + first, n_jobs - first, 1);
     }
-    for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], &n_jobs);
     pthread_mutex_unlock(p->lock);
     if ((uint64_t)p->ledger[0] > p->peak) p->peak = (uint64_t)p->ledger[0];
-
-    /* read, all at once, ahead of every prefetch */
-    int64_t failed = 0;
-    if (n_jobs) {
-        failed = p->run(p->pool, p->jobs, n_jobs, 1);
-        p->batches++;
-    }
+    int64_t failed = p->finish(p->pool, &call);
+    p->batches += n_jobs > 0;
     for (int64_t i = 0; i < n_jobs; i++) {
         struct smoe_job *j = &p->jobs[i];
         p->part_reads++;

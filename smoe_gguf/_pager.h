@@ -57,7 +57,8 @@ struct smoe_pager {
     uint64_t *xxh64;           /* ... its XXH64 */
     uint8_t *check;            /* ... 1: check its XXH64 when it is next read */
     void *pool;                /* the reader threads (readpool.py) */
-    smoe_pool_run_fn run;
+    smoe_pool_start_fn start;  /* smoe_pool_start, smoe_pool_finish */
+    smoe_pool_finish_fn finish;
     pthread_mutex_t *lock;     /* the X-Slot's lock (smoe_lock_new) */
     int64_t *log;              /* evictions Python has not seen yet: (leaf, last use) pairs */
     int64_t log_cap, log_n;    /* in pairs */

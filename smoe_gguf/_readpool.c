@@ -4,7 +4,9 @@
  * (one per part: a file descriptor, a file range, where its bytes go, the sha256 they must have
  * or none) and a class: urgent (a gate waiting for them) or background (prefetch). The call
  * queues them, wakes the workers and blocks until every job of the call is done; ctypes releases
- * the GIL meanwhile, so Python threads and llama.cpp run on. Workers take urgent jobs before any
+ * the GIL meanwhile, so Python threads and llama.cpp run on. The native pager instead starts a
+ * call's jobs in several batches (smoe_pool_start: each leaf's reads as soon as its room is made)
+ * and then waits for all of them (smoe_pool_finish). Workers take urgent jobs before any
  * background one, so a gate's reads jump the queue of prefetches. A pool of n workers (the reads
  * the disk takes at once) runs n + 1 threads, and background jobs occupy at most n of them: one
  * thread is always free for an urgent job, which therefore never waits behind a prefetch read
@@ -57,11 +59,6 @@
 #define SMOE_MAX_CHAIN 16  /* parts one preadv reads at most */
 
 /* struct smoe_job: _smoe_job.h (shared with the native pager in _pager.c) */
-
-struct smoe_call {
-    int64_t remaining;
-    pthread_cond_t done;
-};
 
 typedef unsigned char *(*sha256_fn)(const unsigned char *d, size_t n, unsigned char *md);
 
@@ -437,6 +434,7 @@ static void *worker(void *arg) {
         }
         if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
         struct smoe_call *c = (struct smoe_call *)j->call;
+        for (int32_t i = 0; i < n; i++) c->failed += j[i].status != 0;
         if ((c->remaining -= n) == 0) pthread_cond_signal(&c->done);
     }
     pthread_mutex_unlock(&p->lock);
@@ -496,17 +494,18 @@ int64_t smoe_pool_chains(struct smoe_pool *p) {
 /* 1 when digests use a library (OpenSSL, CommonCrypto), 0 for the portable implementation. */
 int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
 
-/* Queue n jobs (urgent: ahead of every background job) and wait until all are done.
-   Returns the number of jobs whose status is not 0. */
-int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int32_t urgent) {
-    if (n <= 0) return 0;
-    struct smoe_call call;
-    call.remaining = n;
-    pthread_cond_init(&call.done, NULL);
+/* Queue n jobs as part of `call` (urgent: ahead of every background job) and return at once;
+   a call may be started several times before it is finished. The jobs must stay put until then. */
+void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_job *jobs, int64_t n, int32_t urgent) {
+    if (n <= 0) return;
+    if (!call->started) {
+        pthread_cond_init(&call->done, NULL);
+        call->started = 1;
+    }
     int q = urgent ? 0 : 1;
     for (int64_t i = 0; i < n; i++) {
         jobs[i].next = NULL;
-        jobs[i].call = &call;
+        jobs[i].call = call;
         jobs[i].status = 0;
         jobs[i].chain = 0;
     }
@@ -515,6 +514,7 @@ int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int
                continues(&jobs[i + jobs[i].chain], &jobs[i + 1 + jobs[i].chain]))
             jobs[i].chain++;
     pthread_mutex_lock(&p->lock);
+    call->remaining += n;
     for (int64_t i = 0; i < n; i += 1 + jobs[i].chain) {  /* a chain is queued as its first job */
         if (p->tail[q] != NULL) p->tail[q]->next = &jobs[i];
         else p->head[q] = &jobs[i];
@@ -523,12 +523,28 @@ int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int
     if (urgent) p->urgent_jobs += n;
     else p->background_jobs += n;
     pthread_cond_broadcast(&p->work);
-    while (call.remaining > 0) pthread_cond_wait(&call.done, &p->lock);
     pthread_mutex_unlock(&p->lock);
-    pthread_cond_destroy(&call.done);
-    int64_t failed = 0;
-    for (int64_t i = 0; i < n; i++) failed += jobs[i].status != 0;
+}
+
+/* Wait until every job started as part of `call` is done; the number whose status is not 0. */
+int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
+    if (!call->started) return 0;
+    pthread_mutex_lock(&p->lock);
+    while (call->remaining > 0) pthread_cond_wait(&call->done, &p->lock);
+    int64_t failed = call->failed;
+    pthread_mutex_unlock(&p->lock);
+    pthread_cond_destroy(&call->done);
+    call->started = 0;
     return failed;
+}
+
+/* Queue n jobs (urgent: ahead of every background job) and wait until all are done.
+   Returns the number of jobs whose status is not 0. */
+int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int32_t urgent) {
+    struct smoe_call call;
+    memset(&call, 0, sizeof call);
+    smoe_pool_start(p, &call, jobs, n, urgent);
+    return smoe_pool_finish(p, &call);
 }
 
 /* Stop the workers (callers must have returned from smoe_pool_run) and free the pool. */

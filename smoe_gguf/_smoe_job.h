@@ -2,6 +2,7 @@
  * which hands its jobs to the same pool. readpool.py mirrors it with ctypes. */
 #ifndef SMOE_JOB_H
 #define SMOE_JOB_H
+#include <pthread.h>
 #include <stdint.h>
 
 #define SMOE_SHORT (-1)
@@ -28,7 +29,18 @@ struct smoe_job {
     void *call;
 };
 
-/* smoe_pool_run's signature (the pager gets its address from Python) */
-typedef int64_t (*smoe_pool_run_fn)(void *pool, struct smoe_job *jobs, int64_t n, int32_t urgent);
+/* Jobs started together and waited for together (smoe_pool_start, smoe_pool_finish); zeroed by
+   its owner before its first start. */
+struct smoe_call {
+    int64_t remaining;       /* jobs started and not done */
+    int64_t failed;          /* jobs done whose status is not 0 */
+    int32_t started;         /* `done` is initialized */
+    pthread_cond_t done;
+};
+
+/* smoe_pool_start's and smoe_pool_finish's signatures (the pager gets their addresses from Python) */
+typedef void (*smoe_pool_start_fn)(void *pool, struct smoe_call *call, struct smoe_job *jobs, int64_t n,
+                                   int32_t urgent);
+typedef int64_t (*smoe_pool_finish_fn)(void *pool, struct smoe_call *call);
 
 #endif

@@ -99,7 +99,8 @@ class _PagerStruct(Structure):
         ("xxh64", POINTER(c_uint64)),
         ("check", POINTER(c_uint8)),
         ("pool", c_void_p),
-        ("run", c_void_p),
+        ("start", c_void_p),
+        ("finish", c_void_p),
         ("lock", c_void_p),
         ("log", POINTER(c_int64)),
         ("log_cap", c_int64),
@@ -234,8 +235,7 @@ class NativePager:
         st.t_addr, st.t_slice = _ptr(self.t_addr, c_int64), _ptr(self.t_slice, c_int64)
         st.t_nexp, st.t_flags = _ptr(self.t_nexp, c_int64), _ptr(self.t_flags, c_int64)
         st.offset, st.xxh64, st.check = _ptr(self.offset, c_int64), _ptr(self.xxh64, c_uint64), _ptr(self.check, c_uint8)
-        pool, run = store.native_readers()
-        st.pool, st.run = pool, run
+        st.pool, st.start, st.finish = store.native_readers()
         st.lock = xslot.lock.address
         st.log, st.log_cap = _ptr(self._log, c_int64), LOG_PAIRS
         st.jobs, st.jobs_cap = ctypes.addressof(self._jobs), self._jobs_cap

@@ -115,9 +115,12 @@ def job_array(n: int) -> ctypes.Array[_Job]:
     return (_Job * n)()
 
 
-def run_address() -> int:
-    """Address of ``smoe_pool_run`` (for native callers)."""
-    return int(ctypes.cast(_lib().smoe_pool_run, c_void_p).value or 0)
+def start_finish_addresses() -> tuple[int, int]:
+    """Addresses of ``smoe_pool_start`` and ``smoe_pool_finish`` (for native callers)."""
+    lib = _lib()
+    start = ctypes.cast(lib.smoe_pool_start, c_void_p).value or 0
+    finish = ctypes.cast(lib.smoe_pool_finish, c_void_p).value or 0
+    return int(start), int(finish)
 
 
 def xxh64(data: bytes | bytearray | memoryview) -> int:
@@ -174,7 +177,7 @@ class ReadPool:
 
     @property
     def address(self) -> int:
-        """The native pool (for native callers of ``smoe_pool_run``)."""
+        """The native pool (for native callers of ``smoe_pool_start``)."""
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return self._pool
