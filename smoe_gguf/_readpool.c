@@ -547,7 +547,8 @@ int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int
     return smoe_pool_finish(p, &call);
 }
 
-/* Stop the workers (callers must have returned from smoe_pool_run) and free the pool. */
+/* Stop the workers (every call must have been finished: smoe_pool_run returned, smoe_pool_finish
+   called) and free the pool. */
 void smoe_pool_free(struct smoe_pool *p) {
     if (p == NULL) return;
     pthread_mutex_lock(&p->lock);
