@@ -23,7 +23,7 @@ struct smoe_job {
     double hash_seconds;
     uint64_t xxh64;          /* with check_xxh64: the XXH64 (seed 0) the bytes must have */
     int32_t check_xxh64;     /* 1: check xxh64 instead of sha256 */
-    int32_t chain;           /* set by smoe_pool_run: jobs after this one read with it (one preadv) */
+    int32_t chain;           /* set by smoe_pool_start: jobs after this one read with it (one preadv) */
     /* the queue */
     struct smoe_job *next;
     void *call;
