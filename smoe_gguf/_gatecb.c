@@ -7,7 +7,7 @@
  *     leaf's last use and use count in the shared arrays (what the eviction policies read) and
  *     return, still without entering Python;
  *   - with native speculation on (_speculate.c), a decoded token's gate guesses the next layers
- *     here too, and enters Python only to queue the prefetches it chose;
+ *     here too; the native pager queues the prefetches it chose (without it, Python does);
  *   - anything else (a miss, or another kind of node) calls the Python hook, which makes the
  *     leaves resident (or reads the node) before the graph goes on. With every_gate set, every
  *     top-k gate calls it (a trace records all accesses; speculation reads the router input).
@@ -118,10 +118,15 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     struct smoe_pager *pg = g->pager != NULL && g->pager->enabled ? g->pager : NULL;
     /* native speculation first, as the observers come first: its prefetches queue behind this
        gate's misses */
-    if (n_tokens == 1 && !g->every_gate && g->spec != NULL && g->spec->enabled &&
-        smoe_spec_gate(g->spec, t, layer, g->ids, (int32_t)n_used) > 0 &&
-        !call_slow(g, t, KIND_PREFETCH, layer, 1))
-        return false;
+    if (n_tokens == 1 && !g->every_gate && g->spec != NULL && g->spec->enabled) {
+        struct smoe_spec *s = g->spec;
+        int32_t n_pf = smoe_spec_gate(s, t, layer, g->ids, (int32_t)n_used);
+        if (n_pf > 0 && pg != NULL && pg->pf != NULL)  /* queued in C, read by the pool */
+            s->prefetched += (uint64_t)smoe_pager_prefetch(pg, layer, g->ids, (int32_t)n_used, s->pf_layer,
+                                                           s->pf_expert, s->pf_prio, n_pf);
+        else if (n_pf > 0 && !call_slow(g, t, KIND_PREFETCH, layer, 1))
+            return false;
+    }
     if (g->every_gate && pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
 
     int64_t base = (int64_t)layer * g->n_expert;
@@ -129,7 +134,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
         const int32_t *row = g->ids + r * g->ids_row_stride;
         for (int64_t c = 0; c < n_used; c++) {
             int32_t e = row[c];
-            if (e < 0 || e >= g->n_expert || !g->resident[base + e]) {
+            if (e < 0 || e >= g->n_expert || !__atomic_load_n(&g->resident[base + e], __ATOMIC_ACQUIRE)) {
                 /* a miss: the native pager, else Python. Observers first: what they prefetch
                    for the next layers is read while this gate's misses are (behind them). */
                 if (pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);
@@ -141,7 +146,7 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
             }
         }
     }
-    uint64_t now = ++*g->clock;
+    uint64_t now = __atomic_add_fetch(g->clock, 1, __ATOMIC_RELAXED);  /* native prefetches' landings read it */
     uint64_t hits = 0;
     for (int64_t r = 0; r < n_tokens; r++) {
         const int32_t *row = g->ids + r * g->ids_row_stride;

@@ -24,7 +24,15 @@
  * (SMOE_FLIGHT_*): the gate takes a queued prefetch with a compare-and-swap that the I/O thread's
  * start of the same read (smoe_flight_start) loses, and waits on the flight signal for a
  * prefetch being read.
- * Everything runs on the thread that calls llama_decode; the reader threads and Python's I/O
+ * Native prefetches (smoe_pager_prefetch: speculation in C chose them at a gate) never enter Python
+ * either: each is charged and given room at once, its leaf's flight byte set to NATIVE, and its
+ * parts handed to the reader pool as a background call whose last read calls pf_landed on the
+ * reader thread (the leaf resident, its landing logged for Python's books, its byte cleared). A
+ * gate that needs one moves its reads ahead of the background queue and waits for it; a gate that
+ * needs the room queued ones hold cancels the least likely one not yet started, else waits for one
+ * to land, before it hands the gate to Python. A failed one stays FAILED (the gate goes to Python)
+ * until smoe_pager_take_landings reaps it on the gate's thread.
+ * Everything else runs on the thread that calls llama_decode; the reader threads and Python's I/O
  * threads touch other leaves only: a prefetch's leaf is in flight (never picked here) until it
  * has landed, and its X-Slot flags are changed under the shared lock.
  */
@@ -181,7 +189,7 @@ static int32_t choose_victims(struct smoe_pager *p, int64_t over, const struct o
         int64_t best = -1;
         double best_key = 0.0;
         for (int64_t k = 0; k < n_all; k++) {
-            if (!p->resident[k] || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
+            if (!__atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE) || mark[k] || p->pinned[k] || p->protect[k] || p->cost[k / E] <= 0) continue;
             if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) continue;
             double key = key_of(p, k, ord);
             if (best < 0 || key < best_key || (key == best_key && p->last_use[k] < p->last_use[best])) {
@@ -226,25 +234,27 @@ static void log_flight(struct smoe_pager *p, int64_t k, int64_t event, int64_t w
     }
 }
 
-/* Wait until leaf k's flight byte is no longer LOADING (its I/O thread stores the change under
-   the flight mutex and broadcasts); the byte then. */
+static inline int flying(uint8_t f) { return f == SMOE_FLIGHT_LOADING || f == SMOE_FLIGHT_NATIVE; }
+
+/* Wait until leaf k's flight byte is no longer LOADING or NATIVE (its I/O thread stores the change
+   under the flight mutex and broadcasts); the byte then. */
 static uint8_t wait_landing(struct smoe_pager *p, int64_t k) {
     uint8_t f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE);
-    if (f != SMOE_FLIGHT_LOADING) return f;
+    if (!flying(f)) return f;
     pthread_mutex_lock(&p->flight->mutex);
-    while ((f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)) == SMOE_FLIGHT_LOADING)
+    while (flying(f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE)))
         pthread_cond_wait(&p->flight->cond, &p->flight->mutex);
     pthread_mutex_unlock(&p->flight->mutex);
     return f;
 }
 
-/* Queue leaf (layer, e)'s parts as jobs from *n_jobs on, its slices claimed (lock held). */
-static void add_jobs(struct smoe_pager *p, int32_t layer, int32_t e, int64_t *n_jobs) {
+/* Queue leaf (layer, e)'s parts as jobs[*n_jobs] on, its slices claimed (lock held). */
+static void add_jobs(struct smoe_pager *p, int32_t layer, int32_t e, struct smoe_job *jobs, int64_t *n_jobs) {
     int64_t k = (int64_t)layer * p->n_expert + e;
     for (int32_t part = 0; part < p->layer_parts[layer]; part++) {
         int64_t slot = slot_of(p, layer, part), pid = k * p->n_parts + part;
         *flag_of(p, slot, e) = 1;
-        struct smoe_job *j = &p->jobs[(*n_jobs)++];
+        struct smoe_job *j = &jobs[(*n_jobs)++];
         memset(j, 0, sizeof *j);
         j->fd = p->fd[k];
         j->direct = p->direct[k];
@@ -254,6 +264,208 @@ static void add_jobs(struct smoe_pager *p, int32_t layer, int32_t e, int64_t *n_
         j->check_xxh64 = p->check[pid] ? 1 : 0;
         j->xxh64 = p->xxh64[pid];
     }
+}
+
+/* ------------------------------------------------------------------ native prefetches */
+
+/* A native prefetch's reads are over (a reader thread, outside the pool's lock): a likely leaf
+   counts as just used (as Residency._landed does), the leaf is resident, its landing is logged and
+   its flight byte cleared (or FAILED: the gate thread reaps it, smoe_pager_take_landings). */
+static void pf_landed(struct smoe_call *call) {
+    struct smoe_prefetch *f = (struct smoe_prefetch *)call;
+    struct smoe_pager *p = f->pager;
+    const int64_t k = f->leaf;
+    const int32_t layer = (int32_t)(k / p->n_expert), n = p->layer_parts[layer];
+    const struct smoe_job *jobs = p->pf_jobs + k * p->n_parts;
+    const int failed = call->failed != 0;
+    call->failed = 0;
+    const uint64_t now = __atomic_load_n(p->clock, __ATOMIC_RELAXED);
+    if (!failed) {
+        for (int32_t part = 0; part < n; part++)
+            if (jobs[part].check_xxh64 && !p->check_always) p->check[k * p->n_parts + part] = 0;
+        if (f->prio >= SMOE_HOLD_BELOW) {  /* its lfru score is carried to now, not raised */
+            p->freq[k] = smoe_lfru_at(p->freq[k], p->last_use[k], (double)now, p->half_life);
+            p->last_use[k] = now;
+        }
+        __atomic_store_n(&p->resident[k], 1, __ATOMIC_RELEASE);
+    }
+    pthread_mutex_lock(&p->flight->mutex);
+    struct smoe_pf_counts *c = &p->pf_counts;
+    for (int32_t part = 0; part < n; part++) {
+        c->part_reads++;
+        c->bytes_read += (uint64_t)jobs[part].bytes_read;
+        c->in_place_reads += (uint64_t)jobs[part].in_place;
+        c->checked_parts += (uint64_t)(jobs[part].check_xxh64 && !failed);
+        c->read_seconds += jobs[part].read_seconds;
+        c->hash_seconds += jobs[part].hash_seconds;
+    }
+    c->landed += !failed;
+    c->failed += failed;
+    int64_t *t = p->landings + 3 * p->landings_n++;  /* room owed since it was queued */
+    t[0] = k;
+    t[1] = failed ? SMOE_LANDED_FAILED : SMOE_LANDED;
+    t[2] = (int64_t)now;
+    __atomic_store_n(&p->in_flight[k], failed ? SMOE_FLIGHT_FAILED : 0, __ATOMIC_RELEASE);
+    p->pf_flying--;
+    pthread_cond_broadcast(&p->flight->cond);
+    pthread_mutex_unlock(&p->flight->mutex);
+}
+
+/* Allocate the native prefetches' records: 0, or -1 (none: prefetches stay Python's). */
+int32_t smoe_pager_prefetch_init(struct smoe_pager *p, void *cancel, void *promote) {
+    const int64_t n_all = (int64_t)p->n_layer * p->n_expert;
+    p->pf = calloc((size_t)n_all, sizeof *p->pf);
+    p->pf_jobs = calloc((size_t)(n_all * p->n_parts), sizeof *p->pf_jobs);
+    p->pf_also = calloc((size_t)n_all, sizeof *p->pf_also);
+    p->landings_cap = n_all;
+    p->landings = calloc((size_t)(3 * n_all), sizeof *p->landings);
+    if (p->pf == NULL || p->pf_jobs == NULL || p->pf_also == NULL || p->landings == NULL) {
+        smoe_pager_prefetch_free(p);
+        return -1;
+    }
+    for (int64_t k = 0; k < n_all; k++) {
+        p->pf[k].call.on_done = pf_landed;
+        p->pf[k].pager = p;
+        p->pf[k].leaf = k;
+    }
+    p->cancel = (smoe_pool_cancel_fn)cancel;
+    p->promote = (smoe_pool_promote_fn)promote;
+    return 0;
+}
+
+/* Leaf k's native prefetch, if in flight: its reads jump the queue, and it is waited for (gate
+   thread). Its flight byte then: 0 (landed, or not in flight) or FAILED. */
+uint8_t smoe_pager_await_leaf(struct smoe_pager *p, int64_t k) {
+    if (p->pf == NULL || __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE) != SMOE_FLIGHT_NATIVE) return 0;
+    p->promote(p->pool, &p->pf[k].call);
+    return wait_landing(p, k);
+}
+
+/* Wait until no native prefetch is in flight (the thread that calls llama_decode, between gates). */
+void smoe_pager_wait_all(struct smoe_pager *p) {
+    if (p->pf == NULL) return;
+    pthread_mutex_lock(&p->flight->mutex);
+    while (p->pf_flying > 0) pthread_cond_wait(&p->flight->cond, &p->flight->mutex);
+    pthread_mutex_unlock(&p->flight->mutex);
+}
+
+/* Free the records (every prefetch landed: smoe_pager_wait_all first). */
+void smoe_pager_prefetch_free(struct smoe_pager *p) {
+    free(p->pf);
+    free(p->pf_jobs);
+    free(p->pf_also);
+    free(p->landings);
+    p->pf = NULL;
+    p->pf_jobs = NULL;
+    p->pf_also = NULL;
+    p->landings = NULL;
+    p->landings_cap = p->landings_n = p->landings_owed = 0;
+}
+
+/* Give a native prefetch that will not land (cancelled, failed) its pages and charge back, and
+   clear its flight byte (gate thread). */
+static void pf_drop(struct smoe_pager *p, int64_t k) {
+    const int32_t layer = (int32_t)(k / p->n_expert), e = (int32_t)(k % p->n_expert);
+    pthread_mutex_lock(p->lock);
+    release_leaf(p, layer, e);
+    pthread_mutex_unlock(p->lock);
+    p->ledger[0] -= p->cost[layer];
+    smoe_flight_store(p->flight, &p->in_flight[k], 0);
+}
+
+/* Room for a gate held by native prefetches (gate thread): cancel the least likely one not yet
+   started, among those not marked (mark[]: the gate's own leaves), else wait for one to land.
+   1 if one was cancelled or landed, 0 if none is in flight but the marked ones. */
+int32_t smoe_pager_cancel_or_wait(struct smoe_pager *p) {
+    if (p->pf == NULL) return 0;
+    const int64_t n_all = (int64_t)p->n_layer * p->n_expert;
+    int64_t *cand = p->pf_also;
+    int64_t n = 0;
+    for (int64_t k = 0; k < n_all; k++)
+        if (__atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE) == SMOE_FLIGHT_NATIVE && !p->mark[k]) cand[n++] = k;
+    if (n == 0) return 0;
+    for (int64_t left = n; left > 0; left--) {  /* least likely first */
+        int64_t at = 0;
+        for (int64_t i = 1; i < left; i++)
+            if (p->pf[cand[i]].prio < p->pf[cand[at]].prio) at = i;
+        int64_t k = cand[at];
+        cand[at] = cand[left - 1];
+        if (p->cancel(p->pool, &p->pf[k].call)) {
+            pf_drop(p, k);
+            pthread_mutex_lock(&p->flight->mutex);
+            p->pf_flying--;
+            int64_t *t = p->landings + 3 * p->landings_n++;
+            t[0] = k;
+            t[1] = SMOE_LANDED_CANCELLED;
+            t[2] = 0;
+            pthread_mutex_unlock(&p->flight->mutex);
+            p->pf_cancelled++;
+            return 1;
+        }
+    }
+    pthread_mutex_lock(&p->flight->mutex);  /* all of them are being read: wait for one */
+    const uint64_t seen = p->pf_counts.landed + p->pf_counts.failed;
+    while (p->pf_flying > 0 && p->pf_counts.landed + p->pf_counts.failed == seen)
+        pthread_cond_wait(&p->flight->cond, &p->flight->mutex);
+    pthread_mutex_unlock(&p->flight->mutex);
+    return 1;
+}
+
+/* Python's share of the native prefetches since the last call (gate thread, between gates): up to
+   `cap` landings copied to out[3 * cap] (failed ones are reaped here: pages and charge back; a part
+   not checked yet stays so) and the reads' counts, zeroed. Returns how many. */
+int64_t smoe_pager_take_landings(struct smoe_pager *p, int64_t *out, int64_t cap, struct smoe_pf_counts *counts) {
+    if (p->pf == NULL) return 0;
+    pthread_mutex_lock(&p->flight->mutex);
+    int64_t n = p->landings_n < cap ? p->landings_n : cap;
+    memcpy(out, p->landings, (size_t)(3 * n) * sizeof *out);
+    memmove(p->landings, p->landings + 3 * n, (size_t)(3 * (p->landings_n - n)) * sizeof *out);
+    p->landings_n -= n;
+    *counts = p->pf_counts;
+    memset(&p->pf_counts, 0, sizeof p->pf_counts);
+    pthread_mutex_unlock(&p->flight->mutex);
+    counts->landed = counts->failed = 0;  /* counted from the landings */
+    p->landings_owed -= n;
+    for (int64_t i = 0; i < n; i++)
+        if (out[3 * i + 1] == SMOE_LANDED_FAILED) pf_drop(p, out[3 * i]);
+    return n;
+}
+
+int32_t smoe_pager_prefetch(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
+                            const int32_t *pf_layer, const int32_t *pf_expert, const double *prio, int32_t n) {
+    if (p->pf == NULL || !p->enabled) return 0;
+    const int32_t E = p->n_expert;
+    int32_t queued = 0;
+    for (int32_t i = 0; i < n; i++) {
+        const int32_t l = pf_layer[i], e = pf_expert[i];
+        if (l < 0 || l >= p->n_layer || e < 0 || e >= E || p->cost[l] <= 0) continue;
+        const int64_t k = (int64_t)l * E + e;
+        if (p->fd[k] < 0 || __atomic_load_n(&p->resident[k], __ATOMIC_ACQUIRE) ||
+            __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE))
+            continue;
+        if (p->landings_owed >= p->landings_cap ||
+            !smoe_pager_make_room(p, layer, in_use, n_in_use, p->pf_also, queued, p->cost[l], l, e))
+            break;
+        p->ledger[0] += p->cost[l];
+        if ((uint64_t)p->ledger[0] > p->peak) p->peak = (uint64_t)p->ledger[0];
+        p->landings_owed++;
+        __atomic_store_n(&p->in_flight[k], SMOE_FLIGHT_NATIVE, __ATOMIC_RELEASE);
+        pthread_mutex_lock(&p->flight->mutex);
+        p->pf_flying++;
+        pthread_mutex_unlock(&p->flight->mutex);
+        struct smoe_prefetch *f = &p->pf[k];
+        struct smoe_job *jobs = p->pf_jobs + k * p->n_parts;
+        int64_t n_jobs = 0;
+        f->prio = prio[i];
+        f->call.remaining = f->call.failed = 0;
+        pthread_mutex_lock(p->lock);
+        add_jobs(p, l, e, jobs, &n_jobs);
+        pthread_mutex_unlock(p->lock);
+        p->pf_also[queued++] = k;
+        p->start(p->pool, &f->call, jobs, n_jobs, 0);
+    }
+    p->pf_queued += (uint64_t)queued;
+    return queued;
 }
 
 int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
@@ -283,6 +495,11 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
         /* in flight first: a prefetch sets resident before it leaves the flight (release) */
         uint8_t f = __atomic_load_n(&p->in_flight[k], __ATOMIC_ACQUIRE);
         if (f != 0 && !p->serve_flights) goto out;
+        if (f == SMOE_FLIGHT_NATIVE) {  /* a native prefetch: its reads jump the queue, then it is waited for */
+            p->promote(p->pool, &p->pf[k].call);
+            loading[n_loading++] = wanted[i];
+            continue;
+        }
         if (f == SMOE_FLIGHT_LOADING) {
             loading[n_loading++] = wanted[i];
             continue;
@@ -303,10 +520,12 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     memset(p->protect + base, 0, (size_t)E);
     const uint64_t now = *p->clock + 1;
     struct order ord = {(double)now, layer};
-    n_victim = choose_victims(p, p->ledger[0] + (int64_t)n_miss * cost - p->ledger[1], &ord, victim, E);
-    if (n_victim < 0) {  /* Python may cancel prefetches or drop predictions */
-        n_victim = 0;
-        goto out;
+    /* native prefetches that hold the room are cancelled, or landed (evictable), first */
+    while ((n_victim = choose_victims(p, p->ledger[0] + (int64_t)n_miss * cost - p->ledger[1], &ord, victim, E)) < 0) {
+        if (!smoe_pager_cancel_or_wait(p)) {  /* Python may cancel its prefetches or drop predictions */
+            n_victim = 0;
+            goto out;
+        }
     }
     /* queued prefetches are taken (already charged; read here with the misses) unless an I/O
        thread started one meanwhile: that one is waited for */
@@ -320,7 +539,7 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     }
 
     /* evict, charge, claim */
-    *p->clock = now;
+    __atomic_store_n(p->clock, now, __ATOMIC_RELAXED);  /* prefetches' landings read it */
     for (int32_t i = 0; i < n_miss; i++) {
         int64_t k = base + miss[i];
         if (p->evicted_at[k] && now - p->evicted_at[k] <= p->regret_window) p->regrets++;
@@ -333,14 +552,14 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     memset(&call, 0, sizeof call);
     int64_t n_jobs = 0;
     pthread_mutex_lock(p->lock);
-    for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], &n_jobs);
+    for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], p->jobs, &n_jobs);
     p->start(p->pool, &call, p->jobs, n_jobs, 1);
     if (n_victim > n_miss) evict_victims(p, victim + n_miss, n_victim - n_miss, layer, NULL, 0, now);
     for (int32_t i = 0; i < n_miss; i++) {
         int64_t first = n_jobs;
         if (i < n_victim) evict_victims(p, victim + i, 1, layer, miss + i, 1, now);
         p->ledger[0] += cost;
-        add_jobs(p, layer, miss[i], &n_jobs);
+        add_jobs(p, layer, miss[i], p->jobs, &n_jobs);
         p->start(p->pool, &call, p->jobs + first, n_jobs - first, 1);
     }
     pthread_mutex_unlock(p->lock);

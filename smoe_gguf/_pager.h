@@ -17,9 +17,32 @@
 #define SMOE_FLIGHT_TAKEN 3    /* taken by the gate, which reads it: the I/O thread skips it */
 #define SMOE_FLIGHT_FAILED 4   /* its read failed: off limits until Python reaps it */
 #define SMOE_FLIGHT_OTHER 5    /* down parts (pipelining: Python only) */
+#define SMOE_FLIGHT_NATIVE 6   /* a native prefetch, queued or being read (smoe_pager_prefetch): the
+                                  gate promotes it to urgent and waits (-> 0 or FAILED) */
 
 #define SMOE_EVENT_TAKEN 0     /* flight log: the gate took a queued prefetch and read it */
 #define SMOE_EVENT_LATE 1      /* ... waited for a prefetch being read */
+
+#define SMOE_LANDED 0           /* landings log: a native prefetch is resident */
+#define SMOE_LANDED_FAILED 1    /* ... its read failed (reaped by smoe_pager_take_landings) */
+#define SMOE_LANDED_CANCELLED 2 /* ... a gate cancelled it before its read started */
+
+#define SMOE_HOLD_BELOW 0.5     /* fetcher.py's HOLD_BELOW: a landed prefetch this likely counts as just used */
+
+/* A native prefetch: leaf `leaf`'s parts read on the pool's background queue; the worker that
+   reads its last part calls pf_landed (call.on_done). One per leaf: a leaf is in flight once. */
+struct smoe_prefetch {
+    struct smoe_call call;     /* first: on_done gets it */
+    struct smoe_pager *pager;
+    int64_t leaf;
+    double prio;
+};
+
+/* What the native prefetches' reads did, for Python (smoe_pager_take_landings; flight mutex) */
+struct smoe_pf_counts {
+    uint64_t part_reads, in_place_reads, bytes_read, checked_parts, landed, failed;
+    double read_seconds, hash_seconds;
+};
 
 /* Where the gate waits for a loading prefetch: a change of a flight byte away from LOADING is
    stored under the mutex and broadcast (smoe_flight_store). */
@@ -76,6 +99,18 @@ struct smoe_pager {
     int64_t *flight_log;       /* prefetches the gates took or waited for: (leaf, SMOE_EVENT_*, ns waited) */
     int64_t flight_log_cap, flight_log_n;  /* in triples */
     int32_t serve_flights;     /* 0: a miss in flight sends the gate to Python (the comparisons' control) */
+    /* native prefetches (smoe_pager_prefetch; smoe_pager_prefetch_init allocates, NULL: none) */
+    smoe_pool_cancel_fn cancel;  /* smoe_pool_cancel, smoe_pool_promote */
+    smoe_pool_promote_fn promote;
+    struct smoe_prefetch *pf;  /* [n_layer * n_expert] */
+    struct smoe_job *pf_jobs;  /* [n_layer * n_expert * n_parts] */
+    int64_t *pf_also;          /* scratch [n_layer * n_expert]: one call's earlier prefetches */
+    int64_t pf_flying;         /* queued or being read (flight mutex) */
+    int64_t *landings;         /* (leaf, SMOE_LANDED_*, clock at landing) triples for Python (flight mutex) */
+    int64_t landings_cap, landings_n;  /* in triples */
+    int64_t landings_owed;     /* prefetches queued whose landing Python has not taken: at most landings_cap */
+    uint64_t pf_queued, pf_cancelled;  /* counters (gate thread), read and zeroed by Python */
+    struct smoe_pf_counts pf_counts;   /* flight mutex */
 };
 
 /* lfru's score of a leaf at clock `now`: its score as of its last use, decayed since
@@ -96,5 +131,24 @@ static inline void smoe_stamp_use(double *freq, uint64_t *last_use, uint32_t *us
 /* 1: the gate's leaves are resident (the caller stamps nothing: done here); 0: Python must serve it */
 int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, int64_t rows, int64_t cols,
                      int64_t row_stride, uint64_t *gate_hits);
+
+/* Room for `need` more bytes (see _pager.c). */
+int32_t smoe_pager_make_room(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
+                             const int64_t *also, int32_t n_also, int64_t need, int32_t into_layer, int32_t into_e);
+
+/* The flight byte `flag` set to `value` under the flight mutex, waking the gates that wait. */
+void smoe_flight_store(struct smoe_flight *f, uint8_t *flag, uint8_t value);
+
+/* Native prefetches (_pager.c): records for each leaf, and what frees room they hold. */
+int32_t smoe_pager_prefetch_init(struct smoe_pager *p, void *cancel, void *promote);
+void smoe_pager_prefetch_free(struct smoe_pager *p);
+int32_t smoe_pager_cancel_or_wait(struct smoe_pager *p);
+uint8_t smoe_pager_await_leaf(struct smoe_pager *p, int64_t k);
+
+/* Prefetch leaves (pf_layer[i], pf_expert[i]), likeliest first, on the pool's background queue,
+   each charged and given room now as smoe_pager_make_room does (for the gate of `layer` that reads
+   in_use[n_in_use]); stops at the first that does not fit. Returns how many were queued. */
+int32_t smoe_pager_prefetch(struct smoe_pager *p, int32_t layer, const int32_t *in_use, int32_t n_in_use,
+                            const int32_t *pf_layer, const int32_t *pf_expert, const double *prio, int32_t n);
 
 #endif

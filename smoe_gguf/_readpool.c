@@ -69,6 +69,7 @@ struct smoe_pool {
     int32_t n_workers;                   /* background jobs at once: the io depth */
     int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
+    int32_t held;                        /* 1: background jobs do not start (smoe_pool_hold) */
     int32_t busy;                        /* threads inside a read */
     int32_t busy_background, peak_background;  /* threads inside a background job: now, at most */
     pthread_t workers[SMOE_MAX_WORKERS + 1];
@@ -413,7 +414,7 @@ static void *worker(void *arg) {
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!p->closing && p->head[0] == NULL &&
-               (p->head[1] == NULL || p->busy_background >= p->n_workers))
+               (p->head[1] == NULL || p->held || p->busy_background >= p->n_workers))
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
         int q = p->head[0] != NULL ? 0 : 1;
@@ -435,7 +436,16 @@ static void *worker(void *arg) {
         if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
         struct smoe_call *c = (struct smoe_call *)j->call;
         for (int32_t i = 0; i < n; i++) c->failed += j[i].status != 0;
-        if ((c->remaining -= n) == 0) pthread_cond_signal(&c->done);
+        if ((c->remaining -= n) == 0) {
+            if (c->on_done != NULL) {  /* a background call nobody waits for: its owner's hook */
+                void (*done)(struct smoe_call *) = c->on_done;
+                pthread_mutex_unlock(&p->lock);
+                done(c);
+                pthread_mutex_lock(&p->lock);
+            } else {
+                pthread_cond_signal(&c->done);
+            }
+        }
     }
     pthread_mutex_unlock(&p->lock);
     free(b.buf);
@@ -498,7 +508,7 @@ int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 !
    a call may be started several times before it is finished. The jobs must stay put until then. */
 void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_job *jobs, int64_t n, int32_t urgent) {
     if (n <= 0) return;
-    if (!call->started) {
+    if (!call->started && call->on_done == NULL) {
         pthread_cond_init(&call->done, NULL);
         call->started = 1;
     }
@@ -523,6 +533,75 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
     if (urgent) p->urgent_jobs += n;
     else p->background_jobs += n;
     pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* Unlink the entries of `call` from queue q; the jobs unlinked (a chain counts all of its jobs).
+   Lock held. */
+static int64_t unlink_call(struct smoe_pool *p, int q, const struct smoe_call *call, struct smoe_job **first,
+                           struct smoe_job **last) {
+    int64_t n = 0;
+    struct smoe_job *prev = NULL, *j = p->head[q];
+    *first = *last = NULL;
+    while (j != NULL) {
+        struct smoe_job *next = j->next;
+        if (j->call == call) {
+            if (prev != NULL) prev->next = next;
+            else p->head[q] = next;
+            if (p->tail[q] == j) p->tail[q] = prev;
+            j->next = NULL;
+            if (*last != NULL) (*last)->next = j;
+            else *first = j;
+            *last = j;
+            n += 1 + j->chain;
+        } else {
+            prev = j;
+        }
+        j = next;
+    }
+    return n;
+}
+
+/* Take a background call's jobs off the queue, if none of them has started: 1 (the call is over,
+   its hook is not called), else 0 and nothing changes. */
+int32_t smoe_pool_cancel(struct smoe_pool *p, struct smoe_call *call) {
+    pthread_mutex_lock(&p->lock);
+    int64_t queued = 0;
+    for (struct smoe_job *j = p->head[1]; j != NULL; j = j->next)
+        if (j->call == call) queued += 1 + j->chain;
+    int32_t ok = queued > 0 && queued == call->remaining;
+    if (ok) {
+        struct smoe_job *first, *last;
+        (void)unlink_call(p, 1, call, &first, &last);
+        call->remaining = 0;
+        p->background_jobs -= queued;
+    }
+    pthread_mutex_unlock(&p->lock);
+    return ok;
+}
+
+/* Hold background jobs in the queue (1) or let them start again (0); urgent jobs run either way.
+   What tests use to see queued jobs cancelled and promoted. */
+void smoe_pool_hold(struct smoe_pool *p, int32_t held) {
+    pthread_mutex_lock(&p->lock);
+    p->held = held;
+    pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+}
+
+/* Move a background call's queued jobs to the end of the urgent queue (a gate needs them now). */
+void smoe_pool_promote(struct smoe_pool *p, struct smoe_call *call) {
+    pthread_mutex_lock(&p->lock);
+    struct smoe_job *first, *last;
+    int64_t n = unlink_call(p, 1, call, &first, &last);
+    if (n > 0) {
+        if (p->tail[0] != NULL) p->tail[0]->next = first;
+        else p->head[0] = first;
+        p->tail[0] = last;
+        p->urgent_jobs += n;
+        p->background_jobs -= n;
+        pthread_cond_broadcast(&p->work);
+    }
     pthread_mutex_unlock(&p->lock);
 }
 

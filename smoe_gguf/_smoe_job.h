@@ -30,17 +30,22 @@ struct smoe_job {
 };
 
 /* Jobs started together and waited for together (smoe_pool_start, smoe_pool_finish); zeroed by
-   its owner before its first start. */
+   its owner before its first start. A call with `on_done` is never finished: the worker that ends
+   its last job calls on_done(call) instead, outside the pool's lock, and touches the call no more. */
 struct smoe_call {
     int64_t remaining;       /* jobs started and not done */
     int64_t failed;          /* jobs done whose status is not 0 */
     int32_t started;         /* `done` is initialized */
     pthread_cond_t done;
+    void (*on_done)(struct smoe_call *call);
 };
 
 /* smoe_pool_start's and smoe_pool_finish's signatures (the pager gets their addresses from Python) */
 typedef void (*smoe_pool_start_fn)(void *pool, struct smoe_call *call, struct smoe_job *jobs, int64_t n,
                                    int32_t urgent);
 typedef int64_t (*smoe_pool_finish_fn)(void *pool, struct smoe_call *call);
+/* smoe_pool_cancel's and smoe_pool_promote's */
+typedef int32_t (*smoe_pool_cancel_fn)(void *pool, struct smoe_call *call);
+typedef void (*smoe_pool_promote_fn)(void *pool, struct smoe_call *call);
 
 #endif

@@ -60,7 +60,7 @@ struct smoe_spec {
     int32_t *pf_layer, *pf_expert;  /* [lookahead * n_guess] */
     double *pf_prio;
     int32_t pf_n;
-    uint64_t guesses, protected_leaves, skipped, unlocated;  /* counters, read and zeroed by Python */
+    uint64_t guesses, protected_leaves, skipped, unlocated, prefetched;  /* counters, read and zeroed by Python */
     smoe_tensor_get_fn tensor_get;
 };
 

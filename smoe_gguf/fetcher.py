@@ -31,6 +31,7 @@ QUEUED, LOADING, DOWN, DOWN_LOADING = 1, 2, 3, 4  # states of a leaf in flight
 
 # the byte of each state in the table (_pager.h: SMOE_FLIGHT_*)
 TABLE_QUEUED, TABLE_LOADING, TABLE_TAKEN, TABLE_FAILED, TABLE_OTHER = 1, 2, 3, 4, 5
+TABLE_NATIVE = 6  # a native prefetch (the native pager's own, never in this class's flight)
 _TABLE = {QUEUED: TABLE_QUEUED, LOADING: TABLE_LOADING, DOWN: TABLE_OTHER, DOWN_LOADING: TABLE_OTHER}
 
 

@@ -10,10 +10,15 @@ entering Python, a miss that a prefetch has queued (taken from the I/O threads) 
 no room without cancelling prefetches, a failed read) it leaves to the Python residency, which
 remains the reference implementation.
 
+It also reads prefetches itself (:meth:`NativePager.prefetch`, which speculation in C calls at
+a gate): on the reader pool's background queue, landing on a reader thread, cancelled or moved
+ahead by the gates that need their room or their leaf.
+
 Python reads what the pager did with :meth:`NativePager.take_counts` (counters since the last
-call), :meth:`NativePager.take_evictions` (leaves it evicted, with their last use at eviction)
-and :meth:`NativePager.take_flights` (prefetches it took or waited for), on the thread that
-calls llama_decode, between gates.
+call), :meth:`NativePager.take_evictions` (leaves it evicted, with their last use at eviction),
+:meth:`NativePager.take_flights` (prefetches it took or waited for) and
+:meth:`NativePager.take_landings` (its own prefetches landed, failed or cancelled), on the thread
+that calls llama_decode, between gates.
 """
 
 from __future__ import annotations
@@ -57,9 +62,19 @@ POLICY_CODES = {"lru": 0, "lfru": 1, "least-stale": 2}
 LOG_PAIRS = 4096  # evictions the pager can log between two drains
 FLIGHT_LOG = 4096  # prefetches taken or waited for that it can log between two drains
 TAKEN, LATE = 0, 1  # the flight log's events (_pager.h: SMOE_EVENT_*)
+LANDED, LANDED_FAILED, LANDED_CANCELLED = 0, 1, 2  # the landings' (_pager.h: SMOE_LANDED*)
+NATIVE_SOURCE = "speculation"  # who asks for the native prefetches: speculation in C (spec_native)
 # the pager's counters Python takes and zeroes (struct smoe_pager also has "peak", never zeroed)
 COUNTERS = ("gates", "hits", "misses", "loaded", "evictions", "regrets", "moved_bytes", "fallbacks",
             "stall_ns", "part_reads", "in_place_reads", "bytes_read", "checked_parts", "batches")
+
+
+class _PfCounts(Structure):
+    """``struct smoe_pf_counts`` in _pager.h."""
+
+    _fields_ = [*((name, c_uint64) for name in ("part_reads", "in_place_reads", "bytes_read", "checked_parts",
+                                                 "landed", "failed")),
+                ("read_seconds", c_double), ("hash_seconds", c_double)]
 
 
 class _PagerStruct(Structure):
@@ -119,6 +134,19 @@ class _PagerStruct(Structure):
         ("flight_log_cap", c_int64),
         ("flight_log_n", c_int64),
         ("serve_flights", c_int32),
+        ("cancel", c_void_p),
+        ("promote", c_void_p),
+        ("pf", c_void_p),
+        ("pf_jobs", c_void_p),
+        ("pf_also", c_void_p),
+        ("pf_flying", c_int64),
+        ("landings", c_void_p),
+        ("landings_cap", c_int64),
+        ("landings_n", c_int64),
+        ("landings_owed", c_int64),
+        ("pf_queued", c_uint64),
+        ("pf_cancelled", c_uint64),
+        ("pf_counts", _PfCounts),
     ]
 
 
@@ -235,7 +263,8 @@ class NativePager:
         st.t_addr, st.t_slice = _ptr(self.t_addr, c_int64), _ptr(self.t_slice, c_int64)
         st.t_nexp, st.t_flags = _ptr(self.t_nexp, c_int64), _ptr(self.t_flags, c_int64)
         st.offset, st.xxh64, st.check = _ptr(self.offset, c_int64), _ptr(self.xxh64, c_uint64), _ptr(self.check, c_uint8)
-        st.pool, st.start, st.finish = store.native_readers()
+        st.pool, fns = store.native_readers()
+        st.start, st.finish = fns["start"], fns["finish"]
         st.lock = xslot.lock.address
         st.log, st.log_cap = _ptr(self._log, c_int64), LOG_PAIRS
         st.jobs, st.jobs_cap = ctypes.addressof(self._jobs), self._jobs_cap
@@ -247,6 +276,23 @@ class NativePager:
         self._st = st
         self._keep += [xslot, store, in_flight, s, flight_signal]
         lib = native.lib()
+        self._lib = lib
+        lib.smoe_pager_prefetch_init.restype = c_int32
+        lib.smoe_pager_prefetch_init.argtypes = [c_void_p, c_void_p, c_void_p]
+        lib.smoe_pager_take_landings.restype = c_int64
+        lib.smoe_pager_take_landings.argtypes = [c_void_p, c_void_p, c_int64, c_void_p]
+        lib.smoe_pager_prefetch.restype = c_int32
+        lib.smoe_pager_prefetch.argtypes = [c_void_p, c_int32, c_void_p, c_int32, c_void_p, c_void_p, c_void_p, c_int32]
+        lib.smoe_pager_await_leaf.restype = c_uint8
+        lib.smoe_pager_await_leaf.argtypes = [c_void_p, c_int64]
+        lib.smoe_pager_cancel_or_wait.restype = c_int32
+        lib.smoe_pager_cancel_or_wait.argtypes = [c_void_p]
+        for name in ("smoe_pager_wait_all", "smoe_pager_prefetch_free"):
+            getattr(lib, name).restype = None
+            getattr(lib, name).argtypes = [c_void_p]
+        if lib.smoe_pager_prefetch_init(ctypes.addressof(st), fns["cancel"], fns["promote"]) != 0:
+            raise MemoryError("native prefetch records")
+        self._landings = np.zeros(3 * L * E, np.int64)
         self._make_room = lib.smoe_pager_make_room
         self._make_room.restype = c_int32
         self._make_room.argtypes = [c_void_p, c_int32, POINTER(c_int32), c_int32, POINTER(c_int64), c_int32, c_int64,
@@ -357,6 +403,56 @@ class NativePager:
         self._st.log_n = 0
         return [(divmod(k, self.n_expert), last) for k, last in pairs]
 
+    def take_landings(self) -> tuple[list[tuple[tuple[int, int], int, int]], int, int]:
+        """The native prefetches (:meth:`prefetch`, the C speculation's) since the last call (gate
+        thread): (leaf, LANDED / LANDED_FAILED / LANDED_CANCELLED, clock at landing) in order, how
+        many were queued and how many cancelled. A failed one's pages and charge are back; its
+        reads are added to the store's figures."""
+        st = self._st
+        c = _PfCounts()
+        n = int(self._lib.smoe_pager_take_landings(self.address, self._landings.ctypes.data, self._landings.size // 3,
+                                                    ctypes.byref(c)))
+        rows = self._landings[: 3 * n].reshape(n, 3).tolist() if n else []
+        queued, cancelled = int(st.pf_queued), int(st.pf_cancelled)
+        st.pf_queued = st.pf_cancelled = 0
+        if c.part_reads:
+            self._store.count_native(StoreStats(
+                bytes_read=c.bytes_read, part_reads=c.part_reads, in_place_reads=c.in_place_reads,
+                read_seconds=c.read_seconds, hash_seconds=c.hash_seconds, checked_parts=c.checked_parts, batches=0))
+        return [(divmod(k, self.n_expert), what, clock) for k, what, clock in rows], queued, cancelled
+
+    def prefetch(self, keys: Sequence[tuple[int, int]], priorities: Sequence[float], layer: int,
+                 in_use: Sequence[int]) -> int:
+        """Queue leaves for the reader pool in C, as speculation in C does at a gate of ``layer``
+        that reads ``in_use`` (``smoe_pager_prefetch``): each charged now, its room made as
+        :meth:`make_room` does; stops at the first that does not fit. How many were queued."""
+        ls = np.asarray([k[0] for k in keys], np.int32)
+        es = np.asarray([k[1] for k in keys], np.int32)
+        ps = np.asarray(priorities, np.float64)
+        ids = np.asarray(in_use, np.int32)
+        return int(self._lib.smoe_pager_prefetch(self.address, layer, ids.ctypes.data, ids.size, ls.ctypes.data,
+                                                 es.ctypes.data, ps.ctypes.data, len(keys)))
+
+    def await_leaf(self, key: tuple[int, int]) -> None:
+        """If leaf ``key`` is a native prefetch in flight: read it ahead of the queue and wait for it
+        (it lands, or fails: :meth:`take_landings` reaps it)."""
+        self._lib.smoe_pager_await_leaf(self.address, key[0] * self.n_expert + key[1])
+
+    @property
+    def flying(self) -> bool:
+        """Whether native prefetches are queued or being read."""
+        return bool(self._st.pf_flying)
+
+    def wait_all(self) -> None:
+        """Wait until no native prefetch is in flight (GIL released)."""
+        if self._st.pf_flying:
+            self._lib.smoe_pager_wait_all(self.address)
+
+    def cancel_or_wait(self) -> bool:
+        """Cancel the least likely native prefetch not yet being read, else wait for one to land:
+        False if none is in flight (gate thread)."""
+        return bool(self._lib.smoe_pager_cancel_or_wait(self.address))
+
     def take_flights(self) -> list[tuple[tuple[int, int], int, int]]:
         """Prefetches the pager took from the I/O threads (TAKEN) or waited for (LATE) since the
         last call, in order, with the nanoseconds waited (gate thread)."""
@@ -370,14 +466,21 @@ class NativePager:
     @property
     def pending(self) -> bool:
         """Whether there are counts, evictions or flights not yet taken."""
-        return bool(self._st.log_n or self._st.flight_log_n or self._st.gates or self._st.fallbacks)
+        st = self._st
+        return bool(st.log_n or st.flight_log_n or st.gates or st.fallbacks or st.landings_n or st.pf_queued)
 
     def close(self) -> None:
-        """Stop opening shards (the store closes them)."""
+        """Stop opening shards (the store closes them) and prefetching; wait for the prefetches in
+        flight and free their records (:meth:`take_landings` first, for their books)."""
         self._stop.set()
         if self._opener is not None:
             self._opener.join()
         self._st.enabled = 0
+        self.wait_all()
+
+    def free(self) -> None:
+        """Free the native prefetches' records (after :meth:`close` and the last :meth:`take_landings`)."""
+        self._lib.smoe_pager_prefetch_free(self.address)
 
 
 def _fd_room() -> int:

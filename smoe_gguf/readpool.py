@@ -100,6 +100,8 @@ def _lib() -> ctypes.CDLL:
         for name in ("smoe_pool_workers", "smoe_pool_threads", "smoe_pool_peak_background"):
             getattr(lib, name).restype = c_int32
             getattr(lib, name).argtypes = [c_void_p]
+        lib.smoe_pool_hold.restype = None
+        lib.smoe_pool_hold.argtypes = [c_void_p, c_int32]
         lib.smoe_pool_chains.restype = c_int64
         lib.smoe_pool_chains.argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
@@ -115,12 +117,14 @@ def job_array(n: int) -> ctypes.Array[_Job]:
     return (_Job * n)()
 
 
-def start_finish_addresses() -> tuple[int, int]:
-    """Addresses of ``smoe_pool_start`` and ``smoe_pool_finish`` (for native callers)."""
+POOL_FUNCTIONS = ("start", "finish", "cancel", "promote")
+
+
+def pool_function_addresses() -> dict[str, int]:
+    """Addresses of ``smoe_pool_start``, ``_finish``, ``_cancel`` and ``_promote`` (for native
+    callers), by those names."""
     lib = _lib()
-    start = ctypes.cast(lib.smoe_pool_start, c_void_p).value or 0
-    finish = ctypes.cast(lib.smoe_pool_finish, c_void_p).value or 0
-    return int(start), int(finish)
+    return {name: int(ctypes.cast(getattr(lib, f"smoe_pool_{name}"), c_void_p).value or 0) for name in POOL_FUNCTIONS}
 
 
 def xxh64(data: bytes | bytearray | memoryview) -> int:
@@ -174,6 +178,12 @@ class ReadPool:
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_chains(self._pool))
+
+    def hold(self, held: bool) -> None:
+        """Keep background reads queued (True) or let them start (False); urgent ones always run."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        self._lib.smoe_pool_hold(self._pool, 1 if held else 0)
 
     @property
     def address(self) -> int:

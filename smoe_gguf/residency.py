@@ -32,8 +32,8 @@ import numpy as np
 
 from . import budget as bdg
 from .errors import SmoeError
-from .fetcher import HOLD_BELOW, Fetcher
-from .pager import TAKEN, NativePager
+from .fetcher import HOLD_BELOW, TABLE_NATIVE, Fetcher
+from .pager import LANDED, LANDED_CANCELLED, NATIVE_SOURCE, TAKEN, NativePager
 from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
 from .store import LeafStore
@@ -232,6 +232,16 @@ class Residency:
         nat = self.native
         if nat is None or not nat.pending:
             return
+        landings, queued, _cancelled = nat.take_landings()  # before the flights: a gate may have waited for one
+        self.stats.source(NATIVE_SOURCE).queued += queued
+        for key, what, clock in landings:
+            if what == LANDED:
+                self._unused_prefetch[key] = clock
+                self._source[key] = NATIVE_SOURCE
+                self.stats.prefetched += 1
+            elif what == LANDED_CANCELLED:
+                self.stats.prefetch_cancelled += 1
+                self.stats.source(NATIVE_SOURCE).cancelled += 1
         for key, event, waited_ns in nat.take_flights():  # before the evictions: a leaf may be both
             if event == TAKEN:  # read by the gate, still charged: nothing saved
                 self.fetcher.forget_taken(key)
@@ -301,6 +311,12 @@ class Residency:
         if self._down_pending:  # a layer whose down node was not gated (never expected): finish it now
             self.finish_all()
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
+        if self.native is not None and self.native.flying:
+            awaited = [e for e in wanted if self.flight_table[layer, e] == TABLE_NATIVE]
+            for e in awaited:  # native prefetches of these land (or fail: reaped) before this class reads them
+                self.native.await_leaf((layer, e))
+            if awaited:
+                self.drain_native()
         s = self.state
         now = s.tick()
         s.protect[layer] = 0  # served: its guesses are spent
@@ -545,6 +561,9 @@ class Residency:
             elif for_gate and self.fetcher.queued:
                 self._cancel_or_wait()  # a queued guess is worth less than what the node needs now
                 evictable = None
+            elif for_gate and self.native is not None and self.native.cancel_or_wait():
+                self.drain_native()  # a native prefetch was cancelled, or landed (evictable)
+                evictable = None
             elif for_gate and protect and s.protect.any():
                 protect = False  # then a resident guess
                 self.stats.protect_dropped += 1
@@ -624,7 +643,7 @@ class Residency:
         prios = [float(priority)] * len(keys) if isinstance(priority, (int, float)) else list(priority)
         for i, key in enumerate(keys):
             kl, ke = key
-            if s.resident[kl, ke] or key in self.fetcher or kl not in self._cost:
+            if s.resident[kl, ke] or key in self.fetcher or self.flight_table[kl, ke] or kl not in self._cost:
                 continue  # resident, on its way, or of a layer without paged experts
             cost = self._cost[kl]
             if self.used + cost > self.budget and (
@@ -661,6 +680,8 @@ class Residency:
 
     def drain(self) -> None:
         """Wait until nothing is in flight."""
+        if self.native is not None:
+            self.native.wait_all()
         self.drain_native()  # prefetches the native pager took leave the flight
         self.fetcher.drain()
 
@@ -668,6 +689,8 @@ class Residency:
         if self.native is not None:
             self.native.close()
         self.drain_native()
+        if self.native is not None:
+            self.native.free()
         self._down_pending.clear()
         self.state.node_wanted[:] = 0
         for key in self.fetcher.close():

@@ -79,6 +79,7 @@ class _SpecStruct(Structure):
         ("pf_prio", POINTER(c_double)),
         ("pf_n", c_int32),
         ("guesses", c_uint64), ("protected_leaves", c_uint64), ("skipped", c_uint64), ("unlocated", c_uint64),
+        ("prefetched", c_uint64),
         ("tensor_get", c_void_p),
     ]
 
@@ -214,7 +215,8 @@ class NativeSpeculation:
         s.guesses += st.guesses
         s.protected += st.protected_leaves
         s.skipped += st.skipped
-        st.guesses = st.protected_leaves = st.skipped = 0
+        s.prefetched += st.prefetched  # queued by the native pager
+        st.guesses = st.protected_leaves = st.skipped = st.prefetched = 0
         self.take_samples()
 
     @property

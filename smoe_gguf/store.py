@@ -24,7 +24,7 @@ from pathlib import Path
 from .errors import SmoeError
 from .moe import MoEModel
 from .pack import manifest as mf
-from .readpool import DEFAULT_IO_DEPTH, MISMATCH, SHORT, Read, ReadPool, start_finish_addresses
+from .readpool import DEFAULT_IO_DEPTH, MISMATCH, SHORT, Read, ReadPool, pool_function_addresses
 from .safeio import in_pack, open_regular
 
 BLOCK = 4096
@@ -169,10 +169,10 @@ class LeafStore:
             for name, value in vars(delta).items():
                 setattr(self.stats, name, getattr(self.stats, name) + value)
 
-    def native_readers(self) -> tuple[int, int, int]:
-        """The reader pool and the addresses of ``smoe_pool_start`` and ``smoe_pool_finish``, for
-        the native pager."""
-        return (self._readers().address, *start_finish_addresses())
+    def native_readers(self) -> tuple[int, dict[str, int]]:
+        """The reader pool and the addresses of its functions by name (``start``, ``finish``,
+        ``cancel``, ``promote``), for the native pager."""
+        return self._readers().address, pool_function_addresses()
 
     def leaf_fd(self, layer: int, expert: int) -> tuple[int, bool] | None:
         """Leaf (layer, expert)'s shard descriptor (opened now if it was not) and whether it was

@@ -17,6 +17,7 @@ from smoe_gguf.fetcher import (
     QUEUED,
     TABLE_FAILED,
     TABLE_LOADING,
+    TABLE_NATIVE,
     TABLE_OTHER,
     TABLE_QUEUED,
     TABLE_TAKEN,
@@ -263,3 +264,67 @@ def test_room_for_a_prefetch_is_made_in_c_and_spares_what_it_must(pack_of) -> No
         assert r.state.resident[0].tolist()[:4] == [1, 1, 1, 0] and r.used == r.budget - cost
         r.drain_native()
         assert r.stats.evictions == 1 and eng.xslot.mincore_bytes() <= r.used
+
+
+def test_native_prefetches_held_in_the_queue_are_promoted_or_cancelled_by_the_gate(
+        pack_of, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Speculation in C queues its prefetches on the reader pool; none starts here (background
+    reads are held, and the Python I/O threads, which read a prompt's prefetches, too). A gate that needs one moves its reads ahead and waits for it; a gate that
+    needs the room a queued one holds cancels it (least likely first). The books balance (every
+    queued prefetch was used, cancelled or is still queued, and charged once), the budget holds
+    and the output is bit-exact."""
+    monkeypatch.setattr(Fetcher, "_next_prefetch", lambda self: False)
+    pack = pack_of("qwen3moe", "q4_k")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate_native=True) as eng:
+        r, nat, pool = eng.residency, eng.residency.native, eng.source.store._readers()
+        assert nat is not None and eng.spec_native is not None
+        nat.wait_opened()
+        eng.observer_switch.keep(True)
+        pool.hold(True)
+        try:
+            tokens: list[int] = []
+            logits: list[np.ndarray] = []
+            for step in eng.stream(PROMPT, N_TOKENS, keep_logits=True):
+                tokens.append(step.token)
+                logits.append(step.logits)
+                assert eng.xslot.mincore_bytes() <= r.used <= eng.budget
+            r.drain_native()
+            st = eng.stats()
+            counts = st.prefetch_by_source["speculation"]
+            flying = [tuple(k) for k in np.argwhere(r.flight_table == TABLE_NATIVE)]
+            queued_py = list(r.fetcher.flight)  # a prompt's, queued by the Python observer
+            assert counts["queued"] == (counts["used"] + counts["cancelled"] + counts["claimed"] + len(flying)
+                                        + len(queued_py))
+            assert counts["late"] > 0 and counts["cancelled"] > 0
+            assert st.prefetch_wasted == 0  # nothing landed that a gate did not ask for
+            resident_cost = sum(r.leaf_cost(int(k[0])) for k in zip(*np.nonzero(r.state.resident)))
+            assert r.used == resident_cost + sum(r.leaf_cost(k[0]) for k in flying + queued_py)
+        finally:
+            pool.hold(False)
+        assert same(reference(tiny_model("qwen3moe", "q4_k"), eng), tokens, logits)
+
+
+def test_a_failed_native_prefetch_is_reaped_and_its_part_named_by_the_gate(tiny_model, tmp_path: Path) -> None:
+    pack = tmp_path / "p.pack"
+    split(tiny_model("qwen3moe", "q4_k"), pack)
+    m = mf.load(pack)
+    for leaf in m.leaves:
+        if leaf.layer == 1 and leaf.expert == 3:
+            path = pack / leaf.file
+            data = bytearray(path.read_bytes())
+            data[leaf.parts[0].offset + 5] ^= 0x01
+            path.write_bytes(bytes(data))
+            part = leaf.parts[0].part
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        r, nat = eng.residency, eng.residency.native
+        assert nat is not None
+        nat.wait_opened()
+        assert nat.prefetch([(1, 2), (1, 3)], [0.9, 0.8], layer=0, in_use=[]) == 2
+        assert r.used == 2 * r.leaf_cost(1)
+        nat.wait_all()
+        r.drain_native()  # (1, 3) failed: reaped
+        assert r.state.resident[1, 2] and not r.state.resident[1, 3] and r.flight_table[1, 3] == 0
+        assert r.used == r.leaf_cost(1) and r.stats.prefetched == 1
+        with pytest.raises(Exception, match=rf"layer 1 expert 3 part {part}: checksum mismatch in "):
+            r.on_experts(1, np.array([2, 3], np.int32))
+        assert r.used == r.leaf_cost(1) and r.state.resident[1, 2]

@@ -10,7 +10,8 @@
  * destinations both block-aligned and misaligned, each between guard bytes. Every job's status is
  * checked (0, SMOE_MISMATCH for a deliberately wrong digest, SMOE_SHORT past the end of the file),
  * and so are its bytes (against the file's, read plainly), its guards, in_place and bytes_read.
- * Also: the portable sha256 against known vectors and against the library digest, a pass with the
+ * Also: background calls ended by a hook (a native prefetch's shape), cancelled and promoted while
+ * queued; the portable sha256 against known vectors and against the library digest, a pass with the
  * portable digest in the workers, and pools created and freed over and over.
  *
  * Prints one line and exits 0 on success; on any failure, prints what failed and exits 1.
@@ -556,6 +557,105 @@ static int lifecycle(uint64_t *s) {
     return cycles + 2;
 }
 
+/* ------------------------------------------------------------------ background calls */
+
+/* A native prefetch's shape (the pager's): a leaf's three parts started as one background call
+   whose last job calls a hook, cancelled or promoted to urgent by another thread meanwhile, and
+   started again once over. Background jobs are held now and then, so that cancels and promotes
+   find queued jobs. Each call must end exactly once: by its hook (bytes right) or by a cancel. */
+#define N_CALLS 24
+
+struct hooked {
+    struct smoe_call call; /* first: the hook gets it */
+    struct smoe_job jobs[3];
+    uint8_t *buf[3];
+    int leaf;
+    int in_flight;         /* the main thread's view: started, not yet seen over */
+};
+
+static pthread_mutex_t g_hook_lock = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t g_hook_cond = PTHREAD_COND_INITIALIZER;
+static int64_t g_hooks_run, g_hook_over[N_CALLS];
+
+static struct hooked g_calls[N_CALLS];
+
+static void hook(struct smoe_call *call) {
+    struct hooked *h = (struct hooked *)call;
+    if (call->failed != 0) fail("a background call's jobs failed");
+    for (int i = 0; i < 3; i++)
+        if (memcmp(h->buf[i], g_ref + h->jobs[i].offset, (size_t)h->jobs[i].length) != 0)
+            fail("a background call's part %d has wrong bytes", i);
+    pthread_mutex_lock(&g_hook_lock);
+    g_hooks_run++;
+    g_hook_over[h - g_calls]++;
+    pthread_cond_broadcast(&g_hook_cond);
+    pthread_mutex_unlock(&g_hook_lock);
+}
+
+static void start_call(struct smoe_pool *pool, struct hooked *h, uint64_t *s) {
+    h->leaf = g_leaves[below(s, 16)]; /* the leaves within the file */
+    for (int i = 0; i < 3; i++) {
+        const struct part *pt = &g_parts[h->leaf + i];
+        memset(&h->jobs[i], 0, sizeof h->jobs[i]);
+        h->jobs[i].fd = g_fd_direct;
+        h->jobs[i].direct = g_o_direct;
+        h->jobs[i].offset = pt->offset;
+        h->jobs[i].length = pt->length;
+        h->jobs[i].dest = h->buf[i];
+        memset(h->buf[i], 0, (size_t)h->jobs[i].length);
+    }
+    h->call.remaining = h->call.failed = 0;
+    h->in_flight = 1;
+    smoe_pool_start(pool, &h->call, h->jobs, 3, 0);
+}
+
+static void background_calls(uint64_t *s, int rounds, int64_t *cancels, int64_t *promotes, int64_t *hooks) {
+    struct smoe_pool *pool = smoe_pool_new(2, 1);
+    if (pool == NULL) fail("smoe_pool_new(2, 1) failed");
+    int64_t started = 0, cancelled = 0, seen_over[N_CALLS] = {0};
+    for (int i = 0; i < N_CALLS; i++) {
+        g_calls[i].call.on_done = hook;
+        for (int k = 0; k < 3; k++)
+            if (posix_memalign((void **)&g_calls[i].buf[k], SMOE_BLOCK, (size_t)MAX_LEN) != 0) fail("out of memory");
+    }
+    for (int r = 0; r < rounds * 40; r++) {
+        if (below(s, 8) == 0) smoe_pool_hold(pool, (int32_t)below(s, 2));
+        struct hooked *h = &g_calls[below(s, N_CALLS)];
+        int idx = (int)(h - g_calls);
+        pthread_mutex_lock(&g_hook_lock);
+        int over = g_hook_over[idx] > seen_over[idx];
+        if (over) seen_over[idx] = g_hook_over[idx];
+        pthread_mutex_unlock(&g_hook_lock);
+        if (over) h->in_flight = 0;
+        if (!h->in_flight) {
+            start_call(pool, h, s);
+            started++;
+        } else if (below(s, 2) == 0) {
+            if (smoe_pool_cancel(pool, &h->call)) {
+                h->in_flight = 0;
+                cancelled++;
+            }
+        } else {
+            smoe_pool_promote(pool, &h->call);
+            (*promotes)++;
+        }
+    }
+    smoe_pool_hold(pool, 0);
+    pthread_mutex_lock(&g_hook_lock); /* every call not cancelled ends by its hook */
+    for (int i = 0; i < N_CALLS; i++)
+        while (g_calls[i].in_flight && g_hook_over[i] == seen_over[i]) pthread_cond_wait(&g_hook_cond, &g_hook_lock);
+    int64_t run = g_hooks_run;
+    pthread_mutex_unlock(&g_hook_lock);
+    smoe_pool_free(pool);
+    if (run + cancelled != started)
+        fail("%" PRId64 " background calls started, %" PRId64 " hooks run and %" PRId64 " cancelled", started, run, cancelled);
+    if (cancelled == 0) fail("no queued background call was cancelled");
+    for (int i = 0; i < N_CALLS; i++)
+        for (int k = 0; k < 3; k++) free(g_calls[i].buf[k]);
+    *cancels = cancelled;
+    *hooks = run;
+}
+
 /* ------------------------------------------------------------------ main */
 
 static int g_verbose;
@@ -600,6 +700,10 @@ int main(void) {
     smoe_pool_free(pool);
     stage("the main stress", &t0);
 
+    int64_t cancels = 0, promotes = 0, hooks = 0;
+    background_calls(&s, rounds, &cancels, &promotes, &hooks);
+    stage("background calls", &t0);
+
     pool = smoe_pool_new(N_WORKERS, 0); /* the portable digest in the workers */
     if (pool == NULL) fail("smoe_pool_new(%d, 0) failed", N_WORKERS);
     run_phase(pool, N_SUBMITTERS, rounds / 5 + 1, &s, &portable);
@@ -622,5 +726,7 @@ int main(void) {
            main_phase.bounced, chained, chains, (double)main_phase.bytes / (1 << 20), N_SUBMITTERS, N_WORKERS, main_phase.seconds,
            portable.jobs, g_direct_how,
            library ? (compared ? "= portable" : "unchecked") : "absent", cycles, g_seed, now_seconds() - start);
+    printf("readpool_stress: background calls: %" PRId64 " hooks run, %" PRId64 " cancelled, %" PRId64 " promotes\n",
+           hooks, cancels, promotes);
     return 0;
 }
