@@ -2,7 +2,7 @@
 between them, the order reversed at each prompt.
 
     python scripts/paired_engines.py models/reference-large-qwen3moe.pack --budget 50% \\
-        --configs orchestrator,orchestrator-c,reactive -n 64 --reps 2
+        --configs orchestrator,orchestrator-py,reactive -n 64 --reps 2
 
 On a shared machine whose speed moves within minutes, separate runs of two configurations
 disagree by more than the effects being measured; alternating prompts between engines that are
@@ -14,8 +14,8 @@ token, observer pauses; then the first configuration's decode against each other
 writes the same figures.
 
 Configurations: ``reactive`` (LRU, no speculation, no profile), ``orchestrator`` (the defaults:
-speculation observed in Python, the observer switch deciding), ``orchestrator-c`` (speculation of
-decoded tokens in C: ``Engine(speculate_native=True)``). Suffixes: ``+on`` holds the observer switch
+decoded tokens' speculation in C, the observer switch deciding), ``orchestrator-py`` (speculation
+of decoded tokens observed in Python: ``Engine(speculate_native=False)``). Suffixes: ``+on`` holds the observer switch
 on (``orchestrator+on``); ``+python-flights`` sends a gate whose miss a prefetch has in flight to
 Python instead of the native pager (``orchestrator+python-flights``). ``--profile`` gives the
 orchestrators a tree-map profile (not updated).
@@ -36,7 +36,7 @@ SAMPLING = {"temp": 0.8, "seed": 0}
 CONFIGS: dict[str, dict[str, Any]] = {
     "reactive": {"speculate": False, "policy": "lru", "profile": None},
     "orchestrator": {},
-    "orchestrator-c": {"speculate_native": True},
+    "orchestrator-py": {"speculate_native": False},
 }
 
 

@@ -158,7 +158,7 @@ class Engine:
         pipeline: bool = False,
         io_depth: int = DEFAULT_IO_DEPTH,
         native: bool = True,
-        speculate_native: bool = False,
+        speculate_native: bool = True,
     ) -> None:
         """``profile``: the tree-map file ("auto": under the user's cache directory, keyed by the
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
@@ -169,8 +169,8 @@ class Engine:
         ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
         ``native``: the native pager serves the gate's misses where it can; False: Python serves
         every miss (the reference implementation, for tests). ``speculate_native`` (with
-        ``native``): a decoded token's gates are guessed in C (:mod:`smoe_gguf.spec_native`),
-        not by the Python observer; off by default (docs/prediction.md says why).
+        ``native``): a decoded token's gates are guessed in C (:mod:`smoe_gguf.spec_native`);
+        False: by the Python observer (the reference, for tests and comparisons).
         ``speculate_rank``: experts guessed per later layer, in multiples of the experts a token
         uses; ``speculate_threshold``: of those, only the ones with at least this guessed router
         probability; ``speculate_lookahead``: MoE layers guessed ahead (see :mod:`smoe_gguf.speculate`)."""

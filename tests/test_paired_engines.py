@@ -24,21 +24,21 @@ def test_configurations_run_side_by_side_and_generate_the_same_tokens(pack_of, t
     script = _script()
     out = tmp_path / "pair.json"
     rc = script.main([str(pack_of("qwen3moe", "f32")), "--budget", "25%", "--configs",
-                      "orchestrator-c+on,orchestrator+python-flights,reactive", "-n", "4", "--json-out", str(out)])
+                      "orchestrator-py+on,orchestrator+python-flights,reactive", "-n", "4", "--json-out", str(out)])
     assert rc == 0  # the same tokens in every configuration
     got = json.loads(out.read_text())
-    assert list(got) == ["orchestrator-c+on", "orchestrator+python-flights", "reactive"]
+    assert list(got) == ["orchestrator-py+on", "orchestrator+python-flights", "reactive"]
     for r in got.values():
         assert r["decode_tps"] > 0 and len(r["generated"]) == 4  # one per prompt
         assert r["generated"] == got["reactive"]["generated"]
     printed = capsys.readouterr().out
-    assert "orchestrator-c+on against orchestrator+python-flights:" in printed and "orchestrator-c+on against reactive:" in printed
+    assert "orchestrator-py+on against orchestrator+python-flights:" in printed and "orchestrator-py+on against reactive:" in printed
 
 
 def test_an_unknown_configuration_is_named() -> None:
     script = _script()
     with pytest.raises(SystemExit, match="unknown configuration 'eager'"):
         script.engine_options("eager", None)
-    assert script.engine_options("orchestrator-c+on", None) == ({"profile": None, "speculate_native": True}, {"on"})
+    assert script.engine_options("orchestrator-py+on", None) == ({"profile": None, "speculate_native": False}, {"on"})
     assert script.engine_options("orchestrator+on+python-flights", None) == ({"profile": None},
                                                                               {"on", "python-flights"})

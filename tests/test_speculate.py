@@ -187,7 +187,7 @@ def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of, mon
 
 @pytest.mark.parametrize(("arch", "ftype"), [("qwen3moe", "f32"), ("deepseek2", "f16"), ("gpt-oss", "f16")])
 def test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python(arch, ftype, tiny_model, pack_of) -> None:
-    """The C path (spec_native, opted into) guesses what the Python observer does: the same ranks,
+    """The C path (spec_native, the default) guesses what the Python observer does: the same ranks,
     scored the same, with each architecture's gating (softmax; sigmoid with a selection bias; a
     router bias), the route fits included; the output stays bit-exact. Control: the Python path
     guesses none in C."""
@@ -216,7 +216,9 @@ def test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python(arch, ftype
     for x, y in zip(c_counts, py_counts, strict=True):
         assert np.array_equal(x, y)
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
-        assert eng.speculator is not None and eng.spec_native is None  # off by default
+        assert eng.speculator is not None and eng.spec_native is not None  # on by default
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate_native=False) as eng:
+        assert eng.speculator is not None and eng.spec_native is None
 
 
 def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
