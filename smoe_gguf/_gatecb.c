@@ -121,10 +121,12 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
     if (n_tokens == 1 && !g->every_gate && g->spec != NULL && g->spec->enabled) {
         struct smoe_spec *s = g->spec;
         int32_t n_pf = smoe_spec_gate(s, t, layer, g->ids, (int32_t)n_used);
-        if (n_pf > 0 && pg != NULL && pg->pf != NULL)  /* queued in C, read by the pool */
-            s->prefetched += (uint64_t)smoe_pager_prefetch(pg, layer, g->ids, (int32_t)n_used, s->pf_layer,
-                                                           s->pf_expert, s->pf_prio, n_pf);
-        else if (n_pf > 0 && !call_slow(g, t, KIND_PREFETCH, layer, 1))
+        if (n_pf > 0 && pg != NULL && pg->pf != NULL) {  /* queued in C, read by the pool */
+            uint64_t queued = (uint64_t)smoe_pager_prefetch(pg, layer, g->ids, (int32_t)n_used, s->pf_layer,
+                                                            s->pf_expert, s->pf_prio, n_pf);
+            s->prefetched += queued;
+            pg->pf_queued += queued;
+        } else if (n_pf > 0 && !call_slow(g, t, KIND_PREFETCH, layer, 1))
             return false;
     }
     if (g->every_gate && pg == NULL) return call_slow(g, t, 0, layer, (int32_t)n_tokens);

@@ -464,7 +464,6 @@ int32_t smoe_pager_prefetch(struct smoe_pager *p, int32_t layer, const int32_t *
         p->pf_also[queued++] = k;
         p->start(p->pool, &f->call, jobs, n_jobs, 0);
     }
-    p->pf_queued += (uint64_t)queued;
     return queued;
 }
 

@@ -404,9 +404,9 @@ class NativePager:
         return [(divmod(k, self.n_expert), last) for k, last in pairs]
 
     def take_landings(self) -> tuple[list[tuple[tuple[int, int], int, int]], int, int]:
-        """The native prefetches (:meth:`prefetch`, the C speculation's) since the last call (gate
-        thread): (leaf, LANDED / LANDED_FAILED / LANDED_CANCELLED, clock at landing) in order, how
-        many were queued and how many cancelled. A failed one's pages and charge are back; its
+        """The native prefetches (:meth:`prefetch`, and the C speculation's) since the last call
+        (gate thread): (leaf, LANDED / LANDED_FAILED / LANDED_CANCELLED, clock at landing) in
+        order, how many the C speculation queued and how many were cancelled. A failed one's pages and charge are back; its
         reads are added to the store's figures."""
         st = self._st
         c = _PfCounts()
@@ -432,6 +432,10 @@ class NativePager:
         ids = np.asarray(in_use, np.int32)
         return int(self._lib.smoe_pager_prefetch(self.address, layer, ids.ctypes.data, ids.size, ls.ctypes.data,
                                                  es.ctypes.data, ps.ctypes.data, len(keys)))
+
+    def has_shard(self, key: tuple[int, int]) -> bool:
+        """Whether leaf ``key``'s shard is open here (:meth:`prefetch` skips a leaf whose is not)."""
+        return bool(self.fd[key[0] * self.n_expert + key[1]] >= 0)
 
     def await_leaf(self, key: tuple[int, int]) -> None:
         """If leaf ``key`` is a native prefetch in flight: read it ahead of the queue and wait for it

@@ -88,6 +88,7 @@ class Residency:
         self.policy: Policy = make_policy(policy)
         self.stats = ResidencyStats()
         self.native: NativePager | None = None  # serves gate misses in C where it can (Residency.over)
+        self.native_prefetches = True  # likely prefetches that may evict are queued by the native pager
         self._enabled = True
         self._pipeline = False
         self.trace: Trace | None = None  # where trace_gate records every gate's accesses
@@ -234,14 +235,16 @@ class Residency:
             return
         landings, queued, _cancelled = nat.take_landings()  # before the flights: a gate may have waited for one
         self.stats.source(NATIVE_SOURCE).queued += queued
-        for key, what, clock in landings:
+        for key, what, clock in landings:  # Python's asker where it queued the leaf, else speculation in C
             if what == LANDED:
                 self._unused_prefetch[key] = clock
-                self._source[key] = NATIVE_SOURCE
+                self._source.setdefault(key, NATIVE_SOURCE)
                 self.stats.prefetched += 1
             elif what == LANDED_CANCELLED:
                 self.stats.prefetch_cancelled += 1
-                self.stats.source(NATIVE_SOURCE).cancelled += 1
+                self.stats.source(self._source.pop(key, NATIVE_SOURCE)).cancelled += 1
+            else:  # failed: reaped
+                self._source.pop(key, None)
         for key, event, waited_ns in nat.take_flights():  # before the evictions: a leaf may be both
             if event == TAKEN:  # read by the gate, still charged: nothing saved
                 self.fetcher.forget_taken(key)
@@ -641,6 +644,9 @@ class Residency:
         queued = 0
         protect = list(in_use or [])
         prios = [float(priority)] * len(keys) if isinstance(priority, (int, float)) else list(priority)
+        nat = self.native
+        if evict and self.native_prefetches and nat is not None and nat.enabled and min(prios, default=1.0) >= HOLD_BELOW:
+            return self._prefetch_native(nat, keys, layer, protect, prios, source)
         for i, key in enumerate(keys):
             kl, ke = key
             if s.resident[kl, ke] or key in self.fetcher or self.flight_table[kl, ke] or kl not in self._cost:
@@ -656,6 +662,29 @@ class Residency:
             self.stats.source(source).queued += 1
             self.fetcher.prefetch(key, prios[i])
             queued += 1
+        return queued
+
+    def _prefetch_native(self, nat: NativePager, keys: list[Key], layer: int, in_use: list[int],
+                         prios: list[float], source: str) -> int:
+        """:meth:`prefetch` by the native pager (likely leaves, room made by eviction): the same
+        books, read on the reader pool without an I/O thread of this class."""
+        s = self.state
+        todo: list[Key] = []
+        todo_prios: list[float] = []
+        for key, p in zip(keys, prios, strict=True):
+            kl, ke = key
+            if s.resident[kl, ke] or self.flight_table[kl, ke] or kl not in self._cost:
+                continue  # resident, on its way, or of a layer without paged experts
+            if not nat.has_shard(key):
+                nat.note_open(kl, ke)
+                if not nat.has_shard(key):
+                    continue  # a gate reads it, and names what is wrong with its shard
+            todo.append(key)
+            todo_prios.append(p)
+        queued = nat.prefetch(todo, todo_prios, layer, in_use) if todo else 0
+        for key in todo[:queued]:  # the pager queues a prefix of them: it stops at the first without room
+            self._source[key] = source
+        self.stats.source(source).queued += queued
         return queued
 
     def _landed(self, key: tuple[int, int], priority: float) -> None:

@@ -81,10 +81,12 @@ def test_prefetches_still_queued_are_taken_by_the_native_pager(pack_of, tiny_mod
     pack = pack_of("qwen3moe", "q4_k")
     figures, python_gates = [], []
     for serve_flights in (True, False):
-        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=True) as eng:
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=True,
+                    speculate_native=False) as eng:
             r = eng.residency
             assert r.native is not None
             r.native.serve_flights = serve_flights
+            r.native_prefetches = False  # prefetches on the I/O threads of the Python residency (held)
             r.native.wait_opened()
             eng.observer_switch.keep(True)  # speculation in every turn, whatever its timing
             tokens: list[int] = []
@@ -268,8 +270,9 @@ def test_room_for_a_prefetch_is_made_in_c_and_spares_what_it_must(pack_of) -> No
 
 def test_native_prefetches_held_in_the_queue_are_promoted_or_cancelled_by_the_gate(
         pack_of, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
-    """Speculation in C queues its prefetches on the reader pool; none starts here (background
-    reads are held, and the Python I/O threads, which read a prompt's prefetches, too). A gate that needs one moves its reads ahead and waits for it; a gate that
+    """Speculation queues its prefetches on the reader pool (a decoded token's guessed in C, a
+    prompt's in Python); none starts here (background reads are held, and so are the Python I/O
+    threads, which would read the others). A gate that needs one moves its reads ahead and waits for it; a gate that
     needs the room a queued one holds cancels it (least likely first). The books balance (every
     queued prefetch was used, cancelled or is still queued, and charged once), the budget holds
     and the output is bit-exact."""
@@ -292,13 +295,12 @@ def test_native_prefetches_held_in_the_queue_are_promoted_or_cancelled_by_the_ga
             st = eng.stats()
             counts = st.prefetch_by_source["speculation"]
             flying = [tuple(k) for k in np.argwhere(r.flight_table == TABLE_NATIVE)]
-            queued_py = list(r.fetcher.flight)  # a prompt's, queued by the Python observer
-            assert counts["queued"] == (counts["used"] + counts["cancelled"] + counts["claimed"] + len(flying)
-                                        + len(queued_py))
+            assert not r.fetcher.flight and counts["claimed"] == 0  # a prompt's guesses (Python's) are queued in C too
+            assert counts["queued"] == counts["used"] + counts["cancelled"] + len(flying)
             assert counts["late"] > 0 and counts["cancelled"] > 0
             assert st.prefetch_wasted == 0  # nothing landed that a gate did not ask for
             resident_cost = sum(r.leaf_cost(int(k[0])) for k in zip(*np.nonzero(r.state.resident)))
-            assert r.used == resident_cost + sum(r.leaf_cost(k[0]) for k in flying + queued_py)
+            assert r.used == resident_cost + sum(r.leaf_cost(k[0]) for k in flying)
         finally:
             pool.hold(False)
         assert same(reference(tiny_model("qwen3moe", "q4_k"), eng), tokens, logits)
