@@ -399,7 +399,6 @@ int32_t smoe_pager_cancel_or_wait(struct smoe_pager *p) {
             t[1] = SMOE_LANDED_CANCELLED;
             t[2] = 0;
             pthread_mutex_unlock(&p->flight->mutex);
-            p->pf_cancelled++;
             return 1;
         }
     }

@@ -110,7 +110,6 @@ struct smoe_pager {
     int64_t landings_cap, landings_n;  /* in triples */
     int64_t landings_owed;     /* prefetches queued whose landing Python has not taken: at most landings_cap */
     uint64_t pf_queued;        /* queued by speculation in C (_gatecb.c), read and zeroed by Python */
-    uint64_t pf_cancelled;     /* counter (gate thread), read and zeroed by Python */
     struct smoe_pf_counts pf_counts;   /* flight mutex */
 };
 

@@ -145,7 +145,6 @@ class _PagerStruct(Structure):
         ("landings_n", c_int64),
         ("landings_owed", c_int64),
         ("pf_queued", c_uint64),
-        ("pf_cancelled", c_uint64),
         ("pf_counts", _PfCounts),
     ]
 
@@ -403,23 +402,23 @@ class NativePager:
         self._st.log_n = 0
         return [(divmod(k, self.n_expert), last) for k, last in pairs]
 
-    def take_landings(self) -> tuple[list[tuple[tuple[int, int], int, int]], int, int]:
+    def take_landings(self) -> tuple[list[tuple[tuple[int, int], int, int]], int]:
         """The native prefetches (:meth:`prefetch`, and the C speculation's) since the last call
         (gate thread): (leaf, LANDED / LANDED_FAILED / LANDED_CANCELLED, clock at landing) in
-        order, how many the C speculation queued and how many were cancelled. A failed one's pages and charge are back; its
+        order, and how many the C speculation queued. A failed one's pages and charge are back; its
         reads are added to the store's figures."""
         st = self._st
         c = _PfCounts()
         n = int(self._lib.smoe_pager_take_landings(self.address, self._landings.ctypes.data, self._landings.size // 3,
                                                     ctypes.byref(c)))
         rows = self._landings[: 3 * n].reshape(n, 3).tolist() if n else []
-        queued, cancelled = int(st.pf_queued), int(st.pf_cancelled)
-        st.pf_queued = st.pf_cancelled = 0
+        queued = int(st.pf_queued)
+        st.pf_queued = 0
         if c.part_reads:
             self._store.count_native(StoreStats(
                 bytes_read=c.bytes_read, part_reads=c.part_reads, in_place_reads=c.in_place_reads,
                 read_seconds=c.read_seconds, hash_seconds=c.hash_seconds, checked_parts=c.checked_parts, batches=0))
-        return [(divmod(k, self.n_expert), what, clock) for k, what, clock in rows], queued, cancelled
+        return [(divmod(k, self.n_expert), what, clock) for k, what, clock in rows], queued
 
     def prefetch(self, keys: Sequence[tuple[int, int]], priorities: Sequence[float], layer: int,
                  in_use: Sequence[int]) -> int:

@@ -233,7 +233,7 @@ class Residency:
         nat = self.native
         if nat is None or not nat.pending:
             return
-        landings, queued, _cancelled = nat.take_landings()  # before the flights: a gate may have waited for one
+        landings, queued = nat.take_landings()  # before the flights: a gate may have waited for one
         self.stats.source(NATIVE_SOURCE).queued += queued
         for key, what, clock in landings:  # Python's asker where it queued the leaf, else speculation in C
             if what == LANDED:
