@@ -297,7 +297,7 @@ def disk_curve_text(curve: dict[str, Any]) -> str:
     return (f"{how} random reads of its {_span_size(curve)} parts, {curve['bytes_per_level'] / 2**20:.0f} MiB "
             f"per point{each}, GB/s by concurrent readers {_points(curve)}{leaves}; limit uses "
             f"{curve['best'] / 1e9:.2f} (the fastest sweep{of}, {curve['best_readers']} readers); "
-            f"smoe-gguf rows read {curve['io_depth']} parts at once (--io-depth)")
+            f"smoe-gguf rows read {curve['io_depth']} at once (--io-depth; a leaf's parts are one read)")
 
 
 def training_text(gguf: Path) -> str | None:
@@ -484,7 +484,8 @@ def measure_disk(parts: list[Span], min_bytes: int, readers: list[int]) -> dict[
     each number of concurrent readers, cold; and where a leaf's parts
     follow one another in its file (a pack), of whole leaves too, as the pager reads a missed
     leaf's parts all at once. The limit is the fastest of both ("best"); the pager's depth
-    follows the parts' curve (it counts parts in flight)."""
+    follows the whole leaves' curve where there is one (its readers take a leaf's contiguous
+    parts as one request), else the parts'."""
     from smoe_gguf.devtools.diskprobe import leaf_spans, random_read_curve
 
     curve = random_read_curve(parts, readers, min_bytes).as_dict()
@@ -979,7 +980,7 @@ class Bench:
               flush=True)
         spans = part_spans(source)
         curve = measure_disk(spans, a.disk_bytes, a.readers)
-        io_depth = curve["io_depth"] = a.io_depth or curve["pager_readers"]  # as many parts at once as suit the disk
+        io_depth = curve["io_depth"] = a.io_depth or curve.get("leaves", curve)["pager_readers"]  # reads at once
         self.disk[name] = curve
         trained = training_text(gguf)
         if trained:

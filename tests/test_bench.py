@@ -87,14 +87,14 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert "Command: `bench.py m.gguf`" in report and "- a note" in report
     assert "| m | c | smoe-gguf reactive LRU | 25% | 5.00 |" in report and "| 85.0% |" in report
     assert ("- m: O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers "
-            "1: 0.80, 4: 1.40; limit uses 1.40 (the fastest sweep, 4 readers); smoe-gguf rows read 2 parts at once (--io-depth)") in report
+            "1: 0.80, 4: 1.40; limit uses 1.40 (the fastest sweep, 4 readers); smoe-gguf rows read 2 at once (--io-depth; a leaf's parts are one read)") in report
     assert "1 x 4 tokens each, one per domain (python), sampled at temperature 0.8, top-p 0.95, seed 0" in report
     whole = {**curve, "bytes_per_second": {"1": 1.6e9, "4": 1.5e9}, "span_bytes": [3 << 20, 3 << 20]}
     both = {**curve, "leaves": whole, "best": 1.7e9, "best_readers": 1, "best_of": "leaves"}
     assert bench.disk_curve_text(both) == (
         "O_DIRECT random reads of its 1024 KiB parts, 256 MiB per point, GB/s by concurrent readers 1: 0.80, 4: 1.40; "
         "whole 3072 KiB leaves 1: 1.60, 4: 1.50; limit uses 1.70 (the fastest sweep of whole leaves, 1 readers); "
-        "smoe-gguf rows read 2 parts at once (--io-depth)")
+        "smoe-gguf rows read 2 at once (--io-depth; a leaf's parts are one read)")
 
 
 def test_after_fill_compares_with_the_stock_run_beside_the_row() -> None:
