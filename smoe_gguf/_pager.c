@@ -268,6 +268,15 @@ static void add_jobs(struct smoe_pager *p, int32_t layer, int32_t e, struct smoe
 
 /* ------------------------------------------------------------------ native prefetches */
 
+/* Log a native prefetch's end (leaf k, SMOE_LANDED_*, the clock then) for Python; flight mutex
+   held. Its room was owed since it was queued (landings_owed). */
+static void log_landing(struct smoe_pager *p, int64_t k, int64_t what, uint64_t now) {
+    int64_t *t = p->landings + 3 * p->landings_n++;
+    t[0] = k;
+    t[1] = what;
+    t[2] = (int64_t)now;
+}
+
 /* A native prefetch's reads are over (a reader thread, outside the pool's lock): a likely leaf
    counts as just used (as Residency._landed does), the leaf is resident, its landing is logged and
    its flight byte cleared (or FAILED: the gate thread reaps it, smoe_pager_take_landings). */
@@ -301,10 +310,7 @@ static void pf_landed(struct smoe_call *call) {
     }
     c->landed += !failed;
     c->failed += failed;
-    int64_t *t = p->landings + 3 * p->landings_n++;  /* room owed since it was queued */
-    t[0] = k;
-    t[1] = failed ? SMOE_LANDED_FAILED : SMOE_LANDED;
-    t[2] = (int64_t)now;
+    log_landing(p, k, failed ? SMOE_LANDED_FAILED : SMOE_LANDED, now);
     __atomic_store_n(&p->in_flight[k], failed ? SMOE_FLIGHT_FAILED : 0, __ATOMIC_RELEASE);
     p->pf_flying--;
     pthread_cond_broadcast(&p->flight->cond);
@@ -394,10 +400,7 @@ int32_t smoe_pager_cancel_or_wait(struct smoe_pager *p) {
             pf_drop(p, k);
             pthread_mutex_lock(&p->flight->mutex);
             p->pf_flying--;
-            int64_t *t = p->landings + 3 * p->landings_n++;
-            t[0] = k;
-            t[1] = SMOE_LANDED_CANCELLED;
-            t[2] = 0;
+            log_landing(p, k, SMOE_LANDED_CANCELLED, 0);
             pthread_mutex_unlock(&p->flight->mutex);
             return 1;
         }

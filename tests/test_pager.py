@@ -24,12 +24,11 @@ from smoe_gguf.fetcher import (
     Fetcher,
     Flight,
 )
-from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 from smoe_gguf.policy import POLICIES, AccessState
 from smoe_gguf.trace import load
 
-from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
+from .engine_helpers import N_TOKENS, PROMPT, budgets, corrupted_pack, reference, same
 
 
 def _run(pack: Path, budget: str, prompt: str = PROMPT, **kw: object) -> tuple[Engine, list[int], list[np.ndarray], list[int]]:
@@ -147,15 +146,7 @@ def test_the_c_gate_and_the_pager_stamp_uses_as_the_access_state_records_them(pa
 
 def test_a_corrupt_part_read_by_the_native_pager_is_named(tiny_model, tmp_path: Path) -> None:
     pack = tmp_path / "p.pack"
-    split(tiny_model("qwen3moe", "q4_k"), pack)
-    m = mf.load(pack)
-    for leaf in m.leaves:
-        if leaf.layer == 1:
-            path = pack / leaf.file
-            data = bytearray(path.read_bytes())
-            data[leaf.parts[1].offset + 5] ^= 0x01
-            path.write_bytes(bytes(data))
-            part = leaf.parts[1].part
+    part = corrupted_pack(tiny_model("qwen3moe", "q4_k"), pack, layer=1, index=1)
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
         assert eng.residency.native is not None
         eng.residency.native.wait_opened()
@@ -308,15 +299,7 @@ def test_native_prefetches_held_in_the_queue_are_promoted_or_cancelled_by_the_ga
 
 def test_a_failed_native_prefetch_is_reaped_and_its_part_named_by_the_gate(tiny_model, tmp_path: Path) -> None:
     pack = tmp_path / "p.pack"
-    split(tiny_model("qwen3moe", "q4_k"), pack)
-    m = mf.load(pack)
-    for leaf in m.leaves:
-        if leaf.layer == 1 and leaf.expert == 3:
-            path = pack / leaf.file
-            data = bytearray(path.read_bytes())
-            data[leaf.parts[0].offset + 5] ^= 0x01
-            path.write_bytes(bytes(data))
-            part = leaf.parts[0].part
+    part = corrupted_pack(tiny_model("qwen3moe", "q4_k"), pack, layer=1, index=0, expert=3)
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
         r, nat = eng.residency, eng.residency.native
         assert nat is not None

@@ -13,7 +13,7 @@ from smoe_gguf.errors import SmoeError
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.split import split
 
-from .engine_helpers import N_TOKENS, PROMPT, budgets, reference, same
+from .engine_helpers import N_TOKENS, PROMPT, budgets, corrupted_pack, reference, same
 
 # One architecture of each layer layout: experts in every layer (and gpt-oss's own activation
 # node), dense first layers (deepseek2), experts every other layer (llama4).
@@ -91,12 +91,7 @@ def test_a_prefetch_landing_while_the_gate_makes_room_is_evictable() -> None:
 
 def test_a_failed_prefetch_names_the_leaf_when_the_gate_needs_it(tiny_model, tmp_path: Path) -> None:
     pack = tmp_path / "p.pack"
-    split(tiny_model("qwen3moe", "f16"), pack)
-    leaf = next(lf for lf in mf.load(pack).leaves if lf.layer == 1 and lf.expert == 2)
-    path = pack / leaf.file
-    data = bytearray(path.read_bytes())
-    data[leaf.parts[0].offset + 5] ^= 0x01
-    path.write_bytes(bytes(data))
+    corrupted_pack(tiny_model("qwen3moe", "f16"), pack, layer=1, index=0, expert=2)
     with Engine(pack, budget="100%", n_ctx=256, n_threads=2) as eng:
         r = eng.residency
         assert r.prefetch([(1, 2), (1, 3)]) == 2
