@@ -299,7 +299,7 @@ class Engine:
         self.speculator: Speculator | None = None
         if speculate and self.paging:
             threshold, rank, lookahead = guess
-            self.speculator = Speculator(src.llama_paths[0], r, src.n_expert_used, threshold, rank, lookahead)
+            self.speculator = Speculator(src.core, r, src.n_expert_used, threshold, rank, lookahead)
             if self.profile_path is not None:  # earlier sessions' route fits (see route_fit)
                 self.speculator.fit.load(route_fit.load_routes(
                     route_fit.routes_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))

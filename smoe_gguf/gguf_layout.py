@@ -1,19 +1,24 @@
 """Byte-exact reading of a GGUF file's layout: header, key/values, tensor infos, data offsets.
 
 A small reader of its own (rather than gguf.GGUFReader) because the pack needs the exact byte
-span of every key/value and of the tensor-info block, reads only the header (never the data),
-and must turn every malformed or truncated file into one clear message.
+span of every key/value and of the tensor-info block, reads only the header (and, on request, a
+few small tensors' values: :func:`read_values`), and must turn every malformed or truncated file
+into one clear message.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import struct
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, BinaryIO
 
+import numpy as np
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
+from gguf.quants import dequantize
 
 from .errors import SmoeError
 from .safeio import open_regular
@@ -253,6 +258,29 @@ def _parse(f: BinaryIO, p: Path, size: int) -> GGUFLayout:
             )
         tensors.append(t)
     return GGUFLayout(p, size, version, kvs, tensors, alignment, kv_end, data_offset)
+
+
+def read_values(layout: GGUFLayout, names: Iterable[str]) -> dict[str, np.ndarray]:
+    """The named tensors' values, dequantized to float32 in numpy's order (outermost dimension
+    first), read with one ``pread`` each: into this process's memory, so that using them later
+    faults nothing in from the disk."""
+    out: dict[str, np.ndarray] = {}
+    fd = open_regular(layout.path)
+    try:
+        for name in names:
+            t = layout.tensor(name)
+            raw = os.pread(fd, t.nbytes, t.offset)
+            if len(raw) != t.nbytes:
+                raise SmoeError(f"{layout.path}: truncated GGUF (tensor {name})")
+            rows = math.prod(t.shape[1:])
+            data = np.frombuffer(raw, np.uint8).reshape(rows, t.nbytes // max(1, rows))
+            values = np.array(dequantize(data, GGMLQuantizationType(t.ggml_type)), np.float32)
+            out[name] = values.reshape(tuple(reversed(t.shape)))
+    except OSError as e:
+        raise SmoeError(f"{layout.path}: cannot read: {e.strerror}") from None
+    finally:
+        os.close(fd)
+    return out
 
 
 _TYPE_NAMES = {0: "uint8", 1: "int8", 2: "uint16", 3: "int16", 4: "uint32", 5: "int32", 6: "float32", 7: "bool",

@@ -29,6 +29,7 @@ import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
+import numpy.ma  # noqa: F401  np.unique imports it at its first call: here, not inside a prompt's first gate
 
 from . import budget as bdg
 from .errors import SmoeError
@@ -495,10 +496,14 @@ class Residency:
             if int(last_use[key]) > landed:
                 self._credit(key, 0.0)
 
-    def prefetch_bar(self) -> float:
-        """The cost model: the least chance of use for which a prefetch pays (see :meth:`prefetch_bars`)."""
+    def prefetch_bar(self, batch: bool = False) -> float:
+        """The cost model: the least chance of use for which a prefetch pays (see :meth:`prefetch_bars`).
+        ``batch``: for the layer a prompt micro-batch computes next. A leaf it uses is read, and
+        evicted for, at that gate anyway, so only a wasted read costs the bar: it pays when
+        p > (1 - p) * bar (a bar at or above 1 would refuse even a leaf sure to be used)."""
         free, full = self.prefetch_bars()
-        return full if self.used + self.max_leaf_cost > self.budget else free
+        bar = full if self.used + self.max_leaf_cost > self.budget else free
+        return bar / (1.0 + bar) if batch else bar
 
     def prefetch_bars(self) -> tuple[float, float]:
         """The prefetch bar with room left in the budget, and with the budget full. A read costs
@@ -632,11 +637,13 @@ class Residency:
 
     def prefetch(self, keys: list[tuple[int, int]], layer: int = 0, in_use: list[int] | None = None,
                  evict: bool = True, priority: float | Sequence[float] = 1.0, source: str = "other") -> int:
-        """Queue ``keys`` for the I/O threads (gate thread only). Each is charged now; room is
-        made by evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``,
-        a protected one, nor one just queued. Stops at the first leaf that does not fit.
-        ``priority`` (one for all, or one per key): the chance a gate uses the leaf, for the I/O
-        thread's order. ``source`` names the asker in the counts. Returns how many were queued."""
+        """Queue ``keys`` for reading (gate thread only). Each is charged now; room is made by
+        evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``, a
+        protected one, nor one just queued. Stops at the first leaf that does not fit.
+        ``priority`` (one for all, or one per key): the chance a gate uses the leaf. Where room
+        may be made, the native pager queues the likely ones (at least HOLD_BELOW); the rest go
+        to the I/O threads, in priority order, which hold them while a gate reads. ``source``
+        names the asker in the counts. Returns how many were queued."""
         if not self.enabled:
             return 0
         self.drain_native()
@@ -645,8 +652,14 @@ class Residency:
         protect = list(in_use or [])
         prios = [float(priority)] * len(keys) if isinstance(priority, (int, float)) else list(priority)
         nat = self.native
-        if evict and self.native_prefetches and nat is not None and nat.enabled and min(prios, default=1.0) >= HOLD_BELOW:
-            return self._prefetch_native(nat, keys, layer, protect, prios, source)
+        if evict and self.native_prefetches and nat is not None and nat.enabled:
+            # the likely ones are queued by the native pager; the rest wait on the I/O threads
+            likely = [i for i, p in enumerate(prios) if p >= HOLD_BELOW]
+            if likely:
+                queued = self._prefetch_native(nat, [keys[i] for i in likely], layer, protect,
+                                               [prios[i] for i in likely], source)
+                keys = [k for k, p in zip(keys, prios) if p < HOLD_BELOW]
+                prios = [p for p in prios if p < HOLD_BELOW]
         for i, key in enumerate(keys):
             kl, ke = key
             if s.resident[kl, ke] or key in self.fetcher or self.flight_table[kl, ke] or kl not in self._cost:

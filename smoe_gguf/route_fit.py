@@ -114,12 +114,14 @@ class RouteFit:
         self._base: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}  # as loaded (load)
 
     def load(self, saved: "Routes") -> None:
-        """Start from the decisions and normal equations of earlier sessions."""
+        """Start from the decisions and normal equations of earlier sessions (solved here, at
+        start-up, rather than at the first prompt's gates)."""
         for pair, v in saved.items():
             if v is None:
                 self.fits[pair] = None
                 continue
-            self.fits[pair] = PairFit.from_sums(self.n_expert, v[0], v[1], int(v[2]))
+            fit = self.fits[pair] = PairFit.from_sums(self.n_expert, v[0], v[1], int(v[2]))
+            fit.weights()
             self._base[pair] = (v[0], v[1], int(v[2]))
 
     def saved(self) -> None:

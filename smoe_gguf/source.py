@@ -18,7 +18,7 @@ from pathlib import Path
 
 from . import archs
 from .budget import page_cost
-from .gguf_layout import T_UINT16, T_UINT32, align_up, encode_kv, encode_tensor_info, read_layout, write_header
+from .gguf_layout import T_UINT16, T_UINT32, GGUFLayout, align_up, encode_kv, encode_tensor_info, read_layout, write_header
 from .moe import analyze
 from .pack import manifest as mf
 from .pack.core_check import check_core
@@ -39,6 +39,7 @@ class Source:
     n_expert: int
     n_expert_used: int
     model_id: str  # the source's identity (profiles are keyed by it)
+    core: GGUFLayout  # the GGUF that holds the core's tensors (a pack's core.gguf, else the model)
     stub_dir: tempfile.TemporaryDirectory[str] | None = None
 
 
@@ -63,18 +64,19 @@ def open_source(path: Path, checksums: str = "first", io_depth: int = DEFAULT_IO
     if path.is_dir():
         m = mf.load(path)
         archs.require_supported(m.arch, str(path))
-        check_core(path, m)  # llama.cpp loads only a core whose sha256 the manifest gives
+        core = check_core(path, m)  # llama.cpp loads only a core whose sha256 the manifest gives
         stub_dir = tempfile.TemporaryDirectory(prefix="smoe-stub-")
         stub = Path(stub_dir.name) / "experts-stub.gguf"
         write_expert_stub(stub, m)
         return Source(
             path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums, io_depth=io_depth),
-            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, stub_dir,
+            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, core, stub_dir,
         )
     model = analyze(read_layout(path)).require_moe()
     return Source(
         path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums, io_depth=io_depth),
         model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
+        model.layout,
     )
 
 

@@ -26,8 +26,9 @@ budget that holds few leaves per layer, leave no room beside their own leaves to
 each token's guess for the next MoE layer (and
 for the last MoE layer, which computes only the tokens whose logits are wanted, the last
 token's): an expert's chance of being needed is that some token picks it, and the leaves worth
-their read by the same cost model are read while the micro-batch computes the layer (prompt
-read-ahead by prediction, not the whole next layer).
+their read are read while the micro-batch computes the layer (prompt read-ahead by prediction,
+not the whole next layer). The cost model counts there only a wasted read's cost (``batch``):
+a leaf the micro-batch uses is read, and evicted for, at its gate anyway.
 
 Speculation only moves leaves: what the experts compute, and so every logit, is unchanged.
 Precision (guessed leaves the router then picked) and recall (picked leaves that were guessed)
@@ -42,15 +43,13 @@ least-squares correction learnt from this session's tokens takes its place
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-from gguf import GGUFReader
-from gguf.quants import dequantize
 
 from . import ggml_abi as abi
 from .errors import SmoeError
+from .gguf_layout import GGUFLayout, read_values
 from .readahead import layer_covering_tokens
 from .residency import Residency
 from .route_fit import RouteFit
@@ -159,7 +158,7 @@ class SpecStats:
 class Speculator:
     """A gate observer (:meth:`smoe_gguf.gate.Gate.observe`) that prefetches the next layers' guesses."""
 
-    def __init__(self, core: Path, residency: Residency, n_expert_used: int,
+    def __init__(self, core: GGUFLayout, residency: Residency, n_expert_used: int,
                  threshold: float = DEFAULT_THRESHOLD, rank: float = DEFAULT_RANK,
                  lookahead: int = LOOKAHEAD) -> None:
         self.residency = residency
@@ -194,19 +193,14 @@ class Speculator:
         self._last_paged = paged[-1]
         self._last_layer = -1
         self._buf = np.empty(0, np.float32)
-        # Read at start-up, not at the first decoded token (where it cost ~0.3 s): the routers
-        # and every per-layer norm (which norm feeds the router is read from the graph later).
-        self._tensors: dict[str, np.ndarray] = {}
-        reader = GGUFReader(core)
-        self._sigmoid = False
-        for name, f in reader.fields.items():
-            if name.endswith(".expert_gating_func") and f.data:
-                self._sigmoid = int(f.parts[f.data[0]][0]) == GATING_SIGMOID
-        for t in reader.tensors:
-            if t.name.startswith("blk.") and ("ffn_gate_inp." in t.name or "norm" in t.name
-                                              or "exp_probs_b" in t.name):
-                shape = tuple(int(d) for d in reversed(t.shape.tolist()))
-                self._tensors[t.name] = np.asarray(dequantize(t.data, t.tensor_type), np.float32).reshape(shape)
+        # The routers and every per-layer norm (which norm feeds the router is read from the graph
+        # later), read into memory at start-up: llama.cpp reads the core with direct I/O, so mapped
+        # instead they would fault in from the disk inside the first prompt's gates.
+        self._sigmoid = any(key.endswith(".expert_gating_func") and kv.value == GATING_SIGMOID
+                            for key, kv in core.kvs.items())
+        self._tensors = read_values(core, [
+            t.name for t in core.tensors
+            if t.name.startswith("blk.") and ("ffn_gate_inp." in t.name or "norm" in t.name or "exp_probs_b" in t.name)])
 
     # ------------------------------------------------------------------ weights (once)
 
@@ -356,7 +350,7 @@ class Speculator:
             guessed.append((a, target, logits))
         if not guessed:
             return
-        bar = self.residency.prefetch_bar()
+        bar = self.residency.prefetch_bar(batch=n > 1)
         if n == 1:
             keys, prios = self._guess_token(guessed, bar)
         else:

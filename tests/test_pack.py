@@ -15,7 +15,7 @@ from smoe_gguf.budget import page_cost
 from smoe_gguf.devtools import stock
 from smoe_gguf.devtools.testmodels import CASES
 from smoe_gguf.errors import SmoeError
-from smoe_gguf.gguf_layout import read_layout
+from smoe_gguf.gguf_layout import read_layout, read_values
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.merge import merge
 from smoe_gguf.pack.split import split
@@ -70,6 +70,24 @@ def test_pack_layout(arch: str, dtype: str, tiny_model, packs) -> None:
         for p in leaf.parts:
             assert p.offset % mf.PART_ALIGNMENT == 0 and p.offset + p.length <= size
     assert m.source.size == src.file_size and m.source.file == src.path.name
+
+
+@pytest.mark.parametrize("dtype", ["f16", "q8_0"])
+def test_read_values_match_gguf_s_own_reader(tiny_model, dtype: str) -> None:
+    """What the speculator reads at start-up (routers, norms): the values gguf's reader gives,
+    in numpy's order, for float and quantized tensors alike."""
+    path = tiny_model("qwen3moe", dtype)
+    layout = read_layout(path)
+    names = [t.name for t in layout.tensors if t.name.startswith("blk.0.")]
+    got = read_values(layout, names)
+    want = {t.name: t for t in gguf.GGUFReader(path).tensors}
+    kinds = set()
+    for name in names:
+        t = want[name]
+        kinds.add(t.tensor_type.name)
+        ref = gguf.quants.dequantize(t.data, t.tensor_type).reshape(tuple(reversed(t.shape.tolist())))
+        assert got[name].dtype == np.float32 and np.array_equal(got[name], ref.astype(np.float32)), name
+    assert "F32" in kinds and len(kinds) > 1  # norms, and the weights in the model's type
 
 
 def test_some_tiny_models_have_slices_that_are_not_page_multiples(packs) -> None:

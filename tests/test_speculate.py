@@ -223,12 +223,29 @@ def test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python(arch, ftype
 
 def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
     pack = pack_of("qwen3moe", "f32")
-    monkeypatch.setattr(residency, "READ_COST", 1.01)  # no guess can be likelier than that
+    monkeypatch.setattr(residency, "READ_COST", 1.01)  # no decoded token's guess can be likelier than that
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
-        eng.generate(PROMPT, 8)
+        asked: list[float] = []
+        prefetch = eng.residency.prefetch
+
+        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
+            if kw.get("source") == "speculation":
+                asked.extend(kw["priority"])  # type: ignore[arg-type]
+            return prefetch(keys, *args, **kw)  # type: ignore[arg-type]
+
+        eng.residency.prefetch = spy  # type: ignore[method-assign]
+        prompt = eng.tokenize(PROMPT)
+        eng.decode(prompt)
+        # a micro-batch's next layer: only a wasted read costs the bar, so what is read is likelier
+        # than bar / (1 + bar)
+        assert asked and min(asked) >= 1.01 / 2.01
+        before = dict(eng.stats().speculation)
+        for tok in prompt[:6]:
+            eng.decode([tok])
         spec = eng.stats().speculation
-        assert spec["guesses"] > 0 and spec["prefetched"] == 0 and spec["protected"] == 0
-        assert spec["below_cost"] > 0
+        assert spec["guesses"] > before["guesses"]
+        assert spec["prefetched"] == before["prefetched"] and spec["protected"] == before["protected"]
+        assert spec["below_cost"] > before["below_cost"]
 
 
 def _spy_prefetches(r: Residency) -> list[tuple[int, int]]:
