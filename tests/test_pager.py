@@ -13,6 +13,7 @@ from smoe_gguf import native
 from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import (
     DOWN,
+    HOLD_BELOW,
     LOADING,
     QUEUED,
     TABLE_FAILED,
@@ -295,6 +296,34 @@ def test_native_prefetches_held_in_the_queue_are_promoted_or_cancelled_by_the_ga
         finally:
             pool.hold(False)
         assert same(reference(tiny_model("qwen3moe", "q4_k"), eng), tokens, logits)
+
+
+def test_a_prefetch_call_sends_its_likely_leaves_to_the_native_pager_and_the_rest_to_the_io_threads(
+        pack_of, monkeypatch: pytest.MonkeyPatch) -> None:
+    """One call mixing likely and unlikely leaves: those at least HOLD_BELOW likely are queued by
+    the native pager, the others by the Python I/O threads; each is charged once and counted for
+    its asker."""
+    monkeypatch.setattr(Fetcher, "_next_prefetch", lambda self: False)  # the I/O threads start nothing
+    pack = pack_of("qwen3moe", "q4_k")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=False) as eng:
+        r, nat, pool = eng.residency, eng.residency.native, eng.source.store._readers()
+        assert nat is not None
+        nat.wait_opened()
+        pool.hold(True)  # the native pager's background reads stay queued
+        try:
+            keys = [(1, 0), (1, 1), (1, 2), (1, 3)]
+            prios = [0.9, HOLD_BELOW / 2, 0.7, HOLD_BELOW / 4]
+            assert r.prefetch(keys, layer=0, in_use=[], priority=prios, source="speculation") == 4
+            assert r.flight_table[1, 0] == TABLE_NATIVE and r.flight_table[1, 2] == TABLE_NATIVE
+            assert (1, 1) in r.fetcher and (1, 3) in r.fetcher
+            assert (1, 0) not in r.fetcher and r.flight_table[1, 1] != TABLE_NATIVE
+            assert r.used == 4 * r.leaf_cost(1)
+            assert eng.stats().prefetch_by_source["speculation"]["queued"] == 4
+        finally:
+            pool.hold(False)
+        nat.wait_all()
+        r.drain_native()
+        assert r.state.resident[1, 0] and r.state.resident[1, 2]
 
 
 def test_a_failed_native_prefetch_is_reaped_and_its_part_named_by_the_gate(tiny_model, tmp_path: Path) -> None:
