@@ -27,7 +27,7 @@ from smoe_gguf.store import BLOCK, LeafStore, drop_page_cache
 
 READERS: tuple[int, ...] = (1, 2, 4, 8, 16)
 NEAR_BEST = 0.9  # a concurrency this close to the best bandwidth is as good, within the curve's noise
-MIN_PAGER_READERS = 2  # a prefetch and a gate's read in flight at once
+MIN_PAGER_READERS = 4  # a gate's several misses (three or four at 10%) at once, beside a prefetch
 SWEEPS = 2  # each concurrency read twice: in order, then in reverse
 
 
@@ -108,9 +108,10 @@ class ReadCurve:
     def pager_readers(self) -> int:
         """Readers for the pager (``--io-depth``): the fewest, of at least MIN_PAGER_READERS, that
         read within NEAR_BEST of the best of those; the best point where none of them comes within
-        NEAR_BEST of the best overall. On a flat curve the best point is noise; one reader
-        serialises every prefetch with the gates' reads, and each reader more queues more
-        prefetch reads ahead of a gate's."""
+        NEAR_BEST of the best overall. On a flat curve the best point is noise; fewer readers
+        make a gate's several misses (and the prefetches beside them) wait for each other, which
+        a throughput curve does not show, and each reader more queues more prefetch reads ahead
+        of a gate's."""
         bps = self.bytes_per_second
         top = max(bps.values())
         many = {k: v for k, v in bps.items() if k >= MIN_PAGER_READERS}
