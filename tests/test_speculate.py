@@ -225,20 +225,13 @@ def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> N
     pack = pack_of("qwen3moe", "f32")
     monkeypatch.setattr(residency, "READ_COST", 1.01)  # no decoded token's guess can be likelier than that
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
-        asked: list[float] = []
-        prefetch = eng.residency.prefetch
-
-        def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
-            if kw.get("source") == "speculation":
-                asked.extend(kw["priority"])  # type: ignore[arg-type]
-            return prefetch(keys, *args, **kw)  # type: ignore[arg-type]
-
-        eng.residency.prefetch = spy  # type: ignore[method-assign]
+        chances: list[float] = []
+        _spy_prefetches(eng.residency, chances)  # speculation is the only asker here (no profile)
         prompt = eng.tokenize(PROMPT)
         eng.decode(prompt)
         # a micro-batch's next layer: only a wasted read costs the bar, so what is read is likelier
         # than bar / (1 + bar)
-        assert asked and min(asked) >= 1.01 / 2.01
+        assert chances and min(chances) >= 1.01 / 2.01
         before = dict(eng.stats().speculation)
         for tok in prompt[:6]:
             eng.decode([tok])
@@ -248,13 +241,17 @@ def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> N
         assert spec["below_cost"] > before["below_cost"]
 
 
-def _spy_prefetches(r: Residency) -> list[tuple[int, int]]:
-    """The leaves ``r`` is asked to prefetch from now on, in order (they are still prefetched)."""
+def _spy_prefetches(r: Residency, chances: list[float] | None = None) -> list[tuple[int, int]]:
+    """The leaves ``r`` is asked to prefetch from now on, in order (they are still prefetched);
+    their chances of use (``priority``) go to ``chances`` where given."""
     asked: list[tuple[int, int]] = []
     prefetch = r.prefetch
 
     def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
         asked.extend(keys)
+        if chances is not None:
+            p = kw.get("priority", 1.0)
+            chances.extend([float(p)] * len(keys) if isinstance(p, (int, float)) else p)  # type: ignore[arg-type]
         return prefetch(keys, *args, **kw)
 
     r.prefetch = spy  # type: ignore[method-assign]
