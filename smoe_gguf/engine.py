@@ -307,7 +307,7 @@ class Engine:
         self.spec_native: NativeSpeculation | None = None
         if self.speculator is not None and native and trace is None:
             self.spec_native = NativeSpeculation(self.speculator, self.gate)
-        self.observer_switch = ObserverSwitch()  # observers only while they pay (see ObserverSwitch)
+        self.observer_switch = ObserverSwitch()  # Python's observers only while they pay (see ObserverSwitch)
         self.readahead: PromptReadAhead | None = None
         if self.paging and self.speculator is None:  # speculation reads a prompt's next layer itself
             self.readahead = PromptReadAhead(r, src.n_expert, src.n_expert_used)
@@ -414,12 +414,9 @@ class Engine:
             # budget and evicts such guesses before any gate uses them
             self.residency.cancel_below(HOLD_BELOW)
         elif (nat := self._native_guesser()) is not None:
-            # a decoded token: guessed in C where the observer switch finds that speculation
-            # pays; Python's observers pause
-            if self.observer_switch.observing:
-                nat.start()
-            else:
-                nat.stop()
+            # a decoded token: guessed in C, every one (it costs the gate no call into Python,
+            # and the cost model prices its reads); Python's observers pause
+            nat.start()
             self.gate.observing = False
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
@@ -452,10 +449,9 @@ class Engine:
     def _adapt(self, seconds: float, stall: float) -> None:
         if not self.gate.observers:
             return
-        if self._native_guesser() is not None:
+        if self._native_guesser() is not None:  # speculation in C, at every token (see decode)
             if self.recorder is not None:
                 self.recorder.token_unobserved()  # the recorder recovers the token from the use counts
-            self.observer_switch.tick(seconds, stall)  # on: speculation in C (see decode)
             return
         was = self.gate.observing
         on = self.observer_switch.tick(seconds, stall)

@@ -295,8 +295,10 @@ class Gate:
 
 
 class ObserverSwitch:
-    """Whether a gate's observers (speculation, the tree-map) run, decided from decode timings.
-    Each observer costs a call into Python at every top-k gate, and its prefetches take the disk
+    """Whether a gate's Python observers (speculation, the tree-map) run, decided from decode
+    timings. Speculation in C (:mod:`smoe_gguf.spec_native`), where the speculator has it, guesses
+    every decoded token instead, without asking the switch. Each Python observer costs a call
+    into Python at every top-k gate, and its prefetches take the disk
     and cores from the gate's own reads; it pays only where it hides more stall than that. So
     decode measures, observers on and off in turns of ``block`` tokens, ordered on, off, off, on
     (a steady drift, such as a cache warming up after a prompt, weighs on both alike), and then

@@ -221,6 +221,26 @@ def test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python(arch, ftype
         assert eng.speculator is not None and eng.spec_native is None
 
 
+def test_speculation_in_c_guesses_every_decoded_token_whatever_the_observer_switch(pack_of) -> None:
+    """The C path guesses at every gate of every decoded token: the observer switch, which pauses
+    Python's observers where they cost more than they save, does not turn it off. Control: the
+    switch's pause stops Python's speculation."""
+    pack = pack_of("qwen3moe", "f32")
+    for in_c in (True, False):
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate_native=in_c) as eng:
+            eng.observer_switch.keep(False)  # as after a verdict that the observers do not pay
+            spec = eng.speculator
+            assert spec is not None
+            gen = eng.generate(PROMPT, N_TOKENS)
+            decoded = len(gen.tokens) - 1  # the last token sampled is not decoded
+            guessing = sum(1 for targets in spec.ahead.values() if targets)  # gates per token (the last guesses none)
+            if in_c:
+                assert eng.spec_native is not None
+                assert spec.stats.guesses == eng.spec_native.guessed == decoded * guessing > 0
+            else:  # the token after the prompt is observed as the prompt was, then the switch holds
+                assert spec.stats.guesses == guessing
+
+
 def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
     pack = pack_of("qwen3moe", "f32")
     monkeypatch.setattr(residency, "READ_COST", 1.01)  # no decoded token's guess can be likelier than that
