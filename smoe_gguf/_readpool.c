@@ -11,6 +11,9 @@
  * the disk takes at once) runs n + 1 threads, and background jobs occupy at most n of them: one
  * thread is always free for an urgent job, which therefore never waits behind a prefetch read
  * already under way (with one worker, a gate's read would otherwise wait for a whole part).
+ * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
+ * reads the call's urgent jobs that no worker has taken yet itself: a gate with one miss then
+ * reads it on its own thread, with no worker to wake and no wake-up back.
  *
  * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
  * block-aligned head of a part whose destination and file offset are block-aligned is read
@@ -62,6 +65,12 @@
 
 typedef unsigned char *(*sha256_fn)(const unsigned char *d, size_t n, unsigned char *md);
 
+/* A thread's buffer for reads that cannot land in place (grown as needed). */
+struct bounce {
+    void *buf;
+    size_t cap;
+};
+
 struct smoe_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
@@ -69,13 +78,16 @@ struct smoe_pool {
     int32_t n_workers;                   /* background jobs at once: the io depth */
     int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
-    int32_t held;                        /* 1: background jobs do not start (smoe_pool_hold) */
+    int32_t held;                        /* 1: background jobs do not start, 2: no job does (smoe_pool_hold) */
     int32_t busy;                        /* threads inside a read */
     int32_t busy_background, peak_background;  /* threads inside a background job: now, at most */
     pthread_t workers[SMOE_MAX_WORKERS + 1];
     sha256_fn sha256;                    /* NULL: the portable one */
     int64_t urgent_jobs, background_jobs;
     int64_t chains, chained_jobs;        /* chains read with one preadv, and their jobs */
+    int64_t caller_jobs;                 /* urgent jobs read by the thread waiting for them */
+    struct bounce caller_bounce;         /* the bounce buffer of such a thread ... */
+    int32_t caller_bounce_busy;          /* ... while one uses it (another then makes its own) */
 };
 
 /* ------------------------------------------------------------------ sha256 (portable) */
@@ -272,11 +284,6 @@ static int64_t read_full(int fd, void *buf, int64_t n, int64_t offset, int direc
     return got;
 }
 
-struct bounce {
-    void *buf;
-    size_t cap;
-};
-
 static void *bounce_get(struct bounce *b, size_t size) {
     if (b->cap < size) {
         free(b->buf);
@@ -413,11 +420,11 @@ static void *worker(void *arg) {
     struct bounce b = {NULL, 0};
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->closing && p->head[0] == NULL &&
+        while (!p->closing && (p->head[0] == NULL || p->held > 1) &&
                (p->head[1] == NULL || p->held || p->busy_background >= p->n_workers))
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
-        int q = p->head[0] != NULL ? 0 : 1;
+        int q = p->head[0] != NULL && p->held < 2 ? 0 : 1;
         struct smoe_job *j = p->head[q];
         p->head[q] = j->next;
         if (p->head[q] == NULL) p->tail[q] = NULL;
@@ -501,6 +508,14 @@ int64_t smoe_pool_chains(struct smoe_pool *p) {
     return n;
 }
 
+/* Urgent jobs read by the thread that waited for them (smoe_pool_finish) since the pool started. */
+int64_t smoe_pool_caller_jobs(struct smoe_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    int64_t n = p->caller_jobs;
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
+
 /* 1 when digests use a library (OpenSSL, CommonCrypto), 0 for the portable implementation. */
 int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
 
@@ -525,14 +540,17 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
             jobs[i].chain++;
     pthread_mutex_lock(&p->lock);
     call->remaining += n;
+    int32_t entries = 0;
     for (int64_t i = 0; i < n; i += 1 + jobs[i].chain) {  /* a chain is queued as its first job */
         if (p->tail[q] != NULL) p->tail[q]->next = &jobs[i];
         else p->head[q] = &jobs[i];
         p->tail[q] = &jobs[i];
+        entries++;
     }
     if (urgent) p->urgent_jobs += n;
     else p->background_jobs += n;
-    pthread_cond_broadcast(&p->work);
+    /* a worker per entry: waking them all would have every idle one find the queue empty but one */
+    for (int32_t i = 0; i < entries && i < p->n_threads; i++) pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -580,8 +598,9 @@ int32_t smoe_pool_cancel(struct smoe_pool *p, struct smoe_call *call) {
     return ok;
 }
 
-/* Hold background jobs in the queue (1) or let them start again (0); urgent jobs run either way.
-   What tests use to see queued jobs cancelled and promoted. */
+/* Hold background jobs in the queue (1), every job (2: the workers take none, and only a caller
+   waiting in smoe_pool_finish reads its own urgent jobs), or let them start again (0). What tests
+   use to see queued jobs cancelled, promoted, and read by their caller. */
 void smoe_pool_hold(struct smoe_pool *p, int32_t held) {
     pthread_mutex_lock(&p->lock);
     p->held = held;
@@ -605,13 +624,54 @@ void smoe_pool_promote(struct smoe_pool *p, struct smoe_call *call) {
     pthread_mutex_unlock(&p->lock);
 }
 
-/* Wait until every job started as part of `call` is done; the number whose status is not 0. */
+/* The first urgent entry of `call` still queued, unlinked (NULL: none). Lock held. */
+static struct smoe_job *take_queued(struct smoe_pool *p, const struct smoe_call *call) {
+    struct smoe_job *prev = NULL;
+    for (struct smoe_job *j = p->head[0]; j != NULL; prev = j, j = j->next) {
+        if (j->call != call) continue;
+        if (prev != NULL) prev->next = j->next;
+        else p->head[0] = j->next;
+        if (p->tail[0] == j) p->tail[0] = prev;
+        j->next = NULL;
+        return j;
+    }
+    return NULL;
+}
+
+/* Wait until every job started as part of `call` is done; the number whose status is not 0.
+   The caller reads the call's urgent jobs that no worker has taken yet itself, rather than wait
+   for a worker to wake up for them and for it to wake the caller. */
 int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
     if (!call->started) return 0;
+    struct bounce own = {NULL, 0}, *b = &own;
     pthread_mutex_lock(&p->lock);
-    while (call->remaining > 0) pthread_cond_wait(&call->done, &p->lock);
+    if (!p->caller_bounce_busy) {
+        p->caller_bounce_busy = 1;
+        b = &p->caller_bounce;
+    }
+    while (call->remaining > 0) {
+        struct smoe_job *j = take_queued(p, call);
+        if (j == NULL) {
+            pthread_cond_wait(&call->done, &p->lock);
+            continue;
+        }
+        int32_t n = 1 + j->chain;
+        pthread_mutex_unlock(&p->lock);
+        if (n > 1) run_chain(p, j, n, b);
+        else run_job(p, j, b);
+        pthread_mutex_lock(&p->lock);
+        p->caller_jobs += n;
+        if (n > 1) {
+            p->chains++;
+            p->chained_jobs += n;
+        }
+        for (int32_t i = 0; i < n; i++) call->failed += j[i].status != 0;
+        call->remaining -= n;
+    }
     int64_t failed = call->failed;
+    if (b == &p->caller_bounce) p->caller_bounce_busy = 0;
     pthread_mutex_unlock(&p->lock);
+    free(own.buf);
     pthread_cond_destroy(&call->done);
     call->started = 0;
     return failed;
@@ -637,6 +697,7 @@ void smoe_pool_free(struct smoe_pool *p) {
     for (int32_t i = 0; i < p->n_threads; i++) pthread_join(p->workers[i], NULL);
     pthread_cond_destroy(&p->work);
     pthread_mutex_destroy(&p->lock);
+    free(p->caller_bounce.buf);
     free(p);
 }
 

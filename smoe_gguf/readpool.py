@@ -102,8 +102,9 @@ def _lib() -> ctypes.CDLL:
             getattr(lib, name).argtypes = [c_void_p]
         lib.smoe_pool_hold.restype = None
         lib.smoe_pool_hold.argtypes = [c_void_p, c_int32]
-        lib.smoe_pool_chains.restype = c_int64
-        lib.smoe_pool_chains.argtypes = [c_void_p]
+        for name in ("smoe_pool_chains", "smoe_pool_caller_jobs"):
+            getattr(lib, name).restype = c_int64
+            getattr(lib, name).argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
         lib.smoe_pool_library_sha256.argtypes = [c_void_p]
         lib.smoe_xxh64.restype = c_uint64
@@ -179,11 +180,21 @@ class ReadPool:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_chains(self._pool))
 
-    def hold(self, held: bool) -> None:
-        """Keep background reads queued (True) or let them start (False); urgent ones always run."""
+    @property
+    def caller_jobs(self) -> int:
+        """Urgent reads that the thread waiting for them read itself (no worker had taken them
+        yet), so far."""
         if self._pool is None:
             raise SmoeError("the read pool is closed")
-        self._lib.smoe_pool_hold(self._pool, 1 if held else 0)
+        return int(self._lib.smoe_pool_caller_jobs(self._pool))
+
+    def hold(self, held: bool, urgent: bool = False) -> None:
+        """Keep background reads queued (True) or let them start (False); urgent ones run either
+        way, read by the workers or, with ``urgent`` held too, only by the thread that waits for
+        them."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        self._lib.smoe_pool_hold(self._pool, (2 if urgent else 1) if held else 0)
 
     @property
     def address(self) -> int:

@@ -131,6 +131,34 @@ def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) ->
         os.close(fd)
 
 
+def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: Path) -> None:
+    """The thread waiting for an urgent call reads the call's jobs still queued itself (a gate's
+    lone miss: no worker to wake, no wake-up back). With every worker held, an urgent call still
+    completes, each byte in place, every read counted as the caller's; a background call's reads
+    are left to the workers."""
+    data = np.random.default_rng(2).integers(0, 256, 1 << 16, np.uint8).tobytes()
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data)
+    fd = os.open(path, os.O_RDONLY)
+    raw, base = _aligned(2 * len(data))
+    pool = ReadPool(2)
+    try:
+        pool.hold(True, urgent=True)  # the workers take no read at all
+        chunk = len(data) // 4
+        reads = [Read(fd, False, i * chunk, chunk, base + i * chunk, None) for i in (0, 2, 1, 3)]
+        outcomes = pool.run(reads, urgent=True)
+        assert [o.status for o in outcomes] == [0] * 4
+        assert ctypes.string_at(base, len(data)) == data
+        assert pool.caller_jobs == 4
+        pool.hold(False)
+        for _ in range(3):
+            assert [o.status for o in pool.run(reads, urgent=False)] == [0] * 4  # background: the workers'
+        assert pool.caller_jobs == 4
+    finally:
+        pool.close()
+        os.close(fd)
+
+
 def test_a_batch_of_parts_is_read_at_once_and_the_failing_part_is_named(tmp_path: Path) -> None:
     blob = bytes(range(256)) * 64  # 16 KiB
     shard = tmp_path / "leaves.bin"
