@@ -178,6 +178,8 @@ class NativeSpeculation:
         st.tensor_get = native.function_address(abi.ggml_backend_tensor_get)
         self._st = st
         self._built = False
+        self._fits_seen = -1  # RouteFit.version the fit tables hold
+        self._scores_seen = -1  # Speculator.rescored the chances of use hold
         self.guessed = 0  # gates guessed in C
         gate.attach_spec(ctypes.addressof(st), self._on_prefetch)
 
@@ -265,25 +267,30 @@ class NativeSpeculation:
         sp, st = self.spec, self._st
         self.take_samples()
         st.bar_free, st.bar_full = sp.residency.prefetch_bars()  # which one applies: the ledger, at each gate
-        fits = sp.fit.fits
-        for layer, slots in enumerate(self._target):
-            for a, t in enumerate(slots.tolist()):
-                if t < 0:
-                    continue
-                pair = (layer, t)
-                self._wanted[layer, a] = 1 if sp.fit.wanted(pair) else 0
-                fit = fits.get(pair)
-                w = fit.weights() if isinstance(fit, PairFit) else None
-                if self._fit_w.get(pair) is not w:
-                    self._fit_w[pair] = w
-                    arr = None if w is None else np.ascontiguousarray(w, np.float32)
-                    self._keep[("fit", pair)] = arr
-                    self._fit[layer, a] = 0 if arr is None else arr.ctypes.data
+        if self._fits_seen != sp.fit.version:  # a decision, or a fit's samples (its weights re-solved) since
+            self._fits_seen = sp.fit.version
+            fits = sp.fit.fits
+            for layer, slots in enumerate(self._target):
+                for a, t in enumerate(slots.tolist()):
+                    if t < 0:
+                        continue
+                    pair = (layer, t)
+                    self._wanted[layer, a] = 1 if sp.fit.wanted(pair) else 0
+                    fit = fits.get(pair)
+                    w = fit.weights() if isinstance(fit, PairFit) else None
+                    if self._fit_w.get(pair) is not w:
+                        self._fit_w[pair] = w
+                        arr = None if w is None else np.ascontiguousarray(w, np.float32)
+                        self._keep[("fit", pair)] = arr
+                        self._fit[layer, a] = 0 if arr is None else arr.ctypes.data
         for a in range(1, sp.lookahead + 1):
             if sp.rescore(a, int(st.waiting[a - 1])):
                 st.waiting[a - 1] = 0
-            for t in sp.guessed_layers:
-                self.p_used[a - 1, t] = sp.p_used(a, t)
+        if self._scores_seen != sp.rescored:  # the chances of use change only when rescored
+            self._scores_seen = sp.rescored
+            for a in range(1, sp.lookahead + 1):
+                for t in sp.guessed_layers:
+                    self.p_used[a - 1, t] = sp.p_used(a, t)
 
     def take_samples(self) -> None:
         """Hand the fits the samples the C path took: per pair, its features at the gated layer
@@ -292,11 +299,13 @@ class NativeSpeculation:
         n = int(st.n_samples)
         if not n:
             return
-        E = self.spec.n_expert
-        rows, pairs = self._samples[:n], self._sample_pair[:n]
-        for src, dst in {tuple(p) for p in pairs.tolist()}:
-            sel = (pairs[:, 0] == src) & (pairs[:, 1] == dst)
-            self.spec.fit.add((src, dst), rows[sel, : 2 * E + 1].astype(np.float64), rows[sel, 2 * E + 1 :].astype(np.float64))
+        E, L = self.spec.n_expert, len(self._target)
+        code = self._sample_pair[:n, 0].astype(np.int64) * L + self._sample_pair[:n, 1]
+        order = np.argsort(code, kind="stable")  # by pair, each pair's rows in the order taken
+        code, rows = code[order], self._samples[:n][order].astype(np.float64)
+        cuts = [0, *(np.flatnonzero(code[1:] != code[:-1]) + 1).tolist(), n]
+        for lo, hi in zip(cuts, cuts[1:]):
+            self.spec.fit.add(divmod(int(code[lo]), L), rows[lo:hi, : 2 * E + 1], rows[lo:hi, 2 * E + 1 :])
         st.n_samples = 0
 
     # ------------------------------------------------------------------ the C path's prefetches

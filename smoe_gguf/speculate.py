@@ -189,6 +189,7 @@ class Speculator:
         self._feat: dict[int, list[tuple[int, np.ndarray]]] = {}  # per layer T: (L, features at L) to fit
         self.fit = RouteFit(self.n_expert, n_expert_used, self.n_guess)
         self._p_used: dict[tuple[int, int], np.ndarray] = {}  # (lookahead, layer) -> p_used, until rescored
+        self.rescored = 0  # times the chances of use were estimated anew (what the C path's tables follow)
         self._logits_at: dict[int, int] = {}  # top-k node -> its ffn_moe_logits node (graphs are reused)
         self._last_paged = paged[-1]
         self._last_layer = -1
@@ -262,6 +263,7 @@ class Speculator:
         st.flush()
         for key in [k for k in self._p_used if k[0] == lookahead]:
             del self._p_used[key]
+        self.rescored += 1
         return True
 
     # ------------------------------------------------------------------ for the C path (spec_native)
