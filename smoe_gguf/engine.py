@@ -311,7 +311,7 @@ class Engine:
         self.readahead: PromptReadAhead | None = None
         if self.paging and self.speculator is None:  # speculation reads a prompt's next layer itself
             self.readahead = PromptReadAhead(r, src.n_expert, src.n_expert_used)
-            self.gate.observe(self.readahead)
+            self.gate.observe(self.readahead, prompts_only=True)
         self.recorder: tree_map.Recorder | None = None
         if self.paging and (self._learn or self.profile is not None):
             self.recorder = tree_map.Recorder(r, self.profile, src.n_expert)
@@ -418,6 +418,8 @@ class Engine:
             # and the cost model prices its reads); Python's observers pause
             nat.start()
             self.gate.observing = False
+        elif not self.gate.observes_decode:
+            self.gate.observing = False  # its observers act on prompts only (read-ahead): none is called
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
@@ -447,7 +449,7 @@ class Engine:
             self._adapt(time.perf_counter() - t0, stall)
 
     def _adapt(self, seconds: float, stall: float) -> None:
-        if not self.gate.observers:
+        if not self.gate.observes_decode:
             return
         if self._native_guesser() is not None:  # speculation in C, at every token (see decode)
             if self.recorder is not None:

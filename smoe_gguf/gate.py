@@ -129,6 +129,7 @@ class Gate:
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._always: list[GateObserver] = []  # observers never paused (a trace)
+        self.observes_decode = False  # an observer acts on a decoded token (see observe)
         self.on_prefetch: ExpertsHook | None = None  # native speculation's prefetches (attach_spec)
         s = self.state
         st = _GateStruct()
@@ -164,10 +165,13 @@ class Gate:
         self.user_data = ctypes.addressof(st)
         self.callback = abi.EvalCallback(native.function_address(self._lib.smoe_gate_cb))
 
-    def observe(self, observer: GateObserver, always: bool = False) -> None:
+    def observe(self, observer: GateObserver, always: bool = False, prompts_only: bool = False) -> None:
         """Call ``observer(layer, node, ids)`` at every top-k gate (all gates then enter Python),
-        before the gate's misses are read. ``always``: never paused by :attr:`observing` (a trace)."""
+        before the gate's misses are read. ``always``: never paused by :attr:`observing` (a trace).
+        ``prompts_only``: it acts on prompt micro-batches only, so a decoded token need not call
+        it (:attr:`observes_decode` stays as it was)."""
         (self._always if always else self.observers).append(observer)
+        self.observes_decode = self.observes_decode or not prompts_only
         self._sync()
 
     @property
@@ -298,13 +302,12 @@ class ObserverSwitch:
     """Whether a gate's Python observers (speculation, the tree-map) run, decided from decode
     timings. Speculation in C (:mod:`smoe_gguf.spec_native`), where the speculator has it, guesses
     every decoded token instead, without asking the switch. Each Python observer costs a call
-    into Python at every top-k gate, and its prefetches take the disk
-    and cores from the gate's own reads; it pays only where it hides more stall than that. So
-    decode measures, observers on and off in turns of ``block`` tokens, ordered on, off, off, on
-    (a steady drift, such as a cache warming up after a prompt, weighs on both alike), and then
-    holds a state for ``hold`` tokens and measures again, sooner if half of the last ``window``
-    tokens each stalled longer than the held state's mean token took (a change of topic: one
-    stalling token alone is not).
+    into Python at every top-k gate, and its prefetches take the disk and cores from the gate's
+    own reads; it pays only where it hides more stall than that. So decode measures, observers
+    on and off in turns of ``block`` tokens, ordered on, off, off, on (a steady drift, such as a
+    cache warming up after a prompt, weighs on both alike), and then holds a state for ``hold``
+    tokens and measures again, sooner if half of the last ``window`` tokens each stalled longer
+    than the held state's mean token took (a change of topic: one stalling token alone is not).
 
     The observers are paused only where their tokens were measurably slower: by more than
     ``slower_by`` standard errors of the difference of the two states' mean token times. After

@@ -241,6 +241,33 @@ def test_speculation_in_c_guesses_every_decoded_token_whatever_the_observer_swit
                 assert spec.stats.guesses == guessing
 
 
+def test_a_decoded_token_calls_no_observer_that_acts_on_prompts_only(pack_of) -> None:
+    """Prompt read-ahead (the observer where speculation is off) acts on prompt micro-batches
+    only: with the observers held on, a decoded token's gates still stay in C (no call into
+    Python for them), and the prompt's gates call it. Control: speculation in Python, held on,
+    is called at decoded tokens' gates."""
+    pack = pack_of("qwen3moe", "f32")
+    for guessing in (False, True):
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=guessing,
+                    speculate_native=False) as eng:
+            eng.observer_switch.keep(True)  # the observers on at every token
+            rows: list[int] = []
+            observer = eng.gate.observers[0]
+
+            def counted(layer: int, node: int, ids: np.ndarray, rows: list[int] = rows, observer=observer) -> None:
+                rows.append(len(ids))
+                observer(layer, node, ids)
+
+            eng.gate.observers[0] = counted
+            steps = eng.stream(PROMPT, N_TOKENS)
+            next(steps)  # the prompt, and its first token
+            assert any(n > 1 for n in rows)  # the prompt's micro-batches
+            rows.clear()
+            assert len(list(steps)) == N_TOKENS - 1
+            assert bool(rows) == guessing  # decoded tokens' gates
+            assert eng.gate.observes_decode == guessing
+
+
 def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> None:
     pack = pack_of("qwen3moe", "f32")
     monkeypatch.setattr(residency, "READ_COST", 1.01)  # no decoded token's guess can be likelier than that
