@@ -415,8 +415,12 @@ class Engine:
             self.residency.cancel_below(HOLD_BELOW)
         elif (nat := self._native_guesser()) is not None:
             # a decoded token: guessed in C, every one (it costs the gate no call into Python,
-            # and the cost model prices its reads); Python's observers pause
-            nat.start()
+            # and the cost model prices its reads), unless every leaf is resident and no gate
+            # asks; Python's observers pause
+            if self.gate.gating:
+                nat.start()
+            else:
+                nat.stop()
             self.gate.observing = False
         elif not self.gate.observes_decode:
             self.gate.observing = False  # its observers act on prompts only (read-ahead): none is called
