@@ -129,7 +129,7 @@ class Gate:
         self.observers: list[GateObserver] = []
         self._observing = True  # observers are called (see :attr:`observing`)
         self._always: list[GateObserver] = []  # observers never paused (a trace)
-        self.observes_decode = False  # an observer acts on a decoded token (see observe)
+        self.observes_decode = False  # a pausable observer acts on a decoded token (see observe)
         self.on_prefetch: ExpertsHook | None = None  # native speculation's prefetches (attach_spec)
         s = self.state
         st = _GateStruct()
@@ -169,9 +169,9 @@ class Gate:
         """Call ``observer(layer, node, ids)`` at every top-k gate (all gates then enter Python),
         before the gate's misses are read. ``always``: never paused by :attr:`observing` (a trace).
         ``prompts_only``: it acts on prompt micro-batches only, so a decoded token need not call
-        it (:attr:`observes_decode` stays as it was)."""
+        it. :attr:`observes_decode` counts neither (an ``always`` one has no switch to pause it)."""
         (self._always if always else self.observers).append(observer)
-        self.observes_decode = self.observes_decode or not prompts_only
+        self.observes_decode = self.observes_decode or not (prompts_only or always)
         self._sync()
 
     @property
