@@ -28,6 +28,14 @@ def _aligned(n: int) -> tuple[ctypes.Array, int]:
     return raw, base + (-base % 4096)
 
 
+def _shard(tmp_path: Path, seed: int, size: int) -> tuple[bytes, int]:
+    """A file of ``size`` random bytes: its bytes, and a descriptor open on it (buffered)."""
+    data = np.random.default_rng(seed).integers(0, 256, size, np.uint8).tobytes()
+    path = tmp_path / "shard.bin"
+    path.write_bytes(data)
+    return data, os.open(path, os.O_RDONLY)
+
+
 def test_reads_land_exactly_in_place_or_bounced_and_wrong_bytes_are_caught(tmp_path: Path) -> None:
     data = np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8).tobytes()
     path = tmp_path / "shard.bin"
@@ -102,10 +110,7 @@ def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) ->
     a gate's urgent read never waits behind prefetch reads under way; all reads land."""
     import threading
 
-    data = np.random.default_rng(1).integers(0, 256, 1 << 20, np.uint8).tobytes()
-    path = tmp_path / "shard.bin"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
+    data, fd = _shard(tmp_path, 1, 1 << 20)
     raw, base = _aligned(8 * len(data))
     pool = ReadPool(2)
     try:
@@ -136,10 +141,7 @@ def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: 
     lone miss: no worker to wake, no wake-up back). With every worker held, an urgent call still
     completes, each byte in place, every read counted as the caller's; a background call's reads
     are left to the workers."""
-    data = np.random.default_rng(2).integers(0, 256, 1 << 16, np.uint8).tobytes()
-    path = tmp_path / "shard.bin"
-    path.write_bytes(data)
-    fd = os.open(path, os.O_RDONLY)
+    data, fd = _shard(tmp_path, 2, 1 << 16)
     raw, base = _aligned(2 * len(data))
     pool = ReadPool(2)
     try:
