@@ -415,6 +415,24 @@ static void run_chain(struct smoe_pool *p, struct smoe_job *j, int32_t n, struct
     }
 }
 
+/* Read one queued entry (a job, or a chain of them) with the lock released, then count it against
+   its call: the chain, the failures, the jobs done. Lock held on entry and on return; returns the
+   jobs the call still waits for. */
+static int64_t run_entry(struct smoe_pool *p, struct smoe_job *j, struct bounce *b) {
+    int32_t n = 1 + j->chain;
+    pthread_mutex_unlock(&p->lock);
+    if (n > 1) run_chain(p, j, n, b);
+    else run_job(p, j, b);
+    pthread_mutex_lock(&p->lock);
+    if (n > 1) {
+        p->chains++;
+        p->chained_jobs += n;
+    }
+    struct smoe_call *c = (struct smoe_call *)j->call;
+    for (int32_t i = 0; i < n; i++) c->failed += j[i].status != 0;
+    return c->remaining -= n;
+}
+
 static void *worker(void *arg) {
     struct smoe_pool *p = (struct smoe_pool *)arg;
     struct bounce b = {NULL, 0};
@@ -430,20 +448,11 @@ static void *worker(void *arg) {
         if (p->head[q] == NULL) p->tail[q] = NULL;
         p->busy++;
         if (q == 1 && ++p->busy_background > p->peak_background) p->peak_background = p->busy_background;
-        int32_t n = 1 + j->chain;
-        pthread_mutex_unlock(&p->lock);
-        if (n > 1) run_chain(p, j, n, &b);
-        else run_job(p, j, &b);
-        pthread_mutex_lock(&p->lock);
-        p->busy--;
-        if (n > 1) {
-            p->chains++;
-            p->chained_jobs += n;
-        }
-        if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
         struct smoe_call *c = (struct smoe_call *)j->call;
-        for (int32_t i = 0; i < n; i++) c->failed += j[i].status != 0;
-        if ((c->remaining -= n) == 0) {
+        int64_t left = run_entry(p, j, &b);
+        p->busy--;
+        if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
+        if (left == 0) {
             if (c->on_done != NULL) {  /* a background call nobody waits for: its owner's hook */
                 void (*done)(struct smoe_call *) = c->on_done;
                 pthread_mutex_unlock(&p->lock);
@@ -655,18 +664,8 @@ int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
             pthread_cond_wait(&call->done, &p->lock);
             continue;
         }
-        int32_t n = 1 + j->chain;
-        pthread_mutex_unlock(&p->lock);
-        if (n > 1) run_chain(p, j, n, b);
-        else run_job(p, j, b);
-        pthread_mutex_lock(&p->lock);
-        p->caller_jobs += n;
-        if (n > 1) {
-            p->chains++;
-            p->chained_jobs += n;
-        }
-        for (int32_t i = 0; i < n; i++) call->failed += j[i].status != 0;
-        call->remaining -= n;
+        p->caller_jobs += 1 + j->chain;
+        (void)run_entry(p, j, b);
     }
     int64_t failed = call->failed;
     if (b == &p->caller_bounce) p->caller_bounce_busy = 0;
