@@ -112,12 +112,10 @@ class RouteFit:
         self._probe: dict[tuple[int, int], list[tuple[np.ndarray, np.ndarray]]] = {}
         self.fits: dict[tuple[int, int], PairFit | None] = {}  # None: the plain projection is enough
         self._base: dict[tuple[int, int], tuple[np.ndarray, np.ndarray, int]] = {}  # as loaded (load)
-        self.version = 0  # +1 at each change of a decision or of a fit's samples (what the C path's tables follow)
 
     def load(self, saved: "Routes") -> None:
         """Start from the decisions and normal equations of earlier sessions (solved here, at
         start-up, rather than at the first prompt's gates)."""
-        self.version += 1
         for pair, v in saved.items():
             if v is None:
                 self.fits[pair] = None
@@ -162,7 +160,6 @@ class RouteFit:
         fit = self.fits.get(pair, 0)
         if fit is None:
             return
-        self.version += 1
         if isinstance(fit, PairFit):
             fit.add(features, target)
             return

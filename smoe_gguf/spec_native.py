@@ -178,7 +178,6 @@ class NativeSpeculation:
         st.tensor_get = native.function_address(abi.ggml_backend_tensor_get)
         self._st = st
         self._built = False
-        self._fits_seen = -1  # RouteFit.version the fit tables hold
         self._scores_seen = -1  # Speculator.rescored the chances of use hold
         self.guessed = 0  # gates guessed in C
         gate.attach_spec(ctypes.addressof(st), self._on_prefetch)
@@ -267,22 +266,20 @@ class NativeSpeculation:
         sp, st = self.spec, self._st
         self.take_samples()
         st.bar_free, st.bar_full = sp.residency.prefetch_bars()  # which one applies: the ledger, at each gate
-        if self._fits_seen != sp.fit.version:  # a decision, or a fit's samples (its weights re-solved) since
-            self._fits_seen = sp.fit.version
-            fits = sp.fit.fits
-            for layer, slots in enumerate(self._target):
-                for a, t in enumerate(slots.tolist()):
-                    if t < 0:
-                        continue
-                    pair = (layer, t)
-                    self._wanted[layer, a] = 1 if sp.fit.wanted(pair) else 0
-                    fit = fits.get(pair)
-                    w = fit.weights() if isinstance(fit, PairFit) else None
-                    if self._fit_w.get(pair) is not w:
-                        self._fit_w[pair] = w
-                        arr = None if w is None else np.ascontiguousarray(w, np.float32)
-                        self._keep[("fit", pair)] = arr
-                        self._fit[layer, a] = 0 if arr is None else arr.ctypes.data
+        fits = sp.fit.fits
+        for layer, slots in enumerate(self._target):
+            for a, t in enumerate(slots.tolist()):
+                if t < 0:
+                    continue
+                pair = (layer, t)
+                self._wanted[layer, a] = 1 if sp.fit.wanted(pair) else 0
+                fit = fits.get(pair)
+                w = fit.weights() if isinstance(fit, PairFit) else None
+                if self._fit_w.get(pair) is not w:
+                    self._fit_w[pair] = w
+                    arr = None if w is None else np.ascontiguousarray(w, np.float32)
+                    self._keep[("fit", pair)] = arr
+                    self._fit[layer, a] = 0 if arr is None else arr.ctypes.data
         for a in range(1, sp.lookahead + 1):
             if sp.rescore(a, int(st.waiting[a - 1])):
                 st.waiting[a - 1] = 0
