@@ -55,6 +55,21 @@ def test_physical_limit_formula() -> None:
     assert bench.compute_limit_tps(0.01, 0, 1e9) == pytest.approx(100.0)  # compute alone
 
 
+def test_the_disk_bound_is_at_least_what_a_run_read() -> None:
+    pooled = {"direct_io": True, "decode_tps": 30.0, "bytes_per_token": 5e7,
+              "repeats": [{"decode_tps": 20.0, "bytes_per_token": 5e7}, {"decode_tps": 40.0, "bytes_per_token": 5e7}]}
+    single = {"direct_io": True, "decode_tps": 10.0, "bytes_per_token": 1e8}
+    buffered = {"direct_io": False, "decode_tps": 100.0, "bytes_per_token": 1e9}  # perhaps the page cache's
+    assert bench.rows_read_rate([pooled, single, buffered]) == pytest.approx(2e9)  # the fastest run, not the pool
+    assert bench.rows_read_rate([single, {"error": "boom", "direct_io": True}]) == pytest.approx(1e9)
+    assert bench.rows_read_rate([buffered, {"direct_io": True, "decode_tps": 50.0, "bytes_per_token": 0}]) == 0.0
+    curve = {"direct": True, "bytes_per_level": 1 << 28, "bytes_per_second": {1: 1e9}, "span_bytes": (4096, 4096), "best": 1.2e9,
+             "best_readers": 1, "io_depth": 2}
+    assert "limit uses 1.20 (the fastest sweep" in bench.disk_curve_text(curve)
+    assert "limit uses 2.00 (a smoe-gguf run's decode; the fastest sweep 1.20" in bench.disk_curve_text(
+        {**curve, "rows_best": 2e9})
+
+
 def test_same_tokens_compares_the_common_prefix() -> None:
     assert bench.same_tokens([[1, 2, 3], [4, 5]], [[1, 2], [4, 5, 6]]) == (True, 4)
     assert bench.same_tokens([[1, 2, 3]], [[1, 9, 3]]) == (False, 0)
