@@ -1238,7 +1238,9 @@ class Bench:
                           "token / disk bandwidth), reads fully overlapped with compute (an upper bound; "
                           "results.json also has decode_tps_serial, 1 / their sum); active = dense core without "
                           "the embedding table + the selected experts; disk bandwidth = the fastest point of the "
-                          "model's read curves (its parts, and its whole leaves where they are one read); missed bytes: smoe-gguf's = the smoe-gguf row with the fewest bytes "
+                          "model's read curves (its parts, and its whole leaves where they are one read), or where "
+                          "faster the fastest a smoe-gguf run read over its decode (bytes per token x tok/s); "
+                          "missed bytes: smoe-gguf's = the smoe-gguf row with the fewest bytes "
                           "read per token at that budget; Belady's = the leaves Belady's MIN misses while decoding "
                           "the reactive row's trace, at the bytes a read of each takes")
         self.notes.append("% of limit at stock's compute: decode tok/s against 1 / max(stock resident's seconds "
