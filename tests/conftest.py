@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from collections.abc import Callable
 from pathlib import Path
 
@@ -10,6 +11,13 @@ import pytest
 
 from smoe_gguf.devtools.testmodels import build_test_model
 from smoe_gguf.pack.split import split
+
+# The tests of Ctrl-C interrupt this process and the commands it starts. A suite started in the
+# background by a shell without job control (`make test &`) inherits SIGINT ignored, and so would
+# every command it starts. Python's own handler replaces the ignore: a command started from here
+# then begins with SIGINT's default (exec keeps an ignore, not a handler).
+if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
