@@ -28,26 +28,26 @@ def _aligned(n: int) -> tuple[ctypes.Array, int]:
     return raw, base + (-base % 4096)
 
 
-def _shard(tmp_path: Path, seed: int, size: int) -> tuple[bytes, int]:
-    """A file of ``size`` random bytes: its bytes, and a descriptor open on it (buffered)."""
+def _shard(tmp_path: Path, seed: int, size: int, direct: bool = False) -> tuple[bytes, int, bool]:
+    """A file of ``size`` random bytes: its bytes, a descriptor open on it, and whether that
+    descriptor reads with O_DIRECT (``direct`` asks for it; where the filesystem has none, such
+    as tmpfs, it is opened buffered)."""
     data = np.random.default_rng(seed).integers(0, 256, size, np.uint8).tobytes()
     path = tmp_path / "shard.bin"
     path.write_bytes(data)
-    return data, os.open(path, os.O_RDONLY)
+    if direct and hasattr(os, "O_DIRECT"):
+        try:
+            return data, os.open(path, os.O_RDONLY | os.O_DIRECT), True
+        except OSError:
+            pass
+    return data, os.open(path, os.O_RDONLY), False
 
 
 def test_reads_land_exactly_in_place_or_bounced_and_wrong_bytes_are_caught(tmp_path: Path) -> None:
-    data = np.random.default_rng(0).integers(0, 256, 1 << 20, np.uint8).tobytes()
-    path = tmp_path / "shard.bin"
-    path.write_bytes(data)
+    data, fd, direct = _shard(tmp_path, 0, 1 << 20, direct=True)
     cases = [(0, 8192), (4096, 5000), (123, 777), (8192, 1), (0, len(data))]  # (offset, length)
     raw, base = _aligned(4 * len(data))
     dests = [base, base + len(data) + 8, base + 2 * len(data) + 4096, base + 3 * len(data) - 8192, base]
-    flags = os.O_RDONLY | getattr(os, "O_DIRECT", 0)
-    try:
-        fd, direct = os.open(path, flags), bool(getattr(os, "O_DIRECT", 0))
-    except OSError:  # a filesystem without O_DIRECT (tmpfs)
-        fd, direct = os.open(path, os.O_RDONLY), False
     pool = ReadPool(3)
     try:
         for (off, n), dest in zip(cases, dests, strict=True):
@@ -71,13 +71,7 @@ def test_reads_land_exactly_in_place_or_bounced_and_wrong_bytes_are_caught(tmp_p
 
 def test_a_leafs_parts_are_read_with_one_preadv_and_a_failing_part_is_still_named(tmp_path: Path) -> None:
     part = 3 * 4096
-    data = np.random.default_rng(1).integers(0, 256, 10 * part + 100, np.uint8).tobytes()
-    path = tmp_path / "leaf.bin"
-    path.write_bytes(data)
-    try:
-        fd, direct = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECT", 0)), bool(getattr(os, "O_DIRECT", 0))
-    except OSError:  # a filesystem without O_DIRECT (tmpfs)
-        fd, direct = os.open(path, os.O_RDONLY), False
+    data, fd, direct = _shard(tmp_path, 1, 10 * part + 100, direct=True)
     raw, base = _aligned(12 * part)
     dests = [base + 4 * i * part for i in range(3)]  # apart in memory, as an X-Slot's parts are
 
@@ -110,7 +104,7 @@ def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) ->
     a gate's urgent read never waits behind prefetch reads under way; all reads land."""
     import threading
 
-    data, fd = _shard(tmp_path, 1, 1 << 20)
+    data, fd, _direct = _shard(tmp_path, 1, 1 << 20)
     raw, base = _aligned(8 * len(data))
     pool = ReadPool(2)
     try:
@@ -141,7 +135,7 @@ def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: 
     lone miss: no worker to wake, no wake-up back). With every worker held, an urgent call still
     completes, each byte in place, every read counted as the caller's; a background call's reads
     are left to the workers."""
-    data, fd = _shard(tmp_path, 2, 1 << 16)
+    data, fd, _direct = _shard(tmp_path, 2, 1 << 16)
     raw, base = _aligned(2 * len(data))
     pool = ReadPool(2)
     try:
