@@ -8,9 +8,12 @@
  * call's jobs in several batches (smoe_pool_start: each leaf's reads as soon as its room is made)
  * and then waits for all of them (smoe_pool_finish). Workers take urgent jobs before any
  * background one, so a gate's reads jump the queue of prefetches. A pool of n workers (the reads
- * the disk takes at once) runs n + 1 threads, and background jobs occupy at most n of them: one
- * thread is always free for an urgent job, which therefore never waits behind a prefetch read
- * already under way (with one worker, a gate's read would otherwise wait for a whole part).
+ * the disk takes at once) runs n + 1 threads, and background jobs occupy at most half of the
+ * workers (at least one): one thread is always free for an urgent job, which therefore never
+ * waits behind a prefetch read already under way (with one worker, a gate's read would otherwise
+ * wait for a whole part), and at the disk a gate's reads share it with at most n / 2 prefetch
+ * reads, not n (a disk serves the reads it has at once side by side, so with n prefetch reads
+ * under way a gate's own read would get a fraction of the disk).
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
  * reads the call's urgent jobs that no worker has taken yet itself: a gate with one miss then
  * reads it on its own thread, with no worker to wake and no wake-up back.
@@ -75,7 +78,8 @@ struct smoe_pool {
     pthread_mutex_t lock;
     pthread_cond_t work;
     struct smoe_job *head[2], *tail[2];  /* 0: urgent, 1: background */
-    int32_t n_workers;                   /* background jobs at once: the io depth */
+    int32_t n_workers;                   /* jobs at once: the io depth */
+    int32_t n_background;                /* background jobs at once: n_workers / 2, at least 1 */
     int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
     int32_t held;                        /* 1: background jobs do not start, 2: no job does (smoe_pool_hold) */
@@ -439,7 +443,7 @@ static void *worker(void *arg) {
     pthread_mutex_lock(&p->lock);
     for (;;) {
         while (!p->closing && (p->head[0] == NULL || p->held > 1) &&
-               (p->head[1] == NULL || p->held || p->busy_background >= p->n_workers))
+               (p->head[1] == NULL || p->held || p->busy_background >= p->n_background))
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
         int q = p->head[0] != NULL && p->held < 2 ? 0 : 1;
@@ -486,6 +490,7 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     }
     pthread_mutex_lock(&p->lock);  /* the workers read it under the lock */
     p->n_workers = p->n_threads > 1 ? p->n_threads - 1 : p->n_threads;  /* without its spare: as many as run */
+    p->n_background = p->n_workers > 1 ? p->n_workers / 2 : 1;
     pthread_mutex_unlock(&p->lock);
     if (p->n_threads == 0) {
         pthread_cond_destroy(&p->work);
@@ -497,6 +502,9 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
 }
 
 int32_t smoe_pool_workers(const struct smoe_pool *p) { return p->n_workers; }
+
+/* Background jobs that run at once, at most. */
+int32_t smoe_pool_background(const struct smoe_pool *p) { return p->n_background; }
 
 /* Threads, the spare for urgent jobs included. */
 int32_t smoe_pool_threads(const struct smoe_pool *p) { return p->n_threads; }

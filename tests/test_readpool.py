@@ -99,16 +99,21 @@ def test_a_leafs_parts_are_read_with_one_preadv_and_a_failing_part_is_still_name
         os.close(fd)
 
 
-def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) -> None:
-    """A pool of n workers runs n + 1 threads and never more than n background reads at once, so
-    a gate's urgent read never waits behind prefetch reads under way; all reads land."""
+def test_background_reads_leave_a_thread_and_half_the_disk_to_urgent_ones(tmp_path: Path) -> None:
+    """A pool of n workers runs n + 1 threads and never more than n / 2 background reads at once, so
+    a gate's urgent read neither waits behind prefetch reads under way nor shares the disk with
+    more than half as many; all reads land."""
     import threading
 
+    small = [ReadPool(n) for n in (1, 2, 3)]
+    assert [p.background for p in small] == [1, 1, 1]
+    for p in small:
+        p.close()
     data, fd, _direct = _shard(tmp_path, 1, 1 << 20)
     raw, base = _aligned(8 * len(data))
-    pool = ReadPool(2)
+    pool = ReadPool(4)
     try:
-        assert (pool.workers, pool.threads, pool.peak_background) == (2, 3, 0)
+        assert (pool.workers, pool.background, pool.threads, pool.peak_background) == (4, 2, 5, 0)
         chunk = len(data) // 16
         failures: list[int] = []
 
@@ -124,7 +129,7 @@ def test_background_reads_leave_a_thread_free_for_urgent_ones(tmp_path: Path) ->
             t.join()
         assert not failures
         assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
-        assert 1 <= pool.peak_background <= pool.workers
+        assert 1 <= pool.peak_background <= pool.background
     finally:
         pool.close()
         os.close(fd)
