@@ -8,12 +8,13 @@
  * call's jobs in several batches (smoe_pool_start: each leaf's reads as soon as its room is made)
  * and then waits for all of them (smoe_pool_finish). Workers take urgent jobs before any
  * background one, so a gate's reads jump the queue of prefetches. A pool of n workers (the reads
- * the disk takes at once) runs n + 1 threads, and background jobs occupy at most half of the
- * workers (at least one): one thread is always free for an urgent job, which therefore never
- * waits behind a prefetch read already under way (with one worker, a gate's read would otherwise
- * wait for a whole part), and at the disk a gate's reads share it with at most n / 2 prefetch
- * reads, not n (a disk serves the reads it has at once side by side, so with n prefetch reads
- * under way a gate's own read would get a fraction of the disk).
+ * the disk takes at once) runs n + 1 threads, and background jobs occupy at most n of them: one
+ * thread is always free for an urgent job, which therefore never waits behind a prefetch read
+ * already under way (with one worker, a gate's read would otherwise wait for a whole part).
+ * Background jobs also hold at most n x SMOE_BACKGROUND_BYTES in flight (one entry always may
+ * start): a disk serves the bytes it is asked for at once side by side, so with n whole-leaf
+ * prefetches of MiBs under way a gate's own read would get a fraction of the disk, while small
+ * parts need several reads at once to keep the disk busy at all.
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
  * reads the call's urgent jobs that no worker has taken yet itself: a gate with one miss then
  * reads it on its own thread, with no worker to wake and no wake-up back.
@@ -63,6 +64,7 @@
 #define SMOE_BLOCK 4096
 #define SMOE_MAX_WORKERS 64
 #define SMOE_MAX_CHAIN 16  /* parts one preadv reads at most */
+#define SMOE_BACKGROUND_BYTES (512 << 10)  /* per worker: half a worker's 1 MiB read */
 
 /* struct smoe_job: _smoe_job.h (shared with the native pager in _pager.c) */
 
@@ -79,7 +81,8 @@ struct smoe_pool {
     pthread_cond_t work;
     struct smoe_job *head[2], *tail[2];  /* 0: urgent, 1: background */
     int32_t n_workers;                   /* jobs at once: the io depth */
-    int32_t n_background;                /* background jobs at once: n_workers / 2, at least 1 */
+    int64_t background_cap;              /* bytes background entries may read at once: n_workers x SMOE_BACKGROUND_BYTES */
+    int64_t background_bytes;            /* ... being read now */
     int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
     int32_t held;                        /* 1: background jobs do not start, 2: no job does (smoe_pool_hold) */
@@ -437,13 +440,25 @@ static int64_t run_entry(struct smoe_pool *p, struct smoe_job *j, struct bounce 
     return c->remaining -= n;
 }
 
+/* Bytes of a queued entry (a job, or the chain it heads). */
+static int64_t entry_bytes(const struct smoe_job *j) {
+    int64_t n = 0;
+    for (int32_t i = 0; i <= j->chain; i++) n += j[i].length;
+    return n;
+}
+
+/* Whether a worker may start the first background entry now (lock held). */
+static int background_may_start(const struct smoe_pool *p) {
+    if (p->head[1] == NULL || p->held || p->busy_background >= p->n_workers) return 0;
+    return p->busy_background == 0 || p->background_bytes + entry_bytes(p->head[1]) <= p->background_cap;
+}
+
 static void *worker(void *arg) {
     struct smoe_pool *p = (struct smoe_pool *)arg;
     struct bounce b = {NULL, 0};
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->closing && (p->head[0] == NULL || p->held > 1) &&
-               (p->head[1] == NULL || p->held || p->busy_background >= p->n_background))
+        while (!p->closing && (p->head[0] == NULL || p->held > 1) && !background_may_start(p))
             pthread_cond_wait(&p->work, &p->lock);
         if (p->closing) break;
         int q = p->head[0] != NULL && p->held < 2 ? 0 : 1;
@@ -451,11 +466,17 @@ static void *worker(void *arg) {
         p->head[q] = j->next;
         if (p->head[q] == NULL) p->tail[q] = NULL;
         p->busy++;
+        const int64_t bytes = q == 1 ? entry_bytes(j) : 0;
+        p->background_bytes += bytes;
         if (q == 1 && ++p->busy_background > p->peak_background) p->peak_background = p->busy_background;
         struct smoe_call *c = (struct smoe_call *)j->call;
         int64_t left = run_entry(p, j, &b);
         p->busy--;
-        if (q == 1) p->busy_background--;  /* this thread takes the next background job itself */
+        if (q == 1) {  /* this thread takes the next background job itself; another may fit beside it */
+            p->busy_background--;
+            p->background_bytes -= bytes;
+            if (p->head[1] != NULL) pthread_cond_signal(&p->work);
+        }
         if (left == 0) {
             if (c->on_done != NULL) {  /* a background call nobody waits for: its owner's hook */
                 void (*done)(struct smoe_call *) = c->on_done;
@@ -490,7 +511,7 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     }
     pthread_mutex_lock(&p->lock);  /* the workers read it under the lock */
     p->n_workers = p->n_threads > 1 ? p->n_threads - 1 : p->n_threads;  /* without its spare: as many as run */
-    p->n_background = p->n_workers > 1 ? p->n_workers / 2 : 1;
+    p->background_cap = (int64_t)p->n_workers * SMOE_BACKGROUND_BYTES;
     pthread_mutex_unlock(&p->lock);
     if (p->n_threads == 0) {
         pthread_cond_destroy(&p->work);
@@ -503,8 +524,8 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
 
 int32_t smoe_pool_workers(const struct smoe_pool *p) { return p->n_workers; }
 
-/* Background jobs that run at once, at most. */
-int32_t smoe_pool_background(const struct smoe_pool *p) { return p->n_background; }
+/* Bytes background entries may read at once (one entry always may start). */
+int64_t smoe_pool_background_cap(const struct smoe_pool *p) { return p->background_cap; }
 
 /* Threads, the spare for urgent jobs included. */
 int32_t smoe_pool_threads(const struct smoe_pool *p) { return p->n_threads; }

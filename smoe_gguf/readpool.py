@@ -7,9 +7,10 @@ parts are read in parallel, in place where the destination and the file offset a
 *urgent* batch (a gate waiting for it) is served before every queued background one (prefetch).
 The number of workers is the number of reads the disk sees at once (``--io-depth``); the pool
 keeps one thread more, which background batches never occupy, so an urgent read starts at once
-even while prefetches are read. Background batches run on at most half of the workers (at least
-one, :attr:`ReadPool.background`): a disk serves the reads it has at once side by side, so a gate's
-read shares it with at most that many prefetch reads.
+even while prefetches are read. Background reads also hold at most half a MiB per worker in
+flight (:attr:`ReadPool.background_cap`; one may always start): a disk serves the bytes it is
+asked for at once side by side, so a gate's read shares it with at most that many prefetch bytes,
+while small parts still get several readers.
 """
 
 from __future__ import annotations
@@ -99,9 +100,11 @@ def _lib() -> ctypes.CDLL:
         lib.smoe_pool_run.argtypes = [c_void_p, POINTER(_Job), c_int64, c_int32]
         lib.smoe_pool_free.restype = None
         lib.smoe_pool_free.argtypes = [c_void_p]
-        for name in ("smoe_pool_workers", "smoe_pool_background", "smoe_pool_threads", "smoe_pool_peak_background"):
+        for name in ("smoe_pool_workers", "smoe_pool_threads", "smoe_pool_peak_background"):
             getattr(lib, name).restype = c_int32
             getattr(lib, name).argtypes = [c_void_p]
+        lib.smoe_pool_background_cap.restype = c_int64
+        lib.smoe_pool_background_cap.argtypes = [c_void_p]
         lib.smoe_pool_hold.restype = None
         lib.smoe_pool_hold.argtypes = [c_void_p, c_int32]
         for name in ("smoe_pool_chains", "smoe_pool_caller_jobs"):
@@ -138,8 +141,8 @@ def xxh64(data: bytes | bytearray | memoryview) -> int:
 
 class ReadPool:
     """``workers`` reads at once, on ``workers + 1`` native threads (the spare for urgent reads),
-    background ones on at most :attr:`background` of them; :meth:`run` may be called from any
-    number of threads."""
+    background ones of at most :attr:`background_cap` bytes together; :meth:`run` may be called from
+    any number of threads."""
 
     def __init__(self, workers: int = DEFAULT_IO_DEPTH) -> None:
         self._pool: int | None = None
@@ -150,7 +153,7 @@ class ReadPool:
         if not self._pool:
             raise SmoeError("could not start the reader threads")
         self.workers = int(self._lib.smoe_pool_workers(self._pool))
-        self.background = int(self._lib.smoe_pool_background(self._pool))  # half the workers, at least 1
+        self.background_cap = int(self._lib.smoe_pool_background_cap(self._pool))  # bytes: half a MiB a worker
         self.threads = int(self._lib.smoe_pool_threads(self._pool))
         self.library_sha256 = bool(self._lib.smoe_pool_library_sha256(self._pool))
 
@@ -171,7 +174,7 @@ class ReadPool:
 
     @property
     def peak_background(self) -> int:
-        """The most background reads that ran at once so far (never more than :attr:`background`)."""
+        """The most background reads that ran at once so far (never more than :attr:`workers`)."""
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_peak_background(self._pool))

@@ -99,40 +99,40 @@ def test_a_leafs_parts_are_read_with_one_preadv_and_a_failing_part_is_still_name
         os.close(fd)
 
 
-def test_background_reads_leave_a_thread_and_half_the_disk_to_urgent_ones(tmp_path: Path) -> None:
-    """A pool of n workers runs n + 1 threads and never more than n / 2 background reads at once, so
-    a gate's urgent read neither waits behind prefetch reads under way nor shares the disk with
-    more than half as many; all reads land."""
+def test_background_reads_leave_a_thread_and_most_of_the_disk_to_urgent_ones(tmp_path: Path) -> None:
+    """A pool of n workers runs n + 1 threads and never more than n background reads at once, of at
+    most half a MiB per worker together (one read always may start): a gate's urgent read neither
+    waits behind prefetch reads under way nor shares the disk with more than that; all reads land.
+    Each background call here is one 1 MiB read (its 16 parts follow each other: one chain), so a
+    pool of 2 (1 MiB) reads one at a time and a pool of 4 (2 MiB) two."""
     import threading
 
-    small = [ReadPool(n) for n in (1, 2, 3)]
-    assert [p.background for p in small] == [1, 1, 1]
-    for p in small:
-        p.close()
     data, fd, _direct = _shard(tmp_path, 1, 1 << 20)
     raw, base = _aligned(8 * len(data))
-    pool = ReadPool(4)
-    try:
-        assert (pool.workers, pool.background, pool.threads, pool.peak_background) == (4, 2, 5, 0)
-        chunk = len(data) // 16
-        failures: list[int] = []
+    chunk = len(data) // 16
 
-        def submit(slot: int, urgent: bool) -> None:
-            for _ in range(8):
-                reads = [Read(fd, False, i * chunk, chunk, base + slot * len(data) + i * chunk, None) for i in range(16)]
-                failures.extend(o.status for o in pool.run(reads, urgent) if o.status)
+    def submit(pool: ReadPool, failures: list[int], slot: int, urgent: bool) -> None:
+        for _ in range(8):
+            reads = [Read(fd, False, i * chunk, chunk, base + slot * len(data) + i * chunk, None) for i in range(16)]
+            failures.extend(o.status for o in pool.run(reads, urgent) if o.status)
 
-        threads = [threading.Thread(target=submit, args=(k, k == 0)) for k in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join()
-        assert not failures
-        assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
-        assert 1 <= pool.peak_background <= pool.background
-    finally:
-        pool.close()
-        os.close(fd)
+    for workers, most in ((2, 1), (4, 2)):
+        pool = ReadPool(workers)
+        try:
+            assert (pool.workers, pool.threads, pool.peak_background, pool.background_cap) == (
+                workers, workers + 1, 0, workers << 19)
+            failures: list[int] = []
+            threads = [threading.Thread(target=submit, args=(pool, failures, k, k == 0)) for k in range(4)]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            assert not failures
+            assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
+            assert 1 <= pool.peak_background <= most
+        finally:
+            pool.close()
+    os.close(fd)
 
 
 def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: Path) -> None:

@@ -526,8 +526,8 @@ static int lifecycle(uint64_t *s) {
         struct smoe_pool *p = smoe_pool_new(want, i % 2);
         if (p == NULL) fail("smoe_pool_new(%d, %d) failed", want, i % 2);
         if (smoe_pool_workers(p) != want) fail("smoe_pool_workers = %d, asked for %d", smoe_pool_workers(p), want);
-        if (smoe_pool_background(p) != (want > 1 ? want / 2 : 1))
-            fail("%d background jobs at once on %d workers, not half of them", smoe_pool_background(p), want);
+        if (smoe_pool_background_cap(p) != (int64_t)want * SMOE_BACKGROUND_BYTES)
+            fail("background reads may hold %" PRId64 " bytes on %d workers", smoe_pool_background_cap(p), want);
         if (smoe_pool_library_sha256(p) && i % 2 == 0) fail("use_library=0 but the pool uses the library");
         if (i % 3 == 0) { /* one small run before the free */
             const struct part *pt = &g_parts[below(s, 64 * 3)]; /* within the file */
@@ -696,10 +696,9 @@ int main(void) {
     run_phase(pool, N_SUBMITTERS, rounds, &s, &main_phase);
     int64_t chains = pool->chains, chained = pool->chained_jobs; /* the pool is idle: no lock needed */
     if (chains == 0) fail("no leaf's parts were read as one chain");
-    /* the spare thread stays free for urgent jobs, and half the workers: background jobs never ran on more */
-    if (smoe_pool_peak_background(pool) < 1 || smoe_pool_peak_background(pool) > smoe_pool_background(pool))
-        fail("background jobs ran %d at once, at most %d allowed on %d workers", smoe_pool_peak_background(pool),
-             smoe_pool_background(pool), N_WORKERS);
+    /* the spare thread stays free for urgent jobs: background ones never ran on more than the workers */
+    if (smoe_pool_peak_background(pool) < 1 || smoe_pool_peak_background(pool) > N_WORKERS)
+        fail("background jobs ran %d at once on %d workers", smoe_pool_peak_background(pool), N_WORKERS);
     smoe_pool_free(pool);
     stage("the main stress", &t0);
 
