@@ -14,8 +14,9 @@ limits are per row):
   (b) the same under a memory cgroup of what smoe-gguf's rows used at that budget (their peak RSS:
       budget + dense core + runtime; budget + core + ``--cgroup-margin`` where they failed)
       (v1 ``memory.limit_in_bytes`` or v2 ``memory.max``; "unavailable: <reason>" where neither);
-  (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining; it
-      records a trace) and the full orchestrator (the best policy by replay of the reactive
+  (c) smoe-gguf at each budget: reactive LRU (no speculation, no profile, no part pipelining; a
+      run of its own before the others records its trace, which sends every gate through Python,
+      so it is not pooled) and the full orchestrator (the best policy by replay of the reactive
       trace, next-layer speculation, a tree-map profile learnt beforehand from other prompts;
       part pipelining stays off, as in `run` by default); each ``--repeats`` times (default 3),
       reactive and orchestrator in turn, each run cold in a process of its own, pooled into one
@@ -930,11 +931,13 @@ class Bench:
 
     def run_once(self, model: str, system: str, budget: str, rep: int, spec: dict[str, Any],
                  files: list[Path]) -> dict[str, Any]:
-        """One run of a row that is repeated (``--repeats``): printed, not yet a table row."""
+        """One run of a row that is repeated (``--repeats``; ``rep`` 0: the reactive trace's run, not
+        pooled): printed, not yet a table row."""
         res = self.spawn(spec, files)
         what = res["error"] if res.get("error") else (
             f"decode {res.get('decode_tps') or 0:.2f} tok/s, TTFT {res.get('ttft_seconds') or 0:.3f} s")
-        print(f"  {model} {system} {budget}, run {rep} of {self.a.repeats}: {what}", flush=True)
+        which = f"run {rep} of {self.a.repeats}" if rep else "the trace's run (not pooled)"
+        print(f"  {model} {system} {budget}, {which}: {what}", flush=True)
         return res
 
     def repeat_note(self, name: str, budget: str, rr: dict[str, Any], ro: dict[str, Any]) -> None:
@@ -1033,7 +1036,13 @@ class Bench:
             trace = self.work / f"{name}-{budget.rstrip('%')}.trace.jsonl"
             reactive = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
                         "speculate": False, "profile": None, "pipeline": False}
-            rr = self.run_once(name, "smoe-gguf reactive LRU", budget, 1, {**reactive, "trace": str(trace)}, smoe_files)
+            # the trace's run sends every gate through Python, which slows it: it is not one of the
+            # pooled runs, only where the replays, Belady's figures and the orchestrator's policy come from
+            rr = self.run_once(name, "smoe-gguf reactive LRU", budget, 0, {**reactive, "trace": str(trace)}, smoe_files)
+            traced: dict[str, Any] = {}
+            if rr.get("error"):
+                self.notes.append(f"{name} {budget}: the reactive trace's run failed ({rr['error']}): no replays, "
+                                  "no Belady figures, the orchestrator on lru")
             policy = "lru"
             if not rr.get("error") and trace.is_file():
                 from smoe_gguf.policy import POLICIES
@@ -1043,29 +1052,28 @@ class Bench:
                 data = load(trace)
                 rates = {p: replay(data, rr["budget_bytes"], p).hit_rate for p in POLICIES}
                 policy = max(rates, key=lambda p: (rates[p], p == "lru"))
-                rr["replay_hit_rates"] = rates
+                traced["replay_hit_rates"] = rates
                 opt = decode_replay(data, rr["budget_bytes"], "belady", rr["prompt_tokens_each"], leaf_bytes,
                                     rr["decode_tokens"])
                 if opt is None:
                     self.notes.append(f"{name} {budget}: the reactive trace does not match its prompts; no Belady figures")
                 else:
                     belady[budget] = opt
-                    rr["replay_hit_rates"]["belady"] = opt["hit_rate_all"]
-                    rr.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
+                    rates["belady"] = opt["hit_rate_all"]
+                    traced.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
                 trace.unlink()
             orch = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                     "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
             full = any(rr.get("full_each") or [])
-            rr_runs, ro_runs, besides = [rr], [], []
+            rr_runs, ro_runs, besides = [], [], []
             for rep in range(1, a.repeats + 1):  # reactive, (stock,) orchestrator; again: pooled below
-                if rep > 1:
-                    rr_runs.append(self.run_once(name, "smoe-gguf reactive LRU", budget, rep, reactive, smoe_files))
+                rr_runs.append(self.run_once(name, "smoe-gguf reactive LRU", budget, rep, reactive, smoe_files))
                 if full:
                     besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
                 ro_runs.append(self.run_once(name, "smoe-gguf orchestrator", budget, rep, orch, smoe_files))
-            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, pool_runs(rr_runs))
+            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, {**pool_runs(rr_runs), **traced})
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
             beside = pool_runs(besides) if besides else None
             self.repeat_note(name, budget, rr, ro)
