@@ -198,7 +198,8 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 out[key] = reduce(vals)
     if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
         out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
-    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token")} for r in runs]
+    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced")}
+                      for r in runs]
     if all(r.get("tokens") is not None for r in runs):
         out["repeat_tokens_same"] = all(same_tokens(r["tokens"], runs[0]["tokens"])[0] for r in runs[1:])
     return out
@@ -933,7 +934,7 @@ class Bench:
                  files: list[Path]) -> dict[str, Any]:
         """One run of a row that is repeated (``--repeats``; ``rep`` 0: the reactive trace's run, not
         pooled): printed, not yet a table row."""
-        res = self.spawn(spec, files)
+        res = {**self.spawn(spec, files), "traced": bool(spec.get("trace"))}
         what = res["error"] if res.get("error") else (
             f"decode {res.get('decode_tps') or 0:.2f} tok/s, TTFT {res.get('ttft_seconds') or 0:.3f} s")
         which = f"run {rep} of {self.a.repeats}" if rep else "the trace's run (not pooled)"
@@ -1039,7 +1040,7 @@ class Bench:
             # the trace's run sends every gate through Python, which slows it: it is not one of the
             # pooled runs, only where the replays, Belady's figures and the orchestrator's policy come from
             rr = self.run_once(name, "smoe-gguf reactive LRU", budget, 0, {**reactive, "trace": str(trace)}, smoe_files)
-            traced: dict[str, Any] = {}
+            traced: dict[str, Any] = {"trace_run": {k: rr.get(k) for k in ("decode_tps", "ttft_seconds", "error")}}
             if rr.get("error"):
                 self.notes.append(f"{name} {budget}: the reactive trace's run failed ({rr['error']}): no replays, "
                                   "no Belady figures, the orchestrator on lru")

@@ -241,6 +241,9 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
     for r in smoe:  # two runs each (--repeats 2), pooled: both prompts' decodes of both runs
         assert len(r["repeats"]) == 2 and r["repeat_tokens_same"] and len(r["decode_each"]) == 4, r
+        # the reactive trace was recorded in a run of its own (every gate through Python: slower), not pooled
+        assert not any(x["traced"] for x in r["repeats"]), r["repeats"]
+        assert (r.get("trace_run", {}).get("decode_tps", 0) > 0) == (r["system"] == "smoe-gguf reactive LRU"), r
     assert len([n for n in res["notes"] if "orchestrator against reactive, pooled decode" in n]) == 2, res["notes"]
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
         assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
