@@ -1039,42 +1039,42 @@ class Bench:
                         "speculate": False, "profile": None, "pipeline": False}
             # the trace's run sends every gate through Python, which slows it: it is not one of the
             # pooled runs, only where the replays, Belady's figures and the orchestrator's policy come from
-            rr = self.run_once(name, "smoe-gguf reactive LRU", budget, 0, {**reactive, "trace": str(trace)}, smoe_files)
-            traced: dict[str, Any] = {"trace_run": {k: rr.get(k) for k in ("decode_tps", "ttft_seconds", "error")}}
-            if rr.get("error"):
-                self.notes.append(f"{name} {budget}: the reactive trace's run failed ({rr['error']}): no replays, "
+            tr = self.run_once(name, "smoe-gguf reactive LRU", budget, 0, {**reactive, "trace": str(trace)}, smoe_files)
+            from_trace: dict[str, Any] = {"trace_run": {k: tr.get(k) for k in ("decode_tps", "ttft_seconds", "error")}}
+            if tr.get("error"):
+                self.notes.append(f"{name} {budget}: the reactive trace's run failed ({tr['error']}): no replays, "
                                   "no Belady figures, the orchestrator on lru")
             policy = "lru"
-            if not rr.get("error") and trace.is_file():
+            if not tr.get("error") and trace.is_file():
                 from smoe_gguf.policy import POLICIES
                 from smoe_gguf.replay import replay
                 from smoe_gguf.trace import load
 
                 data = load(trace)
-                rates = {p: replay(data, rr["budget_bytes"], p).hit_rate for p in POLICIES}
+                rates = {p: replay(data, tr["budget_bytes"], p).hit_rate for p in POLICIES}
                 policy = max(rates, key=lambda p: (rates[p], p == "lru"))
-                traced["replay_hit_rates"] = rates
-                opt = decode_replay(data, rr["budget_bytes"], "belady", rr["prompt_tokens_each"], leaf_bytes,
-                                    rr["decode_tokens"])
+                from_trace["replay_hit_rates"] = rates
+                opt = decode_replay(data, tr["budget_bytes"], "belady", tr["prompt_tokens_each"], leaf_bytes,
+                                    tr["decode_tokens"])
                 if opt is None:
                     self.notes.append(f"{name} {budget}: the reactive trace does not match its prompts; no Belady figures")
                 else:
                     belady[budget] = opt
                     rates["belady"] = opt["hit_rate_all"]
-                    traced.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
+                    from_trace.update(belady_hit_rate=opt["hit_rate"], belady_bytes_per_token=opt["bytes_per_token"])
                 trace.unlink()
             orch = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                     "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
-            full = any(rr.get("full_each") or [])
+            full = any(tr.get("full_each") or [])
             rr_runs, ro_runs, besides = [], [], []
             for rep in range(1, a.repeats + 1):  # reactive, (stock,) orchestrator; again: pooled below
                 rr_runs.append(self.run_once(name, "smoe-gguf reactive LRU", budget, rep, reactive, smoe_files))
                 if full:
                     besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
                 ro_runs.append(self.run_once(name, "smoe-gguf orchestrator", budget, rep, orch, smoe_files))
-            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, {**pool_runs(rr_runs), **traced})
+            rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, {**pool_runs(rr_runs), **from_trace})
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
             beside = pool_runs(besides) if besides else None
             self.repeat_note(name, budget, rr, ro)

@@ -48,7 +48,7 @@ NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read n
 NoLearnOpt = Annotated[bool, typer.Option("--no-learn", help="Use the profile but do not add this session to it.")]
 PinOpt = Annotated[int, typer.Option(help="Keep the profile's N most used leaves resident, outside the policy.")]
 IoDepthOpt = Annotated[int, typer.Option("--io-depth", min=1, max=64, help="Leaf parts read from disk at once; "
-                                         "prefetches hold at most 512 KiB each in flight (`make bench` "
+                                         "prefetches hold at most depth x 512 KiB in flight (`make bench` "
                                          "prints the depth it reads with on this disk).")]
 PipelineOpt = Annotated[bool, typer.Option("--pipeline", help="Part pipelining: a missed leaf's down parts are read "
                                            "while its gate/up matmuls run (off by default; see README).")]

@@ -116,23 +116,25 @@ def test_background_reads_leave_a_thread_and_most_of_the_disk_to_urgent_ones(tmp
             reads = [Read(fd, False, i * chunk, chunk, base + slot * len(data) + i * chunk, None) for i in range(16)]
             failures.extend(o.status for o in pool.run(reads, urgent) if o.status)
 
-    for workers, most in ((2, 1), (4, 2)):
-        pool = ReadPool(workers)
-        try:
-            assert (pool.workers, pool.threads, pool.peak_background, pool.background_cap) == (
-                workers, workers + 1, 0, workers << 19)
-            failures: list[int] = []
-            threads = [threading.Thread(target=submit, args=(pool, failures, k, k == 0)) for k in range(4)]
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            assert not failures
-            assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
-            assert 1 <= pool.peak_background <= most
-        finally:
-            pool.close()
-    os.close(fd)
+    try:
+        for workers, most in ((2, 1), (4, 2)):
+            pool = ReadPool(workers)
+            try:
+                assert (pool.workers, pool.threads, pool.peak_background, pool.background_cap) == (
+                    workers, workers + 1, 0, workers << 19)
+                failures: list[int] = []
+                threads = [threading.Thread(target=submit, args=(pool, failures, k, k == 0)) for k in range(4)]
+                for t in threads:
+                    t.start()
+                for t in threads:
+                    t.join()
+                assert not failures
+                assert all(ctypes.string_at(base + k * len(data), len(data)) == data for k in range(4))
+                assert 1 <= pool.peak_background <= most
+            finally:
+                pool.close()
+    finally:
+        os.close(fd)
 
 
 def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: Path) -> None:
