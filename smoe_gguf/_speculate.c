@@ -9,7 +9,8 @@
  * layer's selection score; the first n_guess above the threshold form the guess set, and those
  * whose chance of use by rank (p_used, counted by the scoring below and re-estimated by Python)
  * reaches the cost model's bar are protected; the ones neither resident nor in flight are listed
- * for Python to prefetch, the only reason this path enters Python. Guesses are scored against
+ * for Python to prefetch (a guess for a layer beyond the next one only where its chance also
+ * reaches bar_ahead more), the only reason this path enters Python. Guesses are scored against
  * the picks of the layer they guessed, into the same counters speculate.py reports.
  *
  * Called on the thread that runs llama_decode, inside the gate callback (_gatecb.c), only while
@@ -257,6 +258,7 @@ int32_t smoe_spec_gate(struct smoe_spec *s, const void *topk, int32_t layer, con
             prot[e] = 1;
             s->protected_leaves++;
             if (__atomic_load_n(&s->resident[k], __ATOMIC_ACQUIRE)) continue;
+            if (a > 0 && pu[r] < bar + s->bar_ahead) continue;  /* guessed again, better, at the next layer */
             if (s->in_flight != NULL && __atomic_load_n(&s->in_flight[k], __ATOMIC_ACQUIRE)) continue;
             /* insert by chance of use, most likely first (equal chances keep their order) */
             int32_t i = s->pf_n++;

@@ -19,6 +19,7 @@ struct smoe_spec {
     double threshold;            /* a guess's least router probability */
     double sweep[SMOE_SPEC_SWEEP];  /* thresholds whose precision and recall are counted */
     double bar_free, bar_full;   /* the cost model's bar with room left, and with the budget full */
+    double bar_ahead;            /* added to the bar to prefetch a guess of lookahead 2 or more */
     int64_t max_leaf_cost;
     int64_t *ledger;             /* the residency's: [0] bytes charged, [1] the budget */
     uint8_t *resident, *protect, *in_flight;  /* [n_layer * n_expert]; in_flight may be NULL */

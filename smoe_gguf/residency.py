@@ -51,6 +51,10 @@ MAX_IO_THREADS = 4
 # what a prefetch's read costs, in misses: where decode waits on the disk, a wasted read holds the
 # disk from a gate's miss for as long as that miss's own read takes, less what overlaps compute
 READ_COST = 0.5
+# what a guess for a layer beyond the next one must add to its chance of use to be prefetched: the
+# next layer's gate guesses that layer again, more precisely, so its prefetch buys only lead time,
+# and one it then drops is a wasted read (protecting it costs nothing, and it still is)
+AHEAD_COST = 0.2
 
 
 class Residency:
@@ -510,6 +514,12 @@ class Residency:
         READ_COST of a miss; where the budget is full, the leaf evicted for it may be missed
         again (:meth:`eviction_regret`)."""
         return READ_COST, READ_COST + self.eviction_regret()
+
+    @staticmethod
+    def ahead_cost() -> float:
+        """What a guess for a layer beyond the next one adds to the bar to be prefetched
+        (AHEAD_COST); it is protected at the plain bar."""
+        return AHEAD_COST
 
     def cancel_below(self, priority: float) -> int:
         """Cancel the queued prefetches less likely than ``priority`` (gate thread); how many."""

@@ -46,7 +46,7 @@ class _SpecStruct(Structure):
         ("off_ne", c_int64), ("off_nb", c_int64), ("off_src", c_int64), ("off_name", c_int64),
         ("threshold", c_double),
         ("sweep", c_double * _SWEEP),
-        ("bar_free", c_double), ("bar_full", c_double),
+        ("bar_free", c_double), ("bar_full", c_double), ("bar_ahead", c_double),
         ("max_leaf_cost", c_int64),
         ("ledger", _I64P),
         ("resident", POINTER(c_uint8)), ("protect", POINTER(c_uint8)), ("in_flight", POINTER(c_uint8)),
@@ -266,6 +266,7 @@ class NativeSpeculation:
         sp, st = self.spec, self._st
         self.take_samples()
         st.bar_free, st.bar_full = sp.residency.prefetch_bars()  # which one applies: the ledger, at each gate
+        st.bar_ahead = sp.residency.ahead_cost()
         fits = sp.fit.fits
         for layer, slots in enumerate(self._target):
             for a, t in enumerate(slots.tolist()):

@@ -367,7 +367,9 @@ class Speculator:
                      bar: float) -> tuple[list[tuple[int, int]], list[float]]:
         """A decoded token's guesses, every guessed layer at once: the guess set (top n_guess
         above the threshold) of each, of which the leaves whose chance of use (by rank) reaches
-        ``bar`` are protected; those not resident are returned, with that chance, to prefetch."""
+        ``bar`` are protected; those not resident are returned, with that chance, to prefetch
+        (for a layer beyond the next one, only where the chance also reaches
+        :meth:`~smoe_gguf.residency.Residency.ahead_cost` more)."""
         state = self.residency.state
         g = self.n_guess
         layers = np.array([t for _a, t, _l in guessed])
@@ -386,7 +388,8 @@ class Speculator:
         st.guesses += 1
         st.protected += int(rows.size)
         st.skipped += int(np.count_nonzero(ok)) - int(rows.size)
-        out = state.resident[k_layers, k_experts] == 0
+        ahead = np.array([a for a, _t, _l in guessed])[rows] > 1
+        out = (state.resident[k_layers, k_experts] == 0) & (~ahead | (pu[rows, ranks] >= bar + self.residency.ahead_cost()))
         keys = list(zip(k_layers[out].tolist(), k_experts[out].tolist()))
         return keys, pu[rows[out], ranks[out]].tolist()
 

@@ -157,6 +157,7 @@ def test_a_prefetch_the_c_path_used_is_credited_when_evicted() -> None:
 
 def test_guesses_by_rank_for_two_layers_ahead_bit_exact(tiny_model, pack_of, monkeypatch) -> None:
     monkeypatch.setattr(residency, "READ_COST", 0.0)  # every guess is prefetched: many reach a gate
+    monkeypatch.setattr(residency, "AHEAD_COST", 0.0)
     src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
         eng.observer_switch.keep(True)  # observe every token (no pause to measure)
@@ -286,6 +287,47 @@ def test_a_guess_not_worth_its_read_is_not_prefetched(pack_of, monkeypatch) -> N
         assert spec["guesses"] > before["guesses"]
         assert spec["prefetched"] == before["prefetched"] and spec["protected"] == before["protected"]
         assert spec["below_cost"] > before["below_cost"]
+
+
+@pytest.mark.parametrize("in_c", [True, False])
+def test_a_guess_two_layers_ahead_is_prefetched_only_past_the_ahead_cost(in_c, pack_of, monkeypatch) -> None:
+    """A guess for a layer beyond the next one is protected at the plain bar but prefetched only
+    where its chance of use also reaches AHEAD_COST more (the next layer's gate guesses it again).
+    Control: with no extra cost, some prefetches are for the layer after the next one."""
+    pack = pack_of("qwen3moe", "f32")
+    monkeypatch.setattr(residency, "READ_COST", 0.0)
+    ahead_of: dict[float, list[int]] = {}
+    for extra in (0.0, 1.01):  # the control, then no chance of use can pay that
+        monkeypatch.setattr(residency, "AHEAD_COST", extra)
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate_native=in_c) as eng:
+            eng.observer_switch.keep(True)
+            r = eng.residency
+            assert r.native is not None
+            r.native.enabled = False  # the C path's choices come to Residency.prefetch (spied), not the pager
+            layers = sorted(r.costs)
+            asked = _spy_gated_prefetches(r)
+            prompt = eng.tokenize(PROMPT)
+            eng.decode(prompt)
+            asked.clear()  # a prompt's micro-batches guess the next layer only
+            for tok in prompt[:8]:
+                eng.decode([tok])
+            assert eng.stats().speculation["protected"] > 0
+            ahead_of[extra] = [layers.index(t) - layers.index(g) for g, keys in asked for t, _e in keys]
+    assert 2 in ahead_of[0.0] and set(ahead_of[0.0]) <= {1, 2}
+    assert ahead_of[1.01] and set(ahead_of[1.01]) == {1}
+
+
+def _spy_gated_prefetches(r: Residency) -> list[tuple[int, list[tuple[int, int]]]]:
+    """The prefetches ``r`` is asked for from now on, each with the layer being gated then."""
+    asked: list[tuple[int, list[tuple[int, int]]]] = []
+    prefetch = r.prefetch
+
+    def spy(keys: list[tuple[int, int]], layer: int = 0, *args: object, **kw: object) -> int:
+        asked.append((layer, list(keys)))
+        return prefetch(keys, layer, *args, **kw)
+
+    r.prefetch = spy  # type: ignore[method-assign]
+    return asked
 
 
 def _spy_prefetches(r: Residency, chances: list[float] | None = None) -> list[tuple[int, int]]:
