@@ -305,7 +305,8 @@ def test_a_guess_two_layers_ahead_is_prefetched_only_past_the_ahead_cost(in_c, p
             assert r.native is not None
             r.native.enabled = False  # the C path's choices come to Residency.prefetch (spied), not the pager
             layers = sorted(r.costs)
-            asked = _spy_gated_prefetches(r)
+            asked: list[tuple[int, list[tuple[int, int]]]] = []
+            _spy_prefetches(r, gated=asked)
             prompt = eng.tokenize(PROMPT)
             eng.decode(prompt)
             asked.clear()  # a prompt's micro-batches guess the next layer only
@@ -317,27 +318,18 @@ def test_a_guess_two_layers_ahead_is_prefetched_only_past_the_ahead_cost(in_c, p
     assert ahead_of[1.01] and set(ahead_of[1.01]) == {1}
 
 
-def _spy_gated_prefetches(r: Residency) -> list[tuple[int, list[tuple[int, int]]]]:
-    """The prefetches ``r`` is asked for from now on, each with the layer being gated then."""
-    asked: list[tuple[int, list[tuple[int, int]]]] = []
-    prefetch = r.prefetch
-
-    def spy(keys: list[tuple[int, int]], layer: int = 0, *args: object, **kw: object) -> int:
-        asked.append((layer, list(keys)))
-        return prefetch(keys, layer, *args, **kw)
-
-    r.prefetch = spy  # type: ignore[method-assign]
-    return asked
-
-
-def _spy_prefetches(r: Residency, chances: list[float] | None = None) -> list[tuple[int, int]]:
+def _spy_prefetches(r: Residency, chances: list[float] | None = None,
+                    gated: list[tuple[int, list[tuple[int, int]]]] | None = None) -> list[tuple[int, int]]:
     """The leaves ``r`` is asked to prefetch from now on, in order (they are still prefetched);
-    their chances of use (``priority``) go to ``chances`` where given."""
+    their chances of use (``priority``) go to ``chances``, and each ask with the layer being gated
+    then to ``gated``, where given."""
     asked: list[tuple[int, int]] = []
     prefetch = r.prefetch
 
     def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
         asked.extend(keys)
+        if gated is not None:
+            gated.append((int(kw.get("layer", args[0] if args else 0)), list(keys)))  # type: ignore[call-overload]
         if chances is not None:
             p = kw.get("priority", 1.0)
             chances.extend([float(p)] * len(keys) if isinstance(p, (int, float)) else p)  # type: ignore[arg-type]
