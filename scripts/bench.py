@@ -19,9 +19,10 @@ limits are per row):
       so it is not pooled) and the full orchestrator (the best policy by replay of the reactive
       trace, next-layer speculation, a tree-map profile learnt beforehand from other prompts;
       part pipelining stays off, as in `run` by default); each ``--repeats`` times (default 3),
-      reactive and orchestrator in turn, each run cold in a process of its own, pooled into one
-      row (decode over all runs' tokens, TTFT and the rest averaged; a note gives the
-      orchestrator's ratios run by run);
+      reactive and orchestrator in turn, the first of each pair alternating (reactive first in
+      odd runs; ``turn`` in ``repeats``: the run's place among its budget's runs), each run cold
+      in a process of its own, pooled into one row (decode over all runs' tokens, TTFT and the
+      rest averaged; a note gives the orchestrator's ratios run by run);
   (d) on a GPU build only: stock with the core on the GPU and experts on the CPU, and smoe-gguf
       with the core on the GPU;
   physical limits: 1 / max(active bytes per token / memory bandwidth, missed bytes per token /
@@ -198,7 +199,7 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 out[key] = reduce(vals)
     if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
         out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
-    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced")}
+    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced", "turn")}
                       for r in runs]
     if all(r.get("tokens") is not None for r in runs):
         out["repeat_tokens_same"] = all(same_tokens(r["tokens"], runs[0]["tokens"])[0] for r in runs[1:])
@@ -1068,12 +1069,20 @@ class Bench:
             # a budget that holds every leaf is compared with stock resident run again beside its rows
             # (between them): this machine's speed drifts over a bench run, more than the gap measured
             full = any(tr.get("full_each") or [])
-            rr_runs, ro_runs, besides = [], [], []
-            for rep in range(1, a.repeats + 1):  # reactive, (stock,) orchestrator; again: pooled below
-                rr_runs.append(self.run_once(name, "smoe-gguf reactive LRU", budget, rep, reactive, smoe_files))
-                if full:
-                    besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
-                ro_runs.append(self.run_once(name, "smoe-gguf orchestrator", budget, rep, orch, smoe_files))
+            rr_runs: list[dict[str, Any]] = []
+            ro_runs: list[dict[str, Any]] = []
+            besides: list[dict[str, Any]] = []
+            rows = (("smoe-gguf reactive LRU", reactive, rr_runs), ("smoe-gguf orchestrator", orch, ro_runs))
+            turn = 0
+            for rep in range(1, a.repeats + 1):  # pooled below
+                # the two rows take turns going first (reactive in odd runs, the orchestrator in even
+                # ones; stock between them where it runs beside), so that a drift over a budget's
+                # runs does not fall on one row
+                for i, (system, spec, runs) in enumerate(rows if rep % 2 else rows[::-1]):
+                    if i and full:
+                        besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
+                    turn += 1
+                    runs.append({**self.run_once(name, system, budget, rep, spec, smoe_files), "turn": turn})
             rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, {**pool_runs(rr_runs), **from_trace})
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
             beside = pool_runs(besides) if besides else None

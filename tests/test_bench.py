@@ -244,6 +244,9 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         # the reactive trace was recorded in a run of its own (every gate through Python: slower), not pooled
         assert not any(x["traced"] for x in r["repeats"]), r["repeats"]
         assert (r.get("trace_run", {}).get("decode_tps", 0) > 0) == (r["system"] == "smoe-gguf reactive LRU"), r
+        # the rows take turns going first: reactive, orchestrator; then orchestrator, reactive
+        turns = [1, 4] if r["system"] == "smoe-gguf reactive LRU" else [2, 3]
+        assert [x["turn"] for x in r["repeats"]] == turns, r["repeats"]
     assert len([n for n in res["notes"] if "orchestrator against reactive, pooled decode" in n]) == 2, res["notes"]
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
         assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
