@@ -37,6 +37,7 @@ from .residency import Residency
 from .source import open_source
 from .spec_native import NativeSpeculation
 from .speculate import DEFAULT_RANK, DEFAULT_THRESHOLD, LOOKAHEAD, Speculator
+from .token_guess import TokenGuess
 from .trace import Trace
 from .xslot import XSlot
 
@@ -304,6 +305,7 @@ class Engine:
                 self.speculator.fit.load(route_fit.load_routes(
                     route_fit.routes_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))
             self.gate.observe(self.speculator)
+        self.token_guess = TokenGuess(self.speculator) if self.speculator is not None else None
         self.spec_native: NativeSpeculation | None = None
         if self.speculator is not None and native and trace is None:
             self.spec_native = NativeSpeculation(self.speculator, self.gate)
@@ -401,6 +403,9 @@ class Engine:
         n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         if self.n_past + len(tokens) > n_ctx:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
+        guess = self.token_guess if len(tokens) == 1 and self.gate.gating else None
+        if guess is not None:
+            guess.before(tokens[0])  # its first MoE layer: read while the graph reaches it
         if self.recorder is not None and len(tokens) > 1:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
         if len(tokens) > 1 and self.gate.observers:
@@ -445,6 +450,8 @@ class Engine:
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
+        if guess is not None:
+            guess.after()
         if self.spec_native is not None:
             self.spec_native.take_counts()
         if len(tokens) == 1:
@@ -646,6 +653,8 @@ class Engine:
             return None
         out = self.speculator.summary()
         out["native_unlocated"] = self.spec_native.unlocated if self.spec_native is not None else 0
+        if self.token_guess is not None:
+            out["first_layer"] = self.token_guess.summary()
         return out
 
 

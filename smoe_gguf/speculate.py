@@ -66,6 +66,10 @@ RESCORE = 8  # the chances of use by rank are re-estimated every RESCORE passes 
 # Graph nodes between a layer's top-k and its router logits: 4 for plain top-k, 8 with expert
 # groups (deepseek2: the group top-k and its mask sit in between).
 SEARCH_DEPTH = 8
+EMBEDDING = "token_embd.weight"
+# Graph nodes between the first observed layer's router input and the token embedding it adds
+# up from (its norm, the residual adds, a dense layer's nodes where one comes first).
+EMBEDDING_DEPTH = 64
 GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
@@ -194,6 +198,7 @@ class Speculator:
         self._last_paged = paged[-1]
         self._last_layer = -1
         self._buf = np.empty(0, np.float32)
+        self.embedding: int | None = None  # token_embd.weight in llama.cpp's graph (see token_guess)
         # The routers and every per-layer norm (which norm feeds the router is read from the graph
         # later), read into memory at start-up: llama.cpp reads the core with direct I/O, so mapped
         # instead they would fault in from the disk inside the first prompt's gates.
@@ -291,6 +296,21 @@ class Speculator:
     def selection_bias(self) -> list[np.ndarray | None]:
         """Per layer, the bias added to the scores for selection (exp_probs_b), or None."""
         return self._sel_bias
+
+    def rank_input(self, layer: int, x: np.ndarray) -> np.ndarray | None:
+        """The first ``max_rank`` experts of ``layer`` in its router's order for ``x``, a row
+        normalised as its router input is before the norm weight (``rms_norm(h)``); None where
+        the layer has no router or ``x`` is not of its width."""
+        if self._router is None or self._router[layer] is None:
+            return None
+        w = self._norm[layer]
+        own = self._scaled_router(layer, layer)
+        if own is None or x.shape[0] != own.shape[0] or (w is not None and w.shape != x.shape):
+            return None
+        logits = (x if w is None else x * w) @ own
+        if self._bias[layer] is not None:
+            logits = logits + self._bias[layer]
+        return self._ranked(layer, logits)[1]
 
     def _estimate(self, lookahead: int, layer: int) -> np.ndarray:
         st = self.stats.lookahead[lookahead]
@@ -504,6 +524,7 @@ class Speculator:
             if not name.startswith(prefix):
                 raise SmoeError(f"speculation: the router input of layer {layer} is not a norm ({name!r})")
             self._load_weights(name[len(prefix):])
+            self.embedding = _find_up(x_addr, EMBEDDING.encode(), depth=EMBEDDING_DEPTH)
         n_embd, rows, stride = int(xt.ne[0]), int(xt.ne[1]), int(xt.nb[1])
         if xt.type != 0 or int(xt.nb[0]) != 4 or rows != n_tokens or stride % 4:
             return None  # F32 rows, one per token of the micro-batch: what llama.cpp builds
