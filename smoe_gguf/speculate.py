@@ -314,7 +314,7 @@ class Speculator:
 
     def _estimate(self, lookahead: int, layer: int) -> np.ndarray:
         st = self.stats.lookahead[lookahead]
-        prior = np.where(np.arange(self.max_rank) < self.n_used, 0.5, 0.2)
+        prior = rank_prior(self.max_rank, self.n_used)
         n_all = int(st.scored.sum())
         if n_all:
             prior = (st.rank_hits.sum(axis=0) + 2.0 * prior) / (n_all + 2.0)
@@ -559,6 +559,12 @@ class Speculator:
             "corrected": self.fit.summary(),
             "prefetch": src.as_dict() if src is not None else None,
         }
+
+
+def rank_prior(max_rank: int, n_used: int) -> np.ndarray:
+    """Per rank, the chance of use a guess starts from before any is counted: even for the top
+    ``n_used``, low below."""
+    return np.where(np.arange(max_rank) < n_used, 0.5, 0.2)
 
 
 def _find_up(address: int, name: bytes, depth: int) -> int | None:

@@ -28,9 +28,8 @@ from gguf import GGMLQuantizationType
 from gguf.quants import dequantize
 
 from . import ggml_abi as abi
-from .speculate import Speculator
+from .speculate import PRIOR_WEIGHT, Speculator, rank_prior
 
-PRIOR_WEIGHT = 8.0  # pseudo-observations behind the counts: top-k ranks even, the rest low
 RMS_EPS = 1e-6  # the norm's epsilon: it moves a ranking only for an all-zero row
 SOURCE = "token"  # the asker's name in the residency's prefetch counts
 
@@ -88,8 +87,9 @@ class TokenGuess:
         self.scored += 1
 
     def p_used(self) -> np.ndarray:
-        """Per rank, the chance that the first layer picks the guess of that rank."""
-        prior = np.where(np.arange(self.max_rank) < self.n_used, 0.5, 0.1)
+        """Per rank, the chance that the first layer picks the guess of that rank: the counts
+        behind speculation's prior (PRIOR_WEIGHT observations of :func:`rank_prior`)."""
+        prior = rank_prior(self.max_rank, self.n_used)
         return (self.hits + PRIOR_WEIGHT * prior) / (self.scored + PRIOR_WEIGHT)
 
     # ------------------------------------------------------------------ the ranking
