@@ -47,7 +47,7 @@ class TokenGuess:
         self.max_rank = speculator.max_rank
         self.hits = np.zeros(self.max_rank, np.int64)  # per rank: guesses the layer picked
         self.scored = 0  # tokens whose guess was scored
-        self.prefetched = 0
+        self._shape: tuple[int, int, int, int] | None = None  # the embedding's rows, width, row bytes, type
         self._ranked: np.ndarray | None = None  # [n_vocab, max_rank] experts by rank (-1: not yet)
         self._row = np.empty(0, np.uint8)
         self._pending: tuple[np.ndarray, int] | None = None  # (ranked experts, clock before the token)
@@ -68,10 +68,8 @@ class TokenGuess:
         ranks = np.flatnonzero((p >= bar) & (r.state.resident[self.layer, order] == 0))
         if not ranks.size:
             return 0
-        queued = r.prefetch([(self.layer, int(e)) for e in order[ranks]], layer=self.layer, in_use=[],
-                            priority=p[ranks].tolist(), source=SOURCE)
-        self.prefetched += queued
-        return queued
+        return r.prefetch([(self.layer, int(e)) for e in order[ranks]], layer=self.layer, in_use=[],
+                          priority=p[ranks].tolist(), source=SOURCE)
 
     def after(self) -> None:
         """Score the last guess against the experts the first MoE layer picked: the leaves its
@@ -101,15 +99,17 @@ class TokenGuess:
         addr = sp.embedding
         if addr is None or not sp.weights_loaded:
             return None
-        t = abi.tensor_at(addr)
-        n_vocab, row_bytes = int(t.ne[1]), int(t.nb[1])
+        if self._shape is None:
+            t = abi.tensor_at(addr)
+            self._shape = (int(t.ne[1]), int(t.ne[0]), int(t.nb[1]), int(t.type))
+        n_vocab, n_embd, row_bytes, ggml_type = self._shape
         if not 0 <= token < n_vocab:
             return None
         if self._ranked is None:
             self._ranked = np.full((n_vocab, self.max_rank), -1, np.int32)
         row = self._ranked[token]
         if row[0] < 0:
-            x = self._embedding_row(addr, token, int(t.ne[0]), row_bytes, int(t.type))
+            x = self._embedding_row(addr, token, n_embd, row_bytes, ggml_type)
             ranked = None if x is None else sp.rank_input(self.layer, x)
             if ranked is None:
                 return None
@@ -125,7 +125,10 @@ class TokenGuess:
         if self._row.size < row_bytes:
             self._row = np.empty(row_bytes, np.uint8)
         abi.ggml_backend_tensor_get(addr, self._row.ctypes.data, token * row_bytes, row_bytes)
-        values = np.asarray(dequantize(self._row[None, :row_bytes], qtype), np.float32).reshape(-1)
+        try:
+            values = np.asarray(dequantize(self._row[None, :row_bytes], qtype), np.float32).reshape(-1)
+        except NotImplementedError:  # a type gguf's Python cannot dequantize: no guess
+            return None
         if values.size < n_embd:
             return None
         x = values[:n_embd]
