@@ -70,6 +70,7 @@ EMBEDDING = "token_embd.weight"
 # Graph nodes between the first observed layer's router input and the token embedding it adds
 # up from (its norm, the residual adds, a dense layer's nodes where one comes first).
 EMBEDDING_DEPTH = 64
+RMS_EPS = 1e-6  # rms_norm's epsilon where a router input is rebuilt from a hidden row (rank_input)
 GATING_SIGMOID = 2  # llama.cpp's LLAMA_EXPERT_GATING_FUNC_TYPE_SIGMOID
 
 
@@ -297,16 +298,17 @@ class Speculator:
         """Per layer, the bias added to the scores for selection (exp_probs_b), or None."""
         return self._sel_bias
 
-    def rank_input(self, layer: int, x: np.ndarray) -> np.ndarray | None:
-        """The first ``max_rank`` experts of ``layer`` in its router's order for ``x``, a row
-        normalised as its router input is before the norm weight (``rms_norm(h)``); None where
-        the layer has no router or ``x`` is not of its width."""
+    def rank_input(self, layer: int, h: np.ndarray) -> np.ndarray | None:
+        """The first ``max_rank`` experts of ``layer`` in its router's order for the hidden row
+        ``h``, taken as its router input ``rms_norm(h) * w``; None where the layer has no router
+        or ``h`` is not of its width."""
         if self._router is None or self._router[layer] is None:
             return None
         w = self._norm[layer]
         own = self._scaled_router(layer, layer)
-        if own is None or x.shape[0] != own.shape[0] or (w is not None and w.shape != x.shape):
+        if own is None or h.shape[0] != own.shape[0] or (w is not None and w.shape != h.shape):
             return None
+        x = h / np.sqrt(np.mean(h * h) + RMS_EPS)
         logits = (x if w is None else x * w) @ own
         if self._bias[layer] is not None:
             logits = logits + self._bias[layer]

@@ -30,7 +30,6 @@ from gguf.quants import dequantize
 from . import ggml_abi as abi
 from .speculate import PRIOR_WEIGHT, Speculator, rank_prior
 
-RMS_EPS = 1e-6  # the norm's epsilon: it moves a ranking only for an all-zero row
 SOURCE = "token"  # the asker's name in the residency's prefetch counts
 
 
@@ -46,6 +45,7 @@ class TokenGuess:
         self.n_used = speculator.n_used
         self.max_rank = speculator.max_rank
         self.hits = np.zeros(self.max_rank, np.int64)  # per rank: guesses the layer picked
+        self._prior = rank_prior(self.max_rank, self.n_used)
         self.scored = 0  # tokens whose guess was scored
         self._shape: tuple[int, int, int, int] | None = None  # the embedding's rows, width, row bytes, type
         self._ranked: np.ndarray | None = None  # [n_vocab, max_rank] experts by rank (-1: not yet)
@@ -87,8 +87,7 @@ class TokenGuess:
     def p_used(self) -> np.ndarray:
         """Per rank, the chance that the first layer picks the guess of that rank: the counts
         behind speculation's prior (PRIOR_WEIGHT observations of :func:`rank_prior`)."""
-        prior = rank_prior(self.max_rank, self.n_used)
-        return (self.hits + PRIOR_WEIGHT * prior) / (self.scored + PRIOR_WEIGHT)
+        return (self.hits + PRIOR_WEIGHT * self._prior) / (self.scored + PRIOR_WEIGHT)
 
     # ------------------------------------------------------------------ the ranking
 
@@ -109,8 +108,8 @@ class TokenGuess:
             self._ranked = np.full((n_vocab, self.max_rank), -1, np.int32)
         row = self._ranked[token]
         if row[0] < 0:
-            x = self._embedding_row(addr, token, n_embd, row_bytes, ggml_type)
-            ranked = None if x is None else sp.rank_input(self.layer, x)
+            h = self._embedding_row(addr, token, n_embd, row_bytes, ggml_type)
+            ranked = None if h is None else sp.rank_input(self.layer, h)
             if ranked is None:
                 return None
             row[:] = ranked
@@ -131,8 +130,7 @@ class TokenGuess:
             return None
         if values.size < n_embd:
             return None
-        x = values[:n_embd]
-        return x / np.sqrt(np.mean(x * x) + RMS_EPS)
+        return values[:n_embd]
 
     # ------------------------------------------------------------------ report
 
