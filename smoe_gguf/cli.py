@@ -336,7 +336,9 @@ def replay(
     if as_json:
         out.print_json(json.dumps([
             {"policy": r.policy, "budget": label, "budget_bytes": r.budget, "hit_rate": round(r.hit_rate, 4),
-             "hits": r.hits, "misses": r.misses, "evictions": r.evictions, "bytes_loaded": r.bytes_loaded}
+             "hits": r.hits, "misses": r.misses, "evictions": r.evictions, "bytes_loaded": r.bytes_loaded,
+             "by_layer": [{"layer": layer, "hits": h, "misses": m}
+                          for layer, (h, m) in enumerate(zip(r.layer_hits, r.layer_misses)) if h + m]}
             for label, r in results]))
         return
     live = data.live_hits / max(1, data.live_accesses)

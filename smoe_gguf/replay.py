@@ -34,6 +34,9 @@ class ReplayResult:
     # per trace event (summed over the chunks it was re-cut into): leaves found resident, leaves loaded
     event_hits: list[int] = field(default_factory=list, repr=False)
     event_misses: list[int] = field(default_factory=list, repr=False)
+    # per layer: leaves found resident, leaves loaded
+    layer_hits: list[int] = field(default_factory=list, repr=False)
+    layer_misses: list[int] = field(default_factory=list, repr=False)
 
     @property
     def hit_rate(self) -> float:
@@ -55,14 +58,19 @@ def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
     loaded = 0
     event_hits = [0] * len(data.events)
     event_misses = [0] * len(data.events)
+    layer_hits = [0] * r.n_layer
+    layer_misses = [0] * r.n_layer
     s = r.stats
     for i, layer, chunk in gates:
         hits, misses = s.hits, s.misses
         r.on_experts(layer, np.asarray(chunk, np.int32))
         event_hits[i] += s.hits - hits
         event_misses[i] += s.misses - misses
+        layer_hits[layer] += s.hits - hits
+        layer_misses[layer] += s.misses - misses
         loaded += (s.misses - misses) * cost[layer]
-    return ReplayResult(policy, budget, s.hits, s.misses, s.evictions, loaded, event_hits, event_misses)
+    return ReplayResult(policy, budget, s.hits, s.misses, s.evictions, loaded, event_hits, event_misses,
+                        layer_hits, layer_misses)
 
 
 def _recut(events: list[tuple[int, int, int, list[list[int]]]],

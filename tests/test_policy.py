@@ -109,11 +109,22 @@ def test_trace_replays_deterministically_and_matches_the_live_run(pack_of, tmp_p
     # Replay without a model, same budget, same policy: the same decisions as live.
     again = replay(data, live["budget_bytes"], "lru")
     assert (again.hits, again.misses) == (live["hits"], live["misses"])
+    # ... layer by layer too, as the trace recorded each gate's hits
+    recorded: dict[int, list[int]] = {}
+    for line in trace.read_text().splitlines()[1:]:
+        gate = json.loads(line)
+        layer_counts = recorded.setdefault(gate["l"], [0, 0])
+        layer_counts[0] += sum(gate["hit"])
+        layer_counts[1] += len(gate["hit"]) - sum(gate["hit"])
+    assert {layer: [h, m] for layer, (h, m) in enumerate(zip(again.layer_hits, again.layer_misses)) if h + m} == recorded
     assert replay(data, live["budget_bytes"], "lfru") == replay(data, live["budget_bytes"], "lfru")
     code, stdout, _ = run_cli("replay", str(trace), "--budget", "10%,25%,50%", "--json")
     rows = json.loads(stdout)
     assert code == 0 and len(rows) == 12  # 3 budgets x lru, lfru, least-stale, belady
     rates = {(r["budget"], r["policy"]): r["hit_rate"] for r in rows}
+    for r in rows:  # the per-layer figures add up to the row's
+        assert sum(b["hits"] for b in r["by_layer"]) == r["hits"] and sum(b["misses"] for b in r["by_layer"]) == r["misses"]
+        assert [b["layer"] for b in r["by_layer"]] == sorted(recorded)
     assert rates[("50%", "lru")] >= rates[("10%", "lru")]
 
 
