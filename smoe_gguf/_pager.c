@@ -150,11 +150,17 @@ static void evict_leaf(struct smoe_pager *p, int32_t layer, int32_t e, int32_t t
 struct order {
     double now;
     int32_t layer;
+    int32_t policy;  /* p->policy, or least-stale for lfru while a prompt is gated (policy.py) */
 };
+
+static struct order order_at(const struct smoe_pager *p, double now, int32_t layer) {
+    int32_t policy = p->policy == SMOE_POLICY_LFRU && *p->scan ? SMOE_POLICY_LEAST_STALE : p->policy;
+    return (struct order){now, layer, policy};
+}
 
 static double key_of(const struct smoe_pager *p, int64_t k, const struct order *o) {
     int32_t n = p->n_layer;
-    switch (p->policy) {
+    switch (o->policy) {
     case SMOE_POLICY_LFRU:
         return smoe_lfru_at(p->freq[k], p->last_use[k], o->now, p->half_life);
     case SMOE_POLICY_LEAST_STALE:
@@ -520,7 +526,7 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
        are spent (as Python does) */
     memset(p->protect + base, 0, (size_t)E);
     const uint64_t now = *p->clock + 1;
-    struct order ord = {(double)now, layer};
+    struct order ord = order_at(p, (double)now, layer);
     /* native prefetches that hold the room are cancelled, or landed (evictable), first */
     while ((n_victim = choose_victims(p, p->ledger[0] + (int64_t)n_miss * cost - p->ledger[1], &ord, victim, E)) < 0) {
         if (!smoe_pager_cancel_or_wait(p)) {  /* Python may cancel its prefetches or drop predictions */
@@ -664,7 +670,7 @@ int32_t smoe_pager_make_room(struct smoe_pager *p, int32_t layer, const int32_t 
     if (p->log_n >= p->log_cap - E || layer < 0 || layer >= p->n_layer) return 0;
     int32_t *victim = p->scratch + 2 * E;
     set_marks(p, layer, in_use, n_in_use, also, n_also, 1);
-    struct order ord = {(double)*p->clock, layer};
+    struct order ord = order_at(p, (double)*p->clock, layer);
     int32_t n = choose_victims(p, over, &ord, victim, E);
     set_marks(p, layer, in_use, n_in_use, also, n_also, 0);
     if (n < 0) return 0;

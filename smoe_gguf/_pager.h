@@ -67,6 +67,7 @@ struct smoe_pager {
     uint32_t *uses;
     double *freq;              /* lfru's score as of the last use (policy.py) */
     uint64_t *clock;
+    uint8_t *scan;             /* [1] 1 while a prompt is gated: lfru goes in least-stale's order */
     uint64_t *evicted_at;      /* [n_layer * n_expert] clock of the last eviction */
     uint64_t regret_window;    /* a miss this many gates after its eviction is a regret */
     int32_t *fd;               /* [n_layer * n_expert] the leaf's shard; -1: not open (Python reads) */

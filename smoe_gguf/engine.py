@@ -437,6 +437,8 @@ class Engine:
             arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
             if self.residency.trace is not None:
                 self.residency.trace.begin(self.n_past)
+            # a prompt in micro-batches of several tokens: lfru evicts in layer order (policy.py)
+            self.residency.state.scan[0] = len(chunk) > 1 and self.n_ubatch > 1
             ls.LOG.clear()
             # Signals are held only where llama.cpp may call Python (the gate): a decode that gates
             # nothing enters only native code (the X-Slot's answers to the scheduler are C too)
@@ -450,6 +452,7 @@ class Engine:
             if rc != 0:
                 raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
             self.n_past += len(chunk)
+        self.residency.state.scan[0] = 0
         if guess is not None:
             guess.after()
         if self.spec_native is not None:

@@ -101,6 +101,7 @@ class _PagerStruct(Structure):
         ("uses", POINTER(c_uint32)),
         ("freq", POINTER(c_double)),
         ("clock", POINTER(c_uint64)),
+        ("scan", POINTER(c_uint8)),
         ("evicted_at", POINTER(c_uint64)),
         ("regret_window", c_uint64),
         ("fd", POINTER(c_int32)),
@@ -254,6 +255,7 @@ class NativePager:
         st.resident, st.pinned, st.protect = (_ptr(a, c_uint8) for a in (s.resident, s.pinned, s.protect))
         st.in_flight = _ptr(in_flight, c_uint8)
         st.last_use, st.uses, st.clock = _ptr(s.last_use, c_uint64), _ptr(s.uses, c_uint32), _ptr(s.clock, c_uint64)
+        st.scan = _ptr(s.scan, c_uint8)
         st.freq = _ptr(s.freq, c_double)
         st.evicted_at = _ptr(r.evicted_at, c_uint64)
         st.regret_window = r.regret_window

@@ -17,7 +17,11 @@ Policies:
     plain LRU would keep, and a burst of uses long ago fades. The score is kept as
     :attr:`AccessState.freq`, the sum as of the last use, and decayed to now when compared.
     Chosen over the others by replaying traces of sampled text (``smoe-gguf replay``, held-out
-    prompts).
+    prompts). While a prompt is gated in micro-batches of several tokens
+    (:attr:`AccessState.scan`), least-stale's order instead:
+    a prompt's micro-batches pass over the layers in turn, a scan in which the leaf used longest
+    ago is of the layer the next micro-batch reaches soonest, and the leaf just used is needed
+    last.
 ``least-stale``
     evict the leaf whose layer comes furthest in the future in layer order: after layer
     ``c``, layer ``c+1`` is needed next and layer ``c`` last. Among leaves of that layer,
@@ -52,6 +56,7 @@ class AccessState:
     node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
     protect: np.ndarray  # uint8: predicted for the next layers; kept while other leaves can go
     half_life: float  # of lfru's score, in gates
+    scan: np.ndarray  # uint8[1]: 1 while a prompt is gated in micro-batches of several tokens
 
     @classmethod
     def new(cls, n_layer: int, n_expert: int) -> "AccessState":
@@ -61,6 +66,7 @@ class AccessState:
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
             np.zeros(shape, np.float64), np.zeros(1, np.uint64), np.zeros(shape, np.uint8),
             np.zeros(n_layer, np.uint8), np.zeros(shape, np.uint8), LFRU_HALF_LIFE * n_layer,
+            np.zeros(1, np.uint8),
         )
 
     def tick(self) -> int:
@@ -112,6 +118,8 @@ class LFRU(Policy):
     name = "lfru"
 
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
+        if s.scan[0]:
+            return _layer_order(s, flat, layer)
         score = s.decayed(np.divmod(flat, s.n_expert), float(s.clock[0]))
         # ties (e.g. never-used leaves): least recently used first
         order = np.lexsort((s.last_use.ravel()[flat], score))
@@ -122,11 +130,16 @@ class LeastStale(Policy):
     name = "least-stale"
 
     def _pick(self, s: AccessState, flat: np.ndarray, layer: int) -> int:
-        layers = flat // s.n_expert
-        # distance in layer order until the leaf's layer is gated again: layer+1 -> 0 ... layer -> L-1
-        until = (layers - layer - 1) % s.n_layer
-        order = np.lexsort((s.last_use.ravel()[flat], -until))
-        return int(order[0])
+        return _layer_order(s, flat, layer)
+
+
+def _layer_order(s: AccessState, flat: np.ndarray, layer: int) -> int:
+    """least-stale's pick: the leaf of the layer gated last from ``layer`` on, LRU among them."""
+    layers = flat // s.n_expert
+    # distance in layer order until the leaf's layer is gated again: layer+1 -> 0 ... layer -> L-1
+    until = (layers - layer - 1) % s.n_layer
+    order = np.lexsort((s.last_use.ravel()[flat], -until))
+    return int(order[0])
 
 
 POLICIES: dict[str, type[Policy]] = {p.name: p for p in (LRU, LFRU, LeastStale)}

@@ -45,7 +45,8 @@ class ReplayResult:
 
 def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
     """Run the trace's gates through a book-keeping residency of ``budget`` bytes under ``policy``
-    (one of :data:`REPLAY_POLICIES`), in the micro-batches the engine would cut at that budget."""
+    (one of :data:`REPLAY_POLICIES`), in the micro-batches the engine would cut at that budget.
+    Each gate is flagged a prompt's or not (``AccessState.scan``) as it was live."""
     if policy not in REPLAY_POLICIES:
         raise SmoeError(f"unknown policy {policy!r}: choose one of {', '.join(REPLAY_POLICIES)}", 2)
     n_expert, n_used = int(data.header["n_expert"]), int(data.header["n_expert_used"])
@@ -62,6 +63,7 @@ def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
     layer_misses = [0] * r.n_layer
     s = r.stats
     for i, layer, chunk in gates:
+        r.state.scan[0] = data.prompt[i]
         hits, misses = s.hits, s.misses
         r.on_experts(layer, np.asarray(chunk, np.int32))
         event_hits[i] += s.hits - hits

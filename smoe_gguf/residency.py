@@ -229,7 +229,7 @@ class Residency:
             return
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
         resident = self.state.resident[layer]
-        self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted])
+        self.trace.gate(layer, ids, wanted, [bool(resident[e]) for e in wanted], bool(self.state.scan[0]))
 
     def drain_native(self) -> None:
         """Take in what the native pager did since the last call: its counts into :attr:`stats`,

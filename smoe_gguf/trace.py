@@ -9,7 +9,9 @@ then one line per top-k gate (one layer of one micro-batch)::
 
     {"pos": first token position of the micro-batch, "n": tokens in it, "l": layer,
      "ids": [[experts of each token with a row]], "e": [distinct experts selected],
-     "hit": [1 if that leaf of "e" was resident, else 0]}
+     "hit": [1 if that leaf of "e" was resident, else 0], "p": 1 if a prompt's, else 0}
+
+(``"p"`` is absent from traces recorded before it was: read as ``n > 1``.)
 
 (the last layer of a prompt micro-batch has rows only for the tokens whose logits are wanted:
 the last ones). :func:`smoe_gguf.replay.replay` runs a loaded trace without a model.
@@ -20,7 +22,7 @@ from __future__ import annotations
 import json
 import os
 import stat
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
@@ -54,7 +56,7 @@ class Trace:
         """A decode call starts at position ``pos`` (llama.cpp may cut it into micro-batches)."""
         self._next, self._layer = pos, 1 << 30
 
-    def gate(self, layer: int, ids: np.ndarray, experts: list[int], hit: list[bool]) -> None:
+    def gate(self, layer: int, ids: np.ndarray, experts: list[int], hit: list[bool], prompt: bool) -> None:
         if self._f is None:
             return
         if layer <= self._layer:  # a new micro-batch: its first layer has a row per token
@@ -62,7 +64,8 @@ class Trace:
             self._next += self._n
         self._layer = layer
         self._write(json.dumps({"pos": self._pos, "n": self._n, "l": layer, "ids": ids.tolist(),
-                                "e": experts, "hit": [int(h) for h in hit]}, separators=(",", ":")) + "\n")
+                                "e": experts, "hit": [int(h) for h in hit], "p": int(prompt)},
+                               separators=(",", ":")) + "\n")
         self.events += 1
 
     def _write(self, line: str) -> None:
@@ -113,6 +116,11 @@ class TraceData:
     events: list[tuple[int, int, int, list[list[int]]]]  # (pos, n_tokens, layer, rows of expert ids)
     live_hits: int
     live_accesses: int
+    prompt: list[bool] = field(default_factory=list)  # per event: a prompt's gate (AccessState.scan)
+
+    def __post_init__(self) -> None:
+        if len(self.prompt) != len(self.events):  # not given: a micro-batch of several tokens is a prompt's
+            self.prompt = [ev[1] > 1 for ev in self.events]
 
     @property
     def leaf_cost(self) -> dict[int, int]:
@@ -198,6 +206,7 @@ def _read(f: IO[bytes], p: Path) -> TraceData:
     n_expert, n_used = header["n_expert"], header["n_expert_used"]
     layers = {int(k) for k in header["leaf_cost"]}
     events = []
+    prompt: list[bool] = []
     hits = accesses = 0
     for i, ev in lines:
         try:
@@ -221,8 +230,9 @@ def _read(f: IO[bytes], p: Path) -> TraceData:
             for x in hit:
                 _int(x, 0, 1, "a hit")
             events.append((_int(ev.get("pos"), 0, 1 << 40, "pos"), n, layer, rows))
+            prompt.append(bool(_int(ev["p"], 0, 1, "p")) if "p" in ev else n > 1)
             hits += sum(hit)
             accesses += len(e_list)
         except _Bad as e:
             raise SmoeError(f"{p}:{i}: malformed trace line ({e})") from None
-    return TraceData(header, events, hits, accesses)
+    return TraceData(header, events, hits, accesses, prompt)

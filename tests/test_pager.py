@@ -27,6 +27,7 @@ from smoe_gguf.fetcher import (
 )
 from smoe_gguf.pack.split import split
 from smoe_gguf.policy import POLICIES, AccessState
+from smoe_gguf.replay import replay
 from smoe_gguf.trace import load
 
 from .engine_helpers import N_TOKENS, PROMPT, budgets, corrupted_pack, reference, same
@@ -126,6 +127,34 @@ def test_the_native_pager_chooses_as_the_python_residency_does(policy: str, pack
     assert figures[0] == figures[1]
     assert all(np.array_equal(a, b) for a, b in zip(stamps[0][:2], stamps[1][:2]))
     np.testing.assert_allclose(stamps[0][2], stamps[1][2], rtol=1e-12)
+
+
+def test_a_prompt_in_micro_batches_evicts_as_lfru_does_in_a_prompt_in_c_python_and_replay(pack_of, tmp_path: Path) -> None:
+    """Below a layer's leaves a prompt goes in micro-batches; while it is gated lfru evicts in
+    layer order (policy.py). C and Python choose alike, and the trace replays the live run's
+    hits exactly, flags and all; without the flags the replay differs (the flag matters here)."""
+    figures, traces = [], []
+    for on in (True, False):
+        trace = tmp_path / f"t{on}.jsonl"
+        with Engine(pack_of("qwen3moe", "q4_k"), budget="15%", n_ctx=256, n_threads=2, profile=None,
+                    speculate=False, native=on, trace=str(trace), policy="lfru") as eng:
+            assert 1 < eng.n_ubatch < len(eng.tokenize(PROMPT))
+            if eng.residency.native is not None:
+                eng.residency.native.wait_opened()
+            tokens = eng.generate(PROMPT, 8).tokens
+            st = eng.stats()
+            assert (st.gates_with_misses_native > 0) == on
+            assert eng.residency.state.scan[0] == 0  # only while a prompt is gated
+            figures.append((tokens, st.hits, st.misses, st.evictions, st.bytes_read))
+            budget = eng.budget
+        traces.append(load(trace))
+    assert figures[0] == figures[1]
+    data = traces[0]
+    assert any(data.prompt) and not all(data.prompt)
+    live = replay(data, budget, "lfru")
+    assert (live.hits, live.hits + live.misses) == (data.live_hits, data.live_accesses)
+    data.prompt = [False] * len(data.events)
+    assert replay(data, budget, "lfru").hits != live.hits
 
 
 def test_the_c_gate_and_the_pager_stamp_uses_as_the_access_state_records_them(pack_of, tmp_path: Path) -> None:

@@ -76,6 +76,24 @@ def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     assert make_policy("least-stale").victim(s, evictable, 1) == (3, 0)
 
 
+def test_lfru_evicts_in_layer_order_while_a_prompt_is_gated() -> None:
+    # Layer 1 is being gated. By score, layer 2's leaf (used once, long ago) goes; in a prompt's
+    # pass over the layers it is the one needed next, and layer 1's own other leaf goes instead.
+    s = AccessState.new(4, 2)
+    s.clock[0] = 10
+    for (layer, e), t in {(1, 1): 10, (2, 0): 3, (3, 0): 9}.items():
+        s.resident[layer, e] = 1
+        s.last_use[layer, e] = t
+        s.freq[layer, e] = 1.0
+    s.freq[1, 1] = 3.0
+    evictable = s.resident.astype(bool)
+    lfru = make_policy("lfru")
+    assert lfru.victim(s, evictable, 1) == (2, 0)
+    s.scan[0] = 1
+    assert lfru.victim(s, evictable, 1) == make_policy("least-stale").victim(s, evictable, 1) == (1, 1)
+    assert make_policy("lru").victim(s, evictable, 1) == (2, 0)  # the flag is lfru's alone
+
+
 @pytest.mark.parametrize("policy", list(POLICIES))
 def test_leaves_in_use_and_pinned_leaves_are_never_evicted(policy: str) -> None:
     r = _books(policy, n_expert=6, budget_leaves=3)

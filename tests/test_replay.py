@@ -158,3 +158,21 @@ def test_belady_is_never_below_an_online_policy_on_a_live_trace(pack_of: Callabl
             assert misses[(budget, "belady")] <= misses[(budget, policy)], (budget, policy)
     # below 100% the trace leaves MIN something to choose: it misses strictly less than LRU somewhere
     assert any(misses[(b, "belady")] < misses[(b, "lru")] for b in ("10%", "25%", "50%"))
+
+
+def test_a_trace_line_says_whether_a_prompt_gated_it(tmp_path: Path) -> None:
+    """``"p"`` as recorded; a trace recorded before it existed reads micro-batches of several
+    tokens as a prompt's; anything but 0 or 1 is refused, naming the line."""
+    header = {"format": "smoe-trace", "version": 1, "n_layer": 1, "n_expert": 4, "n_expert_used": 1,
+              "leaf_cost": {"0": 1}, "total_cost": 4, "source": "test"}
+    lines = [{"pos": 0, "n": 2, "l": 0, "ids": [[0], [1]], "e": [0, 1], "hit": [0, 0], "p": 0},
+             {"pos": 2, "n": 1, "l": 0, "ids": [[2]], "e": [2], "hit": [0], "p": 1},
+             {"pos": 3, "n": 2, "l": 0, "ids": [[0], [3]], "e": [0, 3], "hit": [1, 0]},
+             {"pos": 5, "n": 1, "l": 0, "ids": [[1]], "e": [1], "hit": [0]}]
+    path = tmp_path / "t.jsonl"
+    path.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
+    assert load(path).prompt == [False, True, True, False]
+    lines[1]["p"] = 2
+    path.write_text("\n".join(json.dumps(x) for x in [header, *lines]) + "\n")
+    with pytest.raises(SmoeError, match=r"t\.jsonl:3: malformed trace line \(p is 2, expected an integer in \[0, 1\]\)"):
+        load(path)
