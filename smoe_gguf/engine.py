@@ -432,27 +432,29 @@ class Engine:
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
-        for start in range(0, len(tokens), self.n_batch):
-            chunk = tokens[start : start + self.n_batch]
-            arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
-            if self.residency.trace is not None:
-                self.residency.trace.begin(self.n_past)
-            # a prompt in micro-batches of several tokens: lfru evicts in layer order (policy.py)
-            self.residency.state.scan[0] = len(chunk) > 1 and self.n_ubatch > 1
-            ls.LOG.clear()
-            # Signals are held only where llama.cpp may call Python (the gate): a decode that gates
-            # nothing enters only native code (the X-Slot's answers to the scheduler are C too)
-            with ls.signals_deferred() if self.gate.gating else contextlib.nullcontext():
-                rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
-            self.gate.check()
-            self.residency.finish_all()
-            self.residency.reap_failures()
-            self.residency.drain_native()
-            self._between_decodes()
-            if rc != 0:
-                raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
-            self.n_past += len(chunk)
-        self.residency.state.scan[0] = 0
+        try:
+            for start in range(0, len(tokens), self.n_batch):
+                chunk = tokens[start : start + self.n_batch]
+                arr = (llama_cpp.llama_token * len(chunk))(*chunk)  # referenced until decode returns
+                if self.residency.trace is not None:
+                    self.residency.trace.begin(self.n_past)
+                # a prompt in micro-batches of several tokens: lfru evicts in layer order (policy.py)
+                self.residency.state.scan[0] = len(chunk) > 1 and self.n_ubatch > 1
+                ls.LOG.clear()
+                # Signals are held only where llama.cpp may call Python (the gate): a decode that gates
+                # nothing enters only native code (the X-Slot's answers to the scheduler are C too)
+                with ls.signals_deferred() if self.gate.gating else contextlib.nullcontext():
+                    rc = llama_cpp.llama_decode(self._ctx, llama_cpp.llama_batch_get_one(arr, len(chunk)))
+                self.gate.check()
+                self.residency.finish_all()
+                self.residency.reap_failures()
+                self.residency.drain_native()
+                self._between_decodes()
+                if rc != 0:
+                    raise SmoeError(f"llama_decode failed (code {rc}): {ls.LOG.reason() or 'no reason given'}")
+                self.n_past += len(chunk)
+        finally:
+            self.residency.state.scan[0] = 0  # only while a prompt is gated
         if guess is not None:
             guess.after()
         if self.spec_native is not None:
