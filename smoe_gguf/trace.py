@@ -110,6 +110,12 @@ def refuse_overwrite(path: Path) -> None:
         raise SmoeError(f"{path}: exists and is not a trace; not overwritten (remove it or choose another file)")
 
 
+def unflagged_prompt(n_tokens: int) -> bool:
+    """Whether a gate recorded without ``"p"`` (before it was recorded) was a prompt's: its
+    micro-batch held several tokens."""
+    return n_tokens > 1
+
+
 @dataclass
 class TraceData:
     header: dict[str, Any]
@@ -119,8 +125,8 @@ class TraceData:
     prompt: list[bool] = field(default_factory=list)  # per event: a prompt's gate (AccessState.scan)
 
     def __post_init__(self) -> None:
-        if len(self.prompt) != len(self.events):  # not given: a micro-batch of several tokens is a prompt's
-            self.prompt = [ev[1] > 1 for ev in self.events]
+        if len(self.prompt) != len(self.events):  # not given
+            self.prompt = [unflagged_prompt(ev[1]) for ev in self.events]
 
     @property
     def leaf_cost(self) -> dict[int, int]:
@@ -230,7 +236,7 @@ def _read(f: IO[bytes], p: Path) -> TraceData:
             for x in hit:
                 _int(x, 0, 1, "a hit")
             events.append((_int(ev.get("pos"), 0, 1 << 40, "pos"), n, layer, rows))
-            prompt.append(bool(_int(ev["p"], 0, 1, "p")) if "p" in ev else n > 1)
+            prompt.append(bool(_int(ev["p"], 0, 1, "p")) if "p" in ev else unflagged_prompt(n))
             hits += sum(hit)
             accesses += len(e_list)
         except _Bad as e:

@@ -34,6 +34,16 @@ def _gates(r: Residency, seq: list[tuple[int, list[int]]]) -> None:
         r.on_experts(layer, np.array(experts, np.int32))
 
 
+def _resident_at(last_use: dict[tuple[int, int], int]) -> AccessState:
+    """4 layers x 2 experts at clock 10, the given leaves resident and last used at those clocks."""
+    s = AccessState.new(4, 2)
+    s.clock[0] = 10
+    for (layer, e), t in last_use.items():
+        s.resident[layer, e] = 1
+        s.last_use[layer, e] = t
+    return s
+
+
 def test_lru_evicts_the_leaf_used_longest_ago() -> None:
     r = _books("lru")
     _gates(r, [(0, [A]), (0, [B]), (0, [A]), (0, [C])])
@@ -64,11 +74,7 @@ def test_lfru_lets_a_burst_of_uses_long_ago_fade() -> None:
 
 def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     # Layer 1 is being gated; layers 2 and 3 come next, layer 1 itself only after a full pass.
-    s = AccessState.new(4, 2)
-    s.clock[0] = 10
-    for (layer, e), t in {(1, 0): 10, (2, 0): 3, (3, 0): 9}.items():
-        s.resident[layer, e] = 1
-        s.last_use[layer, e] = t
+    s = _resident_at({(1, 0): 10, (2, 0): 3, (3, 0): 9})
     evictable = s.resident.astype(bool)
     assert make_policy("lru").victim(s, evictable, 1) == (2, 0)  # oldest, yet needed next
     assert make_policy("least-stale").victim(s, evictable, 1) == (1, 0)
@@ -79,12 +85,8 @@ def test_least_stale_evicts_what_layer_order_needs_last() -> None:
 def test_lfru_evicts_in_layer_order_while_a_prompt_is_gated() -> None:
     # Layer 1 is being gated. By score, layer 2's leaf (used once, long ago) goes; in a prompt's
     # pass over the layers it is the one needed next, and layer 1's own other leaf goes instead.
-    s = AccessState.new(4, 2)
-    s.clock[0] = 10
-    for (layer, e), t in {(1, 1): 10, (2, 0): 3, (3, 0): 9}.items():
-        s.resident[layer, e] = 1
-        s.last_use[layer, e] = t
-        s.freq[layer, e] = 1.0
+    s = _resident_at({(1, 1): 10, (2, 0): 3, (3, 0): 9})
+    s.freq[[1, 2, 3], [1, 0, 0]] = 1.0
     s.freq[1, 1] = 3.0
     evictable = s.resident.astype(bool)
     lfru = make_policy("lfru")
