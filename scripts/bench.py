@@ -831,7 +831,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             "hit_rate_all": st["hit_rate"], "bytes_read_all": st["bytes_read"], "direct_io": st["direct_io"],
             "speculation": st.get("speculation"), "warnings": list(getattr(eng, "warnings", [])),
             "n_threads": st.get("n_threads"), "n_threads_batch": st.get("n_threads_batch"), "observer_pauses": st.get("observer_pauses"),
-            "prefetched": st.get("prefetched"),
+            "prefetched": st.get("prefetched"), "holds_every_leaf": not eng.paging,
         })
     return out
 
@@ -1067,8 +1067,9 @@ class Bench:
             orch = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                     "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
             # a budget that holds every leaf is compared with stock resident run again beside its rows
-            # (between them): this machine's speed drifts over a bench run, more than the gap measured
-            full = any(tr.get("full_each") or [])
+            # (between them): this machine's speed drifts over a bench run, more than the gap measured.
+            # Known from the budget at start-up, not from whether the trace run's fill finished in time.
+            full = bool(tr.get("holds_every_leaf"))
             rr_runs: list[dict[str, Any]] = []
             ro_runs: list[dict[str, Any]] = []
             besides: list[dict[str, Any]] = []
