@@ -1088,6 +1088,11 @@ class Bench:
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
             beside = pool_runs(besides) if besides else None
             self.repeat_note(name, budget, rr, ro)
+            if full:
+                self.notes.append(f"{name} {budget}: the budget holds every leaf, so nothing is paged and the "
+                                  "orchestrator's settings change nothing (no speculation, no tree-map read, no "
+                                  "eviction): its row runs reactive's engine, and the two differ by the machine's "
+                                  "drift between runs")
             # the reactive trace is the orchestrator's too where both decoded the same tokens in the same micro-batches
             if budget in belady and not ro.get("error") and ro.get("n_ubatch") == rr.get("n_ubatch") \
                     and ro.get("tokens") == rr.get("tokens"):

@@ -251,6 +251,8 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
         assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
     assert len([n for n in res["notes"] if "stock resident's" in n and "run beside it" in n]) == 2, res["notes"]
+    same_engine = [n for n in res["notes"] if "runs reactive's engine" in n]  # only where nothing is paged
+    assert len(same_engine) == 1 and same_engine[0].startswith("tiny 100%: "), res["notes"]
     for r in smoe:
         if r["system"] == "smoe-gguf reactive LRU":
             rates = r["replay_hit_rates"]
