@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smoe_gguf import spin
+from smoe_gguf.policy import DEFAULT_POLICY
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
 
 if TYPE_CHECKING:
@@ -381,7 +382,7 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
     ]
     if result.get("long_prompt"):
         lines += ["Long prompt (C headers, one prompt, cold): time to first token against stock resident, and "
-                  "expert bytes smoe-gguf read per prompt token.", "",
+                  "expert bytes smoe-gguf read per prompt token (smoe-gguf with `run`'s defaults, no profile).", "",
                   "| model | budget | prompt tokens | n_ubatch | TTFT s | stock resident TTFT s | x stock | "
                   "expert MB read / prompt token |", "|---|---|---|---|---|---|---|---|"]
         for r in result["long_prompt"]:
@@ -1206,7 +1207,8 @@ class Bench:
 
     def long_prompt_rows(self, name: str, gguf: Path, source: Path, files: list[Path], io_depth: int) -> None:
         """Time to first token of a long prompt of C headers: stock resident, and smoe-gguf at each
-        budget with the expert bytes it read per prompt token."""
+        budget (its default policy and speculation, no profile) with the expert bytes it read per
+        prompt token."""
         a = self.a
         text = long_prompt_text(gguf, a.long_prompt)
         if not text:
@@ -1216,8 +1218,9 @@ class Bench:
                 "prompt_seconds": None}
         stock_res = self.spawn({**spec, **stock_resident(gguf)}, files)
         for budget in a.budgets:
-            res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": "lru",
-                              "speculate": False, "profile": None, "pipeline": False, "io_depth": io_depth}, files)
+            # smoe-gguf as `run` starts it by default, without a profile (a first session)
+            res = self.spawn({**spec, "kind": "smoe", "model": str(source), "budget": budget, "policy": DEFAULT_POLICY,
+                              "speculate": True, "profile": None, "pipeline": False, "io_depth": io_depth}, files)
             row = {"model": name, "budget": budget, "prompt_tokens": res.get("prompt_tokens"),
                    "ttft_seconds": res.get("ttft_seconds"), "stock_ttft_seconds": stock_res.get("ttft_seconds"),
                    "expert_bytes_per_prompt_token": res["prefill_bytes"] / res["prompt_tokens"]
