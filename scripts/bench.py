@@ -200,8 +200,8 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 out[key] = reduce(vals)
     if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
         out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
-    out["repeats"] = [{k: r.get(k) for k in ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced", "turn")}
-                      for r in runs]
+    keep = ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced", "turn", "after_stock")
+    out["repeats"] = [{k: r.get(k) for k in keep} for r in runs]
     if all(r.get("tokens") is not None for r in runs):
         out["repeat_tokens_same"] = all(same_tokens(r["tokens"], runs[0]["tokens"])[0] for r in runs[1:])
     return out
@@ -959,10 +959,10 @@ class Bench:
         print(f"  {text}", flush=True)
 
     def after_fill(self, name: str, budget: str, r: dict[str, Any], stock: dict[str, Any]) -> None:
-        """A row whose budget holds every leaf against ``stock`` (stock resident, run beside it):
-        decode over the whole run (the background fill included) and over the prompts that
-        started with every leaf resident, each on the same prompts (a note; the table's decode
-        tok/s is the whole run)."""
+        """A row whose budget holds every leaf against ``stock`` (stock resident, run right before
+        each of the row's runs, pooled in the same order): decode over the whole run (the
+        background fill included) and over the prompts that started with every leaf resident,
+        each on the same prompts (a note; the table's decode tok/s is the whole run)."""
         full, mine, ref = r.get("full_each") or [], r.get("decode_each") or [], stock.get("decode_each") or []
         if r.get("error") or not mine or len(ref) < len(mine):
             return
@@ -1067,27 +1067,30 @@ class Bench:
                 trace.unlink()
             orch = {**base, "kind": "smoe", "model": str(source), "budget": budget, "policy": policy,
                     "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
-            # a budget that holds every leaf is compared with stock resident run again beside its rows
-            # (between them): this machine's speed drifts over a bench run, more than the gap measured.
+            # a budget that holds every leaf is compared with stock resident run again beside its rows:
+            # this machine's speed drifts over a bench run, more than the gap measured. Right before
+            # each of their runs, so that every run follows one alike (the run after a stock run was
+            # the slower of its pair: runs 91, 92, 94), and each row is compared with its own.
             # Known from the budget at start-up, not from whether the trace run's fill finished in time.
             full = bool(tr.get("holds_every_leaf"))
             rr_runs: list[dict[str, Any]] = []
             ro_runs: list[dict[str, Any]] = []
-            besides: list[dict[str, Any]] = []
-            rows = (("smoe-gguf reactive LRU", reactive, rr_runs), ("smoe-gguf orchestrator", orch, ro_runs))
+            rr_besides: list[dict[str, Any]] = []
+            ro_besides: list[dict[str, Any]] = []
+            rows = (("smoe-gguf reactive LRU", reactive, rr_runs, rr_besides),
+                    ("smoe-gguf orchestrator", orch, ro_runs, ro_besides))
             turn = 0
             for rep in range(1, a.repeats + 1):  # pooled below
                 # the two rows take turns going first (reactive in odd runs, the orchestrator in even
-                # ones; stock between them where it runs beside), so that a drift over a budget's
-                # runs does not fall on one row
-                for i, (system, spec, runs) in enumerate(rows if rep % 2 else rows[::-1]):
-                    if i and full:
+                # ones), so that a drift over a budget's runs does not fall on one row
+                for system, spec, runs, besides in rows if rep % 2 else rows[::-1]:
+                    if full:
                         besides.append(self.spawn({**base, **stock_resident(gguf)}, stock_files))
                     turn += 1
-                    runs.append({**self.run_once(name, system, budget, rep, spec, smoe_files), "turn": turn})
+                    runs.append({**self.run_once(name, system, budget, rep, spec, smoe_files), "turn": turn,
+                                 "after_stock": full})
             rr = self.add(name, "c", "smoe-gguf reactive LRU", budget, {**pool_runs(rr_runs), **from_trace})
             ro = self.add(name, "c", "smoe-gguf orchestrator", budget, pool_runs(ro_runs), policy=policy)
-            beside = pool_runs(besides) if besides else None
             self.repeat_note(name, budget, rr, ro)
             if full:
                 self.notes.append(f"{name} {budget}: the budget holds every leaf, so nothing is paged and the "
@@ -1100,10 +1103,12 @@ class Bench:
                 ro.update(belady_hit_rate=belady[budget]["hit_rate"],
                           belady_bytes_per_token=belady[budget]["bytes_per_token"])
             smoe_rows += [rr, ro]
-            if beside is not None and beside.get("error"):
-                self.notes.append(f"{name} {budget}: stock resident beside the rows failed: {beside['error']}")
-            elif beside is not None:
-                for r in (rr, ro):
+            for r, besides in ((rr, rr_besides), (ro, ro_besides)):
+                beside = pool_runs(besides) if besides else None
+                if beside is not None and beside.get("error"):
+                    self.notes.append(f"{name} {budget}: stock resident beside the {r['system']} runs failed: "
+                                      f"{beside['error']}")
+                elif beside is not None:
                     self.after_fill(name, budget, r, beside)
 
             budget_bytes = rr.get("budget_bytes") or ro.get("budget_bytes")

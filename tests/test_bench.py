@@ -247,6 +247,8 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         # the rows take turns going first: reactive, orchestrator; then orchestrator, reactive
         turns = [1, 4] if r["system"] == "smoe-gguf reactive LRU" else [2, 3]
         assert [x["turn"] for x in r["repeats"]] == turns, r["repeats"]
+        # where stock runs beside the rows, one goes right before every run of both rows
+        assert [x["after_stock"] for x in r["repeats"]] == [r["budget"] == "100%"] * 2, r["repeats"]
     assert len([n for n in res["notes"] if "orchestrator against reactive, pooled decode" in n]) == 2, res["notes"]
     for r in smoe:  # a budget that holds every leaf is compared with stock resident run beside its rows
         assert ("whole_x_stock" in r and r["decode_beside_stock_tps"] > 0) == (r["budget"] == "100%"), r
