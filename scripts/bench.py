@@ -52,8 +52,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smoe_gguf import spin
-from smoe_gguf.policy import DEFAULT_POLICY
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
+from smoe_gguf.policy import DEFAULT_POLICY
 
 if TYPE_CHECKING:
     from smoe_gguf.devtools.diskprobe import Span
