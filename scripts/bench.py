@@ -1069,9 +1069,9 @@ class Bench:
                     "speculate": True, "profile": str(profile) if have_profile else None, "pipeline": False}
             # a budget that holds every leaf is compared with stock resident run again beside its rows:
             # this machine's speed drifts over a bench run, more than the gap measured. Right before
-            # each of their runs, so that every run follows one alike (the run after a stock run was
-            # the slower of its pair: runs 91, 92, 94), and each row is compared with its own.
-            # Known from the budget at start-up, not from whether the trace run's fill finished in time.
+            # each of their runs, so that every run follows one alike (docs/bench.md), and each row
+            # is compared with its own. Known from the budget at start-up, not from whether the
+            # trace run's fill finished in time.
             full = bool(tr.get("holds_every_leaf"))
             rr_runs: list[dict[str, Any]] = []
             ro_runs: list[dict[str, Any]] = []
