@@ -1095,8 +1095,8 @@ class Bench:
             if full:
                 self.notes.append(f"{name} {budget}: the budget holds every leaf, so nothing is paged and the "
                                   "orchestrator's settings change nothing (no speculation, no tree-map read, no "
-                                  "eviction): its row runs reactive's engine, and the two differ by the machine's "
-                                  "drift between runs")
+                                  "eviction): its row runs reactive's engine, so a gap between the two there is not "
+                                  "the orchestrator's work")
             # the reactive trace is the orchestrator's too where both decoded the same tokens in the same micro-batches
             if budget in belady and not ro.get("error") and ro.get("n_ubatch") == rr.get("n_ubatch") \
                     and ro.get("tokens") == rr.get("tokens"):
