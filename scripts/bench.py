@@ -868,8 +868,11 @@ def run_row(spec: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def child_main(argv: list[str]) -> None:
-    spec = json.loads(argv[0])
+def child_main() -> None:
+    """The child side of ``bench.py row``: the row's spec is read from stdin (JSON), so that every
+    row's process starts with the same command line whatever its spec holds (its length would
+    move where the process's stack starts)."""
+    spec = json.loads(sys.stdin.read())
     try:
         res = run_row(spec)
     except Exception as e:  # noqa: BLE001 - the parent shows it in the row
@@ -902,13 +905,14 @@ class Bench:
         if cgroup is not None:
             spec["cgroup"] = str(cgroup)
         self.cache_drop = drop_caches(files, self.a.drop)
-        cmd = [sys.executable, str(Path(__file__).resolve()), "row", json.dumps(spec)]
+        cmd = [sys.executable, str(Path(__file__).resolve()), "row"]  # the spec on stdin (child_main)
         env = None
         if spec.get("kind") == "stock" and not spin.FROM_USER:
             env = {**os.environ, "GOMP_SPINCOUNT": spin.LIBGOMP_DEFAULT}  # stock as llama.cpp runs it
         t0 = time.perf_counter()
         try:
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=self.a.row_timeout, env=env)
+            p = subprocess.run(cmd, input=json.dumps(spec), capture_output=True, text=True, timeout=self.a.row_timeout,
+                               env=env)
         except subprocess.TimeoutExpired:
             return {"error": f"timed out after {self.a.row_timeout} s"}
         wall = time.perf_counter() - t0
@@ -1342,7 +1346,7 @@ def llama_gpu() -> bool:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "row":
-        child_main(argv[1:])
+        child_main()
         return {}
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("models", nargs="+", help="MoE GGUF files; a sibling NAME.pack is what smoe-gguf runs")
