@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from . import archs, route_fit
+from . import archs, route_fit, spin
 from . import budget as bdg
 from . import llama_session as ls
 from . import profile as tree_map
@@ -204,6 +204,8 @@ class Engine:
                     f"{self.min_budget} bytes ({src.n_expert_used} leaves of {self.residency.max_leaf_cost})"
                 )
             self.warnings: list[str] = []
+            if (why := spin.paging_warning(self.paging)) is not None:
+                self.warnings.append(why)
             self._open_profile(profile, learn, pin)
             room = self.budget - self.pinned_bytes
             self.layer_budget = bdg.layer_budget(self.residency.max_leaf_cost, src.n_expert)

@@ -18,6 +18,7 @@ from pathlib import Path
 PAGING = "2000"
 LIBGOMP_DEFAULT = "300000"  # LIBGOMP's spin where OMP_WAIT_POLICY is unset
 FROM_USER = "GOMP_SPINCOUNT" in os.environ
+LOADED_FIRST = "llama_cpp" in sys.modules  # llama.cpp was loaded before this package: no spin was ours to set
 
 
 def set_default() -> None:
@@ -44,3 +45,22 @@ def for_budget(model: Path, budget: int | str | None) -> str | None:
         return None
     os.environ["GOMP_SPINCOUNT"] = LIBGOMP_DEFAULT if holds_all else PAGING
     return os.environ["GOMP_SPINCOUNT"]
+
+
+def paging_warning(paging: bool) -> str | None:
+    """A warning for a session that pages leaves while libgomp spins its own default: llama.cpp
+    (and with it libgomp, which read ``GOMP_SPINCOUNT`` then) was loaded before this package, and
+    the user set no spin. None otherwise, and where no libgomp is loaded (another OpenMP, or none)."""
+    if not paging or FROM_USER or not LOADED_FIRST or not _libgomp_loaded():
+        return None
+    return ("llama.cpp was loaded before smoe_gguf, so its OpenMP threads spin libgomp's default while "
+            "leaves are paged, on the cores the reads need: import smoe_gguf first, or set GOMP_SPINCOUNT")
+
+
+def _libgomp_loaded() -> bool:
+    """Whether libgomp is mapped into this process (Linux; elsewhere: False)."""
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            return any("libgomp" in line for line in f)
+    except OSError:
+        return False

@@ -140,3 +140,26 @@ def test_openmp_spin_follows_the_budget(pack_of) -> None:
     out = subprocess.run([sys.executable, "-c", loaded, str(pack), "100%"], env=env,
                          capture_output=True, text=True, check=True).stdout
     assert out.split() == ["None", "None"]
+
+
+def test_a_session_that_pages_warns_where_libgomp_spins_its_own_default(pack_of) -> None:
+    """llama.cpp loaded before smoe_gguf, no spin set by the user: a session that pages leaves
+    warns (libgomp spins its default on the cores the reads need); one that holds every leaf, one
+    whose spin smoe_gguf set first, or one with the user's spin does not."""
+    pack = pack_of("qwen2moe", "f16")
+    code = ("import sys\n{first}\nfrom smoe_gguf.engine import Engine\n"
+            "with Engine(sys.argv[1], budget=sys.argv[2], n_ctx=64) as e:\n"
+            "    print(any('spin libgomp' in w for w in e.warnings))")
+    env = {k: v for k, v in os.environ.items() if k != "GOMP_SPINCOUNT"}
+
+    def warned(first: str, budget: str, **extra: str) -> bool:
+        out = subprocess.run([sys.executable, "-c", code.format(first=first), str(pack), budget], env={**env, **extra},
+                             capture_output=True, text=True, check=True).stdout
+        return out.split()[-1] == "True"
+
+    gomp = subprocess.run([sys.executable, "-c", "import llama_cpp; print(any('libgomp' in l for l in open('/proc/self/maps')))"],
+                          capture_output=True, text=True).stdout.strip() == "True"
+    assert warned("import llama_cpp", "25%") == gomp  # no libgomp (another OpenMP): nothing to warn of
+    assert not warned("import llama_cpp", "100%")
+    assert not warned("import smoe_gguf, llama_cpp", "25%")
+    assert not warned("import llama_cpp", "25%", GOMP_SPINCOUNT="7")
