@@ -51,13 +51,13 @@ def paging_warning(paging: bool) -> str | None:
     """A warning for a session that pages leaves while libgomp spins its own default: llama.cpp
     (and with it libgomp, which read ``GOMP_SPINCOUNT`` then) was loaded before this package, and
     the user set no spin. None otherwise, and where no libgomp is loaded (another OpenMP, or none)."""
-    if not paging or FROM_USER or not LOADED_FIRST or not _libgomp_loaded():
+    if not paging or FROM_USER or not LOADED_FIRST or not libgomp_loaded():
         return None
     return ("llama.cpp was loaded before smoe_gguf, so its OpenMP threads spin libgomp's default while "
             "leaves are paged, on the cores the reads need: import smoe_gguf first, or set GOMP_SPINCOUNT")
 
 
-def _libgomp_loaded() -> bool:
+def libgomp_loaded() -> bool:
     """Whether libgomp is mapped into this process (Linux; elsewhere: False)."""
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:

@@ -157,8 +157,8 @@ def test_a_session_that_pages_warns_where_libgomp_spins_its_own_default(pack_of)
                              capture_output=True, text=True, check=True).stdout
         return out.split()[-1] == "True"
 
-    gomp = subprocess.run([sys.executable, "-c", "import llama_cpp; print(any('libgomp' in l for l in open('/proc/self/maps')))"],
-                          capture_output=True, text=True).stdout.strip() == "True"
+    probe = "import llama_cpp; from smoe_gguf import spin; print(spin.libgomp_loaded())"
+    gomp = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout.strip() == "True"
     assert warned("import llama_cpp", "25%") == gomp  # no libgomp (another OpenMP): nothing to warn of
     assert not warned("import llama_cpp", "100%")
     assert not warned("import smoe_gguf, llama_cpp", "25%")
