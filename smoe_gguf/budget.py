@@ -35,20 +35,32 @@ def leaf_cost(part_bytes: Iterable[int]) -> int:
     return sum(page_cost(n) for n in part_bytes)
 
 
+def stage_costs(parts: Iterable[tuple[int, int]]) -> tuple[int, int]:
+    """What one leaf's gate/up parts (stage 0) and its down parts (stage 1) are charged on their
+    own, from each part's (stage, bytes): a prompt micro-batch whose leaves do not fit whole is
+    served one stage at a time."""
+    cost = [0, 0]
+    for stage, nbytes in parts:
+        cost[stage] += page_cost(nbytes)
+    return cost[0], cost[1]
+
+
 def min_budget(max_leaf_cost: int, n_expert_used: int) -> int:
     """The smallest budget that runs one token: one layer's selected leaves at once."""
     return max_leaf_cost * n_expert_used
 
 
 def layer_budget(max_leaf_cost: int, n_expert: int) -> int:
-    """The budget that holds every leaf of one layer: any micro-batch fits, and a prompt streams
-    each leaf at most once per micro-batch."""
+    """The budget that holds every leaf of one layer (``max_leaf_cost``: a whole leaf's, or where
+    leaves are served one stage at a time, the larger stage's): any micro-batch fits, and a prompt
+    streams each leaf at most once per micro-batch."""
     return max_leaf_cost * n_expert
 
 
 def micro_batch(budget: int, max_leaf_cost: int, n_expert: int, n_expert_used: int, n_ubatch: int) -> int:
-    """The largest micro-batch (<= ``n_ubatch`` tokens) whose leaves at one layer always fit
-    ``budget``: all of ``n_ubatch`` if a whole layer fits, else budget / one token's leaves."""
+    """The largest micro-batch (<= ``n_ubatch`` tokens) whose leaves (of ``max_leaf_cost`` each,
+    as in :func:`layer_budget`) at one layer always fit ``budget``: all of ``n_ubatch`` if a whole
+    layer fits, else budget / one token's leaves."""
     if budget >= layer_budget(max_leaf_cost, n_expert):
         return n_ubatch
     return max(1, min(n_ubatch, budget // min_budget(max_leaf_cost, n_expert_used)))

@@ -165,8 +165,9 @@ class Engine:
         model; None: no profile). ``learn``: merge this session's leaf use into it at close.
         ``pin``: keep the profile's ``pin`` most used leaves resident, outside the policy.
         ``n_ubatch``: the prompt micro-batch (default: llama.cpp's 512, or PROMPT_UBATCH while
-        paging with a budget that holds a layer of experts, so that a prompt reads each leaf once;
-        shrunk below one layer's budget until a micro-batch's leaves fit).
+        paging with a budget that holds a layer of experts, or of their gate/up parts, so that a
+        prompt reads each leaf once; shrunk below that until a micro-batch's leaves fit, one stage
+        at a time where they do not fit whole).
         ``io_depth``: leaf parts read from disk at once (the disk's best concurrency).
         ``native``: the native pager serves the gate's misses where it can; False: Python serves
         every miss (the reference implementation, for tests). ``speculate_native`` (with
@@ -208,17 +209,23 @@ class Engine:
                 self.warnings.append(why)
             self._open_profile(profile, learn, pin)
             room = self.budget - self.pinned_bytes
-            self.layer_budget = bdg.layer_budget(self.residency.max_leaf_cost, src.n_expert)
+            # A prompt micro-batch's leaves at one layer must fit at once: whole, or where they do
+            # not (paging, every leaf with gate/up and down parts), one stage of them at a time.
+            r = self.residency
+            split = self.paging and r.can_split
+            self.layer_budget = bdg.layer_budget(r.max_stage_cost, src.n_expert)
             if n_ubatch is None:
                 n_ubatch = PROMPT_UBATCH if self.paging and room >= self.layer_budget else 512
                 n_ubatch = min(n_ubatch, n_ctx) if n_ctx > 0 else n_ubatch
-            self.n_ubatch = self.residency.micro_batch(src.n_expert_used, n_ubatch, room)
+            self.n_ubatch = r.micro_batch(src.n_expert_used, n_ubatch, room, split=split)
+            r.split_prompts = split and self.n_ubatch > r.micro_batch(src.n_expert_used, self.n_ubatch, room)
             self.n_batch = max(n_batch, self.n_ubatch)
             # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
             # parts meanwhile by the I/O threads, awaited at the node before the down matmul.
             pipelined = pipeline and self.paging
             self.residency.pipeline = pipelined
-            down_nodes = {n: KIND_BEFORE_DOWN for n in archs.NODE_BEFORE_DOWN} if pipelined else {}
+            down_nodes = ({n: KIND_BEFORE_DOWN for n in archs.NODE_BEFORE_DOWN}
+                          if pipelined or self.residency.split_prompts else {})
             self.gate = Gate(self.residency.on_experts, state=self.residency.state,
                              max_ids=self.n_ubatch * src.n_expert + 1024, nodes=down_nodes,
                              on_node=lambda _kind, layer, _t: self.residency.finish_layer(layer))
@@ -297,7 +304,8 @@ class Engine:
             r.trace = Trace(trace, {
                 "n_layer": r.n_layer, "n_expert": src.n_expert, "n_expert_used": src.n_expert_used,
                 "leaf_cost": {str(k): v for k, v in sorted(r.costs.items())}, "total_cost": r.total_cost,
-                "source": name})
+                "source": name, **({"stage_cost": {str(k): list(v) for k, v in sorted(r.stage_costs.items())}}
+                                   if r.can_split else {})})
             self.gate.observe(r.trace_gate, always=True)  # every gate, hits too, before its misses are read
         self.speculator: Speculator | None = None
         if speculate and self.paging:
@@ -528,14 +536,15 @@ class Engine:
 
     def prompt_hint(self, n_tokens: int) -> str | None:
         """A one-line hint when a prompt of ``n_tokens`` will stream experts more than once: the
-        budget is below one layer of experts, so the micro-batch is cut short."""
+        budget is below one layer of experts (where leaves are served one stage at a time, of
+        their larger stage), so the micro-batch is cut short."""
         if not self.paging or self.budget >= self.layer_budget or n_tokens <= self.n_ubatch:
             return None
         src, r = self.source, self.residency
         k, e, m = src.n_expert_used, src.n_expert, self.n_ubatch
         distinct = e * (1 - (1 - k / e) ** m)  # experts a micro-batch of m tokens selects per layer
         per_token = len(r.costs) * distinct * r.max_leaf_cost / m
-        return (f"the budget holds less than one layer of experts: prompts go in micro-batches of {m} tokens "
+        return (f"the budget holds less than one layer of experts at once: prompts go in micro-batches of {m} tokens "
                 f"and read about {per_token / 2**20:.1f} MiB of experts per prompt token; "
                 f"--budget {-(-self.layer_budget // 2**20)}MiB or more reads each leaf once per prompt")
 
@@ -544,7 +553,8 @@ class Engine:
         b = self._resolve_budget(budget)
         if b < self.min_budget:
             raise SmoeError(f"budget {b} bytes is below the minimum for one token: {self.min_budget} bytes")
-        if self.residency.micro_batch(self.source.n_expert_used, self.n_ubatch, b) < self.n_ubatch:
+        r = self.residency
+        if r.micro_batch(self.source.n_expert_used, self.n_ubatch, b, split=r.split_prompts) < self.n_ubatch:
             raise SmoeError(f"budget {b} bytes is too small for this context's micro-batch of {self.n_ubatch} "
                             f"tokens; restart with this budget")
         if b < self._footprint:

@@ -87,7 +87,12 @@ class MoEModel:
 
     @property
     def layer_budget(self) -> int:
-        """The budget that holds one layer of experts: prompts then read each leaf once."""
+        """The budget from which prompts read each leaf once per micro-batch: one layer of experts,
+        or where every leaf has gate/up and down parts (served one stage at a time), one layer of
+        the larger stage."""
+        costs = [budget.stage_costs((t.stage, t.slice_bytes) for t in ts) for ts in self.expert_tensors.values()]
+        if costs and all(c0 and c1 for c0, c1 in costs):
+            return budget.layer_budget(max(max(c) for c in costs), self.n_expert)
         return budget.layer_budget(self.max_leaf_cost, self.n_expert)
 
     @cached_property

@@ -42,6 +42,8 @@ class ResidencyStats:
     protect_dropped: int = 0  # gates that evicted predicted leaves: nothing else could go
     down_stall_seconds: float = 0.0  # ... of which waiting for down parts (pipelining)
     down_nodes: int = 0  # layer passes whose down node the gate stopped at (down parts in flight)
+    split_loads: int = 0  # leaves a prompt micro-batch's gate read part by part (gate/up, then down)
+    split_rereads: int = 0  # ... of which were resident, evicted to make room for the others' gate/up parts
     peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
     native_gates: int = 0  # ... with a miss, served by the native pager

@@ -2,7 +2,8 @@
 
 :func:`replay` feeds the trace's gates to a book-keeping :class:`~smoe_gguf.residency.Residency`
 (the same class and policies the engine runs, without I/O), re-cut into the micro-batches the
-engine would use at the replayed budget, so a policy's choices in replay are the ones it would
+engine would use at the replayed budget (a micro-batch's leaves that do not fit whole are served
+one stage at a time, where the trace records the stages' costs), so a policy's choices in replay are the ones it would
 make live, minus what prefetching would have added. ``belady`` (:mod:`smoe_gguf.belady`), the
 offline optimum, runs only here: it is told the whole re-cut sequence of gates beforehand.
 """
@@ -51,8 +52,9 @@ def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
         raise SmoeError(f"unknown policy {policy!r}: choose one of {', '.join(REPLAY_POLICIES)}", 2)
     n_expert, n_used = int(data.header["n_expert"]), int(data.header["n_expert_used"])
     online = policy != Belady.name
-    r = Residency(data.leaf_cost, n_expert, budget, policy if online else "lru")
-    gates = _recut(data.events, lambda n: r.micro_batch(n_used, n))
+    r = Residency(data.leaf_cost, n_expert, budget, policy if online else "lru", stage_cost=data.stage_cost)
+    r.split_prompts = r.can_split  # a micro-batch's leaves that do not fit whole go one stage at a time
+    gates = _recut(data.events, lambda n: r.micro_batch(n_used, n, split=r.split_prompts))
     if not online:
         r.policy = Belady([(layer, chunk) for _i, layer, chunk in gates], r.n_layer, n_expert)
     cost = data.leaf_cost
@@ -64,13 +66,15 @@ def replay(data: TraceData, budget: int, policy: str) -> ReplayResult:
     s = r.stats
     for i, layer, chunk in gates:
         r.state.scan[0] = data.prompt[i]
-        hits, misses = s.hits, s.misses
+        hits, misses, rereads = s.hits, s.misses, s.split_rereads
         r.on_experts(layer, np.asarray(chunk, np.int32))
+        r.finish_layer(layer)  # the down node: down parts of leaves served one stage at a time
         event_hits[i] += s.hits - hits
         event_misses[i] += s.misses - misses
         layer_hits[layer] += s.hits - hits
         layer_misses[layer] += s.misses - misses
-        loaded += (s.misses - misses) * cost[layer]
+        loaded += (s.misses - misses + s.split_rereads - rereads) * cost[layer]
+    r.finish_all()
     return ReplayResult(policy, budget, s.hits, s.misses, s.evictions, loaded, event_hits, event_misses,
                         layer_hits, layer_misses)
 

@@ -33,7 +33,7 @@ import numpy.ma  # noqa: F401  np.unique imports it at its first call: here, not
 
 from . import budget as bdg
 from .errors import SmoeError
-from .fetcher import HOLD_BELOW, TABLE_NATIVE, Fetcher
+from .fetcher import HOLD_BELOW, TABLE_NATIVE, TABLE_OTHER, Fetcher
 from .pager import LANDED, LANDED_CANCELLED, NATIVE_SOURCE, TAKEN, NativePager
 from .paging_stats import ResidencyStats
 from .policy import AccessState, Policy, make_policy
@@ -75,6 +75,8 @@ class Residency:
         recycle: Callable[[int, int, int, int], int] | None = None,
         fill_many: FillMany | None = None,
         io_depth: int = 1,
+        stage_cost: dict[int, tuple[int, int]] | None = None,
+        release_stage: Callable[[int, int, int], None] | None = None,
     ) -> None:
         """``cost[layer]``: bytes charged per leaf of that layer. ``fill(layer, expert, stage)``
         brings a leaf's parts of ``stage`` (None: all) in (any thread); ``fill_many(keys, stage,
@@ -84,7 +86,10 @@ class Residency:
         keeps the books (replay). ``recycle(layer, expert, to_layer, to_expert)`` (gate thread)
         releases a leaf evicted to make room for another, giving its pages to that one (which is
         then filled or released). ``io_depth``: how many prefetched leaves are read at once (at
-        most MAX_IO_THREADS)."""
+        most MAX_IO_THREADS). ``stage_cost[layer]``: what a leaf's gate/up parts (stage 0) and its
+        down parts (stage 1) are charged on their own, and ``release_stage(layer, expert, stage)``
+        gives one stage's pages back: with both, a prompt micro-batch whose leaves do not fit
+        whole is served part by part (:attr:`split_prompts`, :meth:`on_experts`)."""
         # the budget ledger, shared with the native pager: [0] charged bytes (resident leaves and
         # leaves in flight), [1] the budget
         self.ledger = np.array([0, budget], np.int64)
@@ -117,6 +122,13 @@ class Residency:
         self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
                                self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
+        self._stage_cost = dict(stage_cost or {})
+        self._release_stage = release_stage or (lambda layer, e, stage: None)
+        # Part by part (see on_experts): set by the engine where a prompt micro-batch may select more
+        # leaves than fit whole; the gate then stops at the down node of a layer served so
+        self.split_prompts = False
+        self._split: dict[int, tuple[list[Key], list[int]]] = {}  # layer -> (its gate/up-only leaves, wanted)
+        self._split_down: list[Key] = []  # leaves whose down parts only are in: dropped at the next gate
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
         self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
         self.evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
@@ -131,6 +143,7 @@ class Residency:
         reader threads at once, straight into the slices. ``native``: a native pager serves
         the gate's misses where it can (else this class serves every one)."""
         cost: dict[int, int] = {}
+        stage_cost: dict[int, tuple[int, int]] = {}
         unloaded: set[int] = set()  # layers llama.cpp does not load (MTP blocks): never paged
         for (layer, _e), parts in store.leaves.items():
             if layer not in cost and layer not in unloaded:
@@ -138,6 +151,7 @@ class Residency:
                     unloaded.add(layer)
                     continue
                 cost[layer] = bdg.leaf_cost(p.length for p in parts)
+                stage_cost[layer] = bdg.stage_costs((p.stage, p.length) for p in parts)
                 for p in parts:
                     r = xslot.regions.get(p.tensor)
                     if r is None or r.slice_bytes != p.length:
@@ -164,6 +178,11 @@ class Residency:
             for p in store.parts(layer, e):
                 xslot.evict_slice(p.tensor, e)
 
+        def release_stage(layer: int, e: int, stage: int) -> None:
+            for p in store.parts(layer, e):
+                if p.stage == stage:
+                    xslot.evict_slice(p.tensor, e)
+
         def recycle(layer: int, e: int, to_layer: int, to_e: int) -> int:
             # part by part; a part whose slice differs in size from its counterpart's is released
             parts, to_parts = store.parts(layer, e), store.parts(to_layer, to_e)
@@ -172,8 +191,10 @@ class Residency:
                 return 0
             return sum(xslot.move_slice(p.tensor, e, q.tensor, to_e) for p, q in zip(parts, to_parts, strict=True))
 
+        if not all(c0 and c1 for c0, c1 in stage_cost.values()):
+            stage_cost = {}  # a leaf without parts of both stages is never served part by part
         r = cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
-                io_depth=store.io_depth)
+                io_depth=store.io_depth, stage_cost=stage_cost, release_stage=release_stage)
         if native and all(len({p.path for p in parts}) == 1 for parts in store.leaves.values()):  # one shard per leaf
             r.native = NativePager(r, xslot, store, r.flight_table, r.fetcher.flight.signal)
             r._sync_native()
@@ -288,11 +309,30 @@ class Residency:
     def max_leaf_cost(self) -> int:
         return max(self._cost.values())
 
-    def micro_batch(self, n_expert_used: int, n_ubatch: int, budget: int | None = None) -> int:
+    def micro_batch(self, n_expert_used: int, n_ubatch: int, budget: int | None = None,
+                    split: bool = False) -> int:
         """The largest micro-batch (<= ``n_ubatch``) whose leaves at one layer always fit
-        ``budget`` (default: the current one)."""
+        ``budget`` (default: the current one): whole, or (``split``, where leaves have parts of
+        both stages) one stage of them at a time."""
         b = self.budget if budget is None else budget
-        return bdg.micro_batch(b, self.max_leaf_cost, self.state.n_expert, n_expert_used, n_ubatch)
+        cost = self.max_stage_cost if split and self.can_split else self.max_leaf_cost
+        return bdg.micro_batch(b, cost, self.state.n_expert, n_expert_used, n_ubatch)
+
+    @property
+    def stage_costs(self) -> dict[int, tuple[int, int]]:
+        """Per layer, what a leaf's gate/up parts and down parts are charged on their own (empty:
+        leaves are served whole only)."""
+        return dict(self._stage_cost)
+
+    @property
+    def can_split(self) -> bool:
+        """Whether a gate can serve leaves part by part (every leaf has parts of both stages)."""
+        return bool(self._stage_cost)
+
+    @property
+    def max_stage_cost(self) -> int:
+        """The most one stage of a leaf is charged (what a gate serving part by part needs per leaf)."""
+        return max(max(c) for c in self._stage_cost.values()) if self._stage_cost else self.max_leaf_cost
 
     @property
     def n_resident(self) -> int:
@@ -318,6 +358,7 @@ class Residency:
             return
         if self._down_pending:  # a layer whose down node was not gated (never expected): finish it now
             self.finish_all()
+        self._drop_split()  # the layer before this one computed its down matmul
         wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
         if self.native is not None and self.native.flying:
             awaited = [e for e in wanted if self.flight_table[layer, e] == TABLE_NATIVE]
@@ -332,6 +373,7 @@ class Residency:
         t0 = None
         loads: list[Key] = []  # misses read now, in one batch
         landing: list[Key] = []  # misses the I/O threads are reading: waited for after the batch
+        fresh: list[Key] = []  # misses nothing is reading yet: charged below
         try:
             for e in wanted:
                 key = (layer, e)
@@ -350,13 +392,15 @@ class Residency:
                         continue
                 elif self.evicted_at[key] and now - int(self.evicted_at[key]) <= self.regret_window:
                     self.stats.regrets += 1
-                self._charge_for_gate(key, wanted)
-                loads.append(key)
+                fresh.append(key)
+            split = self._charge_fresh(layer, fresh, wanted, loads)
         except BaseException:
             for key in loads:  # charged, not read
                 self._unload(key)
             raise
         self._load(layer, loads)
+        if split:
+            self._load_split(layer, split, wanted)
         for key in landing:
             tw = time.perf_counter()
             if self._claim_or_wait(key):
@@ -369,6 +413,126 @@ class Residency:
             dt = time.perf_counter() - t0
             self.stats.stall_seconds += dt
             self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+
+    def _charge_fresh(self, layer: int, fresh: list[Key], wanted: list[int], loads: list[Key]) -> list[Key]:
+        """Charge the gate's misses whole (into ``loads``), or, where a prompt micro-batch's do not
+        all fit whole (:attr:`split_prompts`), their gate/up parts only: returns those leaves."""
+        if not fresh:
+            return []
+        cost = self._cost[layer]
+        if self.split_prompts and self._stage_cost and len(wanted) > 1:
+            s = self.state
+            hits = sum(1 for e in wanted if s.resident[layer, e])
+            pinned = sum(int(np.count_nonzero(s.pinned[lay])) * c for lay, c in self._cost.items())
+            if (len(fresh) + hits) * cost + pinned <= self.budget:  # else they cannot fit whole
+                for key in fresh:
+                    if not self._make_room(cost, layer, wanted, for_gate=True, into=key):
+                        self._give_back(key)
+                        for k in loads:
+                            self._unload(k)
+                        loads.clear()
+                        return self._charge_split(layer, fresh, wanted)
+                    self.used += cost
+                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+                    loads.append(key)
+                return []
+            return self._charge_split(layer, fresh, wanted)
+        for key in fresh:
+            self._charge_for_gate(key, wanted)
+            loads.append(key)
+        return []
+
+    def _charge_split(self, layer: int, fresh: list[Key], wanted: list[int]) -> list[Key]:
+        """Make room for and charge the gate/up parts of ``fresh`` (leaves of ``layer``). Where even
+        that does not fit beside this layer's resident wanted leaves, those are evicted one by one
+        and served part by part too. Returns the leaves to serve so."""
+        c0 = self._stage_cost[layer][0]
+        split = list(fresh)
+        hits = [(layer, e) for e in wanted if self.state.resident[layer, e]]
+        while not self._make_room(len(split) * c0, layer, wanted, for_gate=True):
+            if not hits:
+                raise SmoeError(
+                    f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves' gate/up parts "
+                    f"({len(split)} x {c0} bytes): raise --budget or lower the micro-batch"
+                )
+            key = hits.pop()
+            self.evict(key)
+            split.append(key)
+            self.stats.split_rereads += 1  # a hit, read again after all
+        self.used += len(split) * c0
+        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+        return split
+
+    def _load_split(self, layer: int, keys: list[Key], wanted: list[int]) -> None:
+        """Read the gate/up parts of charged leaves of ``layer`` for the gate; their down parts
+        come at the layer's down node (:meth:`finish_layer`). Until they are dropped, they are in
+        flight to every other path (the native pager leaves gates that want them to Python)."""
+        c0 = self._stage_cost[layer][0]
+        tl = time.perf_counter()
+        try:
+            with self.fetcher.gate_reads():
+                self._fill_many(keys, 0, True)
+        except BaseException:
+            self.used -= len(keys) * c0
+            raise
+        self.stats.load_seconds += time.perf_counter() - tl
+        self.stats.split_loads += len(keys)
+        for key in keys:
+            self.flight_table[key] = TABLE_OTHER
+            if self.native is not None:
+                self.native.note_open(*key)
+        self._split[layer] = (keys, wanted)
+        self.state.node_wanted[layer] = 1  # the gate stops at this layer's down node
+        if self.native is not None:  # until they are dropped (the next gate in Python), as Python would
+            self.native.enabled = False
+
+    def _finish_split(self, layer: int) -> None:
+        """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come."""
+        keys, wanted = self._split.pop(layer)
+        c0, c1 = self._stage_cost[layer]
+        for key in keys:
+            self._release_stage(*key, 0)
+        self.used -= len(keys) * c0
+        try:
+            if not self._make_room(len(keys) * c1, layer, wanted, for_gate=True):
+                raise SmoeError(
+                    f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves' down parts "
+                    f"({len(keys)} x {c1} bytes): raise --budget or lower the micro-batch"
+                )
+            self.used += len(keys) * c1
+            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            try:
+                with self.fetcher.gate_reads():
+                    self._fill_many(keys, 1, True)
+            except BaseException:
+                self.used -= len(keys) * c1
+                raise
+        except BaseException:
+            for key in keys:
+                self.flight_table[key] = 0
+            if not self._split and not self._split_down:
+                self._sync_native()
+            raise
+        self._split_down.extend(keys)
+
+    def _drop_split(self) -> None:
+        """Release what part-by-part leaves hold once their layer is computed (or abandoned): down
+        parts, and gate/up parts of a layer whose down node never came."""
+        if not self._split and not self._split_down:
+            return
+        for layer, (keys, _wanted) in list(self._split.items()):
+            del self._split[layer]
+            self.state.node_wanted[layer] = 0
+            for key in keys:
+                self._release_stage(*key, 0)
+                self.flight_table[key] = 0
+            self.used -= len(keys) * self._stage_cost[layer][0]
+        for key in self._split_down:
+            self._release_stage(*key, 1)
+            self.flight_table[key] = 0
+            self.used -= self._stage_cost[key[0]][1]
+        self._split_down.clear()
+        self._sync_native()
 
     def _charge_for_gate(self, key: Key, wanted: list[int]) -> None:
         """Make room for a leaf the gate needs now (its pages may come from a victim) and charge it."""
@@ -412,10 +576,18 @@ class Residency:
                 s.resident[key] = 1
 
     def finish_layer(self, layer: int) -> None:
-        """At the node before ``layer``'s down matmul (pipelining): its leaves' down parts must be
-        in. Those still queued are read here; those being read are waited for (stall)."""
+        """At the node before ``layer``'s down matmul (pipelining, or leaves served part by part):
+        its leaves' down parts must be in. Those still queued are read here; those being read are
+        waited for (stall)."""
         keys = self._down_pending.pop(layer, None)
         self.state.node_wanted[layer] = 0
+        if layer in self._split:
+            t0 = time.perf_counter()
+            self._finish_split(layer)
+            dt = time.perf_counter() - t0
+            self.stats.down_stall_seconds += dt
+            self.stats.stall_seconds += dt
+            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
         if not keys:
             return
         t0 = time.perf_counter()
@@ -439,8 +611,10 @@ class Residency:
         self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
 
     def finish_all(self) -> None:
+        """After a graph: down parts still pending are read; part-by-part leaves are dropped."""
         for layer in list(self._down_pending):
             self.finish_layer(layer)
+        self._drop_split()
 
     def _await_down(self, key: tuple[int, int]) -> None:
         """Drop a half-loaded leaf after a failure in its layer (its charge and pages released)."""
@@ -654,8 +828,8 @@ class Residency:
         may be made, the native pager queues the likely ones (at least HOLD_BELOW); the rest go
         to the I/O threads, in priority order, which hold them while a gate reads. ``source``
         names the asker in the counts. Returns how many were queued."""
-        if not self.enabled:
-            return 0
+        if not self.enabled or (self.split_prompts and self.state.scan[0]):
+            return 0  # a prompt whose micro-batches may not fit whole: every leaf goes to its gates
         self.drain_native()
         s = self.state
         queued = 0
@@ -744,6 +918,7 @@ class Residency:
         if self.native is not None:
             self.native.free()
         self._down_pending.clear()
+        self._drop_split()
         self.state.node_wanted[:] = 0
         for key in self.fetcher.close():
             self._give_back(key)

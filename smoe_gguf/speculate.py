@@ -336,7 +336,10 @@ class Speculator:
         if 1 < n < self.min_batch:
             # A micro-batch this small (a budget that holds few leaves per layer: n * k below
             # twice a layer's experts) reads its own leaves and little else fits beside them: a
-            # guess would cost its Python at every gate of the prompt and save no read.
+            # guess would cost its Python at every gate of the prompt and save no read. The routers
+            # and the embedding are still found at the first such gate (decoded tokens use them).
+            if self._router is None:
+                self._router_input(node, layer, n)
             return
         self._score(layer, ids)
         feats = self._feat.pop(layer, None)

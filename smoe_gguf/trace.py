@@ -3,7 +3,11 @@
 A trace is JSON lines. The first line is a header::
 
     {"format": "smoe-trace", "version": 1, "n_layer": L, "n_expert": E, "n_expert_used": K,
-     "leaf_cost": {"0": bytes, ...}, "total_cost": bytes, "source": "model name"}
+     "leaf_cost": {"0": bytes, ...}, "total_cost": bytes, "source": "model name",
+     "stage_cost": {"0": [gate/up bytes, down bytes], ...}}
+
+(``"stage_cost"``, where leaves can be served one stage at a time, is absent from traces
+recorded before it was: they replay with whole leaves only.)
 
 then one line per top-k gate (one layer of one micro-batch)::
 
@@ -133,6 +137,12 @@ class TraceData:
         return {int(k): int(v) for k, v in self.header["leaf_cost"].items()}
 
     @property
+    def stage_cost(self) -> dict[int, tuple[int, int]] | None:
+        """Per layer, what a leaf's gate/up parts and its down parts cost on their own (None: not recorded)."""
+        sc = self.header.get("stage_cost")
+        return None if sc is None else {int(k): (int(v[0]), int(v[1])) for k, v in sc.items()}
+
+    @property
     def total_cost(self) -> int:
         return int(self.header["total_cost"])
 
@@ -197,6 +207,17 @@ def _header(h: Any, p: Path) -> dict[str, Any]:
             if not (k.isascii() and k.isdigit() and int(k) < n_layer):
                 raise _Bad(f"leaf_cost has layer {k[:20]!r}, outside [0, {n_layer})")
             _int(v, 1, MAX_COST, f"leaf_cost of layer {k}")
+        stages = h.get("stage_cost")
+        if stages is not None:
+            if not isinstance(stages, dict) or set(stages) != set(costs):
+                raise _Bad("stage_cost is not a table of the leaf_cost layers")
+            for k, v in stages.items():
+                if not isinstance(v, list) or len(v) != 2:
+                    raise _Bad(f"stage_cost of layer {k} is not [gate/up bytes, down bytes]")
+                c0 = _int(v[0], 1, MAX_COST, f"stage_cost of layer {k}")
+                c1 = _int(v[1], 1, MAX_COST, f"stage_cost of layer {k}")
+                if c0 + c1 != costs[k]:
+                    raise _Bad(f"stage_cost of layer {k} makes {c0 + c1}, its leaf_cost is {costs[k]}")
         total = n_expert * sum(costs.values())
         if h.get("total_cost") != total:
             raise _Bad(f"total_cost is {str(h.get('total_cost'))[:40]}, its leaf costs make {total}")

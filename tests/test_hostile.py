@@ -469,6 +469,7 @@ def _trace_lines(trace: Path) -> list[dict]:
     ("expert -1", "an expert id is -1"),
     ("float id", "an expert id is 1.0"),
     ("layer without cost", "has no leaf cost"),
+    ("stage costs off the leaf's", "its leaf_cost is"),
 ])
 def test_17_malformed_traces(trace: Path, tmp_path: Path, case: str, needle: str) -> None:
     lines = _trace_lines(trace)
@@ -493,6 +494,8 @@ def test_17_malformed_traces(trace: Path, tmp_path: Path, case: str, needle: str
         ev["ids"][0][0] = 1.0
     elif case == "layer without cost":
         ev["l"] = 77
+    elif case == "stage costs off the leaf's":
+        head["stage_cost"] = {k: [v, 1] for k, v in head["leaf_cost"].items()}
     text = "\n".join(json.dumps(x) for x in lines) + "\n"
     if case == "deep":
         text += "[" * 100_000 + "]" * 100_000 + "\n"

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 from smoe_gguf.budget import layer_budget
 from smoe_gguf.devtools import stock
@@ -71,10 +72,92 @@ def test_below_one_layer_a_long_prompt_gets_a_hint(tiny_model, pack_of) -> None:
     assert code == 0 and "hint:" not in stderr
 
 
-def test_inspect_shows_the_one_layer_budget(tiny_model) -> None:
+def test_inspect_shows_the_one_layer_budget(tiny_model, pack_of) -> None:
     model = tiny_model("qwen3moe", "f16")
     code, stdout, _ = run_cli("inspect", "--json", str(model))
     info = json.loads(stdout)
     assert code == 0
-    assert info["layer_budget_bytes"] == layer_budget(info["min_budget_bytes"] // info["experts_used_per_token"],
-                                                      info["experts_per_layer"])
+    # what the engine sizes prompt micro-batches by: one layer of the leaves' larger stage (gate/up),
+    # below one layer of whole leaves
+    assert info["layer_budget_bytes"] == _layer_budget(pack_of("qwen3moe", "f16"))
+    assert info["layer_budget_bytes"] < layer_budget(info["min_budget_bytes"] // info["experts_used_per_token"],
+                                                     info["experts_per_layer"])
+
+
+def _whole_layer_budget(pack: Path) -> int:
+    with Engine(pack, budget="100%", n_ctx=1024, n_threads=1, profile=None) as eng:
+        return layer_budget(eng.residency.max_leaf_cost, eng.source.n_expert)
+
+
+# One architecture of each layer layout (gpt-oss: its own activation node and expert biases,
+# deepseek2: dense first layers, llama4: experts every other layer).
+SPLIT_ARCHS = ("qwen3moe", "gpt-oss", "deepseek2", "llama4")
+
+
+@pytest.mark.parametrize("arch", SPLIT_ARCHS)
+def test_below_one_layer_of_leaves_a_prompt_is_served_one_stage_at_a_time(tiny_model, pack_of, arch: str) -> None:
+    """A budget that holds one layer's gate/up parts but not its whole leaves: the prompt still goes
+    in one micro-batch; each layer's leaves that do not fit whole are read gate/up parts at the
+    top-k gate, down parts at the down node, and let go once the layer is computed. Bit-exact,
+    within the budget, each leaf read about once."""
+    src, pack = tiny_model(arch, "f16"), pack_of(arch, "f16")
+    stage_lb, whole_lb = _layer_budget(pack), _whole_layer_budget(pack)
+    budget = (stage_lb + whole_lb) // 2
+    assert stage_lb < budget < whole_lb
+    with Engine(pack, budget=budget, n_ctx=1024, n_threads=1, profile=None) as eng:
+        r = eng.residency
+        n_prompt = len(eng.tokenize(LONG))
+        assert eng.paging and r.split_prompts and eng.n_ubatch >= n_prompt
+        assert eng.prompt_hint(n_prompt) is None
+        tokens, logits, read = [], [], 0
+        for step in eng.stream(LONG, 4, keep_logits=True):
+            if not tokens:
+                read = eng.source.store.stats.bytes_read
+            tokens.append(step.token)
+            logits.append(step.logits)
+        assert r.stats.split_loads > 0
+        assert r.stats.peak_bytes <= budget and eng.xslot.mincore_bytes() <= budget
+        assert not r._split and not r._split_down and not r.flight_table.any()  # nothing left half-read
+        assert r.used == sum(r.leaf_cost(lay) for lay, _e in zip(*np.nonzero(r.state.resident), strict=True))
+        ref = stock.greedy(src, LONG, n_tokens=4, n_batch=eng.n_batch, n_ubatch=eng.n_ubatch, n_ctx=1024,
+                           n_threads=1, plain_experts=True)
+    assert ref.tokens == tokens
+    assert all(np.array_equal(a, b) for a, b in zip(ref.logits, logits, strict=True))
+    assert read <= 1.1 * _expert_span_bytes(pack), (read, _expert_span_bytes(pack))
+
+
+def test_the_stage_by_stage_comparison_can_fail(tiny_model, pack_of, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Negative control: where the down node lets the gate/up parts go but reads no down parts,
+    the down matmuls read zeros and the logits differ."""
+    src, pack = tiny_model("qwen3moe", "f16"), pack_of("qwen3moe", "f16")
+    budget = (_layer_budget(pack) + _whole_layer_budget(pack)) // 2
+    with Engine(pack, budget=budget, n_ctx=1024, n_threads=1, profile=None) as eng:
+        r = eng.residency
+        real = r._fill_many
+        monkeypatch.setattr(r, "_fill_many", lambda keys, stage, urgent: None if stage == 1 else real(keys, stage, urgent))
+        gen = eng.generate(LONG, 1, keep_logits=True)
+        assert r.stats.split_loads > 0
+        ref = stock.greedy(src, LONG, n_tokens=1, n_batch=eng.n_batch, n_ubatch=eng.n_ubatch, n_ctx=1024,
+                           n_threads=1, plain_experts=True)
+    assert not np.array_equal(ref.logits[0], gen.logits[0])
+
+
+def test_a_layers_resident_leaves_are_read_again_by_stage_where_they_leave_too_little_room(pack_of) -> None:
+    """Where the resident leaves a micro-batch selects at a layer leave too little room for the
+    gate/up parts of the rest, they are evicted and served stage by stage too; the budget holds."""
+    pack = pack_of("qwen3moe", "f16")
+    budget = (_layer_budget(pack) + _whole_layer_budget(pack)) // 2
+    with Engine(pack, budget=budget, n_ctx=1024, n_threads=1, profile=None) as eng:
+        r = eng.residency
+        n_expert = eng.source.n_expert
+        held = budget // r.leaf_cost(0)  # as many of layer 0's leaves as fit whole
+        r.prefetch([(0, e) for e in range(held)], evict=False)
+        r.drain()
+        assert r.n_resident == held and held < n_expert
+        r.on_experts(0, np.arange(n_expert).reshape(-1, 1))  # a micro-batch selects every expert
+        assert r.stats.split_loads > n_expert - held and r.n_resident < held
+        assert r.stats.peak_bytes <= budget
+        r.finish_layer(0)
+        assert r.stats.peak_bytes <= budget
+        r.finish_all()
+        assert not r.flight_table.any() and r.used == r.n_resident * r.leaf_cost(0)

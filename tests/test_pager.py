@@ -130,15 +130,19 @@ def test_the_native_pager_chooses_as_the_python_residency_does(policy: str, pack
 
 
 def test_a_prompt_in_micro_batches_evicts_as_lfru_does_in_a_prompt_in_c_python_and_replay(pack_of, tmp_path: Path) -> None:
-    """Below a layer's leaves a prompt goes in micro-batches; while it is gated lfru evicts in
-    layer order (policy.py). C and Python choose alike, and the trace replays the live run's
-    hits exactly, flags and all; without the flags the replay differs (the flag matters here)."""
+    """Below a layer's leaves a prompt goes in micro-batches (here of whole leaves: no more tokens
+    than fit so); while it is gated lfru evicts in layer order (policy.py). C and Python choose
+    alike, and the trace replays the live run's hits exactly, flags and all; without the flags the
+    replay differs (the flag matters here)."""
+    pack = pack_of("qwen3moe", "q4_k")
+    with Engine(pack, budget="15%", n_ctx=256, n_threads=2, profile=None) as eng:
+        whole = eng.budget // eng.min_budget  # the most tokens whose leaves fit whole
     figures, traces = [], []
     for on in (True, False):
         trace = tmp_path / f"t{on}.jsonl"
-        with Engine(pack_of("qwen3moe", "q4_k"), budget="15%", n_ctx=256, n_threads=2, profile=None,
+        with Engine(pack, budget="15%", n_ctx=256, n_threads=2, profile=None, n_ubatch=whole,
                     speculate=False, native=on, trace=str(trace), policy="lfru") as eng:
-            assert 1 < eng.n_ubatch < len(eng.tokenize(PROMPT))
+            assert 1 < eng.n_ubatch < len(eng.tokenize(PROMPT)) and not eng.residency.split_prompts
             if eng.residency.native is not None:
                 eng.residency.native.wait_opened()
             tokens = eng.generate(PROMPT, 8).tokens
@@ -371,3 +375,31 @@ def test_a_failed_native_prefetch_is_reaped_and_its_part_named_by_the_gate(tiny_
         with pytest.raises(Exception, match=rf"layer 1 expert 3 part {part}: checksum mismatch in "):
             r.on_experts(1, np.array([2, 3], np.int32))
         assert r.used == r.leaf_cost(1) and r.state.resident[1, 2]
+
+
+def test_a_prompt_served_one_stage_at_a_time_is_chosen_alike_in_c_python_and_replay(pack_of, tmp_path: Path) -> None:
+    """Where a micro-batch's leaves do not fit whole they are read one stage at a time and let go
+    after their layer; the native pager leaves the next gate to Python meanwhile, so C and Python
+    choose alike, and the trace (with its stage costs) replays the live run's hits exactly."""
+    figures, traces = [], []
+    for on in (True, False):
+        trace = tmp_path / f"t{on}.jsonl"
+        with Engine(pack_of("qwen3moe", "q4_k"), budget="15%", n_ctx=256, n_threads=2, profile=None,
+                    speculate=False, native=on, trace=str(trace), policy="lfru") as eng:
+            assert eng.residency.split_prompts
+            if eng.residency.native is not None:
+                eng.residency.native.wait_opened()
+            tokens = eng.generate(PROMPT, 8).tokens
+            st = eng.stats()
+            assert eng.residency.stats.split_loads > 0
+            assert (st.gates_with_misses_native > 0) == on
+            figures.append((tokens, st.hits, st.misses, st.evictions, st.bytes_read))
+            budget = eng.budget
+        traces.append(load(trace))
+    assert figures[0] == figures[1]
+    data = traces[0]
+    assert data.stage_cost is not None
+    live = replay(data, budget, "lfru")
+    assert (live.hits, live.hits + live.misses) == (data.live_hits, data.live_accesses)
+    data.header.pop("stage_cost")  # whole leaves only: other micro-batches, other hits
+    assert replay(data, budget, "lfru").hits != live.hits

@@ -222,7 +222,9 @@ def test_stress_misses_prefetches_evictions_and_cancellations_race_bit_exact(tin
     m = mf.load(pack)
     leaf = max(sum(page_cost(p.length) for p in lf.parts) for lf in m.leaves)
     budget = (m.n_expert_used + 3) * leaf
-    with Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, io_depth=4, pipeline=pipeline) as eng:
+    # the prompt token by token (whole leaves), as decode goes: the races are decode's
+    with Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, io_depth=4, pipeline=pipeline,
+                n_ubatch=1) as eng:
         eng.observer_switch.keep(True)  # speculation on at every token
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert same(reference(src, eng), gen.tokens, gen.logits)
