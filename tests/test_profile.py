@@ -148,8 +148,11 @@ def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: P
     prof, _ = tm.load(path, model_id, n_layer, n_expert, pytest.fail)
     assert prof.tree is not None and prof.sessions == 1
     pin = 6
-    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=path, pin=pin) as eng:
+    # a budget that holds a layer's leaves beside the pins (below, a prompt takes leaves one stage at
+    # a time, and nothing is warmed: test_no_warm_start_where_prompts_go_one_stage_at_a_time)
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=path, pin=pin) as eng:
         r = eng.residency
+        assert eng.paging and not r.split_prompts
         assert int(r.state.pinned.sum()) == pin
         assert all(r.state.resident[k] for k in prof.hottest(pin))  # pinned and loaded at start
         r.drain()
@@ -162,6 +165,19 @@ def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: P
     assert prof2.sessions == 2  # the run itself was learnt at close
     code, stdout, _ = run_cli("profile", str(pack), "--show", "--profile", str(path))
     assert code == 0 and "tree-map" in stdout and "branch" in stdout
+
+
+def test_no_warm_start_where_prompts_go_one_stage_at_a_time(pack_of, tmp_path: Path) -> None:
+    pack = pack_of("qwen2moe", "f16")
+    path = tmp_path / "prof.json"
+    code, _, stderr = run_cli("profile", str(pack), "--prompts", str(_prompts(tmp_path)), "-n", "4",
+                              "--profile", str(path))
+    assert code == 0, stderr
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=path) as eng:
+        r = eng.residency
+        assert eng.profile is not None and r.split_prompts
+        r.drain()
+        assert r.stats.prefetched == 0 and "warm-start" not in r.stats.by_source
 
 
 def _prompts(tmp_path: Path) -> Path:
