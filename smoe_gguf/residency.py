@@ -468,14 +468,13 @@ class Residency:
         come at the layer's down node (:meth:`finish_layer`). Until they are dropped, they are in
         flight to every other path (the native pager leaves gates that want them to Python)."""
         c0 = self._stage_cost[layer][0]
-        tl = time.perf_counter()
         try:
             with self.fetcher.gate_reads():
                 self._fill_many(keys, 0, True)
         except BaseException:
             self.used -= len(keys) * c0
             raise
-        self.stats.load_seconds += time.perf_counter() - tl
+        # (the gate's stall counts this; load_seconds does not: it prices a whole leaf's read)
         self.stats.split_loads += len(keys)
         for key in keys:
             self.flight_table[key] = TABLE_OTHER
@@ -912,13 +911,13 @@ class Residency:
         self.fetcher.drain()
 
     def close(self) -> None:
+        self._drop_split()  # before the native pager closes: it would enable it again
         if self.native is not None:
             self.native.close()
         self.drain_native()
         if self.native is not None:
             self.native.free()
         self._down_pending.clear()
-        self._drop_split()
         self.state.node_wanted[:] = 0
         for key in self.fetcher.close():
             self._give_back(key)

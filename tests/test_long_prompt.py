@@ -161,3 +161,17 @@ def test_a_layers_resident_leaves_are_read_again_by_stage_where_they_leave_too_l
         assert r.stats.peak_bytes <= budget
         r.finish_all()
         assert not r.flight_table.any() and r.used == r.n_resident * r.leaf_cost(0)
+
+
+def test_leaves_left_half_read_by_a_failed_graph_are_let_go_at_close(pack_of) -> None:
+    """A layer served one stage at a time whose down node never came (a graph that failed): its
+    gate/up parts are released at close, and the native pager stays closed."""
+    pack = pack_of("qwen3moe", "f16")
+    budget = (_layer_budget(pack) + _whole_layer_budget(pack)) // 2
+    eng = Engine(pack, budget=budget, n_ctx=1024, n_threads=1, profile=None)
+    r = eng.residency
+    r.on_experts(0, np.arange(eng.source.n_expert).reshape(-1, 1))
+    assert r._split and r.native is not None and not r.native.enabled  # the next gate goes to Python
+    eng.close()
+    assert not r._split and not r.flight_table.any() and r.used == r.n_resident * r.leaf_cost(0)
+    assert not r.native.enabled
