@@ -45,6 +45,16 @@ def stage_costs(parts: Iterable[tuple[int, int]]) -> tuple[int, int]:
     return cost[0], cost[1]
 
 
+def stage_leaf_cost(costs: Iterable[tuple[int, int]]) -> int | None:
+    """What a leaf is charged at most where leaves are served one stage at a time (the larger
+    stage of any, from :func:`stage_costs` of each); None where some leaf lacks parts of a stage
+    (or there are none): such leaves are served whole only."""
+    costs = list(costs)
+    if not costs or not all(c0 and c1 for c0, c1 in costs):
+        return None
+    return max(max(c) for c in costs)
+
+
 def min_budget(max_leaf_cost: int, n_expert_used: int) -> int:
     """The smallest budget that runs one token: one layer's selected leaves at once."""
     return max_leaf_cost * n_expert_used

@@ -90,10 +90,9 @@ class MoEModel:
         """The budget from which prompts read each leaf once per micro-batch: one layer of experts,
         or where every leaf has gate/up and down parts (served one stage at a time), one layer of
         the larger stage."""
-        costs = [budget.stage_costs((t.stage, t.slice_bytes) for t in ts) for ts in self.expert_tensors.values()]
-        if costs and all(c0 and c1 for c0, c1 in costs):
-            return budget.layer_budget(max(max(c) for c in costs), self.n_expert)
-        return budget.layer_budget(self.max_leaf_cost, self.n_expert)
+        staged = budget.stage_leaf_cost(budget.stage_costs((t.stage, t.slice_bytes) for t in ts)
+                                        for ts in self.expert_tensors.values())
+        return budget.layer_budget(staged or self.max_leaf_cost, self.n_expert)
 
     @cached_property
     def shared_expert_bytes(self) -> int:

@@ -191,7 +191,7 @@ class Residency:
                 return 0
             return sum(xslot.move_slice(p.tensor, e, q.tensor, to_e) for p, q in zip(parts, to_parts, strict=True))
 
-        if not all(c0 and c1 for c0, c1 in stage_cost.values()):
+        if bdg.stage_leaf_cost(stage_cost.values()) is None:
             stage_cost = {}  # a leaf without parts of both stages is never served part by part
         r = cls(cost, n_expert, budget, policy, release=release, recycle=recycle, fill_many=fill_many,
                 io_depth=store.io_depth, stage_cost=stage_cost, release_stage=release_stage)
@@ -332,7 +332,7 @@ class Residency:
     @property
     def max_stage_cost(self) -> int:
         """The most one stage of a leaf is charged (what a gate serving part by part needs per leaf)."""
-        return max(max(c) for c in self._stage_cost.values()) if self._stage_cost else self.max_leaf_cost
+        return bdg.stage_leaf_cost(self._stage_cost.values()) or self.max_leaf_cost
 
     @property
     def n_resident(self) -> int:
@@ -426,14 +426,11 @@ class Residency:
             pinned = sum(int(np.count_nonzero(s.pinned[lay])) * c for lay, c in self._cost.items())
             if (len(fresh) + hits) * cost + pinned <= self.budget:  # else they cannot fit whole
                 for key in fresh:
-                    if not self._make_room(cost, layer, wanted, for_gate=True, into=key):
-                        self._give_back(key)
+                    if not self._try_charge_for_gate(key, wanted):
                         for k in loads:
                             self._unload(k)
                         loads.clear()
                         return self._charge_split(layer, fresh, wanted)
-                    self.used += cost
-                    self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
                     loads.append(key)
                 return []
             return self._charge_split(layer, fresh, wanted)
@@ -459,21 +456,14 @@ class Residency:
             self.evict(key)
             split.append(key)
             self.stats.split_rereads += 1  # a hit, read again after all
-        self.used += len(split) * c0
-        self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+        self._charge(len(split) * c0)
         return split
 
     def _load_split(self, layer: int, keys: list[Key], wanted: list[int]) -> None:
         """Read the gate/up parts of charged leaves of ``layer`` for the gate; their down parts
         come at the layer's down node (:meth:`finish_layer`). Until they are dropped, they are in
         flight to every other path (the native pager leaves gates that want them to Python)."""
-        c0 = self._stage_cost[layer][0]
-        try:
-            with self.fetcher.gate_reads():
-                self._fill_many(keys, 0, True)
-        except BaseException:
-            self.used -= len(keys) * c0
-            raise
+        self._read_stage(keys, 0, self._stage_cost[layer][0])
         # (the gate's stall counts this; load_seconds does not: it prices a whole leaf's read)
         self.stats.split_loads += len(keys)
         for key in keys:
@@ -498,14 +488,8 @@ class Residency:
                     f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves' down parts "
                     f"({len(keys)} x {c1} bytes): raise --budget or lower the micro-batch"
                 )
-            self.used += len(keys) * c1
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
-            try:
-                with self.fetcher.gate_reads():
-                    self._fill_many(keys, 1, True)
-            except BaseException:
-                self.used -= len(keys) * c1
-                raise
+            self._charge(len(keys) * c1)
+            self._read_stage(keys, 1, c1)
         except BaseException:
             for key in keys:
                 self.flight_table[key] = 0
@@ -535,15 +519,35 @@ class Residency:
 
     def _charge_for_gate(self, key: Key, wanted: list[int]) -> None:
         """Make room for a leaf the gate needs now (its pages may come from a victim) and charge it."""
+        if not self._try_charge_for_gate(key, wanted):
+            raise SmoeError(
+                f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
+                f"({len(wanted)} x {self._cost[key[0]]} bytes): raise --budget or lower the micro-batch"
+            )
+
+    def _try_charge_for_gate(self, key: Key, wanted: list[int]) -> bool:
+        """:meth:`_charge_for_gate`, False (nothing charged) where no room can be made."""
         cost = self._cost[key[0]]
         if not self._make_room(cost, key[0], wanted, for_gate=True, into=key):
             self._give_back(key)
-            raise SmoeError(
-                f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
-                f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch"
-            )
-        self.used += cost
+            return False
+        self._charge(cost)
+        return True
+
+    def _charge(self, nbytes: int) -> None:
+        """Charge ``nbytes`` to the budget (room already made) and keep its peak."""
+        self.used += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+
+    def _read_stage(self, keys: list[Key], stage: int, cost: int) -> None:
+        """Read stage ``stage`` of leaves charged ``cost`` each for it, for the gate; on failure
+        their charge is released (and their slices, by the fill)."""
+        try:
+            with self.fetcher.gate_reads():
+                self._fill_many(keys, stage, True)
+        except BaseException:
+            self.used -= len(keys) * cost
+            raise
 
     def _load(self, layer: int, keys: list[Key]) -> None:
         """Read charged leaves of ``layer`` for the gate, all at once, ahead of every prefetch;
@@ -852,8 +856,7 @@ class Residency:
                     not evict or not self._make_room(cost, layer, protect, keys[:i], into=key)):
                 self._give_back(key)
                 break
-            self.used += cost
-            self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
+            self._charge(cost)
             self._source[key] = source
             self.stats.source(source).queued += 1
             self.fetcher.prefetch(key, prios[i])
