@@ -50,7 +50,8 @@ REGRET_TOKENS = 2  # a miss on a leaf evicted less than this many passes over th
 MAX_IO_THREADS = 4
 # what a prefetch's read costs, in misses: where decode waits on the disk, a wasted read holds the
 # disk from a gate's miss for as long as that miss's own read takes, less what overlaps compute
-READ_COST = 0.5
+# (decode that waits on the disk overlaps little: its time follows the bytes read)
+READ_COST = 0.7
 # what a guess for a layer beyond the next one must add to its chance of use to be prefetched: the
 # next layer's gate guesses that layer again, more precisely, so its prefetch buys only lead time,
 # and one it then drops is a wasted read (protecting it costs nothing, and it still is)

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from smoe_gguf import residency
 from smoe_gguf.budget import page_cost
 from smoe_gguf.engine import Engine
 from smoe_gguf.errors import SmoeError
@@ -212,7 +213,8 @@ def test_io_depth_out_of_range_is_refused() -> None:
 
 @pytest.mark.parametrize("dtype,pipeline", [("f32", False), ("q4_k", False), ("f32", True)])
 def test_stress_misses_prefetches_evictions_and_cancellations_race_bit_exact(tiny_model, pack_of, dtype: str,
-                                                                             pipeline: bool) -> None:
+                                                                             pipeline: bool,
+                                                                             monkeypatch: pytest.MonkeyPatch) -> None:
     """A budget of a few leaves over the least that runs, speculation and the tree-map on, reads
     four at a time: every token and logit equals stock llama.cpp's, the budget holds throughout,
     and the races really happened (prefetches evicted, cancelled, or waited for by a gate).
@@ -222,6 +224,7 @@ def test_stress_misses_prefetches_evictions_and_cancellations_race_bit_exact(tin
     m = mf.load(pack)
     leaf = max(sum(page_cost(p.length) for p in lf.parts) for lf in m.leaves)
     budget = (m.n_expert_used + 3) * leaf
+    monkeypatch.setattr(residency, "READ_COST", 0.0)  # every guess is prefetched, whatever the budget's regret
     # the prompt token by token (whole leaves), as decode goes: the races are decode's
     with Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, io_depth=4, pipeline=pipeline,
                 n_ubatch=1) as eng:
