@@ -219,11 +219,6 @@ class Engine:
                 n_ubatch = min(n_ubatch, n_ctx) if n_ctx > 0 else n_ubatch
             self.n_ubatch = r.micro_batch(src.n_expert_used, n_ubatch, room, split=split)
             r.split_prompts = split and self.n_ubatch > r.micro_batch(src.n_expert_used, self.n_ubatch, room)
-            if r.split_prompts:
-                # a prompt taken one stage at a time passes most of every layer's leaves through the
-                # budget: it would evict a warm start's leaves before a gate used them, and their
-                # reads would hold the disk from its own
-                self._warm = []
             self.n_batch = max(n_batch, self.n_ubatch)
             # Part pipelining: a missed leaf's gate/up parts are read at the top-k gate, its down
             # parts meanwhile by the I/O threads, awaited at the node before the down matmul.
@@ -257,7 +252,10 @@ class Engine:
             raise
         self.startup_seconds = time.perf_counter() - t0
         self.startup_read_bytes = _io_read_bytes() - io0
-        if self._warm:  # the profile's most used leaves, in the background, as far as the budget goes
+        # The profile's most used leaves, in the background, as far as the budget goes; not where a
+        # prompt is taken one stage at a time: it passes most of every layer's leaves through the
+        # budget, evicting a warm start's before a gate used them, whose reads would hold the disk
+        if self._warm and not self.residency.split_prompts:
             self.residency.prefetch(self._warm, evict=False, priority=WARM_PRIORITY, source="warm-start")
 
     # ---------------------------------------------------------------------------- setup
