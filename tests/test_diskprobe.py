@@ -7,7 +7,16 @@ from pathlib import Path
 
 import pytest
 
-from smoe_gguf.devtools.diskprobe import ReadCurve, leaf_read_bytes, leaf_spans, part_spans, random_read_curve
+from smoe_gguf.devtools.diskprobe import (
+    DeviceCounters,
+    ReadCurve,
+    device_counters,
+    leaf_read_bytes,
+    leaf_spans,
+    parse_block_stat,
+    part_spans,
+    random_read_curve,
+)
 from smoe_gguf.pack import manifest as mf
 from smoe_gguf.store import BLOCK
 
@@ -93,3 +102,20 @@ def test_each_concurrency_is_the_mean_of_a_sweep_up_and_one_down(pack_of: Callab
     assert curve.as_dict()["peak_bytes_per_second"] == {"1": 2.0e9, "2": 1.0e9}
     one = random_read_curve(part_spans(pack_of("qwen3moe", "f16")), readers=(1, 2), min_bytes=1 << 20, sweeps=1)
     assert one.sweeps == 1 and order == [1, 2, 2, 1, 1, 2]
+
+
+def test_block_stat_counters() -> None:
+    # a kernel's /sys/dev/block/MAJ:MIN/stat line: sectors read is the third field, io_ticks (ms) the tenth
+    line = "  7805912  6264974 15196407538 28325274   106890   157282 109398936   950949        0  6112644 29347849\n"
+    assert parse_block_stat(line) == DeviceCounters(6112.644, 15196407538 * 512)
+    assert DeviceCounters(5.0, 1000) - DeviceCounters(2.0, 400) == DeviceCounters(3.0, 600)
+    assert parse_block_stat("1 2 3") is None and parse_block_stat("") is None
+
+
+def test_device_counters_of_a_file(tmp_path: Path) -> None:
+    assert device_counters(tmp_path / "missing") is None
+    c = device_counters(tmp_path)  # None on tmpfs or off Linux
+    if c is not None:
+        assert c.busy_seconds >= 0 and c.read_bytes >= 0
+        after = device_counters(tmp_path)
+        assert after is not None and after.busy_seconds >= c.busy_seconds and after.read_bytes >= c.read_bytes

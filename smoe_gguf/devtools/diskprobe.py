@@ -5,7 +5,9 @@ block-aligned span the store reads; :func:`leaf_spans` merges each leaf's parts 
 another in a file (a pack's leaf shard) into one span, the whole leaf. :func:`random_read_curve`
 reads a random selection of spans, cold (the page cache of the files dropped first), with
 O_DIRECT (page cache bypassed) into page-aligned buffers, by 1, 2, 4, ... threads at once, and
-returns the bytes per second at each concurrency.
+returns the bytes per second at each concurrency. :func:`device_counters` reads the kernel's
+counters of the block device that holds a file: how long it had a request in flight, and how
+many bytes it read (Linux only).
 """
 
 from __future__ import annotations
@@ -38,6 +40,41 @@ class Span:
     length: int  # block multiple
     layer: int
     expert: int
+
+
+@dataclass(frozen=True)
+class DeviceCounters:
+    """A block device's cumulative counters (``/sys/dev/block/MAJ:MIN/stat``)."""
+
+    busy_seconds: float  # time with at least one request in flight (io_ticks)
+    read_bytes: int  # sectors read x 512
+
+    def __sub__(self, other: "DeviceCounters") -> "DeviceCounters":
+        return DeviceCounters(self.busy_seconds - other.busy_seconds, self.read_bytes - other.read_bytes)
+
+
+SECTOR = 512  # the unit of the kernel's sector counts, whatever the device's own sector size
+
+
+def parse_block_stat(text: str) -> DeviceCounters | None:
+    """The counters in a block device's ``stat`` file (fields: read I/Os, read merges, sectors
+    read, read ticks, write I/Os, write merges, sectors written, write ticks, in flight,
+    io_ticks in ms, ...); None where it has fewer fields."""
+    f = text.split()
+    if len(f) < 10 or not all(x.isdigit() for x in f[:10]):
+        return None
+    return DeviceCounters(int(f[9]) / 1e3, int(f[2]) * SECTOR)
+
+
+def device_counters(path: str | os.PathLike[str]) -> DeviceCounters | None:
+    """The counters of the block device holding ``path`` (a partition's own where it is one);
+    None off Linux, or where the file is on no block device (tmpfs, overlay)."""
+    try:
+        dev = os.stat(path).st_dev
+        text = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}/stat").read_text()
+    except OSError:
+        return None
+    return parse_block_stat(text)
 
 
 def part_spans(model: str | os.PathLike[str]) -> list[Span]:
