@@ -52,6 +52,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from smoe_gguf import spin
+from smoe_gguf.devtools.diskprobe import DeviceCounters, device_counters
 from smoe_gguf.devtools.prompts import DOMAIN_PROMPTS, LEARN_PROMPTS
 from smoe_gguf.policy import DEFAULT_POLICY
 
@@ -172,7 +173,8 @@ POOLED_FIELDS: tuple[tuple[tuple[str, ...], Callable[[list[float]], float]], ...
       "stall_per_token", "cpu_per_token"), lambda v: sum(v) / len(v)),
     (("load_read_bytes", "peak_rss_bytes"), max),
     (("generated_tokens", "prompt_tokens", "prefill_bytes", "cpu_seconds", "cpu_seconds_total", "wall_seconds",
-      "prefetched", "observer_pauses", "bytes_read_all"), sum),
+      "prefetched", "observer_pauses", "bytes_read_all", "disk_busy_seconds", "disk_device_bytes",
+      "disk_window_seconds"), sum),
 )
 
 
@@ -232,6 +234,7 @@ COLUMNS: list[tuple[str, Callable[[dict[str, Any]], str]]] = [
     ("hit rate", lambda r: _pct(r.get("hit_rate"))),
     ("Belady hit", lambda r: _pct(r.get("belady_hit_rate"))),
     ("stall s/token", lambda r: _fmt(r.get("stall_per_token"), ".4f")),
+    ("disk busy in decode (GB/s busy)", lambda r: _disk_busy(r)),
     ("peak RSS MB", lambda r: _fmt(r.get("peak_rss_bytes"), ".0f", 1e-6)),
     ("CPU s/token", lambda r: _fmt(r.get("cpu_per_token"), ".3f")),
     ("J/token", lambda r: r.get("energy") or ENERGY_NONE),
@@ -248,6 +251,20 @@ def _same(v: Any) -> str:
 
 def _pct(v: Any) -> str:
     return f"{v * 100:.1f}%" if isinstance(v, (int, float)) and not isinstance(v, bool) else "-"
+
+
+def disk_busy(r: dict[str, Any]) -> tuple[float, float] | None:
+    """The share of decode's wall time in which the model's device had a read in flight, and
+    what it read per second of that (bytes/s); None without the device's counters or time."""
+    busy, read, window = (r.get(k) for k in ("disk_busy_seconds", "disk_device_bytes", "disk_window_seconds"))
+    if not busy or not window or read is None:
+        return None
+    return busy / window, read / busy
+
+
+def _disk_busy(r: dict[str, Any]) -> str:
+    d = disk_busy(r)
+    return "-" if d is None else f"{_pct(d[0])} ({d[1] / 1e9:.2f})"
 
 
 def _limit_pcts(r: dict[str, Any]) -> str:
@@ -372,7 +389,10 @@ def write_report(out: Path, result: dict[str, Any]) -> None:
         "loading; MB read/token = bytes read from disk during decode / decode tokens (smoe-gguf: leaf "
         "bytes its store read; stock: the process's read_bytes); hit rate and stall: decode phase; "
         "Belady hit: Belady's MIN replayed over the reactive row's trace at that budget, decode phase "
-        "(the same in-use protection and micro-batches); % of limit: decode tok/s against the physical "
+        "(the same in-use protection and micro-batches); disk busy in decode: the share of decode's wall "
+        "time in which the block device holding the model had a read in flight (the kernel's io_ticks; "
+        "any process's reads count), and in brackets what it read per second of that; "
+        "% of limit: decode tok/s against the physical "
         "limit at the row's own missed bytes per token, and at Belady's; "
         "CPU s/token = user + system CPU seconds of prompts and decode / generated tokens; peak RSS: the "
         "row's process. tokens = (a): the same tokens as row (a). bit-exact: the same tokens as stock "
@@ -665,6 +685,8 @@ class _Meter:
         self.decode_bytes = 0
         self.prefill_bytes = 0
         self.cpu = 0.0
+        self.disk: DeviceCounters | None = None  # the model's device during decode, summed over prompts
+        self.disk_seconds = 0.0  # ... over this much wall time
 
     @property
     def decode_s(self) -> float:
@@ -674,10 +696,16 @@ class _Meter:
     def decode_tokens(self) -> int:
         return sum(n for _sec, n in self.decode_each)
 
-    def decoded(self, seconds: float, tokens: int, read_bytes: int) -> None:
-        """One prompt's decode: its seconds, tokens and bytes read from disk."""
+    def decoded(self, seconds: float, tokens: int, read_bytes: int,
+                disk: tuple[DeviceCounters, float] | None = None) -> None:
+        """One prompt's decode: its seconds, tokens and bytes read from disk; ``disk``: what the
+        model's device counted meanwhile, and the wall seconds it counted over."""
         self.decode_each.append((seconds, tokens))
         self.decode_bytes += read_bytes
+        if disk is not None:
+            self.disk = disk[0] if self.disk is None else DeviceCounters(
+                self.disk.busy_seconds + disk[0].busy_seconds, self.disk.read_bytes + disk[0].read_bytes)
+            self.disk_seconds += disk[1]
 
     def result(self) -> dict[str, Any]:
         n_gen = sum(len(t) for t in self.tokens)
@@ -697,7 +725,29 @@ class _Meter:
             "prefill_bytes": self.prefill_bytes,
             "cpu_seconds": self.cpu,
             "cpu_per_token": self.cpu / n_gen if n_gen else None,
+            "disk_busy_seconds": self.disk.busy_seconds if self.disk else None,
+            "disk_device_bytes": self.disk.read_bytes if self.disk else None,
+            "disk_window_seconds": self.disk_seconds if self.disk else None,
         }
+
+
+class _DiskWindow:
+    """The model's block device counted from :meth:`start` to :meth:`stop` (nothing where the
+    counters cannot be read)."""
+
+    def __init__(self, model: str) -> None:
+        self.model = model
+        self.at: tuple[DeviceCounters, float] | None = None
+
+    def start(self) -> None:
+        c = device_counters(self.model)
+        self.at = (c, time.perf_counter()) if c is not None else None
+
+    def stop(self) -> tuple[DeviceCounters, float] | None:
+        c = device_counters(self.model)
+        if c is None or self.at is None:
+            return None
+        return c - self.at[0], time.perf_counter() - self.at[1]
 
 
 def _sampling(spec: dict[str, Any]) -> Any:
@@ -735,6 +785,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
     vocab = llama_cpp.llama_model_get_vocab(model)
     n_vocab = llama_cpp.llama_vocab_n_tokens(vocab)
     m = _Meter()
+    disk = _DiskWindow(spec["model"])
     try:
         for prompt in spec["prompts"]:
             llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), True)
@@ -756,13 +807,14 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
                         m.ttft.append(time.perf_counter() - t0)
                         m.prefill_bytes += _io_read() - io0
                         io1, t1 = _io_read(), time.perf_counter()
+                        disk.start()
                     if cap and time.perf_counter() - t1 > cap:  # decode time after the first token
                         break
             finally:
                 steps.close()
                 sampler.free()
             if len(gen) > 1:
-                m.decoded(time.perf_counter() - t1, len(gen) - 1, _io_read() - io1)
+                m.decoded(time.perf_counter() - t1, len(gen) - 1, _io_read() - io1, disk.stop())
             m.cpu += _cpu_seconds() - c0
             m.prompt_tokens += len(toks)
             m.prompt_tokens_each.append(len(toks))
@@ -785,6 +837,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
                 trace=spec.get("trace"), **kw) as eng:
         out: dict[str, Any] = {"load_seconds": time.perf_counter() - t0, "load_read_bytes": eng.startup_read_bytes}
         m = _Meter()
+        disk = _DiskWindow(spec["model"])
         hits = misses = 0
         stall = 0.0
         for prompt in spec["prompts"]:
@@ -804,10 +857,12 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
                     if not snap:
                         snap.update(eng.stats().as_dict())
                         tp = time.perf_counter()
+                        disk.start()
                     if cap and time.perf_counter() - tp > cap:  # decode time after the first token
                         break
             finally:
                 steps.close()
+            window = disk.stop()
             m.cpu += _cpu_seconds() - c0
             s1 = eng.stats().as_dict()
             if stats is None:
@@ -819,7 +874,7 @@ def _run_smoe(spec: dict[str, Any]) -> dict[str, Any]:
             m.ttft.append(stats.ttft_seconds)
             m.prefill_bytes += snap["bytes_read"] - s0["bytes_read"]
             if stats.generated_tokens > 1:
-                m.decoded(stats.decode_seconds, stats.generated_tokens - 1, s1["bytes_read"] - snap["bytes_read"])
+                m.decoded(stats.decode_seconds, stats.generated_tokens - 1, s1["bytes_read"] - snap["bytes_read"], window)
                 hits += s1["hits"] - snap["hits"]
                 misses += s1["misses"] - snap["misses"]
                 stall += s1["stall_seconds"] - snap["stall_seconds"]

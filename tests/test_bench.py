@@ -11,6 +11,7 @@ from typing import Any
 
 import pytest
 
+from smoe_gguf.devtools.diskprobe import device_counters
 from smoe_gguf.pack.split import split
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,7 +37,8 @@ def _fake_rows() -> list[dict[str, Any]]:
         {"model": "m", "row": "c", "system": "smoe-gguf reactive LRU", "budget": "25%", "decode_tps": 5.0,
          "prefill_tps": 40.0, "ttft_seconds": 1.5, "bytes_per_token": 30e6, "hit_rate": 0.7, "belady_hit_rate": 0.85,
          "pct_of_limit_own": 0.125, "pct_of_limit_belady": 0.0625,
-         "stall_per_token": 0.1, "peak_rss_bytes": 6e8, "cpu_per_token": 0.2, "same_as_a": True, "bit_exact": True},
+         "stall_per_token": 0.1, "peak_rss_bytes": 6e8, "cpu_per_token": 0.2, "same_as_a": True, "bit_exact": True,
+         "disk_busy_seconds": 3.0, "disk_device_bytes": 4.5e9, "disk_window_seconds": 4.0},
         {"model": "m", "row": "b", "system": "stock llama.cpp, mmap, memory cgroup", "budget": "25%",
          "error": "unavailable: no memory cgroup controller mounted"},
         {"model": "m", "row": "limit", "system": bench.LIMIT_OWN, "budget": "25%", "decode_tps": 40.0,
@@ -85,6 +87,9 @@ def test_table_markdown_and_report(tmp_path: Path) -> None:
     assert smoe[col["decode tok/s"]] == "5.00" and smoe[col["MB read/token"]] == "30.00"
     assert smoe[col["hit rate"]] == "70.0%" and smoe[col["Belady hit"]] == "85.0%"
     assert smoe[col["% of limit: own / Belady"]] == "12.5% / 6.2%"
+    assert smoe[col["disk busy in decode (GB/s busy)"]] == "75.0% (1.50)"  # 3 of 4 s busy, 4.5 GB in those 3 s
+    assert cells[0][col["disk busy in decode (GB/s busy)"]] == "-"  # no device counters
+    assert bench.disk_busy({"disk_busy_seconds": 0.0, "disk_device_bytes": 0, "disk_window_seconds": 1.0}) is None
     assert cells[2][4].startswith("unavailable:")  # the reason takes the row's first figure cell
     assert cells[0][col["J/token"]] == bench.ENERGY_NONE and cells[0][col["Belady hit"]] == "-"
     md = bench.markdown_table(rows)
@@ -139,6 +144,10 @@ def test_pool_runs_pools_decode_and_averages_the_rest() -> None:
     assert row["decode_tps"] == pytest.approx(400 / 6.0) and row["decode_tokens"] == 400  # not the runs' mean (75)
     assert row["ttft_seconds"] == pytest.approx(1.5) and row["hit_rate"] == pytest.approx(0.6)
     assert row["load_read_bytes"] == 30 and row["cpu_per_token"] == pytest.approx(6.0 / 400)
+    # the device's counters are summed over the runs, so the busy share is over all their decode time
+    disk = [{"disk_busy_seconds": 1.0, "disk_device_bytes": 10, "disk_window_seconds": 2.0},
+            {"disk_busy_seconds": 3.0, "disk_device_bytes": 30, "disk_window_seconds": 3.0}]
+    assert bench.disk_busy(bench.pool_runs([{**r, **d} for r, d in zip(runs, disk)])) == (pytest.approx(0.8), 10.0)
     assert row["replay_hit_rates"] == {"lru": 0.4} and row["tokens"] == [[1, 2], [3]] and row["repeat_tokens_same"]
     assert [r["decode_tps"] for r in row["repeats"]] == [100.0, 50.0]
     assert bench.pool_runs(runs[:1]) == runs[0]
@@ -239,6 +248,11 @@ def test_bench_smoke_on_tiny_model(tiny_model: Callable[[str, str], Path], tmp_p
         assert 0 <= r["belady_hit_rate"] <= 1 and r["pct_of_limit_own"] > 0 and r["pct_of_limit_belady"] > 0
         # the bound at stock's own compute is never above the roofline's
         assert r["limit_own_stock_tps"] <= r["limit_own_tps"] and r["pct_of_limit_own_stock"] >= r["pct_of_limit_own"]
+        # the model's device counted over each decode where the kernel shows its counters
+        counted = device_counters(tmp_path) is not None
+        assert (r["disk_window_seconds"] is not None) == counted, r
+        if counted:
+            assert r["disk_window_seconds"] > 0 and r["disk_busy_seconds"] >= 0 and r["disk_device_bytes"] >= 0
     for r in smoe:  # two runs each (--repeats 2), pooled: both prompts' decodes of both runs
         assert len(r["repeats"]) == 2 and r["repeat_tokens_same"] and len(r["decode_each"]) == 4, r
         # the reactive trace was recorded in a run of its own (every gate through Python: slower), not pooled
