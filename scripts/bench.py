@@ -744,10 +744,13 @@ class _DiskWindow:
         self.at = (c, time.perf_counter()) if c is not None else None
 
     def stop(self) -> tuple[DeviceCounters, float] | None:
+        """What the device counted since :meth:`start`, and over how many seconds; a window is
+        counted once (None: no start since the last stop, or no counters)."""
+        at, self.at = self.at, None
         c = device_counters(self.model)
-        if c is None or self.at is None:
+        if c is None or at is None:
             return None
-        return c - self.at[0], time.perf_counter() - self.at[1]
+        return c - at[0], time.perf_counter() - at[1]
 
 
 def _sampling(spec: dict[str, Any]) -> Any:
