@@ -109,6 +109,7 @@ def test_block_stat_counters() -> None:
     line = "  7805912  6264974 15196407538 28325274   106890   157282 109398936   950949        0  6112644 29347849\n"
     assert parse_block_stat(line) == DeviceCounters(6112.644, 15196407538 * 512)
     assert DeviceCounters(5.0, 1000) - DeviceCounters(2.0, 400) == DeviceCounters(3.0, 600)
+    assert DeviceCounters(5.0, 1000) + DeviceCounters(2.0, 400) == DeviceCounters(7.0, 1400)
     assert parse_block_stat("1 2 3") is None and parse_block_stat("") is None
 
 

@@ -49,6 +49,9 @@ class DeviceCounters:
     busy_seconds: float  # time with at least one request in flight (io_ticks)
     read_bytes: int  # sectors read x 512
 
+    def __add__(self, other: "DeviceCounters") -> "DeviceCounters":
+        return DeviceCounters(self.busy_seconds + other.busy_seconds, self.read_bytes + other.read_bytes)
+
     def __sub__(self, other: "DeviceCounters") -> "DeviceCounters":
         return DeviceCounters(self.busy_seconds - other.busy_seconds, self.read_bytes - other.read_bytes)
 
