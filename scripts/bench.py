@@ -92,9 +92,10 @@ def compute_limit_tps(compute_seconds_per_token: float, missed_bytes_per_token: 
 
 
 def rows_read_rate(rows: list[dict[str, Any]]) -> float:
-    """The fastest any smoe-gguf run read the disk over its decode: its bytes read per token
-    times its tokens per second, run by run (``repeats``), O_DIRECT rows only. The decode also
-    computes, so the disk did at least this; 0.0 where no run read."""
+    """The fastest any smoe-gguf run read the disk over its decode, run by run (``repeats``),
+    O_DIRECT rows only: its bytes read per token times its tokens per second (the decode also
+    computes, so the disk did at least this), and what the model's device read per second while
+    it had a read in flight (:func:`disk_busy`), where counted. 0.0 where no run read."""
     best = 0.0
     for r in rows:
         if r.get("error") or not r.get("direct_io"):
@@ -102,6 +103,9 @@ def rows_read_rate(rows: list[dict[str, Any]]) -> float:
         for x in r.get("repeats") or [r]:
             if x.get("decode_tps") and x.get("bytes_per_token"):
                 best = max(best, x["decode_tps"] * x["bytes_per_token"])
+            busy = disk_busy(x)
+            if busy is not None:
+                best = max(best, busy[1])
     return best
 
 
@@ -202,7 +206,8 @@ def pool_runs(runs: list[dict[str, Any]]) -> dict[str, Any]:
                 out[key] = reduce(vals)
     if out.get("cpu_seconds") is not None and out.get("generated_tokens"):
         out["cpu_per_token"] = out["cpu_seconds"] / out["generated_tokens"]
-    keep = ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced", "turn", "after_stock")
+    keep = ("decode_tps", "ttft_seconds", "hit_rate", "bytes_per_token", "traced", "turn", "after_stock",
+            "disk_busy_seconds", "disk_device_bytes", "disk_window_seconds")
     out["repeats"] = [{k: r.get(k) for k in keep} for r in runs]
     if all(r.get("tokens") is not None for r in runs):
         out["repeat_tokens_same"] = all(same_tokens(r["tokens"], runs[0]["tokens"])[0] for r in runs[1:])
@@ -703,8 +708,7 @@ class _Meter:
         self.decode_each.append((seconds, tokens))
         self.decode_bytes += read_bytes
         if disk is not None:
-            self.disk = disk[0] if self.disk is None else DeviceCounters(
-                self.disk.busy_seconds + disk[0].busy_seconds, self.disk.read_bytes + disk[0].read_bytes)
+            self.disk = disk[0] if self.disk is None else self.disk + disk[0]
             self.disk_seconds += disk[1]
 
     def result(self) -> dict[str, Any]:
@@ -1238,8 +1242,9 @@ class Bench:
         # a bound must not fall below what the disk did: where a row read faster than the probe saw
         seen = rows_read_rate(smoe_rows)
         if seen > disk_bw:
-            self.notes.append(f"{name}: a smoe-gguf run read the disk at {seen / 1e9:.2f} GB/s over its decode, faster "
-                              f"than the probe's best {disk_bw / 1e9:.2f} GB/s; the limits use {seen / 1e9:.2f}")
+            self.notes.append(f"{name}: a smoe-gguf run read the disk at {seen / 1e9:.2f} GB/s over its decode or while "
+                              f"the disk was busy, faster than the probe's best {disk_bw / 1e9:.2f} GB/s; the limits "
+                              f"use {seen / 1e9:.2f}")
             disk_bw = self.disk[name]["rows_best"] = seen
         # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
         def limit(missed: float) -> dict[str, Any]:

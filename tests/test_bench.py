@@ -65,6 +65,11 @@ def test_the_disk_bound_is_at_least_what_a_run_read() -> None:
     assert bench.rows_read_rate([pooled, single, buffered]) == pytest.approx(2e9)  # the fastest run, not the pool
     assert bench.rows_read_rate([single, {"error": "boom", "direct_io": True}]) == pytest.approx(1e9)
     assert bench.rows_read_rate([buffered, {"direct_io": True, "decode_tps": 50.0, "bytes_per_token": 0}]) == 0.0
+    # the device read 3 GB in the 1 s it was busy: faster than the run's 2 GB/s averaged over its decode
+    busy = {**pooled, "repeats": [{**pooled["repeats"][1], "disk_busy_seconds": 1.0, "disk_device_bytes": 3e9,
+                                   "disk_window_seconds": 2.0}]}
+    assert bench.rows_read_rate([busy, single]) == pytest.approx(3e9)
+    assert bench.rows_read_rate([{**busy, "direct_io": False}]) == 0.0  # the page cache's reads bound nothing
     curve = {"direct": True, "bytes_per_level": 1 << 28, "bytes_per_second": {1: 1e9}, "span_bytes": (4096, 4096), "best": 1.2e9,
              "best_readers": 1, "io_depth": 2}
     assert "limit uses 1.20 (the fastest sweep" in bench.disk_curve_text(curve)
