@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from . import archs, route_fit, spin
+from . import archs, route_fit, spin, token_memo
 from . import budget as bdg
 from . import llama_session as ls
 from . import profile as tree_map
@@ -38,6 +38,7 @@ from .source import open_source
 from .spec_native import NativeSpeculation
 from .speculate import DEFAULT_RANK, DEFAULT_THRESHOLD, LOOKAHEAD, Speculator
 from .token_guess import TokenGuess
+from .token_memo import TokenMemo
 from .trace import Trace
 from .xslot import XSlot
 
@@ -322,6 +323,13 @@ class Engine:
         self.spec_native: NativeSpeculation | None = None
         if self.speculator is not None and native and trace is None:
             self.spec_native = NativeSpeculation(self.speculator, self.gate)
+        self.token_memo: TokenMemo | None = None
+        if self.speculator is not None:
+            self.token_memo = TokenMemo(r, src.n_expert_used, self.spec_native)
+            self.gate.observe(self.token_memo, prompts_only=True)  # a prompt's tokens are kept too
+            if self.profile_path is not None:  # what earlier sessions decoded
+                self.token_memo.load(token_memo.load_memo(
+                    token_memo.memo_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))
         self.observer_switch = ObserverSwitch()  # Python's observers only while they pay (see ObserverSwitch)
         self.readahead: PromptReadAhead | None = None
         if self.paging and self.speculator is None:  # speculation reads a prompt's next layer itself
@@ -344,6 +352,12 @@ class Engine:
                 self.speculator.fit.saved()
             except OSError as e:
                 self.warnings.append(f"route fits beside {self.profile_path} not saved: {e.strerror or e}")
+        if self.token_memo is not None and self.profile_path is not None:
+            try:
+                token_memo.save_memo(self.profile_path, self.source.model_id, self.source.n_expert,
+                                     self.token_memo.learnt())
+            except OSError as e:
+                self.warnings.append(f"token memo beside {self.profile_path} not saved: {e.strerror or e}")
         self.recorder.cut()
         windows, self.recorder.windows = self.recorder.windows, []
         if not windows:
@@ -416,11 +430,13 @@ class Engine:
         n_ctx = llama_cpp.llama_n_ctx(self._ctx)
         if self.n_past + len(tokens) > n_ctx:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
-        guess = self.token_guess if len(tokens) == 1 and self.gate.gating else None
-        if guess is not None:
-            guess.before(tokens[0])  # its first MoE layer: read while the graph reaches it
+        decoded = len(tokens) == 1 and self.gate.gating
+        guess = self.token_guess if decoded else None
+        memo = self.token_memo if decoded else None
         if self.recorder is not None and len(tokens) > 1:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
+        if self.token_memo is not None and len(tokens) > 1:
+            self.token_memo.start_prompt(tokens)
         if len(tokens) > 1 and self.gate.observers:
             self.gate.observing = True  # the prompt's branch is found by observing its first layers
         if len(tokens) > 1:
@@ -442,6 +458,10 @@ class Engine:
             self.gate.observing = False
         elif not self.gate.observes_decode:
             self.gate.observing = False  # its observers act on prompts only (read-ahead): none is called
+        if guess is not None:
+            guess.before(tokens[0])  # its first MoE layer: read while the graph reaches it
+        if memo is not None:
+            memo.before(tokens[0])  # its later layers, from its earlier decodes: queued behind the first's
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
@@ -468,8 +488,12 @@ class Engine:
                 self.n_past += len(chunk)
         finally:
             self.residency.state.scan[0] = 0  # only while a prompt is gated
+            if self.token_memo is not None:
+                self.token_memo.end_prompt()
         if guess is not None:
             guess.after()
+        if memo is not None:
+            memo.after()
         if self.spec_native is not None:
             self.spec_native.take_counts()
         if len(tokens) == 1:
@@ -675,6 +699,8 @@ class Engine:
         out["native_unlocated"] = self.spec_native.unlocated if self.spec_native is not None else 0
         if self.token_guess is not None:
             out["first_layer"] = self.token_guess.summary()
+        if self.token_memo is not None:
+            out["memo"] = self.token_memo.summary()
         return out
 
 

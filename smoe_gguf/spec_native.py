@@ -200,6 +200,17 @@ class NativeSpeculation:
             self._lib.smoe_spec_reset(ctypes.addressof(self._st))
             self._st.enabled = 1
 
+    def new_pass(self) -> bool:
+        """Start a decoded token's pass over the layers before its first gate, as that gate would
+        (the last pass's guesses and their protection dropped), so that leaves protected before
+        it stay protected until their own gate (gate thread, between decodes). False, doing
+        nothing, where the C path is not guessing."""
+        if not self._st.enabled:
+            return False
+        self.spec.residency.state.protect[:] = 0
+        self._lib.smoe_spec_reset(ctypes.addressof(self._st))
+        return True
+
     def stop(self) -> None:
         """Guess nothing in C (a prompt, which Python observes, or a pause): drop the guesses not
         scored yet and their protection, and take in the counts."""

@@ -1,0 +1,332 @@
+"""A decoded token's later MoE layers, guessed from what they picked when the same token came before.
+
+Speculation guesses a layer from the layer before it, so its reads have one layer's compute to
+land in. A token's routing depends much on the token itself, and most tokens come back, so the
+experts each layer picked the last times a token was decoded are a guess of every layer at once,
+available as soon as the token is sampled. Before each decoded token (gate thread, before
+``llama_decode``, after :class:`~smoe_gguf.token_guess.TokenGuess` has queued its first layer):
+
+- each later paged layer's experts are ranked by how often they were picked in the token's last
+  :data:`KEEP` decodes (the latest decode breaking ties);
+- each rank's chance of use (per layer, counted below, behind speculation's prior) is set against
+  the cost model's bar (:meth:`~smoe_gguf.residency.Residency.prefetch_bar`; beyond the next
+  layer also :meth:`~smoe_gguf.residency.Residency.ahead_cost`, as speculation's lookahead is):
+  guesses above it are protected from eviction until their gate is served (or speculation guesses
+  that layer again), and those not resident are prefetched, the nearer layer first.
+
+After the token, each layer's picks are read from the gates' use counts (``state.uses``), every
+guess is scored against them, rank by rank, whatever was prefetched, and they are kept for the
+token's next decode. Only leaves move: what the experts compute is unchanged.
+
+The memo and its counts are kept beside the profile (``PROFILE.memo.npz``, :func:`save_memo`): a
+session starts from what earlier ones decoded and, unless ``--no-learn``, adds its own at close
+(a token's latest picks first; earlier sessions' counts weighted by :data:`DECAY`).
+"""
+
+from __future__ import annotations
+
+import zipfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+
+from .safeio import locked, replace_atomically
+from .speculate import PRIOR_WEIGHT, rank_prior
+
+if TYPE_CHECKING:
+    from .residency import Residency
+    from .spec_native import NativeSpeculation
+
+SOURCE = "memo"  # the asker's name in the residency's prefetch counts
+KEEP = 4  # decodes of a token whose picks are kept
+MAX_TOKENS = 1 << 16  # distinct tokens kept; the one least recently decoded goes first beyond it
+MEMO_FORMAT = "smoe-memo-1"
+DECAY = 0.9  # weight kept by earlier sessions' counts at each save
+
+
+class TokenMemo:
+    """Guess a decoded token's later MoE layers from its earlier decodes, protect and prefetch what
+    pays, score the guess and keep the picks: :meth:`before` each decoded token, :meth:`after` it."""
+
+    def __init__(self, residency: Residency, n_used: int, native: NativeSpeculation | None = None) -> None:
+        self.residency = residency
+        self.native = native
+        layers = sorted(residency.costs)
+        self.layers = np.asarray(layers, np.int64)  # every paged layer, the first included (it is kept)
+        self.n_expert = int(residency.state.resident.shape[1])
+        self.n_used = n_used
+        self.max_rank = 2 * n_used
+        n = len(layers)
+        self.hits = np.zeros((n, self.max_rank), np.int64)  # per layer and rank: guesses the layer picked
+        self.scored = np.zeros((n, self.max_rank), np.int64)  # ... guesses made
+        self._prior = rank_prior(self.max_rank, n_used)
+        self.tokens = 0  # decoded tokens whose picks were read
+        self.guessed = 0  # ... that had earlier decodes to guess from
+        self._memo: dict[int, np.ndarray] = {}  # token -> [KEEP, layers, n_used] picks, latest first (-1: none)
+        self._learnt: set[int] = set()  # tokens decoded in this session (what a save adds)
+        self._base = (np.zeros_like(self.hits), np.zeros_like(self.scored))  # the counts loaded
+        self._pending: tuple[int, np.ndarray | None, np.ndarray] | None = None  # (token, orders, uses before)
+        self._index = {int(layer): i for i, layer in enumerate(layers)}
+        self._prompt: tuple[list[int], dict[int, list[np.ndarray]]] | None = None  # its tokens, picks per layer
+
+    # ------------------------------------------------------------------ per token
+
+    def before(self, token: int) -> int:
+        """Rank ``token``'s guess for each later layer, protect what pays and prefetch what of it is
+        not resident (gate thread, before the token is decoded). How many were queued."""
+        r = self.residency
+        s = r.state
+        orders = self._orders(token)
+        self._pending = (token, orders, s.uses[self.layers].copy())
+        if orders is None or len(self.layers) < 2:
+            return 0
+        p = self.p_used()
+        bar = r.prefetch_bar()
+        ahead = bar + r.ahead_cost()
+        protect = self.native is not None and self.native.new_pass()
+        keys: list[tuple[int, int]] = []
+        prios: list[float] = []
+        for i in range(1, len(self.layers)):
+            layer = int(self.layers[i])
+            order = orders[i]
+            ranks = np.flatnonzero((order >= 0) & (p[i] >= bar))
+            if not ranks.size:
+                continue
+            experts = order[ranks]
+            if protect:
+                s.protect[layer, experts] = 1
+            want = (s.resident[layer, experts] == 0) & (p[i, ranks] >= (bar if i == 1 else ahead))
+            for e, pe in zip(experts[want].tolist(), p[i, ranks[want]].tolist(), strict=True):
+                keys.append((layer, e))
+                prios.append(pe)
+        if not keys:
+            return 0
+        return r.prefetch(keys, layer=int(self.layers[0]), in_use=[], priority=prios, source=SOURCE)
+
+    def after(self) -> None:
+        """Read what each layer picked (the gates' use counts since :meth:`before`), score the
+        guess against it and keep it for the token's next decode."""
+        if self._pending is None:
+            return
+        token, orders, uses0 = self._pending
+        self._pending = None
+        picked = self.residency.state.uses[self.layers] > uses0  # [layers, n_expert]
+        counts = picked.sum(axis=1)
+        if not counts.any():
+            return  # no gate ran (nothing is paged now)
+        self.tokens += 1
+        if orders is not None:
+            self.guessed += 1
+            valid = orders >= 0
+            rows = np.arange(len(self.layers))[:, None]
+            hit = valid & picked[rows, np.where(valid, orders, 0)]
+            gated = (counts > 0)[:, None]
+            self.hits += hit & gated
+            self.scored += valid & gated
+        self._keep(token, picked, counts)
+
+    def p_used(self) -> np.ndarray:
+        """Per layer and rank, the chance that the layer picks the guess of that rank: the counts
+        behind speculation's prior (PRIOR_WEIGHT observations of :func:`rank_prior`)."""
+        return (self.hits + PRIOR_WEIGHT * self._prior) / (self.scored + PRIOR_WEIGHT)
+
+    # ------------------------------------------------------------------ the memo
+
+    def _orders(self, token: int) -> np.ndarray | None:
+        """Per paged layer, its experts by how often the token's kept decodes picked them (the
+        latest decode first on ties), ``max_rank`` of them (-1: fewer were picked); None for a
+        token not decoded before."""
+        kept = self._memo.get(token)
+        if kept is None:
+            return None
+        n_layer, E = len(self.layers), self.n_expert
+        score = np.zeros((n_layer, E), np.int64)
+        rows = np.broadcast_to(np.arange(n_layer)[None, :, None], kept.shape)
+        ok = kept >= 0
+        np.add.at(score, (rows[ok], kept[ok]), 2)
+        latest = kept[0]
+        ok0 = latest >= 0
+        np.add.at(score, (rows[0][ok0], latest[ok0]), 1)
+        order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
+        return np.where(np.take_along_axis(score, order, axis=1) > 0, order, -1).astype(np.int32)
+
+    def _keep(self, token: int, picked: np.ndarray, counts: np.ndarray) -> None:
+        """Keep what a decoded token's layers picked (``picked``: [layers, n_expert])."""
+        row = np.full((len(self.layers), self.n_used), -1, np.int16)
+        for i in np.flatnonzero(counts).tolist():
+            e = np.flatnonzero(picked[i])[: self.n_used]
+            row[i, : e.size] = e
+        self._keep_row(token, row)
+
+    def _keep_row(self, token: int, row: np.ndarray) -> None:
+        """Keep ``row`` ([layers, n_used], -1 for a layer not gated, which keeps what it had) as
+        ``token``'s latest decode."""
+        kept = self._memo.pop(token, None)  # re-inserted last: the dict's order is by latest decode
+        if kept is None:
+            if len(self._memo) >= MAX_TOKENS:
+                del self._memo[next(iter(self._memo))]
+            kept = np.full((KEEP, len(self.layers), self.n_used), -1, np.int16)
+        else:
+            kept[1:] = kept[:-1].copy()
+        ungated = (row < 0).all(axis=1)
+        row = row.copy()
+        row[ungated] = kept[1, ungated]
+        kept[0] = row
+        self._memo[token] = kept
+        self._learnt.add(token)
+
+    # ------------------------------------------------------------------ prompts
+
+    def start_prompt(self, tokens: list[int]) -> None:
+        """A prompt's tokens are about to be decoded: what its gates pick, row by row, is kept as
+        each token's decode (:meth:`end_prompt`)."""
+        self._prompt = (list(tokens), {})
+
+    def __call__(self, layer: int, _node: int, ids: np.ndarray) -> None:
+        """A gate observer (prompt micro-batches): one row of picks per token."""
+        if self._prompt is None or ids.ndim != 2 or ids.shape[1] != self.n_used:
+            return
+        i = self._index.get(layer)
+        if i is not None:
+            self._prompt[1].setdefault(i, []).append(np.array(ids, np.int16))
+
+    def end_prompt(self) -> None:
+        """Keep the prompt's picks, token by token; a layer that computed fewer rows than the
+        prompt has tokens (the last one computes the output rows only) is left out."""
+        if self._prompt is None:
+            return
+        tokens, rows = self._prompt
+        self._prompt = None
+        n = len(tokens)
+        picks = np.full((n, len(self.layers), self.n_used), -1, np.int16)
+        for i, parts in rows.items():
+            got = np.concatenate(parts) if parts else np.zeros((0, self.n_used), np.int16)
+            if got.shape[0] == n:
+                picks[:, i] = np.sort(got, axis=1)
+        if (picks >= 0).any():
+            for token, row in zip(tokens, picks, strict=True):
+                self._keep_row(int(token), row)
+
+    # ------------------------------------------------------------------ across sessions
+
+    def load(self, saved: SavedMemo | None) -> None:
+        """Start from what earlier sessions kept (nothing if ``saved`` is None or is of another
+        shape of model); this session's own decodes come before it."""
+        if saved is None or saved.picks.shape[2:] != (len(self.layers), self.n_used) \
+                or saved.hits.shape != self.hits.shape or not np.array_equal(saved.layers, self.layers):
+            return
+        for token, kept in zip(saved.tokens.tolist(), saved.picks, strict=True):
+            self._memo.setdefault(int(token), kept.copy())
+        self._base = (np.rint(saved.hits).astype(np.int64), np.rint(saved.scored).astype(np.int64))
+        self.hits += self._base[0]
+        self.scored += self._base[1]
+
+    def learnt(self) -> SavedMemo:
+        """This session's part: the tokens it decoded, with what the memo keeps of them, and the
+        counts it added."""
+        tokens = [t for t in self._memo if t in self._learnt]
+        h0, s0 = self._base
+        return SavedMemo(
+            layers=self.layers.copy(), tokens=np.asarray(tokens, np.int64),
+            picks=(np.stack([self._memo[t] for t in tokens]) if tokens
+                   else np.zeros((0, KEEP, len(self.layers), self.n_used), np.int16)),
+            hits=(self.hits - h0).astype(np.float64), scored=(self.scored - s0).astype(np.float64))
+
+    # ------------------------------------------------------------------ report
+
+    def summary(self) -> dict[str, Any]:
+        """Over the tokens guessed: per later layer, the recall of the top-k guess and the chance
+        of use by rank; and what the prefetches saved."""
+        k = self.n_used
+        src = self.residency.stats.by_source.get(SOURCE)
+        per_layer = {}
+        for i, layer in enumerate(self.layers.tolist()):
+            n = int(self.scored[i, 0])
+            per_layer[int(layer)] = {
+                "recall": round(int(self.hits[i, :k].sum()) / (n * k), 4) if n else 0.0,
+                "p_used": [round(float(p), 3) for p in self.p_used()[i]],
+            }
+        return {
+            "tokens": self.tokens,
+            "guessed": self.guessed,
+            "tokens_kept": len(self._memo),
+            "per_layer": per_layer,
+            "prefetch": src.as_dict() if src is not None else None,
+        }
+
+
+# ---------------------------------------------------------------------- the file
+
+
+@dataclass
+class SavedMemo:
+    """A memo as saved: per token (``tokens``), its kept picks ``[KEEP, layers, n_used]``; and
+    per layer and rank, the guesses' hits and guesses made (weighted by session)."""
+
+    layers: np.ndarray
+    tokens: np.ndarray
+    picks: np.ndarray
+    hits: np.ndarray
+    scored: np.ndarray
+
+
+def memo_path(profile: Path) -> Path:
+    return profile.with_name(profile.name + ".memo.npz")
+
+
+def load_memo(path: Path, model_id: str, n_expert: int, warn: Callable[[str], None]) -> SavedMemo | None:
+    """The memo saved at ``path`` (None if there is no file or it cannot be used)."""
+    if not path.is_file():
+        return None
+    try:
+        if path.stat().st_size > 1 << 30:
+            raise ValueError("too large")
+        with np.load(path, allow_pickle=False) as z:
+            if str(z["format"]) != MEMO_FORMAT:
+                raise ValueError("not a memo file")
+            if str(z["model"]) != model_id or int(z["n_expert"]) != n_expert:
+                warn(f"token memo {path} belongs to another model; ignoring it")
+                return None
+            m = SavedMemo(layers=np.asarray(z["layers"], np.int64), tokens=np.asarray(z["tokens"], np.int64),
+                          picks=np.asarray(z["picks"], np.int16), hits=np.asarray(z["hits"], np.float64),
+                          scored=np.asarray(z["scored"], np.float64))
+        n_layer = m.layers.size
+        if m.picks.ndim != 4 or m.picks.shape[0] != m.tokens.size or m.picks.shape[1] != KEEP \
+                or m.picks.shape[2] != n_layer or m.hits.ndim != 2 or m.hits.shape[0] != n_layer \
+                or m.scored.shape != m.hits.shape:
+            raise ValueError("arrays of the wrong shape")
+        if (m.picks < -1).any() or (m.picks >= n_expert).any() or m.tokens.size != np.unique(m.tokens).size \
+                or not (np.isfinite(m.hits).all() and np.isfinite(m.scored).all()) \
+                or (m.hits < 0).any() or (m.hits > m.scored).any():
+            raise ValueError("values out of range")
+        return m
+    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
+        warn(f"token memo {path} is unreadable ({str(e)[:120]}); ignoring it, a new one replaces it")
+        return None
+
+
+def save_memo(profile: Path, model_id: str, n_expert: int, learnt: SavedMemo) -> None:
+    """Add a session's memo to the one beside ``profile`` (its tokens' picks replace the saved
+    ones; the saved counts weighted by DECAY), under the profile's lock, atomically."""
+    if not learnt.tokens.size:
+        return
+    path = memo_path(profile)
+    with locked(profile):
+        old = load_memo(path, model_id, n_expert, lambda _m: None)
+        if old is not None and (old.picks.shape[2:] != learnt.picks.shape[2:]
+                                or not np.array_equal(old.layers, learnt.layers)):
+            old = None
+        tokens, picks = learnt.tokens, learnt.picks
+        hits, scored = learnt.hits, learnt.scored
+        if old is not None:
+            keep = ~np.isin(old.tokens, tokens)
+            tokens = np.concatenate([old.tokens[keep], tokens])  # the latest decoded last
+            picks = np.concatenate([old.picks[keep], picks])
+            hits, scored = DECAY * old.hits + hits, DECAY * old.scored + scored
+        tokens, picks = tokens[-MAX_TOKENS:], picks[-MAX_TOKENS:]
+        arrays = {"format": np.array(MEMO_FORMAT), "model": np.array(model_id), "n_expert": np.array(n_expert),
+                  "layers": learnt.layers, "tokens": tokens, "picks": picks, "hits": hits, "scored": scored}
+        replace_atomically(path, lambda f: np.savez(f, **arrays))

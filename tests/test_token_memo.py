@@ -1,0 +1,190 @@
+"""A decoded token's later MoE layers guessed from its earlier decodes (token_memo)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from smoe_gguf import residency, token_memo
+from smoe_gguf.engine import Engine
+from smoe_gguf.token_memo import KEEP, SOURCE, SavedMemo, TokenMemo
+
+from .engine_helpers import N_TOKENS, PROMPT, reference, same
+
+
+def _record(eng: Engine) -> list[tuple[int, np.ndarray]]:
+    """Per gate (prompts and decoded tokens alike), its layer and the picks of each row, recorded
+    by an observer called at every gate."""
+    gates: list[tuple[int, np.ndarray]] = []
+    eng.gate.observe(lambda layer, _node, ids: gates.append((layer, np.array(ids))), always=True)
+    return gates
+
+
+def _decoded_picks(gates: list[tuple[int, np.ndarray]], layers: list[int]) -> list[dict[int, set[int]]]:
+    """The single-row gates grouped into decoded tokens (a token starts at the first layer)."""
+    tokens: list[dict[int, set[int]]] = []
+    for layer, ids in gates:
+        if ids.shape[0] != 1:
+            continue
+        if layer == layers[0]:
+            tokens.append({})
+        if tokens:
+            tokens[-1][layer] = {int(e) for e in ids[0]}
+    return tokens
+
+
+@pytest.mark.parametrize(("arch", "ftype"), [("qwen3moe", "f32"), ("deepseek2", "f16")])
+def test_each_decoded_token_is_guessed_from_its_earlier_decodes_and_scored_against_its_picks(
+        arch, ftype, tiny_model, pack_of) -> None:
+    """A token decoded (or prompted) before is guessed, layer by layer, from what those decodes
+    picked; every guess is scored against what its layers then picked, rank by rank; a token's
+    memo holds its latest picks first; the output stays bit-exact."""
+    src, pack = tiny_model(arch, ftype), pack_of(arch, ftype)
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        memo = eng.token_memo
+        assert memo is not None
+        layers = [int(x) for x in memo.layers]
+        gates = _record(eng)
+        seen: list[tuple[int, np.ndarray | None]] = []
+        before = memo.before
+
+        def spy(token: int) -> int:
+            seen.append((token, memo._orders(token)))
+            return before(token)
+
+        memo.before = spy  # type: ignore[method-assign]
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
+        picks = _decoded_picks(gates, layers)
+        assert len(picks) == len(seen) == len(gen.tokens) - 1
+        hits = np.zeros_like(memo.hits)
+        scored = np.zeros_like(memo.scored)
+        for (_token, orders), picked in zip(seen, picks, strict=True):
+            if orders is None:
+                continue
+            for i, layer in enumerate(layers):
+                for r, e in enumerate(orders[i].tolist()):
+                    if e >= 0:
+                        scored[i, r] += 1
+                        hits[i, r] += e in picked[layer]
+        assert memo.guessed == sum(o is not None for _, o in seen) > 0  # prompt tokens were kept
+        assert np.array_equal(memo.hits, hits) and np.array_equal(memo.scored, scored)
+        last_token, last = seen[-1][0], picks[-1]
+        kept = memo._memo[last_token][0]
+        assert all(set(kept[i].tolist()) == last[layer] for i, layer in enumerate(layers))
+        summary = eng.stats().speculation["memo"]
+        assert summary["tokens"] == len(seen) and summary["guessed"] == memo.guessed
+
+
+def test_a_prompt_keeps_each_token_s_picks_except_where_its_layer_computed_fewer_rows(pack_of) -> None:
+    """Every prompt token's picks are kept per layer, read from the gates' rows; the last layer,
+    which computes the output row only, keeps nothing for the prompt."""
+    with Engine(pack_of("qwen3moe", "f32"), budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        memo = eng.token_memo
+        assert memo is not None
+        gates = _record(eng)
+        tokens = eng.tokenize(PROMPT)
+        eng.decode(tokens)
+        layers = [int(x) for x in memo.layers]
+        rows = {layer: np.concatenate([ids for g, ids in gates if g == layer]) for layer in layers}
+        latest: dict[int, int] = {}
+        for pos, tok in enumerate(tokens):
+            latest[tok] = pos
+        for tok, pos in latest.items():
+            kept = memo._memo[tok][0]
+            for i, layer in enumerate(layers):
+                if rows[layer].shape[0] == len(tokens):
+                    assert sorted(kept[i].tolist()) == sorted(rows[layer][pos].tolist())
+                else:
+                    assert (kept[i] == -1).all()
+        assert rows[layers[-1]].shape[0] < len(tokens)
+
+
+def test_guesses_that_pay_are_protected_and_the_unresident_ones_prefetched(pack_of, monkeypatch) -> None:
+    """With a bar of 0 every guess of a later layer is protected before the first gate, and those
+    not resident are queued; with a bar no chance can reach, nothing is."""
+    for bar in (0.0, 1.01):
+        monkeypatch.setattr(residency, "AHEAD_COST", 0.0)
+        with Engine(pack_of("qwen3moe", "f32"), budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+            memo, r = eng.token_memo, eng.residency
+            assert memo is not None and eng.spec_native is not None
+            tokens = eng.tokenize(PROMPT)
+            eng.decode(tokens)
+            eng.decode(tokens[-1:])  # the C path now guesses decoded tokens
+            tok = tokens[1]
+            orders = memo._orders(tok)
+            assert orders is not None
+            src = r.stats.by_source.get(SOURCE)
+            queued0 = src.queued if src is not None else 0
+            monkeypatch.setattr(r, "prefetch_bar", lambda batch=False, bar=bar: bar)
+            queued = memo.before(tok)
+            later = [(int(layer), e) for i, layer in enumerate(memo.layers) if i > 0
+                     for e in orders[i].tolist() if e >= 0]
+            protected = {(int(a), int(b)) for a, b in zip(*np.nonzero(r.state.protect))}
+            if bar:
+                assert queued == 0 and not protected
+            else:
+                assert protected == set(later)
+                assert queued > 0 and r.stats.by_source[SOURCE].queued == queued0 + queued
+            eng.decode([tok])
+            memo.after()
+            assert r.used <= r.budget
+
+
+def test_the_memo_learnt_in_one_session_starts_the_next(tiny_model, pack_of, tmp_path: Path) -> None:
+    """The memo is saved beside the profile and loaded by the next session, which guesses its
+    first decoded token from it and stays bit-exact; one of another model is ignored with a
+    warning, and so is a damaged one."""
+    src, pack = tiny_model("qwen3moe", "f32"), pack_of("qwen3moe", "f32")
+    prof = tmp_path / "p.json"
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof) as eng:
+        eng.generate(PROMPT, N_TOKENS)
+        assert eng.token_memo is not None
+        kept = {t: v.copy() for t, v in eng.token_memo._memo.items()}
+        scored = eng.token_memo.scored.copy()
+    path = token_memo.memo_path(prof)
+    assert path.is_file()
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof) as eng:
+        memo = eng.token_memo
+        assert memo is not None
+        assert set(memo._memo) == set(kept) and all(np.array_equal(memo._memo[t], v) for t, v in kept.items())
+        assert np.array_equal(memo.scored, scored)
+        gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
+        assert same(reference(src, eng), gen.tokens, gen.logits)
+        assert memo.guessed == len(gen.tokens) - 1  # every decoded token was met before
+    saved = token_memo.load_memo(path, eng.source.model_id, eng.source.n_expert, pytest.fail)
+    assert saved is not None and saved.scored.sum() > scored.sum()  # the second session's counts added
+    warnings: list[str] = []
+    assert token_memo.load_memo(path, "another model", eng.source.n_expert, warnings.append) is None
+    assert "another model" in warnings[-1]
+    path.write_bytes(b"not a zip")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=prof, learn=False) as eng:
+        assert any("token memo" in w and "unreadable" in w for w in eng.warnings)
+        assert eng.token_memo is not None and not eng.token_memo._memo
+
+
+def test_the_memo_keeps_the_latest_decodes_of_the_most_recent_tokens(monkeypatch) -> None:
+    """A token keeps its last KEEP decodes, latest first, a layer not gated keeping what it had;
+    beyond MAX_TOKENS the token decoded longest ago goes; ranks follow the counts, the latest
+    decode breaking ties."""
+    monkeypatch.setattr(token_memo, "MAX_TOKENS", 2)
+    r = residency.Residency({0: 1, 1: 1}, 4, 4, "lru")
+    memo = TokenMemo(r, 2)
+    rows = [np.array([[0, 1], [2, 3]]), np.array([[0, 2], [-1, -1]]), np.array([[0, 2], [1, 3]])]
+    for row in rows:
+        memo._keep_row(7, row)
+    kept = memo._memo[7]
+    assert kept.shape == (KEEP, 2, 2)
+    assert kept[0].tolist() == [[0, 2], [1, 3]] and kept[1].tolist() == [[0, 2], [2, 3]]
+    order = memo._orders(7)
+    assert order is not None
+    assert order[0].tolist()[:2] == [0, 2] and order[0].tolist()[2] == 1 and order[0, 3] == -1
+    assert order[1].tolist()[:3] == [3, 2, 1]  # 3 twice; then 2 (twice) before 1 (once, latest)
+    memo._keep_row(8, rows[0])
+    memo._keep_row(7, rows[0])  # 7 is now the latest decoded
+    memo._keep_row(9, rows[0])
+    assert set(memo._memo) == {7, 9}
+    learnt = memo.learnt()
+    assert isinstance(learnt, SavedMemo) and set(learnt.tokens.tolist()) == {7, 9}
