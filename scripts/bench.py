@@ -91,11 +91,15 @@ def compute_limit_tps(compute_seconds_per_token: float, missed_bytes_per_token: 
     return 1.0 / seconds if seconds > 0 else float("inf")
 
 
+MIN_BUSY_SECONDS = 1.0  # busy time below which a run's rate while busy bounds nothing (io_ticks' grain)
+
+
 def rows_read_rate(rows: list[dict[str, Any]]) -> float:
     """The fastest any smoe-gguf run read the disk over its decode, run by run (``repeats``),
     O_DIRECT rows only: its bytes read per token times its tokens per second (the decode also
     computes, so the disk did at least this), and what the model's device read per second while
-    it had a read in flight (:func:`disk_busy`), where counted. 0.0 where no run read."""
+    it had a read in flight (:func:`disk_busy`), where counted over at least MIN_BUSY_SECONDS.
+    0.0 where no run read."""
     best = 0.0
     for r in rows:
         if r.get("error") or not r.get("direct_io"):
@@ -104,7 +108,7 @@ def rows_read_rate(rows: list[dict[str, Any]]) -> float:
             if x.get("decode_tps") and x.get("bytes_per_token"):
                 best = max(best, x["decode_tps"] * x["bytes_per_token"])
             busy = disk_busy(x)
-            if busy is not None:
+            if busy is not None and x["disk_busy_seconds"] >= MIN_BUSY_SECONDS:
                 best = max(best, busy[1])
     return best
 

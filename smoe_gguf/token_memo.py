@@ -42,7 +42,7 @@ if TYPE_CHECKING:
 
 SOURCE = "memo"  # the asker's name in the residency's prefetch counts
 KEEP = 4  # decodes of a token whose picks are kept
-MAX_TOKENS = 1 << 16  # distinct tokens kept; the one least recently decoded goes first beyond it
+MAX_TOKENS = 1 << 13  # distinct tokens kept (a 48-layer top-8 model: 3 KiB each); the least recently decoded goes first
 MEMO_FORMAT = "smoe-memo-1"
 DECAY = 0.9  # weight kept by earlier sessions' counts at each save
 

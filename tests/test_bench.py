@@ -70,6 +70,10 @@ def test_the_disk_bound_is_at_least_what_a_run_read() -> None:
                                    "disk_window_seconds": 2.0}]}
     assert bench.rows_read_rate([busy, single]) == pytest.approx(3e9)
     assert bench.rows_read_rate([{**busy, "direct_io": False}]) == 0.0  # the page cache's reads bound nothing
+    # a full budget's run: 154 MB in 12 ms of busy time (the counter's grain), not a disk speed
+    blip = {**pooled, "repeats": [{**pooled["repeats"][1], "disk_busy_seconds": 0.012, "disk_device_bytes": 1.54e8,
+                                   "disk_window_seconds": 2.5}]}
+    assert bench.rows_read_rate([blip]) == pytest.approx(2e9)
     curve = {"direct": True, "bytes_per_level": 1 << 28, "bytes_per_second": {1: 1e9}, "span_bytes": (4096, 4096), "best": 1.2e9,
              "best_readers": 1, "io_depth": 2}
     assert "limit uses 1.20 (the fastest sweep" in bench.disk_curve_text(curve)
