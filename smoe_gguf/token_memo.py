@@ -238,7 +238,7 @@ class TokenMemo:
     # ------------------------------------------------------------------ report
 
     def summary(self) -> dict[str, Any]:
-        """Over the tokens guessed: per later layer, the recall of the top-k guess and the chance
+        """Over the tokens guessed: per paged layer, the recall of the top-k guess and the chance
         of use by rank; and what the prefetches saved."""
         k = self.n_used
         src = self.residency.stats.by_source.get(SOURCE)
