@@ -207,7 +207,7 @@ class NativeSpeculation:
         nothing, where the C path is not guessing."""
         if not self._st.enabled:
             return False
-        self.spec.residency.state.protect[:] = 0
+        self.spec.forget()  # the guesses' protection, as stop() drops it
         self._lib.smoe_spec_reset(ctypes.addressof(self._st))
         return True
 
