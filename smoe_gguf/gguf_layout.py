@@ -8,6 +8,7 @@ into one clear message.
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 import struct
@@ -162,6 +163,17 @@ class _Reader:
                 return list(struct.unpack(f"<{n}{fmt[1]}", self.take(n * width)))
             return [self.string() for _ in range(n)]
         raise self.bad(f"key {shown(key)} has value type {vtype}")
+
+
+def quick_identity(path: str | os.PathLike[str]) -> str:
+    """A GGUF file's identity without hashing gigabytes: the sha256 of its size and its first MiB
+    (header, metadata and tensor table: what a different model cannot share). Profiles are keyed
+    by it, and a pack records its source's, so that what was learnt on the one serves the other."""
+    fd = open_regular(Path(path))
+    with os.fdopen(fd, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        head = f.read(1 << 20)
+    return hashlib.sha256(str(size).encode() + b"\0" + head).hexdigest()
 
 
 def read_layout(path: str | os.PathLike[str]) -> GGUFLayout:

@@ -11,14 +11,23 @@ loader reads only its core tensors for the same reason.
 
 from __future__ import annotations
 
-import hashlib
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from . import archs
 from .budget import page_cost
-from .gguf_layout import T_UINT16, T_UINT32, GGUFLayout, align_up, encode_kv, encode_tensor_info, read_layout, write_header
+from .gguf_layout import (
+    T_UINT16,
+    T_UINT32,
+    GGUFLayout,
+    align_up,
+    encode_kv,
+    encode_tensor_info,
+    quick_identity,
+    read_layout,
+    write_header,
+)
 from .moe import analyze
 from .pack import manifest as mf
 from .pack.core_check import check_core
@@ -70,12 +79,12 @@ def open_source(path: Path, checksums: str = "first", io_depth: int = DEFAULT_IO
         write_expert_stub(stub, m)
         return Source(
             path, "pack", [path / mf.CORE_FILE, stub], LeafStore.from_pack(path, m, checksums=checksums, io_depth=io_depth),
-            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, m.source.sha256, core, stub_dir,
+            m.core_bytes, m.expert_bytes, m.n_expert, m.n_expert_used, _pack_identity(m), core, stub_dir,
         )
     model = analyze(read_layout(path)).require_moe()
     return Source(
         path, "gguf", [path], LeafStore.from_gguf(model, checksums=checksums, io_depth=io_depth),
-        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, _gguf_identity(path),
+        model.core_bytes, model.expert_bytes, model.n_expert, model.n_expert_used, quick_identity(path),
         model.layout,
     )
 
@@ -85,9 +94,9 @@ def model_identity(path: Path) -> tuple[str, int, int]:
     The layers are those llama.cpp runs: MTP blocks at the end (never loaded) are not counted."""
     if path.is_dir():
         m = mf.load(path)
-        return m.source.sha256, m.n_layer - archs.nextn_layers(read_layout(path / mf.CORE_FILE)), m.n_expert
+        return _pack_identity(m), m.n_layer - archs.nextn_layers(read_layout(path / mf.CORE_FILE)), m.n_expert
     model = analyze(read_layout(path)).require_moe()
-    return _gguf_identity(path), model.n_layer - archs.nextn_layers(model.layout), model.n_expert
+    return quick_identity(path), model.n_layer - archs.nextn_layers(model.layout), model.n_expert
 
 
 def leaf_footprint(path: Path) -> tuple[int, int]:
@@ -100,9 +109,7 @@ def leaf_footprint(path: Path) -> tuple[int, int]:
     return LeafStore.from_gguf(model).footprint(page_cost), model.core_bytes
 
 
-def _gguf_identity(path: Path) -> str:
-    """A plain GGUF's identity without hashing gigabytes: its size and the sha256 of its first MiB
-    (header, metadata and tensor table: what a different model cannot share)."""
-    with open(path, "rb") as f:
-        head = f.read(1 << 20)
-    return hashlib.sha256(str(path.stat().st_size).encode() + b"\0" + head).hexdigest()
+def _pack_identity(m: mf.Manifest) -> str:
+    """A pack's identity: its source GGUF's (:func:`quick_identity`, recorded at the split), or
+    in a pack split before that was recorded, the source's sha256."""
+    return m.source_id or m.source.sha256

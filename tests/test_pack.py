@@ -306,3 +306,24 @@ def test_run_refuses_a_pack_of_an_unsupported_architecture(tiny_model, tmp_path:
     (pack / mf.MANIFEST).write_text(json.dumps({**manifest, "arch": "phimoe"}))
     code, _, stderr = run_cli("run", str(pack), "-p", "hi", "-n", "1")
     assert code == 1 and "MoE architecture 'phimoe' is unsupported" in stderr
+
+
+def test_a_pack_shares_its_sources_identity(tiny_model, packs, tmp_path: Path) -> None:
+    """Profiles are keyed by the model's identity: a GGUF's and its pack's are the same, a pack
+    split before the identity was recorded keeps the source's sha256, and a malformed one is refused."""
+    from smoe_gguf.source import model_identity
+
+    src, pack = tiny_model("qwen2moe", "f16"), packs[("qwen2moe", "f16")]
+    m = mf.load(pack)
+    assert model_identity(pack) == model_identity(src)
+    assert m.source_id == model_identity(src)[0] != m.source.sha256
+    old = tmp_path / "old.pack"
+    shutil.copytree(pack, old)
+    raw = json.loads((old / mf.MANIFEST).read_text())
+    del raw["source_id"]
+    (old / mf.MANIFEST).write_text(json.dumps(raw))
+    assert model_identity(old)[0] == m.source.sha256
+    raw["source_id"] = "not a digest"
+    (old / mf.MANIFEST).write_text(json.dumps(raw))
+    with pytest.raises(SmoeError, match="source_id"):
+        mf.load(old)

@@ -199,3 +199,15 @@ def test_a_budget_that_holds_every_leaf_does_not_read_the_profile(pack_of, tmp_p
     assert path.read_text() == "{not json"
     with Engine(pack, budget="100%", n_ctx=256, n_threads=2, profile=path, pin=2) as eng:
         assert eng.profile is not None and any("is corrupt" in w for w in eng.warnings)
+
+
+def test_a_profile_learnt_on_a_gguf_serves_its_pack(tiny_model, pack_of, tmp_path: Path) -> None:
+    """What `run model.gguf` learnt is read, without a warning, by `run` of the split pack."""
+    src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
+    path = tmp_path / "prof.json"
+    code, _, stderr = run_cli("profile", str(src), "--prompts", str(_prompts(tmp_path)), "-n", "8",
+                              "--profile", str(path))
+    assert code == 0, stderr
+    with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=path) as eng:
+        assert eng.warnings == []
+        assert eng.profile is not None and eng.profile.sessions == 1

@@ -103,6 +103,7 @@ class Manifest:
     tensors: list[TensorEntry]
     leaves: list[LeafEntry]
     tail_hex: str = ""  # bytes after the last tensor (its padding), kept verbatim
+    source_id: str = ""  # the source's quick identity (gguf_layout.quick_identity; "" in older packs)
     format: str = FORMAT
     version: int = FORMAT_VERSION
     part_alignment: int = PART_ALIGNMENT
@@ -331,4 +332,5 @@ def _check(raw: dict[str, Any]) -> Manifest:
         n_expert_shared=_int(raw, "n_expert_shared", 0, MAX_EXPERTS), alignment=alignment,
         data_offset=data_offset, core=core, header=header, core_bytes=core_bytes, expert_bytes=expert_bytes,
         tensors=tensors, leaves=leaves, tail_hex=tail_hex,
+        source_id=_str(raw, "source_id", _SHA) if "source_id" in raw else "",
     )

@@ -24,6 +24,7 @@ from smoe_gguf.gguf_layout import (
     align_up,
     encode_kv,
     encode_tensor_info,
+    quick_identity,
     read_layout,
     write_header,
 )
@@ -252,6 +253,7 @@ def _write_pack(model: MoEModel, d: Path, progress: Progress | None) -> mf.Manif
 
     manifest = mf.Manifest(
         source=mf.FileEntry(layout.path.name, layout.file_size, src_hash.hexdigest()),
+        source_id=quick_identity(layout.path),
         arch=model.arch,
         n_layer=model.n_layer,
         n_expert=model.n_expert,
