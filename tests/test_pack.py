@@ -20,6 +20,7 @@ from smoe_gguf.pack import manifest as mf
 from smoe_gguf.pack.merge import merge
 from smoe_gguf.pack.split import split
 from smoe_gguf.pack.verify import verify
+from smoe_gguf.source import model_identity
 
 from .cli_helpers import run_cli
 
@@ -311,8 +312,6 @@ def test_run_refuses_a_pack_of_an_unsupported_architecture(tiny_model, tmp_path:
 def test_a_pack_shares_its_sources_identity(tiny_model, packs, tmp_path: Path) -> None:
     """Profiles are keyed by the model's identity: a GGUF's and its pack's are the same, a pack
     split before the identity was recorded keeps the source's sha256, and a malformed one is refused."""
-    from smoe_gguf.source import model_identity
-
     src, pack = tiny_model("qwen2moe", "f16"), packs[("qwen2moe", "f16")]
     m = mf.load(pack)
     assert model_identity(pack) == model_identity(src)
