@@ -21,13 +21,14 @@ another model is ignored with a warning.
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from .safeio import locked, replace_atomically
+from .safeio import locked
+from .sidecar import Sidecar
 
 PROBE_ROWS = 32  # tokens that decide whether a pair needs a fit
 FIT_BELOW = 0.9  # ... it does when the plain guess found less than this share of T's picks
@@ -193,41 +194,32 @@ def top_recall(guess: np.ndarray, actual: np.ndarray, n_used: int, n_guess: int)
 
 
 Routes = dict[tuple[int, int], "tuple[np.ndarray, np.ndarray, int] | None"]  # pair -> sums, or None: plain
-ROUTES_FORMAT = "smoe-routes-1"
+ROUTES = Sidecar(".routes.npz", "smoe-routes-1", "route fits", "route-fit", plural=True)  # the file beside the profile
 DECAY = 0.9  # weight kept by earlier sessions' sums at each save
 
 
 def routes_path(profile: Path) -> Path:
-    return profile.with_name(profile.name + ".routes.npz")
+    return ROUTES.path(profile)
 
 
 def load_routes(path: Path, model_id: str, n_expert: int, warn: Callable[[str], None]) -> Routes:
     """The route fits saved at ``path`` (none if there is no file or it cannot be used)."""
-    if not path.is_file():
-        return {}
     f = 2 * n_expert + 1
-    try:
-        if path.stat().st_size > (1 << 16) * f * (f + n_expert) * 8:  # more pairs than any model has
-            raise ValueError("too large")
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["format"]) != ROUTES_FORMAT:
-                raise ValueError("not a route-fit file")
-            if str(z["model"]) != model_id or int(z["n_expert"]) != n_expert:
-                warn(f"route fits {path} belong to another model; ignoring them")
-                return {}
-            out: Routes = {}
-            for L, T in np.asarray(z["plain"], np.int64).reshape(-1, 2).tolist():
-                out[(L, T)] = None
-            for L, T in np.asarray(z["fitted"], np.int64).reshape(-1, 2).tolist():
-                a, b, n = z[f"a_{L}_{T}"], z[f"b_{L}_{T}"], int(z[f"n_{L}_{T}"])
-                if a.shape != (f, f) or b.shape != (f, n_expert) or n < 0 \
-                        or not (np.isfinite(a).all() and np.isfinite(b).all()):
-                    raise ValueError(f"pair {L}->{T} has the wrong shape")
-                out[(L, T)] = (a.astype(np.float64), b.astype(np.float64), n)
-            return out
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
-        warn(f"route fits {path} are unreadable ({str(e)[:120]}); ignoring them, new ones replace them")
-        return {}
+
+    def parse(z: Any) -> Routes:
+        out: Routes = {}
+        for L, T in np.asarray(z["plain"], np.int64).reshape(-1, 2).tolist():
+            out[(L, T)] = None
+        for L, T in np.asarray(z["fitted"], np.int64).reshape(-1, 2).tolist():
+            a, b, n = z[f"a_{L}_{T}"], z[f"b_{L}_{T}"], int(z[f"n_{L}_{T}"])
+            if a.shape != (f, f) or b.shape != (f, n_expert) or n < 0 \
+                    or not (np.isfinite(a).all() and np.isfinite(b).all()):
+                raise ValueError(f"pair {L}->{T} has the wrong shape")
+            out[(L, T)] = (a.astype(np.float64), b.astype(np.float64), n)
+        return out
+
+    max_bytes = (1 << 16) * f * (f + n_expert) * 8  # more pairs than any model has
+    return ROUTES.load(path, model_id, n_expert, max_bytes, parse, warn) or {}
 
 
 def save_routes(profile: Path, model_id: str, n_expert: int, learnt: Routes) -> None:
@@ -247,11 +239,10 @@ def save_routes(profile: Path, model_id: str, n_expert: int, learnt: Routes) -> 
             else:
                 merged[pair] = (DECAY * old[0] + v[0], DECAY * old[1] + v[1], old[2] + v[2])
         arrays: dict[str, np.ndarray] = {
-            "format": np.array(ROUTES_FORMAT), "model": np.array(model_id), "n_expert": np.array(n_expert),
             "plain": np.array([p for p, v in merged.items() if v is None], np.int64).reshape(-1, 2),
             "fitted": np.array([p for p, v in merged.items() if v is not None], np.int64).reshape(-1, 2),
         }
         for (L, T), v in merged.items():
             if v is not None:
                 arrays[f"a_{L}_{T}"], arrays[f"b_{L}_{T}"], arrays[f"n_{L}_{T}"] = v[0], v[1], np.array(v[2])
-        replace_atomically(path, lambda f: np.savez(f, **arrays))
+        ROUTES.write(path, model_id, n_expert, arrays)

@@ -25,7 +25,6 @@ session starts from what earlier ones decoded and, unless ``--no-learn``, adds i
 
 from __future__ import annotations
 
-import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from .safeio import locked, replace_atomically
+from .safeio import locked
+from .sidecar import Sidecar
 from .speculate import PRIOR_WEIGHT, rank_prior
 
 if TYPE_CHECKING:
@@ -43,7 +43,7 @@ if TYPE_CHECKING:
 SOURCE = "memo"  # the asker's name in the residency's prefetch counts
 KEEP = 4  # decodes of a token whose picks are kept
 MAX_TOKENS = 1 << 13  # distinct tokens kept (a 48-layer top-8 model: 3 KiB each); the least recently decoded goes first
-MEMO_FORMAT = "smoe-memo-1"
+MEMO = Sidecar(".memo.npz", "smoe-memo-1", "token memo", "memo", plural=False)  # the file beside the profile
 DECAY = 0.9  # weight kept by earlier sessions' counts at each save
 
 
@@ -274,25 +274,16 @@ class SavedMemo:
 
 
 def memo_path(profile: Path) -> Path:
-    return profile.with_name(profile.name + ".memo.npz")
+    return MEMO.path(profile)
 
 
 def load_memo(path: Path, model_id: str, n_expert: int, warn: Callable[[str], None]) -> SavedMemo | None:
     """The memo saved at ``path`` (None if there is no file or it cannot be used)."""
-    if not path.is_file():
-        return None
-    try:
-        if path.stat().st_size > 1 << 30:
-            raise ValueError("too large")
-        with np.load(path, allow_pickle=False) as z:
-            if str(z["format"]) != MEMO_FORMAT:
-                raise ValueError("not a memo file")
-            if str(z["model"]) != model_id or int(z["n_expert"]) != n_expert:
-                warn(f"token memo {path} belongs to another model; ignoring it")
-                return None
-            m = SavedMemo(layers=np.asarray(z["layers"], np.int64), tokens=np.asarray(z["tokens"], np.int64),
-                          picks=np.asarray(z["picks"], np.int16), hits=np.asarray(z["hits"], np.float64),
-                          scored=np.asarray(z["scored"], np.float64))
+
+    def parse(z: Any) -> SavedMemo:
+        m = SavedMemo(layers=np.asarray(z["layers"], np.int64), tokens=np.asarray(z["tokens"], np.int64),
+                      picks=np.asarray(z["picks"], np.int16), hits=np.asarray(z["hits"], np.float64),
+                      scored=np.asarray(z["scored"], np.float64))
         n_layer = m.layers.size
         if m.picks.ndim != 4 or m.picks.shape[0] != m.tokens.size or m.picks.shape[1] != KEEP \
                 or m.picks.shape[2] != n_layer or m.hits.ndim != 2 or m.hits.shape[0] != n_layer \
@@ -303,9 +294,8 @@ def load_memo(path: Path, model_id: str, n_expert: int, warn: Callable[[str], No
                 or (m.hits < 0).any() or (m.hits > m.scored).any():
             raise ValueError("values out of range")
         return m
-    except (OSError, ValueError, KeyError, TypeError, zipfile.BadZipFile, EOFError) as e:
-        warn(f"token memo {path} is unreadable ({str(e)[:120]}); ignoring it, a new one replaces it")
-        return None
+
+    return MEMO.load(path, model_id, n_expert, 1 << 30, parse, warn)
 
 
 def save_memo(profile: Path, model_id: str, n_expert: int, learnt: SavedMemo) -> None:
@@ -327,6 +317,5 @@ def save_memo(profile: Path, model_id: str, n_expert: int, learnt: SavedMemo) ->
             picks = np.concatenate([old.picks[keep], picks])
             hits, scored = DECAY * old.hits + hits, DECAY * old.scored + scored
         tokens, picks = tokens[-MAX_TOKENS:], picks[-MAX_TOKENS:]
-        arrays = {"format": np.array(MEMO_FORMAT), "model": np.array(model_id), "n_expert": np.array(n_expert),
-                  "layers": learnt.layers, "tokens": tokens, "picks": picks, "hits": hits, "scored": scored}
-        replace_atomically(path, lambda f: np.savez(f, **arrays))
+        MEMO.write(path, model_id, n_expert, {"layers": learnt.layers, "tokens": tokens, "picks": picks,
+                                              "hits": hits, "scored": scored})

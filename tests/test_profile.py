@@ -140,10 +140,7 @@ def test_two_processes_saving_at_once_both_count(tmp_path: Path) -> None:
 
 def test_engine_learns_warms_and_pins_bit_exact(tiny_model, pack_of, tmp_path: Path) -> None:
     src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
-    path = tmp_path / "prof.json"
-    code, _, stderr = run_cli("profile", str(pack), "--prompts", str(_prompts(tmp_path)), "-n", "8",
-                              "--profile", str(path))
-    assert code == 0, stderr
+    path = _learnt_profile(pack, tmp_path)
     model_id, n_layer, n_expert = model_identity(pack)
     prof, _ = tm.load(path, model_id, n_layer, n_expert, pytest.fail)
     assert prof.tree is not None and prof.sessions == 1
@@ -180,6 +177,15 @@ def test_no_warm_start_where_prompts_go_one_stage_at_a_time(pack_of, tmp_path: P
         assert r.stats.prefetched == 0 and "warm-start" not in r.stats.by_source
 
 
+def _learnt_profile(model: Path, tmp_path: Path) -> Path:
+    """A profile learnt by `smoe-gguf profile MODEL --prompts ...` (8 tokens a prompt)."""
+    path = tmp_path / "prof.json"
+    code, _, stderr = run_cli("profile", str(model), "--prompts", str(_prompts(tmp_path)), "-n", "8",
+                              "--profile", str(path))
+    assert code == 0, stderr
+    return path
+
+
 def _prompts(tmp_path: Path) -> Path:
     p = tmp_path / "prompts.txt"
     p.write_text("def fibonacci(n):\nThe history of the Roman empire\nint main(void) { return 0; }\n"
@@ -204,10 +210,7 @@ def test_a_budget_that_holds_every_leaf_does_not_read_the_profile(pack_of, tmp_p
 def test_a_profile_learnt_on_a_gguf_serves_its_pack(tiny_model, pack_of, tmp_path: Path) -> None:
     """What `run model.gguf` learnt is read, without a warning, by `run` of the split pack."""
     src, pack = tiny_model("qwen2moe", "f16"), pack_of("qwen2moe", "f16")
-    path = tmp_path / "prof.json"
-    code, _, stderr = run_cli("profile", str(src), "--prompts", str(_prompts(tmp_path)), "-n", "8",
-                              "--profile", str(path))
-    assert code == 0, stderr
+    path = _learnt_profile(src, tmp_path)
     with Engine(pack, budget="50%", n_ctx=256, n_threads=2, profile=path) as eng:
         assert eng.warnings == []
         assert eng.profile is not None and eng.profile.sessions == 1
