@@ -188,6 +188,7 @@ class Engine:
         self.residency: Residency | None = None
         self._model = None
         self._ctx = None
+        self._unsettled = False  # the last decoded token's guesses not scored yet (_advance)
         try:
             self._footprint = src.store.footprint(bdg.page_cost)  # what budgets resolve against
             self.budget = self._resolve_budget(budget)
@@ -345,6 +346,7 @@ class Engine:
         route file (done by close() unless learn=False)."""
         if not self._learn or self.recorder is None or not self._profile_writable:
             return None
+        self.settle()
         if self.speculator is not None and self.profile_path is not None:
             try:
                 route_fit.save_routes(self.profile_path, self.source.model_id, self.source.n_expert,
@@ -431,8 +433,12 @@ class Engine:
         if self.n_past + len(tokens) > n_ctx:
             raise SmoeError(f"context full: {self.n_past} + {len(tokens)} tokens > n_ctx {n_ctx}")
         decoded = len(tokens) == 1 and self.gate.gating
-        guess = self.token_guess if decoded else None
-        memo = self.token_memo if decoded else None
+        nat = self._native_guesser()
+        # a decoded token's own guesses first where the C path already guesses (else after it
+        # starts): their reads start before the last token's books are done, which is before any
+        # gate of this decode runs
+        early = decoded and nat is not None and nat.guessing
+        self._advance(tokens[0] if early else None)
         if self.recorder is not None and len(tokens) > 1:
             self.recorder.start_prompt()  # a prompt: a window of its own, and its branch is prefetched
         if self.token_memo is not None and len(tokens) > 1:
@@ -447,7 +453,7 @@ class Engine:
             # what is still queued of a warm start: a prompt streams its own leaves through the
             # budget and evicts such guesses before any gate uses them
             self.residency.cancel_below(HOLD_BELOW)
-        elif (nat := self._native_guesser()) is not None:
+        elif nat is not None:
             # a decoded token: guessed in C, every one (it costs the gate no call into Python,
             # and the cost model prices its reads), unless every leaf is resident and no gate
             # asks; Python's observers pause
@@ -458,10 +464,8 @@ class Engine:
             self.gate.observing = False
         elif not self.gate.observes_decode:
             self.gate.observing = False  # its observers act on prompts only (read-ahead): none is called
-        if guess is not None:
-            guess.before(tokens[0])  # its first MoE layer: read while the graph reaches it
-        if memo is not None:
-            memo.before(tokens[0])  # its later layers, from its earlier decodes: queued behind the first's
+        if decoded and not early:
+            self._advance(tokens[0])
         if not self.paging:  # a budget that holds every leaf: fill it from the first decode on
             self._between_decodes()
         stall0, t0 = self.residency.stats.stall_seconds, time.perf_counter()
@@ -490,16 +494,32 @@ class Engine:
             self.residency.state.scan[0] = 0  # only while a prompt is gated
             if self.token_memo is not None:
                 self.token_memo.end_prompt()
-        if guess is not None:
-            guess.after()
-        if memo is not None:
-            memo.after()
-        if self.spec_native is not None:
-            self.spec_native.take_counts()
+        self._unsettled = decoded  # its guesses scored at the next decode, once that one's are queued
         if len(tokens) == 1:
             stall = self.residency.stats.stall_seconds - stall0
             self.residency.stats.token_stalls.append(stall)
             self._adapt(time.perf_counter() - t0, stall)
+
+    def _advance(self, token: int | None) -> None:
+        """Between decodes: score the last decoded token's guesses against what its gates picked
+        and take in the C path's counts (deferred from the end of its decode), and, given the next
+        decoded ``token``, queue the reads guessed from it first: its first MoE layer's (read while
+        the graph reaches it) and its later layers' from its earlier decodes. Each guesser keeps
+        one guess pending, so a token's guess is scored just before the next one is made."""
+        due, self._unsettled = self._unsettled, False
+        for guesser in (self.token_guess, self.token_memo):
+            if guesser is None:
+                continue
+            if due:
+                guesser.after()
+            if token is not None:
+                guesser.before(token)
+        if due and self.spec_native is not None:
+            self.spec_native.take_counts()
+
+    def settle(self) -> None:
+        """Take in the last decoded token's books (see :meth:`_advance`) before figures are read."""
+        self._advance(None)
 
     def _adapt(self, seconds: float, stall: float) -> None:
         if not self.gate.observes_decode:
@@ -619,6 +639,7 @@ class Engine:
                     return
         finally:
             sampler.free()
+            self.settle()
 
     def generate(
         self,
@@ -650,6 +671,7 @@ class Engine:
 
     def stats(self) -> RunStats:
         """The session's figures so far: start-up, paging, reads, stalls, memory."""
+        self.settle()
         self.residency.settle_prefetches()
         r = self.residency.stats
         st = self.source.store.stats

@@ -189,6 +189,11 @@ class NativeSpeculation:
         it observed (which norm feeds them is read from the graph)."""
         return self.spec.weights_loaded
 
+    @property
+    def guessing(self) -> bool:
+        """Whether the C path guesses decoded tokens now (started, not stopped since)."""
+        return bool(self._st.enabled)
+
     def start(self) -> None:
         """Refresh the tables from what the speculator knows now, and guess in C (gate thread,
         between decodes)."""

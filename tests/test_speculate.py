@@ -359,6 +359,7 @@ def test_a_prompt_reads_the_leaves_of_the_next_layer_it_is_guessed_to_select(pac
         assert max(per_layer[layer] for layer in layers[1:-1]) > spec.n_guess  # several tokens' guesses
         assert per_layer[layers[-1]] <= spec.n_guess  # the last layer computes the last token only
         eng.decode([eng.tokenize(" the")[0]])  # one token: speculation guesses and scores
+        eng.settle()  # the C path's counts, taken in at the next decode or before figures are read
         assert spec.stats.guesses > 0
         r.state.protect[1, 0] = 1  # as if a guess were left unserved
         eng.decode(eng.tokenize(PROMPT))  # a prompt clears decode's guesses first

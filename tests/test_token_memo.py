@@ -188,3 +188,26 @@ def test_the_memo_keeps_the_latest_decodes_of_the_most_recent_tokens(monkeypatch
     assert set(memo._memo) == {7, 9}
     learnt = memo.learnt()
     assert isinstance(learnt, SavedMemo) and set(learnt.tokens.tolist()) == {7, 9}
+
+
+def test_a_decoded_tokens_guesses_are_queued_before_the_last_tokens_books(pack_of, monkeypatch) -> None:
+    """Between two decoded tokens the next token's guesses (first layer, then the memo) come
+    before the last token's are scored and before the C path's counts are taken in, so their
+    reads start sooner; every decoded token is still scored once, by the end of generate."""
+    pack = pack_of("qwen3moe", "f32")
+    with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
+        guess, memo, nat = eng.token_guess, eng.token_memo, eng.spec_native
+        assert guess is not None and memo is not None and nat is not None
+        events: list[str] = []
+        for name, obj, meth in (("guess", guess, "before"), ("memo", memo, "before"),
+                                ("scored", memo, "after"), ("counts", nat, "take_counts")):
+            orig = getattr(obj, meth)
+            monkeypatch.setattr(obj, meth, lambda *a, _o=orig, _n=name: (events.append(_n), _o(*a))[1])
+        gen = eng.generate(PROMPT, N_TOKENS)
+        decoded = len(gen.tokens) - 1
+        assert events.count("guess") == events.count("memo") == decoded
+        assert memo.tokens == decoded  # each scored, the last one when generate ended
+        # the first decoded token is guessed once the C path starts; from the second on, each
+        # token's guesses come first, then the last token's books; generate's end takes the last's
+        tail = events[events.index("guess"):]
+        assert tail == ["guess", "memo"] + ["guess", "scored", "memo", "counts"] * (decoded - 1) + ["scored", "counts"]
