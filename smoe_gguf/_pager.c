@@ -12,8 +12,10 @@
  *      lfru, least-stale), until the misses fit the budget; if they cannot, Python serves the gate
  *      (it may cancel prefetches, drop predictions or wait for a landing);
  *   3. evicts them: each victim's pages move to a miss's slices where both are page-aligned
- *      (mremap, no release and no fault), else are released (a fresh anonymous mapping; a
- *      boundary page that a resident neighbour slice still uses stays);
+ *      (mremap, no release and no fault; the emptied slice stays mapped, and is mapped afresh
+ *      to merge with its neighbours only where the slices that may each be a mapping of their own
+ *      could pass the kernel's bound: merge_emptied), else are released (a fresh anonymous
+ *      mapping; a boundary page that a resident neighbour slice still uses stays);
  *   4. charges the misses and hands all their parts to the reader threads at once, urgent, and
  *      waits for exactly those; XXH64 is checked by the readers on a part's first read;
  *   5. on success stamps the gate's leaves (clock, last use, use count), as the C hit path does;
@@ -131,7 +133,7 @@ static void evict_leaf(struct smoe_pager *p, int32_t layer, int32_t e, int32_t t
             if (mremap((void *)from, size, size, MREMAP_MAYMOVE | MREMAP_FIXED | MREMAP_DONTUNMAP, (void *)to) == (void *)to) {
                 *flag_of(p, src, e) = 0;
                 *flag_of(p, dst, to_e) = 1;
-                (void)map_anon(p, from, from + size);  /* a fresh mapping that merges with its neighbours */
+                if (p->merge_emptied) (void)map_anon(p, from, from + size);  /* merges with its neighbours */
                 p->moved_bytes += size;
                 moved = 1;
             } else if (errno == EINVAL) {

@@ -59,6 +59,8 @@ struct smoe_pager {
     int32_t can_move;          /* evicted pages may move to the incoming slice (mremap) */
     int32_t check_always;      /* 1: check every read; 0: a part's first read only */
     int32_t thp_advise;        /* 1: madvise(MADV_NOHUGEPAGE) each fresh mapping */
+    int32_t merge_emptied;     /* 1: a slice whose pages moved out is mapped afresh, merging with its
+                                  neighbours; 0: it stays a mapping of its own (every slice may be one) */
     int64_t page;
     int64_t *ledger;           /* [0] bytes charged (resident and in flight), [1] the budget */
     int64_t *cost;             /* [n_layer] bytes charged per leaf; 0: the layer is not paged */

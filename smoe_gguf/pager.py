@@ -90,6 +90,7 @@ class _PagerStruct(Structure):
         ("can_move", c_int32),
         ("check_always", c_int32),
         ("thp_advise", c_int32),
+        ("merge_emptied", c_int32),
         ("page", c_int64),
         ("ledger", POINTER(c_int64)),
         ("cost", POINTER(c_int64)),
@@ -241,6 +242,7 @@ class NativePager:
         self.usable = usable and not xslot.file_mapped
         self._min_cost = max(1, min(costs.values()))
         st.can_move = 1 if xslot.can_move and self._moves_bounded(r.budget) else 0
+        st.merge_emptied = 0 if self._all_slices_bounded() else 1
         self.ledger = r.ledger
         self._log = np.zeros(2 * LOG_PAIRS, np.int64)
         self._jobs_cap = E * P
@@ -306,6 +308,12 @@ class NativePager:
         """Whether the slices that can hold moved pages under ``budget`` (each is a mapping of its
         own) surely stay below the X-Slot's bound."""
         return (budget // self._min_cost + 1) * self.n_parts <= MAX_MOVED_SLICES
+
+    def _all_slices_bounded(self) -> bool:
+        """Whether every paged slice being a mapping of its own stays below the X-Slot's bound: a
+        slice emptied by a move may then stay one (no fresh mapping to merge it back with its
+        neighbours, a third of a move's calls)."""
+        return int((self.cost > 0).sum()) * self.n_expert * self.n_parts <= MAX_MOVED_SLICES
 
     def budget_changed(self, budget: int) -> None:
         """A new budget: pages stop moving where it could hold too many moved slices (they never

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoe_gguf import native, residency
+from smoe_gguf import native, pager, residency
 from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import (
     DOWN,
@@ -68,6 +68,41 @@ def test_misses_are_served_in_c_bit_exact_and_in_budget(dtype: str, pack_of, tin
         recycles = dtype == "q4_k" and eng.xslot.can_move
         assert (st.pages_moved_bytes > 0) == recycles
         assert same(reference(tiny_model("qwen3moe", dtype), eng), tokens, logits)
+
+
+def _xslot_mappings(eng: Engine) -> int:
+    """How many of this process's mappings (VMAs) lie in the X-Slot's tensors."""
+    spans = [(r.address, r.address + r.nbytes) for r in eng.xslot.regions.values()]
+    n = 0
+    with open("/proc/self/maps", encoding="ascii") as f:
+        for line in f:
+            lo = int(line.split("-", 1)[0], 16)
+            n += any(a <= lo < b for a, b in spans)
+    return n
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").exists(), reason="Linux: pages move with mremap")
+@pytest.mark.parametrize("bounded", [True, False])
+def test_a_slice_emptied_by_a_move_stays_a_mapping_of_its_own_only_while_all_of_them_stay_bounded(
+        bounded: bool, pack_of, tiny_model, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where every paged slice being a mapping of its own stays below the bound, a slice whose
+    pages moved out is left as it is (no fresh mapping to merge it back); past the bound it is
+    merged back. Either way the output is bit-exact, the budget holds, every page is a resident
+    slice's, and the X-Slot's mappings stay within the slices."""
+    if not bounded:  # as for a model of more slices than the bound
+        monkeypatch.setattr(pager.NativePager, "_all_slices_bounded", lambda self: False)
+    eng, tokens, logits, seen = _run(pack_of("qwen3moe", "q4_k"), "25%")
+    with eng:
+        nat = eng.residency.native
+        assert nat is not None and eng.xslot.can_move and eng.stats().pages_moved_bytes > 0
+        assert nat._st.merge_emptied == (not bounded)
+        slices = sum(r.n_expert for r in eng.xslot.regions.values())
+        mappings = _xslot_mappings(eng)
+        assert mappings <= slices + len(eng.xslot.regions)
+        if not bounded:  # merged back: only the slices holding moved pages are their own
+            assert mappings <= 2 * eng.budget // min(r.slice_bytes for r in eng.xslot.regions.values()) + 3 * len(eng.xslot.regions)
+        assert max(seen) <= eng.budget and eng.xslot.mincore_bytes() == eng.xslot.resident_page_bytes()
+        assert same(reference(tiny_model("qwen3moe", "q4_k"), eng), tokens, logits)
 
 
 def all_sources(by_source: dict[str, dict[str, float]]) -> dict[str, float]:
