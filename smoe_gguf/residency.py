@@ -77,7 +77,7 @@ class Residency:
         fill_many: FillMany | None = None,
         io_depth: int = 1,
         stage_cost: dict[int, tuple[int, int]] | None = None,
-        release_stage: Callable[[int, int, int], None] | None = None,
+        release_stage: Callable[[list[Key], int], None] | None = None,
     ) -> None:
         """``cost[layer]``: bytes charged per leaf of that layer. ``fill(layer, expert, stage)``
         brings a leaf's parts of ``stage`` (None: all) in (any thread); ``fill_many(keys, stage,
@@ -88,8 +88,8 @@ class Residency:
         releases a leaf evicted to make room for another, giving its pages to that one (which is
         then filled or released). ``io_depth``: how many prefetched leaves are read at once (at
         most MAX_IO_THREADS). ``stage_cost[layer]``: what a leaf's gate/up parts (stage 0) and its
-        down parts (stage 1) are charged on their own, and ``release_stage(layer, expert, stage)``
-        gives one stage's pages back: with both, a prompt micro-batch whose leaves do not fit
+        down parts (stage 1) are charged on their own, and ``release_stage(keys, stage)`` gives
+        one stage's pages of those leaves back: with both, a prompt micro-batch whose leaves do not fit
         whole is served part by part (:attr:`split_prompts`, :meth:`on_experts`)."""
         # the budget ledger, shared with the native pager: [0] charged bytes (resident leaves and
         # leaves in flight), [1] the budget
@@ -124,7 +124,7 @@ class Residency:
                                self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self._stage_cost = dict(stage_cost or {})
-        self._release_stage = release_stage or (lambda layer, e, stage: None)
+        self._release_stage = release_stage or (lambda keys, stage: None)
         # Part by part (see on_experts): set by the engine where a prompt micro-batch may select more
         # leaves than fit whole; the gate then stops at the down node of a layer served so
         self.split_prompts = False
@@ -179,10 +179,14 @@ class Residency:
             for p in store.parts(layer, e):
                 xslot.evict_slice(p.tensor, e)
 
-        def release_stage(layer: int, e: int, stage: int) -> None:
-            for p in store.parts(layer, e):
-                if p.stage == stage:
-                    xslot.evict_slice(p.tensor, e)
+        def release_stage(keys: list[Key], stage: int) -> None:
+            by_tensor: dict[str, list[int]] = {}  # a tensor's slices go together: one call per run of them
+            for layer, e in keys:
+                for p in store.parts(layer, e):
+                    if p.stage == stage:
+                        by_tensor.setdefault(p.tensor, []).append(e)
+            for tensor, experts in by_tensor.items():
+                xslot.evict_slices(tensor, experts)
 
         def recycle(layer: int, e: int, to_layer: int, to_e: int) -> int:
             # part by part; a part whose slice differs in size from its counterpart's is released
@@ -480,8 +484,7 @@ class Residency:
         """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come."""
         keys, wanted = self._split.pop(layer)
         c0, c1 = self._stage_cost[layer]
-        for key in keys:
-            self._release_stage(*key, 0)
+        self._release_stage(keys, 0)
         self.used -= len(keys) * c0
         try:
             if not self._make_room(len(keys) * c1, layer, wanted, for_gate=True):
@@ -507,12 +510,12 @@ class Residency:
         for layer, (keys, _wanted) in list(self._split.items()):
             del self._split[layer]
             self.state.node_wanted[layer] = 0
+            self._release_stage(keys, 0)
             for key in keys:
-                self._release_stage(*key, 0)
                 self.flight_table[key] = 0
             self.used -= len(keys) * self._stage_cost[layer][0]
+        self._release_stage(self._split_down, 1)
         for key in self._split_down:
-            self._release_stage(*key, 1)
             self.flight_table[key] = 0
             self.used -= self._stage_cost[key[0]][1]
         self._split_down.clear()

@@ -46,7 +46,7 @@ import errno
 import mmap
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 import numpy as np
@@ -359,16 +359,31 @@ class XSlot:
 
     def evict_slice(self, tensor_name: str, expert: int) -> None:
         """Give the pages of a slice back to the system, all but boundary pages a resident neighbour uses."""
+        self.evict_slices(tensor_name, [expert])
+
+    def evict_slices(self, tensor_name: str, experts: Iterable[int]) -> None:
+        """:meth:`evict_slice` for several slices of one tensor, with one fresh mapping per run of
+        neighbouring pages they free (a prompt taken part by part lets a layer's stage go at once)."""
         flags = self._resident[tensor_name]
         with self.lock:
-            if not flags[expert]:
+            gone = [e for e in sorted(set(experts)) if flags[e]]
+            if not gone:
                 return
             r = self.regions[tensor_name]
-            flags[expert] = 0
-            self._file_mapped.discard((tensor_name, expert))
-            self._moved_in.discard((tensor_name, expert))
-            lo, hi = self._free_span(r, flags, expert)
-            if lo < hi:
+            for e in gone:
+                flags[e] = 0
+                self._file_mapped.discard((tensor_name, e))
+                self._moved_in.discard((tensor_name, e))
+            spans: list[list[int]] = []
+            for e in gone:  # freed against the flags with all of them gone: shared pages go too
+                lo, hi = self._free_span(r, flags, e)
+                if lo >= hi:
+                    continue
+                if spans and lo <= spans[-1][1]:
+                    spans[-1][1] = max(spans[-1][1], hi)
+                else:
+                    spans.append([lo, hi])
+            for lo, hi in spans:
                 _map_anon(lo, hi - lo, fixed=True)
 
     def move_slice(self, tensor_name: str, expert: int, to_tensor: str, to_expert: int) -> int:

@@ -13,7 +13,7 @@ import gguf
 import numpy as np
 import pytest
 
-from smoe_gguf import archs
+from smoe_gguf import archs, xslot
 from smoe_gguf import ggml_abi as abi
 from smoe_gguf.devtools import stock
 from smoe_gguf.devtools.testmodels import build_test_model
@@ -113,10 +113,13 @@ def test_load_evict_page_accounting(slot_with_tensor: tuple[XSlot, int, int], tm
         rng = np.random.default_rng(1)
         for step in range(300):
             e = int(rng.integers(0, r.n_expert))
-            if rng.random() < 0.55:
+            u = rng.random()
+            if u < 0.55:
                 xs.load_slice(name, e, fd, 123 + e * r.slice_bytes)
-            else:
+            elif u < 0.8:
                 xs.evict_slice(name, e)
+            else:  # several at once, neighbours among them
+                xs.evict_slices(name, rng.integers(0, r.n_expert, int(rng.integers(1, 6))).tolist())
             resident = [k for k in range(r.n_expert) if xs.is_resident(name, k)]
             assert xs.resident_bytes == len(resident) * r.slice_bytes
             assert xs.mincore_bytes() == xs.resident_page_bytes(), step
@@ -128,6 +131,24 @@ def test_load_evict_page_accounting(slot_with_tensor: tuple[XSlot, int, int], tm
         assert xs.resident_bytes == 0 and xs.mincore_bytes() == 0
     finally:
         os.close(fd)
+
+
+def test_neighbouring_slices_evicted_together_are_one_fresh_mapping(
+        slot_with_tensor: tuple[XSlot, int, int], monkeypatch: pytest.MonkeyPatch) -> None:
+    """Slices evicted together release their pages with one mapping call per run of neighbours,
+    the pages a resident slice still uses kept."""
+    xs, _, _ = slot_with_tensor
+    xs.finish_loading()
+    name = "blk.0.ffn_up_exps.weight"  # 3000-byte slices: neighbours share boundary pages
+    for e in range(7):
+        xs.fill_slice(name, e, lambda view: view.__setitem__(slice(None), b"\x07" * len(view)))
+    calls: list[tuple[int, int]] = []
+    real = xslot._map_anon
+    monkeypatch.setattr(xslot, "_map_anon", lambda a, n, **kw: (calls.append((a, n)), real(a, n, **kw))[1])
+    xs.evict_slices(name, [5, 1, 4, 2])  # two runs, 1-2 and 4-5, each freeing the page inside it
+    assert calls == [(xs.regions[name].address + PAGE, PAGE), (xs.regions[name].address + 3 * PAGE, PAGE)]
+    assert [xs.is_resident(name, e) for e in range(7)] == [True, False, False, True, False, False, True]
+    assert xs.mincore_bytes() == xs.resident_page_bytes()
 
 
 def test_map_slice_zero_copy(tmp_path: Path) -> None:
