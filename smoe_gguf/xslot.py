@@ -432,9 +432,7 @@ class XSlot:
 
     def evict_all(self) -> None:
         for name, flags in self._resident.items():
-            for e in range(len(flags)):
-                if flags[e]:
-                    self.evict_slice(name, e)
+            self.evict_slices(name, range(len(flags)))
 
     @staticmethod
     def _pages(r: Region, expert: int) -> tuple[int, int]:
