@@ -501,19 +501,34 @@ class Engine:
             self._adapt(time.perf_counter() - t0, stall)
 
     def _advance(self, token: int | None) -> None:
-        """Between decodes: score the last decoded token's guesses against what its gates picked
-        and take in the C path's counts (deferred from the end of its decode), and, given the next
-        decoded ``token``, queue the reads guessed from it first: its first MoE layer's (read while
-        the graph reaches it) and its later layers' from its earlier decodes. Each guesser keeps
-        one guess pending, so a token's guess is scored just before the next one is made."""
+        """Between decodes: given the next decoded ``token``, queue the reads guessed from it
+        first, in one prefetch: its first MoE layer's (read while the graph reaches it) and its
+        later layers' from its earlier decodes. Then score the last decoded token's guesses
+        against what its gates picked, and take in the C path's counts (deferred from the end
+        of its decode). Each guesser keeps one guess pending; the last token's is taken aside
+        before the next one is made, and scored after the next one is queued (no gate runs in
+        between)."""
         due, self._unsettled = self._unsettled, False
-        for guesser in (self.token_guess, self.token_memo):
-            if guesser is None:
-                continue
-            if due:
-                guesser.after()
-            if token is not None:
-                guesser.before(token)
+        tg, memo = self.token_guess, self.token_memo
+        tg_last = tg.take_pending() if due and tg is not None else None
+        memo_last = memo.take_pending() if due and memo is not None else None
+        if token is not None:
+            keys: list[tuple[int, int]] = []
+            prios: list[float] = []
+            sources: list[str] = []
+            for guesser in (tg, memo):
+                if guesser is not None:
+                    k, p = guesser.guess(token)
+                    keys += k
+                    prios += p
+                    sources += [guesser.SOURCE] * len(k)
+            if keys:
+                self.residency.prefetch(keys, layer=min(self.residency.costs), in_use=[], priority=prios,
+                                        source=sources)
+        if tg is not None and tg_last is not None:
+            tg.score(tg_last)
+        if memo is not None and memo_last is not None:
+            memo.score(memo_last)
         if due and self.spec_native is not None:
             self.spec_native.take_counts()
 

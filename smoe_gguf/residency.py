@@ -827,14 +827,16 @@ class Residency:
     # ------------------------------------------------------------------ prefetch
 
     def prefetch(self, keys: list[tuple[int, int]], layer: int = 0, in_use: list[int] | None = None,
-                 evict: bool = True, priority: float | Sequence[float] = 1.0, source: str = "other") -> int:
+                 evict: bool = True, priority: float | Sequence[float] = 1.0,
+                 source: str | Sequence[str] = "other") -> int:
         """Queue ``keys`` for reading (gate thread only). Each is charged now; room is made by
         evicting (unless ``evict`` is false), never a leaf of ``in_use`` at ``layer``, a
         protected one, nor one just queued. Stops at the first leaf that does not fit.
         ``priority`` (one for all, or one per key): the chance a gate uses the leaf. Where room
         may be made, the native pager queues the likely ones (at least HOLD_BELOW); the rest go
         to the I/O threads, in priority order, which hold them while a gate reads. ``source``
-        names the asker in the counts. Returns how many were queued."""
+        (one for all, or one per key) names the asker in the counts. Returns how many were
+        queued."""
         if not self.enabled or (self.split_prompts and self.state.scan[0]):
             return 0  # a prompt whose micro-batches may not fit whole: every leaf goes to its gates
         self.drain_native()
@@ -842,15 +844,16 @@ class Residency:
         queued = 0
         protect = list(in_use or [])
         prios = [float(priority)] * len(keys) if isinstance(priority, (int, float)) else list(priority)
+        sources = [source] * len(keys) if isinstance(source, str) else list(source)
         nat = self.native
         if evict and self.native_prefetches and nat is not None and nat.enabled:
             # the likely ones are queued by the native pager; the rest wait on the I/O threads
             likely = [i for i, p in enumerate(prios) if p >= HOLD_BELOW]
             if likely:
                 queued = self._prefetch_native(nat, [keys[i] for i in likely], layer, protect,
-                                               [prios[i] for i in likely], source)
-                keys = [k for k, p in zip(keys, prios) if p < HOLD_BELOW]
-                prios = [p for p in prios if p < HOLD_BELOW]
+                                               [prios[i] for i in likely], [sources[i] for i in likely])
+                rest = [i for i, p in enumerate(prios) if p < HOLD_BELOW]
+                keys, prios, sources = [keys[i] for i in rest], [prios[i] for i in rest], [sources[i] for i in rest]
         for i, key in enumerate(keys):
             kl, ke = key
             if s.resident[kl, ke] or key in self.fetcher or self.flight_table[kl, ke] or kl not in self._cost:
@@ -861,20 +864,21 @@ class Residency:
                 self._give_back(key)
                 break
             self._charge(cost)
-            self._source[key] = source
-            self.stats.source(source).queued += 1
+            self._source[key] = sources[i]
+            self.stats.source(sources[i]).queued += 1
             self.fetcher.prefetch(key, prios[i])
             queued += 1
         return queued
 
     def _prefetch_native(self, nat: NativePager, keys: list[Key], layer: int, in_use: list[int],
-                         prios: list[float], source: str) -> int:
+                         prios: list[float], sources: list[str]) -> int:
         """:meth:`prefetch` by the native pager (likely leaves, room made by eviction): the same
         books, read on the reader pool without an I/O thread of this class."""
         s = self.state
         todo: list[Key] = []
         todo_prios: list[float] = []
-        for key, p in zip(keys, prios, strict=True):
+        todo_sources: list[str] = []
+        for key, p, source in zip(keys, prios, sources, strict=True):
             kl, ke = key
             if s.resident[kl, ke] or self.flight_table[kl, ke] or kl not in self._cost:
                 continue  # resident, on its way, or of a layer without paged experts
@@ -884,10 +888,12 @@ class Residency:
                     continue  # a gate reads it, and names what is wrong with its shard
             todo.append(key)
             todo_prios.append(p)
+            todo_sources.append(source)
         queued = nat.prefetch(todo, todo_prios, layer, in_use) if todo else 0
-        for key in todo[:queued]:  # the pager queues a prefix of them: it stops at the first without room
+        # the pager queues a prefix of them: it stops at the first without room
+        for key, source in zip(todo[:queued], todo_sources, strict=False):
             self._source[key] = source
-        self.stats.source(source).queued += queued
+            self.stats.source(source).queued += 1
         return queued
 
     def _landed(self, key: tuple[int, int], priority: float) -> None:

@@ -37,6 +37,8 @@ class TokenGuess:
     """Guess a decoded token's first MoE layer from its embedding, prefetch what pays, and score
     the guess: :meth:`before` each decoded token, :meth:`after` it."""
 
+    SOURCE = SOURCE
+
     def __init__(self, speculator: Speculator) -> None:
         self.spec = speculator
         r = speculator.residency
@@ -57,27 +59,40 @@ class TokenGuess:
     def before(self, token: int) -> int:
         """Rank ``token``'s guess and prefetch the leaves whose chance of use pays for the read
         (gate thread, before the token is decoded). How many were queued."""
+        keys, prios = self.guess(token)
+        if not keys:
+            return 0
+        return self.residency.prefetch(keys, layer=self.layer, in_use=[], priority=prios, source=SOURCE)
+
+    def guess(self, token: int) -> tuple[list[tuple[int, int]], list[float]]:
+        """:meth:`before` without the prefetch: the leaves to read for ``token``, most likely
+        first, with their chances of use (the engine queues them with the memo's, in one call)."""
         self._pending = None
         order = self._order(token)
         if order is None:
-            return 0
+            return [], []
         r = self.residency
         self._pending = (order, int(r.state.clock[0]))
         p = self.p_used()
-        bar = r.prefetch_bar()
-        ranks = np.flatnonzero((p >= bar) & (r.state.resident[self.layer, order] == 0))
-        if not ranks.size:
-            return 0
-        return r.prefetch([(self.layer, int(e)) for e in order[ranks]], layer=self.layer, in_use=[],
-                          priority=p[ranks].tolist(), source=SOURCE)
+        ranks = np.flatnonzero((p >= r.prefetch_bar()) & (r.state.resident[self.layer, order] == 0))
+        return [(self.layer, e) for e in order[ranks].tolist()], p[ranks].tolist()
 
     def after(self) -> None:
         """Score the last guess against the experts the first MoE layer picked: the leaves its
         gate (the token's first) stamped as used."""
-        if self._pending is None:
-            return
-        order, clock = self._pending
-        self._pending = None
+        pending = self.take_pending()
+        if pending is not None:
+            self.score(pending)
+
+    def take_pending(self) -> tuple[np.ndarray, int] | None:
+        """The last guess, not scored yet (None if there is none); it is no longer pending."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def score(self, pending: tuple[np.ndarray, int]) -> None:
+        """Score a guess taken by :meth:`take_pending` (as :meth:`after` does), once its token's
+        gates have run and before the next token's do."""
+        order, clock = pending
         s = self.residency.state
         if int(s.clock[0]) <= clock:
             return  # no gate ran (nothing is paged now)

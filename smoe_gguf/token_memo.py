@@ -51,6 +51,8 @@ class TokenMemo:
     """Guess a decoded token's later MoE layers from its earlier decodes, protect and prefetch what
     pays, score the guess and keep the picks: :meth:`before` each decoded token, :meth:`after` it."""
 
+    SOURCE = SOURCE
+
     def __init__(self, residency: Residency, n_used: int, native: NativeSpeculation | None = None) -> None:
         self.residency = residency
         self.native = native
@@ -77,42 +79,50 @@ class TokenMemo:
     def before(self, token: int) -> int:
         """Rank ``token``'s guess for each later layer, protect what pays and prefetch what of it is
         not resident (gate thread, before the token is decoded). How many were queued."""
+        keys, prios = self.guess(token)
+        if not keys:
+            return 0
+        return self.residency.prefetch(keys, layer=int(self.layers[0]), in_use=[], priority=prios, source=SOURCE)
+
+    def guess(self, token: int) -> tuple[list[tuple[int, int]], list[float]]:
+        """:meth:`before` without the prefetch: protect what pays, and return the leaves to read,
+        the nearer layer first and by rank within a layer, with their chances of use (the engine
+        queues them with the first layer's, in one call)."""
         r = self.residency
         s = r.state
         orders = self._orders(token)
-        self._pending = (token, orders, s.uses[self.layers].copy())
+        self._pending = (token, orders, s.uses[self.layers])
         if orders is None or len(self.layers) < 2:
-            return 0
-        p = self.p_used()
+            return [], []
+        p = self.p_used()[1:]
         bar = r.prefetch_bar()
-        ahead = bar + r.ahead_cost()
+        later = orders[1:]
         protect = self.native is not None and self.native.new_pass()
-        keys: list[tuple[int, int]] = []
-        prios: list[float] = []
-        for i in range(1, len(self.layers)):
-            layer = int(self.layers[i])
-            order = orders[i]
-            ranks = np.flatnonzero((order >= 0) & (p[i] >= bar))
-            if not ranks.size:
-                continue
-            experts = order[ranks]
-            if protect:
-                s.protect[layer, experts] = 1
-            want = (s.resident[layer, experts] == 0) & (p[i, ranks] >= (bar if i == 1 else ahead))
-            for e, pe in zip(experts[want].tolist(), p[i, ranks[want]].tolist(), strict=True):
-                keys.append((layer, e))
-                prios.append(pe)
-        if not keys:
-            return 0
-        return r.prefetch(keys, layer=int(self.layers[0]), in_use=[], priority=prios, source=SOURCE)
+        li, ri = np.nonzero((later >= 0) & (p >= bar))
+        if not li.size:
+            return [], []
+        layers, experts, pe = self.layers[1:][li], later[li, ri], p[li, ri]
+        if protect:
+            s.protect[layers, experts] = 1
+        want = (s.resident[layers, experts] == 0) & (pe >= np.where(li == 0, bar, bar + r.ahead_cost()))
+        return list(zip(layers[want].tolist(), experts[want].tolist(), strict=True)), pe[want].tolist()
 
     def after(self) -> None:
         """Read what each layer picked (the gates' use counts since :meth:`before`), score the
         guess against it and keep it for the token's next decode."""
-        if self._pending is None:
-            return
-        token, orders, uses0 = self._pending
-        self._pending = None
+        pending = self.take_pending()
+        if pending is not None:
+            self.score(pending)
+
+    def take_pending(self) -> tuple[int, np.ndarray | None, np.ndarray] | None:
+        """The last guess, not scored yet (None if there is none); it is no longer pending."""
+        pending, self._pending = self._pending, None
+        return pending
+
+    def score(self, pending: tuple[int, np.ndarray | None, np.ndarray]) -> None:
+        """Score a guess taken by :meth:`take_pending` and keep its token's picks (as
+        :meth:`after` does), once its token's gates have run and before the next token's do."""
+        token, orders, uses0 = pending
         picked = self.residency.state.uses[self.layers] > uses0  # [layers, n_expert]
         counts = picked.sum(axis=1)
         if not counts.any():
@@ -143,22 +153,21 @@ class TokenMemo:
         if kept is None:
             return None
         n_layer, E = len(self.layers), self.n_expert
-        score = np.zeros((n_layer, E), np.int64)
-        rows = np.broadcast_to(np.arange(n_layer)[None, :, None], kept.shape)
+        flat = kept + (np.arange(n_layer) * E)[None, :, None]  # [KEEP, layers, n_used] into [layers * E]
         ok = kept >= 0
-        np.add.at(score, (rows[ok], kept[ok]), 2)
-        latest = kept[0]
-        ok0 = latest >= 0
-        np.add.at(score, (rows[0][ok0], latest[ok0]), 1)
+        score = 2 * np.bincount(flat[ok], minlength=n_layer * E) + np.bincount(flat[0][ok[0]], minlength=n_layer * E)
+        score = score.reshape(n_layer, E)
         order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
         return np.where(np.take_along_axis(score, order, axis=1) > 0, order, -1).astype(np.int32)
 
     def _keep(self, token: int, picked: np.ndarray, counts: np.ndarray) -> None:
-        """Keep what a decoded token's layers picked (``picked``: [layers, n_expert])."""
+        """Keep what a decoded token's layers picked (``picked``: [layers, n_expert]): each
+        layer's first ``n_used`` experts by number."""
+        li, ei = np.nonzero(picked)
+        pos = np.arange(li.size) - (np.cumsum(counts) - counts)[li]  # rank within its layer
+        m = pos < self.n_used
         row = np.full((len(self.layers), self.n_used), -1, np.int16)
-        for i in np.flatnonzero(counts).tolist():
-            e = np.flatnonzero(picked[i])[: self.n_used]
-            row[i, : e.size] = e
+        row[li[m], pos[m]] = ei[m]
         self._keep_row(token, row)
 
     def _keep_row(self, token: int, row: np.ndarray) -> None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from smoe_gguf import residency, route_fit, speculate, token_guess
+from smoe_gguf import residency, route_fit, speculate, token_guess, token_memo
 from smoe_gguf.engine import Engine
 from smoe_gguf.fetcher import HOLD_BELOW, QUEUED, Fetcher
 from smoe_gguf.residency import Residency
@@ -321,15 +321,17 @@ def test_a_guess_two_layers_ahead_is_prefetched_only_past_the_ahead_cost(in_c, p
 def _spy_prefetches(r: Residency, chances: list[float] | None = None,
                     gated: list[tuple[int, list[tuple[int, int]]]] | None = None) -> list[tuple[int, int]]:
     """The leaves speculation asks ``r`` to prefetch from now on, in order (they are still
-    prefetched; the first layer's guess from the token is not counted); their chances of use
+    prefetched; the token's own guesses, its first layer's and the memo's, are not counted);
+    their chances of use
     (``priority``) go to ``chances``, and each ask with the layer being gated then to ``gated``,
     where given."""
     asked: list[tuple[int, int]] = []
     prefetch = r.prefetch
 
     def spy(keys: list[tuple[int, int]], *args: object, **kw: object) -> int:
-        if kw.get("source") == token_guess.SOURCE:
-            return prefetch(keys, *args, **kw)
+        source = kw.get("source")
+        if not isinstance(source, str) or source in (token_guess.SOURCE, token_memo.SOURCE):
+            return prefetch(keys, *args, **kw)  # the token's guesses (one call: a source per key)
         asked.extend(keys)
         if gated is not None:
             gated.append((int(kw.get("layer", args[0] if args else 0)), list(keys)))  # type: ignore[call-overload]

@@ -39,18 +39,18 @@ def test_each_decoded_token_guesses_its_first_layer_and_is_scored_against_its_pi
         assert guess is not None
         picks = _record_first_layer(eng)
         orders: list[np.ndarray] = []
-        before = guess.before
+        make_guess = guess.guess
 
-        def spy(token: int) -> int:
+        def spy(token: int) -> tuple[list[tuple[int, int]], list[float]]:
             if not orders:
                 picks.clear()  # the prompt's (a last layer computes its last row only)
-            queued = before(token)
+            out = make_guess(token)
             order = guess._order(token)
             assert order is not None  # the embedding was found while the prompt was observed
             orders.append(order.copy())
-            return queued
+            return out
 
-        guess.before = spy  # type: ignore[method-assign]
+        guess.guess = spy  # type: ignore[method-assign]
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert same(reference(src, eng), gen.tokens, gen.logits)
         decoded = len(gen.tokens) - 1  # the last token sampled is not decoded

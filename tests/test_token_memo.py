@@ -48,13 +48,13 @@ def test_each_decoded_token_is_guessed_from_its_earlier_decodes_and_scored_again
         layers = [int(x) for x in memo.layers]
         gates = _record(eng)
         seen: list[tuple[int, np.ndarray | None]] = []
-        before = memo.before
+        guess = memo.guess
 
-        def spy(token: int) -> int:
+        def spy(token: int) -> tuple[list[tuple[int, int]], list[float]]:
             seen.append((token, memo._orders(token)))
-            return before(token)
+            return guess(token)
 
-        memo.before = spy  # type: ignore[method-assign]
+        memo.guess = spy  # type: ignore[method-assign]
         gen = eng.generate(PROMPT, N_TOKENS, keep_logits=True)
         assert same(reference(src, eng), gen.tokens, gen.logits)
         picks = _decoded_picks(gates, layers)
@@ -198,16 +198,26 @@ def test_a_decoded_tokens_guesses_are_queued_before_the_last_tokens_books(pack_o
     with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None) as eng:
         guess, memo, nat = eng.token_guess, eng.token_memo, eng.spec_native
         assert guess is not None and memo is not None and nat is not None
+        monkeypatch.setattr(eng.residency, "prefetch_bar", lambda batch=False: 0.0)  # every guess pays
         events: list[str] = []
-        for name, obj, meth in (("guess", guess, "before"), ("memo", memo, "before"),
-                                ("scored", memo, "after"), ("counts", nat, "take_counts")):
+        for name, obj, meth in (("guess", guess, "guess"), ("memo", memo, "guess"),
+                                ("scored", memo, "score"), ("counts", nat, "take_counts"),
+                                ("prefetch", eng.residency, "prefetch")):
             orig = getattr(obj, meth)
-            monkeypatch.setattr(obj, meth, lambda *a, _o=orig, _n=name: (events.append(_n), _o(*a))[1])
+            monkeypatch.setattr(obj, meth, lambda *a, _o=orig, _n=name, **k: (events.append(_n), _o(*a, **k))[1])
         gen = eng.generate(PROMPT, N_TOKENS)
         decoded = len(gen.tokens) - 1
         assert events.count("guess") == events.count("memo") == decoded
         assert memo.tokens == decoded  # each scored, the last one when generate ended
         # the first decoded token is guessed once the C path starts; from the second on, each
-        # token's guesses come first, then the last token's books; generate's end takes the last's
-        tail = events[events.index("guess"):]
-        assert tail == ["guess", "memo"] + ["guess", "scored", "memo", "counts"] * (decoded - 1) + ["scored", "counts"]
+        # token's guesses come first, queued in one call where any pays, then the last token's
+        # books; generate's end takes the last's
+        tail = [e for e in events[events.index("guess"):] if e != "prefetch"]
+        assert tail == ["guess", "memo"] + ["guess", "memo", "scored", "counts"] * (decoded - 1) + ["scored", "counts"]
+        # the first layer's guess and the memo's are queued together: at most one prefetch call
+        # a token, right after both guesses
+        between = [events[i + 1 : i + 3] for i, e in enumerate(events) if e == "guess"]
+        assert all(b[0] == "memo" for b in between)
+        assert any(b[1:] == ["prefetch"] for b in between)
+        runs = "".join("p" if e == "prefetch" else "." for e in events[events.index("guess"):])
+        assert "pp" not in runs
