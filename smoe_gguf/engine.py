@@ -507,7 +507,8 @@ class Engine:
         against what its gates picked, and take in the C path's counts (deferred from the end
         of its decode). Each guesser keeps one guess pending; the last token's is taken aside
         before the next one is made, and scored after the next one is queued (no gate runs in
-        between)."""
+        between, so it is scored against the same picks). A token that follows itself is
+        guessed from its decodes before the last one."""
         due, self._unsettled = self._unsettled, False
         tg, memo = self.token_guess, self.token_memo
         tg_last = tg.take_pending() if due and tg is not None else None

@@ -37,7 +37,7 @@ class TokenGuess:
     """Guess a decoded token's first MoE layer from its embedding, prefetch what pays, and score
     the guess: :meth:`before` each decoded token, :meth:`after` it."""
 
-    SOURCE = SOURCE
+    SOURCE = SOURCE  # the asker's name, for callers that queue its guesses with others
 
     def __init__(self, speculator: Speculator) -> None:
         self.spec = speculator

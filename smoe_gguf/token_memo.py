@@ -51,7 +51,7 @@ class TokenMemo:
     """Guess a decoded token's later MoE layers from its earlier decodes, protect and prefetch what
     pays, score the guess and keep the picks: :meth:`before` each decoded token, :meth:`after` it."""
 
-    SOURCE = SOURCE
+    SOURCE = SOURCE  # the asker's name, for callers that queue its guesses with others
 
     def __init__(self, residency: Residency, n_used: int, native: NativeSpeculation | None = None) -> None:
         self.residency = residency
