@@ -4,7 +4,8 @@ Speculation guesses a layer from the layer before it, so its reads have one laye
 land in. A token's routing depends much on the token itself, and most tokens come back, so the
 experts each layer picked the last times a token was decoded are a guess of every layer at once,
 available as soon as the token is sampled. Before each decoded token (gate thread, before
-``llama_decode``, after :class:`~smoe_gguf.token_guess.TokenGuess` has queued its first layer):
+``llama_decode``; its reads are queued after :class:`~smoe_gguf.token_guess.TokenGuess`'s first
+layer's, in the same call: ``Engine._advance``):
 
 - each later paged layer's experts are ranked by how often they were picked in the token's last
   :data:`KEEP` decodes (the latest decode breaking ties);
