@@ -22,7 +22,7 @@ import llama_cpp
 import numpy as np
 import psutil
 
-from . import archs, route_fit, spin, token_memo
+from . import archs, route_fit, spin, token_guess, token_memo
 from . import budget as bdg
 from . import llama_session as ls
 from . import profile as tree_map
@@ -517,12 +517,12 @@ class Engine:
             keys: list[tuple[int, int]] = []
             prios: list[float] = []
             sources: list[str] = []
-            for guesser in (tg, memo):
+            for guesser, source in ((tg, token_guess.SOURCE), (memo, token_memo.SOURCE)):
                 if guesser is not None:
                     k, p = guesser.guess(token)
                     keys += k
                     prios += p
-                    sources += [guesser.SOURCE] * len(k)
+                    sources += [source] * len(k)
             if keys:
                 self.residency.prefetch(keys, layer=min(self.residency.costs), in_use=[], priority=prios,
                                         source=sources)

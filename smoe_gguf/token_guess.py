@@ -34,10 +34,9 @@ SOURCE = "token"  # the asker's name in the residency's prefetch counts
 
 
 class TokenGuess:
-    """Guess a decoded token's first MoE layer from its embedding, prefetch what pays, and score
-    the guess: :meth:`before` each decoded token, :meth:`after` it."""
-
-    SOURCE = SOURCE  # the asker's name, for callers that queue its guesses with others
+    """Guess a decoded token's first MoE layer from its embedding, and score the guess:
+    :meth:`guess` before each decoded token (the engine prefetches what it returns), then
+    :meth:`take_pending` and :meth:`score` once its gates have run."""
 
     def __init__(self, speculator: Speculator) -> None:
         self.spec = speculator
@@ -56,17 +55,10 @@ class TokenGuess:
 
     # ------------------------------------------------------------------ per token
 
-    def before(self, token: int) -> int:
-        """Rank ``token``'s guess and prefetch the leaves whose chance of use pays for the read
-        (gate thread, before the token is decoded). How many were queued."""
-        keys, prios = self.guess(token)
-        if not keys:
-            return 0
-        return self.residency.prefetch(keys, layer=self.layer, in_use=[], priority=prios, source=SOURCE)
-
     def guess(self, token: int) -> tuple[list[tuple[int, int]], list[float]]:
-        """:meth:`before` without the prefetch: the leaves to read for ``token``, most likely
-        first, with their chances of use (the engine queues them with the memo's, in one call)."""
+        """Rank ``token``'s guess (gate thread, before the token is decoded; it stays pending),
+        and return the leaves not resident whose chance of use pays for the read, most likely
+        first, with those chances (the engine queues them with the memo's, in one call)."""
         self._pending = None
         order = self._order(token)
         if order is None:
@@ -77,21 +69,15 @@ class TokenGuess:
         ranks = np.flatnonzero((p >= r.prefetch_bar()) & (r.state.resident[self.layer, order] == 0))
         return [(self.layer, e) for e in order[ranks].tolist()], p[ranks].tolist()
 
-    def after(self) -> None:
-        """Score the last guess against the experts the first MoE layer picked: the leaves its
-        gate (the token's first) stamped as used."""
-        pending = self.take_pending()
-        if pending is not None:
-            self.score(pending)
-
     def take_pending(self) -> tuple[np.ndarray, int] | None:
         """The last guess, not scored yet (None if there is none); it is no longer pending."""
         pending, self._pending = self._pending, None
         return pending
 
     def score(self, pending: tuple[np.ndarray, int]) -> None:
-        """Score a guess taken by :meth:`take_pending` (as :meth:`after` does), once its token's
-        gates have run and before the next token's do."""
+        """Score a guess taken by :meth:`take_pending` against the experts the first MoE layer
+        picked (the leaves its gate, the token's first, stamped as used), once its token's gates
+        have run and before the next token's do."""
         order, clock = pending
         s = self.residency.state
         if int(s.clock[0]) <= clock:

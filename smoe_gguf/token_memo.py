@@ -49,10 +49,9 @@ DECAY = 0.9  # weight kept by earlier sessions' counts at each save
 
 
 class TokenMemo:
-    """Guess a decoded token's later MoE layers from its earlier decodes, protect and prefetch what
-    pays, score the guess and keep the picks: :meth:`before` each decoded token, :meth:`after` it."""
-
-    SOURCE = SOURCE  # the asker's name, for callers that queue its guesses with others
+    """Guess a decoded token's later MoE layers from its earlier decodes, protect what pays, score
+    the guess and keep the picks: :meth:`guess` before each decoded token (the engine prefetches
+    what it returns), then :meth:`take_pending` and :meth:`score` once its gates have run."""
 
     def __init__(self, residency: Residency, n_used: int, native: NativeSpeculation | None = None) -> None:
         self.residency = residency
@@ -77,18 +76,11 @@ class TokenMemo:
 
     # ------------------------------------------------------------------ per token
 
-    def before(self, token: int) -> int:
-        """Rank ``token``'s guess for each later layer, protect what pays and prefetch what of it is
-        not resident (gate thread, before the token is decoded). How many were queued."""
-        keys, prios = self.guess(token)
-        if not keys:
-            return 0
-        return self.residency.prefetch(keys, layer=int(self.layers[0]), in_use=[], priority=prios, source=SOURCE)
-
     def guess(self, token: int) -> tuple[list[tuple[int, int]], list[float]]:
-        """:meth:`before` without the prefetch: protect what pays, and return the leaves to read,
-        the nearer layer first and by rank within a layer, with their chances of use (the engine
-        queues them with the first layer's, in one call)."""
+        """Rank ``token``'s guess for each later layer (gate thread, before the token is decoded;
+        it stays pending), protect what pays, and return what of it is not resident and pays for
+        the read, the nearer layer first and by rank within a layer, with the chances of use (the
+        engine queues them with the first layer's, in one call)."""
         r = self.residency
         s = r.state
         orders = self._orders(token)
@@ -108,21 +100,15 @@ class TokenMemo:
         want = (s.resident[layers, experts] == 0) & (pe >= np.where(li == 0, bar, bar + r.ahead_cost()))
         return list(zip(layers[want].tolist(), experts[want].tolist(), strict=True)), pe[want].tolist()
 
-    def after(self) -> None:
-        """Read what each layer picked (the gates' use counts since :meth:`before`), score the
-        guess against it and keep it for the token's next decode."""
-        pending = self.take_pending()
-        if pending is not None:
-            self.score(pending)
-
     def take_pending(self) -> tuple[int, np.ndarray | None, np.ndarray] | None:
         """The last guess, not scored yet (None if there is none); it is no longer pending."""
         pending, self._pending = self._pending, None
         return pending
 
     def score(self, pending: tuple[int, np.ndarray | None, np.ndarray]) -> None:
-        """Score a guess taken by :meth:`take_pending` and keep its token's picks (as
-        :meth:`after` does), once its token's gates have run and before the next token's do."""
+        """Read what each layer picked for a guess taken by :meth:`take_pending` (the gates' use
+        counts since :meth:`guess`), score the guess against it and keep it for the token's next
+        decode, once its token's gates have run and before the next token's do."""
         token, orders, uses0 = pending
         picked = self.residency.state.uses[self.layers] > uses0  # [layers, n_expert]
         counts = picked.sum(axis=1)

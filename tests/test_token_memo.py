@@ -119,7 +119,9 @@ def test_guesses_that_pay_are_protected_and_the_unresident_ones_prefetched(pack_
             src = r.stats.by_source.get(SOURCE)
             queued0 = src.queued if src is not None else 0
             monkeypatch.setattr(r, "prefetch_bar", lambda batch=False, bar=bar: bar)
-            queued = memo.before(tok)
+            keys, prios = memo.guess(tok)  # queued as the engine does (with the first layer's)
+            queued = r.prefetch(keys, layer=int(memo.layers[0]), in_use=[], priority=prios,
+                                source=SOURCE) if keys else 0
             later = [(int(layer), e) for i, layer in enumerate(memo.layers) if i > 0
                      for e in orders[i].tolist() if e >= 0]
             protected = {(int(a), int(b)) for a, b in zip(*np.nonzero(r.state.protect))}
@@ -129,7 +131,7 @@ def test_guesses_that_pay_are_protected_and_the_unresident_ones_prefetched(pack_
                 assert protected == set(later)
                 assert queued > 0 and r.stats.by_source[SOURCE].queued == queued0 + queued
             eng.decode([tok])
-            memo.after()
+            eng.settle()
             assert r.used <= r.budget
 
 
