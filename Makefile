@@ -10,7 +10,7 @@ install: $(STAMP)
 
 # llama-cpp-python builds from source the first time (about 4.5 minutes on 2 cores); pip caches
 # the wheel, so later installs take seconds. For a GPU build see README (CMAKE_ARGS).
-$(STAMP): pyproject.toml smoe_gguf/_gatecb.c smoe_gguf/_readpool.c smoe_gguf/_pager.c smoe_gguf/_speculate.c smoe_gguf/_speculate.h smoe_gguf/_xslot_buft.c smoe_gguf/_pager.h smoe_gguf/_smoe_job.h
+$(STAMP): pyproject.toml smoe_gguf/_gatecb.c smoe_gguf/_readpool.c smoe_gguf/_pager.c smoe_gguf/_speculate.c smoe_gguf/_speculate.h smoe_gguf/_memo.c smoe_gguf/_xslot_buft.c smoe_gguf/_pager.h smoe_gguf/_smoe_job.h
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e '.[test]'
@@ -23,8 +23,8 @@ lint: install
 # under ThreadSanitizer, then under AddressSanitizer + UndefinedBehaviorSanitizer; then the gate, its
 # native pager, its speculation and the pool built with AddressSanitizer + UBSan, then
 # ThreadSanitizer, under the engine's stress test, the pager's tests against stock llama.cpp and
-# native speculation's (scripts/sanitized_pytest.sh, tests/test_readpool.py, tests/test_pager.py,
-# SAN_SPEC); any report fails
+# native speculation's and the token memo's (scripts/sanitized_pytest.sh, tests/test_readpool.py,
+# tests/test_pager.py, SAN_SPEC); any report fails
 # the make. Built with the system C compiler into build/sanitize/ (no virtualenv), always afresh
 # (SANITIZE_DEFS=-DSMOE_TEST_RACE or -DSMOE_TEST_OVERFLOW plants a bug in the harness to see it
 # fail). A few seconds each. ThreadSanitizer runs with ASLR off where setarch can turn it off:
@@ -35,7 +35,8 @@ SAN_CFLAGS := -std=c11 -g -O1 -fno-omit-frame-pointer -pthread -Wall -Wextra $(S
 SAN_OS    := $(shell uname -s)
 SAN_LIBS  := $(if $(filter Linux,$(SAN_OS)),-ldl)
 SAN_LEAKS := $(if $(filter Darwin,$(SAN_OS)),0,1)
-SAN_SPEC  := tests/test_speculate.py::test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python
+SAN_SPEC  := tests/test_speculate.py::test_decoded_tokens_guessed_in_c_are_scored_exactly_as_in_python \
+	tests/test_token_memo.py::test_the_memo_s_steps_in_c_rank_choose_score_and_keep_as_numpy_does
 SAN_NOASLR = $(shell setarch $$(uname -m) -R true >/dev/null 2>&1 && echo setarch $$(uname -m) -R)
 
 sanitize: install

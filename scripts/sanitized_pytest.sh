@@ -33,7 +33,7 @@ case $san in
     *) echo "sanitizer must be address or thread, not $san" >&2; exit 2 ;;
 esac
 # each extension's sources, as pyproject.toml lists them
-for ext in "_gatecb:_gatecb.c _pager.c _speculate.c _xslot_buft.c" "_readpool:_readpool.c"; do
+for ext in "_gatecb:_gatecb.c _pager.c _speculate.c _memo.c _xslot_buft.c" "_readpool:_readpool.c"; do
     name=${ext%%:*} srcs=()
     for c in ${ext#*:}; do srcs+=("$root/smoe_gguf/$c"); done
     # shellcheck disable=SC2086

@@ -26,13 +26,16 @@ session starts from what earlier ones decoded and, unless ``--no-learn``, adds i
 
 from __future__ import annotations
 
+import ctypes
 from collections.abc import Callable
+from ctypes import c_double, c_int32, c_void_p
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from . import native
 from .safeio import locked
 from .sidecar import Sidecar
 from .speculate import PRIOR_WEIGHT, rank_prior
@@ -46,6 +49,26 @@ KEEP = 4  # decodes of a token whose picks are kept
 MAX_TOKENS = 1 << 13  # distinct tokens kept (a 48-layer top-8 model: 3 KiB each); the least recently decoded goes first
 MEMO = Sidecar(".memo.npz", "smoe-memo-1", "token memo", "memo", plural=False)  # the file beside the profile
 DECAY = 0.9  # weight kept by earlier sessions' counts at each save
+_LIB: ctypes.PyDLL | None = None
+
+
+def _lib() -> ctypes.PyDLL:
+    """The memo's per-token steps (``_memo.c``), in the gate's library; they keep the GIL."""
+    global _LIB
+    if _LIB is None:
+        lb = native.quick()
+        lb.smoe_memo_orders.restype = None
+        lb.smoe_memo_orders.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_int32, c_int32, c_void_p, c_void_p]
+        lb.smoe_memo_select.restype = c_int32
+        lb.smoe_memo_select.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_void_p, c_void_p, c_void_p, c_void_p,
+                                        c_double, c_double, c_double, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p]
+        lb.smoe_memo_score.restype = c_int32
+        lb.smoe_memo_score.argtypes = [c_void_p, c_void_p, c_void_p, c_int32, c_int32, c_int32, c_void_p, c_int32,
+                                       c_void_p, c_void_p, c_void_p]
+        lb.smoe_memo_push.restype = None
+        lb.smoe_memo_push.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_void_p]
+        _LIB = lb
+    return _LIB
 
 
 class TokenMemo:
@@ -64,7 +87,7 @@ class TokenMemo:
         n = len(layers)
         self.hits = np.zeros((n, self.max_rank), np.int64)  # per layer and rank: guesses the layer picked
         self.scored = np.zeros((n, self.max_rank), np.int64)  # ... guesses made
-        self._prior = rank_prior(self.max_rank, n_used)
+        self._prior = np.ascontiguousarray(rank_prior(self.max_rank, n_used), np.float64)
         self.tokens = 0  # decoded tokens whose picks were read
         self.guessed = 0  # ... that had earlier decodes to guess from
         self._memo: dict[int, np.ndarray] = {}  # token -> [KEEP, layers, n_used] picks, latest first (-1: none)
@@ -73,6 +96,11 @@ class TokenMemo:
         self._pending: tuple[int, np.ndarray | None, np.ndarray] | None = None  # (token, orders, uses before)
         self._index = {int(layer): i for i, layer in enumerate(layers)}
         self._prompt: tuple[list[int], dict[int, list[np.ndarray]]] | None = None  # its tokens, picks per layer
+        # the C steps' buffers: a token's picks, a guess's leaves (layer, expert, chance), a ranking's counts
+        self._row = np.full((n, n_used), -1, np.int16)
+        cap = max(1, n * self.max_rank)
+        self._out = (np.empty(cap, np.int32), np.empty(cap, np.int32), np.empty(cap, np.float64))
+        self._work = np.zeros(self.n_expert, np.int32)
 
     # ------------------------------------------------------------------ per token
 
@@ -87,18 +115,14 @@ class TokenMemo:
         self._pending = (token, orders, s.uses[self.layers])
         if orders is None or len(self.layers) < 2:
             return [], []
-        p = self.p_used()[1:]
-        bar = r.prefetch_bar()
-        later = orders[1:]
         protect = self.native is not None and self.native.new_pass()
-        li, ri = np.nonzero((later >= 0) & (p >= bar))
-        if not li.size:
-            return [], []
-        layers, experts, pe = self.layers[1:][li], later[li, ri], p[li, ri]
-        if protect:
-            s.protect[layers, experts] = 1
-        want = (s.resident[layers, experts] == 0) & (pe >= np.where(li == 0, bar, bar + r.ahead_cost()))
-        return list(zip(layers[want].tolist(), experts[want].tolist(), strict=True)), pe[want].tolist()
+        out_l, out_e, out_p = self._out
+        n = _lib().smoe_memo_select(
+            orders.ctypes.data, len(self.layers), self.max_rank, self.n_expert, self.layers.ctypes.data,
+            self.hits.ctypes.data, self.scored.ctypes.data, self._prior.ctypes.data, PRIOR_WEIGHT,
+            r.prefetch_bar(), r.ahead_cost(), s.resident.ctypes.data, s.protect.ctypes.data if protect else None,
+            out_l.ctypes.data, out_e.ctypes.data, out_p.ctypes.data)
+        return list(zip(out_l[:n].tolist(), out_e[:n].tolist(), strict=True)), out_p[:n].tolist()
 
     def take_pending(self) -> tuple[int, np.ndarray | None, np.ndarray] | None:
         """The last guess, not scored yet (None if there is none); it is no longer pending."""
@@ -110,20 +134,17 @@ class TokenMemo:
         counts since :meth:`guess`), score the guess against it and keep it for the token's next
         decode, once its token's gates have run and before the next token's do."""
         token, orders, uses0 = pending
-        picked = self.residency.state.uses[self.layers] > uses0  # [layers, n_expert]
-        counts = picked.sum(axis=1)
-        if not counts.any():
+        s = self.residency.state
+        gated = _lib().smoe_memo_score(
+            s.uses.ctypes.data, uses0.ctypes.data, self.layers.ctypes.data, len(self.layers), self.n_expert,
+            self.n_used, None if orders is None else orders.ctypes.data, self.max_rank, self.hits.ctypes.data,
+            self.scored.ctypes.data, self._row.ctypes.data)
+        if not gated:
             return  # no gate ran (nothing is paged now)
         self.tokens += 1
         if orders is not None:
             self.guessed += 1
-            valid = orders >= 0
-            rows = np.arange(len(self.layers))[:, None]
-            hit = valid & picked[rows, np.where(valid, orders, 0)]
-            gated = (counts > 0)[:, None]
-            self.hits += hit & gated
-            self.scored += valid & gated
-        self._keep(token, picked, counts)
+        self._keep_row(token, self._row)
 
     def p_used(self) -> np.ndarray:
         """Per layer and rank, the chance that the layer picks the guess of that rank: the counts
@@ -134,28 +155,15 @@ class TokenMemo:
 
     def _orders(self, token: int) -> np.ndarray | None:
         """Per paged layer, its experts by how often the token's kept decodes picked them (the
-        latest decode first on ties), ``max_rank`` of them (-1: fewer were picked); None for a
-        token not decoded before."""
+        latest decode counting once more, the lower expert first on ties), ``max_rank`` of them
+        (-1: fewer were picked); None for a token not decoded before."""
         kept = self._memo.get(token)
         if kept is None:
             return None
-        n_layer, E = len(self.layers), self.n_expert
-        flat = kept + (np.arange(n_layer) * E)[None, :, None]  # [KEEP, layers, n_used] into [layers * E]
-        ok = kept >= 0
-        score = 2 * np.bincount(flat[ok], minlength=n_layer * E) + np.bincount(flat[0][ok[0]], minlength=n_layer * E)
-        score = score.reshape(n_layer, E)
-        order = np.argsort(-score, axis=1, kind="stable")[:, : self.max_rank]
-        return np.where(np.take_along_axis(score, order, axis=1) > 0, order, -1).astype(np.int32)
-
-    def _keep(self, token: int, picked: np.ndarray, counts: np.ndarray) -> None:
-        """Keep what a decoded token's layers picked (``picked``: [layers, n_expert]): each
-        layer's first ``n_used`` experts by number."""
-        li, ei = np.nonzero(picked)
-        pos = np.arange(li.size) - (np.cumsum(counts) - counts)[li]  # rank within its layer
-        m = pos < self.n_used
-        row = np.full((len(self.layers), self.n_used), -1, np.int16)
-        row[li[m], pos[m]] = ei[m]
-        self._keep_row(token, row)
+        order = np.empty((len(self.layers), self.max_rank), np.int32)
+        _lib().smoe_memo_orders(kept.ctypes.data, KEEP, len(self.layers), self.n_used, self.n_expert, self.max_rank,
+                                order.ctypes.data, self._work.ctypes.data)
+        return order
 
     def _keep_row(self, token: int, row: np.ndarray) -> None:
         """Keep ``row`` ([layers, n_used], -1 for a layer not gated, which keeps what it had) as
@@ -165,12 +173,8 @@ class TokenMemo:
             if len(self._memo) >= MAX_TOKENS:
                 del self._memo[next(iter(self._memo))]
             kept = np.full((KEEP, len(self.layers), self.n_used), -1, np.int16)
-        else:
-            kept[1:] = kept[:-1].copy()
-        ungated = (row < 0).all(axis=1)
-        row = row.copy()
-        row[ungated] = kept[1, ungated]
-        kept[0] = row
+        row = np.ascontiguousarray(row, np.int16)
+        _lib().smoe_memo_push(kept.ctypes.data, KEEP, len(self.layers), self.n_used, row.ctypes.data)
         self._memo[token] = kept
         self._learnt.add(token)
 

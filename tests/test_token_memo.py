@@ -223,3 +223,90 @@ def test_a_decoded_tokens_guesses_are_queued_before_the_last_tokens_books(pack_o
         assert any(b[1:] == ["prefetch"] for b in between)
         runs = "".join("p" if e == "prefetch" else "." for e in events[events.index("guess"):])
         assert "pp" not in runs
+
+
+def _orders_reference(kept: np.ndarray, n_expert: int, max_rank: int) -> np.ndarray:
+    """The memo's ranking in numpy: 2 per kept decode and 1 more for the latest, ties to the
+    lower expert, -1 past the experts picked."""
+    score = np.zeros((kept.shape[1], n_expert), np.int64)
+    for k, rows in enumerate(kept):
+        for layer, row in enumerate(rows):
+            for e in row[row >= 0]:
+                score[layer, e] += 3 if k == 0 else 2
+    order = np.argsort(-score, axis=1, kind="stable")[:, :max_rank]
+    return np.where(np.take_along_axis(score, order, axis=1) > 0, order, -1)
+
+
+def test_the_memo_s_steps_in_c_rank_choose_score_and_keep_as_numpy_does() -> None:
+    """Random kept decodes and picks: the C ranking, the guesses chosen (protected, listed), the
+    scoring and the kept rows are the numpy reference's."""
+    rng = np.random.default_rng(0)
+    n_layer, n_expert, n_used = 5, 16, 3
+    r = residency.Residency({layer: 1 for layer in range(n_layer)}, n_expert, 4, "lru")
+    class Pass:  # the C speculation's new pass, which lets the memo protect its guesses
+        def new_pass(self) -> bool:
+            return True
+
+    memo = TokenMemo(r, n_used, Pass())  # type: ignore[arg-type]
+    R = memo.max_rank
+    s = r.state
+    listed = 0
+    for _step in range(200):
+        token = int(rng.integers(0, 6))
+        kept = memo._memo.get(token)
+        order = memo._orders(token)
+        if kept is None:
+            assert order is None
+        else:
+            assert np.array_equal(order, _orders_reference(kept, n_expert, R))
+        s.resident[:] = rng.integers(0, 2, s.resident.shape)
+        s.protect[:] = 0
+        memo.hits[:] = rng.integers(0, 50, memo.hits.shape)
+        memo.scored[:] = memo.hits + rng.integers(0, 50, memo.hits.shape)
+        p = memo.p_used()
+        keys, prios = memo.guess(token)
+        if order is not None:
+            bar, ahead = r.prefetch_bar(), r.ahead_cost()
+            want_keys, want_p, want_protect = [], [], set()
+            for li in range(1, n_layer):
+                for rank in range(R):
+                    e = int(order[li, rank])
+                    if e < 0 or p[li, rank] < bar:
+                        continue
+                    want_protect.add((li, e))
+                    if not s.resident[li, e] and p[li, rank] >= (bar if li == 1 else bar + ahead):
+                        want_keys.append((li, e))
+                        want_p.append(float(p[li, rank]))
+            assert keys == want_keys and prios == want_p
+            assert {(int(a), int(b)) for a, b in zip(*np.nonzero(s.protect), strict=True)} == want_protect
+            listed += len(keys)
+        pending = memo.take_pending()
+        assert pending is not None
+        gated = rng.random(n_layer) < 0.8
+        picks = {}
+        for layer in np.flatnonzero(gated).tolist():
+            picks[layer] = np.sort(rng.choice(n_expert, n_used, replace=False))
+            s.uses[layer, picks[layer]] += 1
+        hits0, scored0, tokens0 = memo.hits.copy(), memo.scored.copy(), memo.tokens
+        before = None if kept is None else kept.copy()
+        memo.score(pending)
+        if not picks:
+            assert memo.tokens == tokens0 and np.array_equal(memo.hits, hits0)
+            continue
+        assert memo.tokens == tokens0 + 1
+        if order is not None:
+            for layer in range(n_layer):
+                for rank in range(R):
+                    e = int(order[layer, rank])
+                    counted = e >= 0 and layer in picks
+                    assert memo.scored[layer, rank] == scored0[layer, rank] + counted
+                    assert memo.hits[layer, rank] == hits0[layer, rank] + (counted and e in picks[layer])
+        now = memo._memo[token]
+        for layer in range(n_layer):
+            if layer in picks:
+                assert now[0, layer].tolist() == picks[layer].tolist()
+            else:
+                assert now[0, layer].tolist() == ([-1] * n_used if before is None else before[0, layer].tolist())
+        if before is not None:
+            assert np.array_equal(now[1:], before[:-1])
+    assert memo.guessed > 50 and listed > 50
