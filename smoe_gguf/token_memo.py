@@ -17,7 +17,8 @@ layer's, in the same call: ``Engine._advance``):
 
 After the token, each layer's picks are read from the gates' use counts (``state.uses``), every
 guess is scored against them, rank by rank, whatever was prefetched, and they are kept for the
-token's next decode. Only leaves move: what the experts compute is unchanged.
+token's next decode. Only leaves move: what the experts compute is unchanged. These per-token
+steps run in C (``_memo.c``) on this class's arrays; the memo itself and its file stay here.
 
 The memo and its counts are kept beside the profile (``PROFILE.memo.npz``, :func:`save_memo`): a
 session starts from what earlier ones decoded and, unless ``--no-learn``, adds its own at close
