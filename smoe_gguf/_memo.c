@@ -49,15 +49,14 @@ void smoe_memo_orders(const int16_t *kept, int32_t keep, int32_t n_layer, int32_
     }
 }
 
-/* The guesses of memo layers 1.. (the first is the token guess's) whose chance of use reaches
- * ``bar``, the nearer layer first and by rank: each protected (where ``protect`` is given), and
- * listed where it is not resident and its chance also reaches ``bar + ahead`` beyond the first
- * of them (layer index 1). The chance of rank r at layer l: (hits + weight * prior[r]) /
- * (scored + weight). How many were listed. */
+/* The guesses of memo layers 1.. (the first is the token guess's) whose chance of use (``p_used``,
+ * [n_layer, max_rank]: per layer and rank) reaches ``bar``, the nearer layer first and by rank:
+ * each protected (where ``protect`` is given), and listed where it is not resident and its chance
+ * also reaches ``bar + ahead`` beyond the first of them (layer index 1). How many were listed. */
 int32_t smoe_memo_select(const int32_t *order, int32_t n_layer, int32_t max_rank, int32_t n_expert,
-                         const int64_t *layers, const int64_t *hits, const int64_t *scored, const double *prior,
-                         double weight, double bar, double ahead, const uint8_t *resident, uint8_t *protect,
-                         int32_t *out_layer, int32_t *out_expert, double *out_p) {
+                         const int64_t *layers, const double *p_used, double bar, double ahead,
+                         const uint8_t *resident, uint8_t *protect, int32_t *out_layer, int32_t *out_expert,
+                         double *out_p) {
     int32_t n = 0;
     for (int32_t l = 1; l < n_layer; l++) {
         const int32_t *o = order + (int64_t)l * max_rank;
@@ -67,8 +66,7 @@ int32_t smoe_memo_select(const int32_t *order, int32_t n_layer, int32_t max_rank
             int32_t e = o[r];
             if (e < 0)
                 continue;
-            int64_t i = (int64_t)l * max_rank + r;
-            double p = ((double)hits[i] + weight * prior[r]) / ((double)scored[i] + weight);
+            double p = p_used[(int64_t)l * max_rank + r];
             if (p < bar)
                 continue;
             if (protect)

@@ -61,8 +61,8 @@ def _lib() -> ctypes.PyDLL:
         lb.smoe_memo_orders.restype = None
         lb.smoe_memo_orders.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_int32, c_int32, c_void_p, c_void_p]
         lb.smoe_memo_select.restype = c_int32
-        lb.smoe_memo_select.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_void_p, c_void_p, c_void_p, c_void_p,
-                                        c_double, c_double, c_double, c_void_p, c_void_p, c_void_p, c_void_p, c_void_p]
+        lb.smoe_memo_select.argtypes = [c_void_p, c_int32, c_int32, c_int32, c_void_p, c_void_p, c_double, c_double,
+                                        c_void_p, c_void_p, c_void_p, c_void_p, c_void_p]
         lb.smoe_memo_score.restype = c_int32
         lb.smoe_memo_score.argtypes = [c_void_p, c_void_p, c_void_p, c_int32, c_int32, c_int32, c_void_p, c_int32,
                                        c_void_p, c_void_p, c_void_p]
@@ -88,7 +88,7 @@ class TokenMemo:
         n = len(layers)
         self.hits = np.zeros((n, self.max_rank), np.int64)  # per layer and rank: guesses the layer picked
         self.scored = np.zeros((n, self.max_rank), np.int64)  # ... guesses made
-        self._prior = np.ascontiguousarray(rank_prior(self.max_rank, n_used), np.float64)
+        self._prior = rank_prior(self.max_rank, n_used)
         self.tokens = 0  # decoded tokens whose picks were read
         self.guessed = 0  # ... that had earlier decodes to guess from
         self._memo: dict[int, np.ndarray] = {}  # token -> [KEEP, layers, n_used] picks, latest first (-1: none)
@@ -118,9 +118,9 @@ class TokenMemo:
             return [], []
         protect = self.native is not None and self.native.new_pass()
         out_l, out_e, out_p = self._out
+        p = self.p_used()
         n = _lib().smoe_memo_select(
-            orders.ctypes.data, len(self.layers), self.max_rank, self.n_expert, self.layers.ctypes.data,
-            self.hits.ctypes.data, self.scored.ctypes.data, self._prior.ctypes.data, PRIOR_WEIGHT,
+            orders.ctypes.data, len(self.layers), self.max_rank, self.n_expert, self.layers.ctypes.data, p.ctypes.data,
             r.prefetch_bar(), r.ahead_cost(), s.resident.ctypes.data, s.protect.ctypes.data if protect else None,
             out_l.ctypes.data, out_e.ctypes.data, out_p.ctypes.data)
         return list(zip(out_l[:n].tolist(), out_e[:n].tolist(), strict=True)), out_p[:n].tolist()
