@@ -130,6 +130,10 @@ class Residency:
         self.split_prompts = False
         self._split: dict[int, tuple[list[Key], list[int]]] = {}  # layer -> (its gate/up-only leaves, wanted)
         self._split_down: list[Key] = []  # leaves whose down parts only are in: dropped at the next gate
+        # Read ahead (the orchestrator): a part-by-part layer's down parts that fit beside its gate/up
+        # parts are read by the I/O threads while the gate/up matmuls run, not at the down node
+        self.down_ahead = False
+        self._early_down: dict[int, list[Key]] = {}  # layer -> its leaves whose down parts are read ahead
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
         self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
         self.evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
@@ -479,27 +483,70 @@ class Residency:
         self.state.node_wanted[layer] = 1  # the gate stops at this layer's down node
         if self.native is not None:  # until they are dropped (the next gate in Python), as Python would
             self.native.enabled = False
+        if self.down_ahead:
+            self._read_down_ahead(layer, keys)
+
+    def _read_down_ahead(self, layer: int, keys: list[Key]) -> None:
+        """Queue the down parts of as many of ``keys`` (part-by-part leaves of ``layer``, their
+        gate/up parts in) as the budget's free room holds, evicting nothing: the I/O threads read
+        them while the gate/up matmuls run, and the down node waits for them (:meth:`_finish_split`)."""
+        c1 = self._stage_cost[layer][1]
+        n = min(len(keys), max(0, self.budget - self.used) // c1)
+        if n <= 0:
+            return
+        early = keys[:n]
+        self._charge(n * c1)
+        self._early_down[layer] = early
+        self.stats.down_ahead += n
+        for key in early:
+            self.fetcher.down(key)
+            self.flight_table[key] = TABLE_OTHER  # in flight to every other path, as the rest are
 
     def _finish_split(self, layer: int) -> None:
-        """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come."""
+        """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come
+        (those read ahead are waited for; those still queued are read here with the rest)."""
         keys, wanted = self._split.pop(layer)
         c0, c1 = self._stage_cost[layer]
         self._release_stage(keys, 0)
         self.used -= len(keys) * c0
+        early = self._early_down.pop(layer, [])
+        queued = [key for key in early if self.fetcher.take_down(key)]  # not started: read here, at once
+        reading = [key for key in early if key not in queued]
+        charged = len(early) * c1
         try:
-            if not self._make_room(len(keys) * c1, layer, wanted, for_gate=True):
+            rest = len(keys) - len(early)
+            if not self._make_room(rest * c1, layer, wanted, for_gate=True):
                 raise SmoeError(
                     f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves' down parts "
                     f"({len(keys)} x {c1} bytes): raise --budget or lower the micro-batch"
                 )
-            self._charge(len(keys) * c1)
-            self._read_stage(keys, 1, c1)
+            self._charge(rest * c1)
+            charged += rest * c1
+            with self.fetcher.gate_reads():
+                self._fill_many(queued + keys[len(early):], 1, True)
+            for key in queued:
+                self.fetcher.done(key)
+            queued = []
+            failed = None
+            for key in reading:
+                if (err := self.fetcher.await_down(key)) is not None and failed is None:
+                    failed = err
+                self.fetcher.done(key)
+            reading = []
+            if failed is not None:
+                raise failed
         except BaseException:
+            for key in reading + queued:
+                self.fetcher.forget_down(key)
+            self._release_stage(keys, 1)
+            self.used -= charged
             for key in keys:
                 self.flight_table[key] = 0
             if not self._split and not self._split_down:
                 self._sync_native()
             raise
+        for key in early:
+            self.flight_table[key] = TABLE_OTHER  # (the fetcher cleared it) until dropped
         self._split_down.extend(keys)
 
     def _drop_split(self) -> None:
@@ -509,6 +556,11 @@ class Residency:
             return
         for layer, (keys, _wanted) in list(self._split.items()):
             del self._split[layer]
+            early = self._early_down.pop(layer, [])
+            for key in early:  # read ahead for a down node that never came
+                self.fetcher.forget_down(key)
+            self._release_stage(early, 1)
+            self.used -= len(early) * self._stage_cost[layer][1]
             self.state.node_wanted[layer] = 0
             self._release_stage(keys, 0)
             for key in keys:

@@ -98,8 +98,9 @@ SPLIT_ARCHS = ("qwen3moe", "gpt-oss", "deepseek2", "llama4")
 def test_below_one_layer_of_leaves_a_prompt_is_served_one_stage_at_a_time(tiny_model, pack_of, arch: str) -> None:
     """A budget that holds one layer's gate/up parts but not its whole leaves: the prompt still goes
     in one micro-batch; each layer's leaves that do not fit whole are read gate/up parts at the
-    top-k gate, down parts at the down node, and let go once the layer is computed. Bit-exact,
-    within the budget, each leaf read about once."""
+    top-k gate, down parts at the down node (the orchestrator, on by default, reads ahead those
+    that fit beside the gate/up parts), and let go once the layer is computed. Bit-exact, within
+    the budget, each leaf read about once."""
     src, pack = tiny_model(arch, "f16"), pack_of(arch, "f16")
     stage_lb, whole_lb = _layer_budget(pack), _whole_layer_budget(pack)
     budget = (stage_lb + whole_lb) // 2
@@ -115,7 +116,7 @@ def test_below_one_layer_of_leaves_a_prompt_is_served_one_stage_at_a_time(tiny_m
                 read = eng.source.store.stats.bytes_read
             tokens.append(step.token)
             logits.append(step.logits)
-        assert r.stats.split_loads > 0
+        assert r.stats.split_loads > 0 and r.stats.down_ahead > 0
         assert r.stats.peak_bytes <= budget and eng.xslot.mincore_bytes() <= budget
         assert not r._split and not r._split_down and not r.flight_table.any()  # nothing left half-read
         assert r.used == sum(r.leaf_cost(lay) for lay, _e in zip(*np.nonzero(r.state.resident), strict=True))
@@ -175,3 +176,62 @@ def test_leaves_left_half_read_by_a_failed_graph_are_let_go_at_close(pack_of) ->
     eng.close()
     assert not r._split and not r.flight_table.any() and r.used == r.n_resident * r.leaf_cost(0)
     assert not r.native.enabled
+
+
+def _staged(fail: tuple[int, int, int] | None = None):  # noqa: ANN202 - (residency, fills)
+    """A residency of one layer of 8 leaves (gate/up parts 2 bytes, down 1) under 20 bytes: a
+    micro-batch selecting all 8 is served part by part, with room for 4 down parts beside the
+    gate/up parts. ``fail``: the (layer, expert, stage) whose read raises."""
+    import threading
+
+    from smoe_gguf.residency import Residency
+
+    fills: list[tuple[int, int, int | None]] = []
+    lock = threading.Lock()
+
+    def fill(layer: int, e: int, stage: int | None) -> None:
+        if (layer, e, stage) == fail:
+            raise OSError(f"layer {layer} expert {e}: bad down part")
+        with lock:
+            fills.append((layer, e, stage))
+
+    r = Residency({0: 3}, 8, budget=20, fill=fill, io_depth=2, stage_cost={0: (2, 1)},
+                  release_stage=lambda keys, stage: None)
+    r.split_prompts = r.down_ahead = True
+    return r, fills
+
+
+def test_a_part_by_part_layers_down_parts_that_fit_are_read_ahead_each_once() -> None:
+    """The orchestrator reads ahead the down parts that fit beside a part-by-part layer's gate/up
+    parts, evicting nothing; the down node reads the rest. Each part is read once, the budget
+    holds throughout, and once the layer is computed nothing is charged or in flight."""
+    r, fills = _staged()
+    r.on_experts(0, np.arange(8).reshape(-1, 1))
+    assert r.stats.split_loads == 8 and r.stats.down_ahead == 4 and r.used == 20
+    r.finish_layer(0)
+    assert r.used == 8 and r.stats.peak_bytes <= 20
+    assert sorted(fills) == sorted([(0, e, 0) for e in range(8)] + [(0, e, 1) for e in range(8)])
+    r.finish_all()
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.state.resident.any()
+    r.close()
+
+
+def test_down_parts_read_ahead_for_a_down_node_that_never_came_are_let_go() -> None:
+    r, _fills = _staged()
+    r.on_experts(0, np.arange(8).reshape(-1, 1))
+    assert r.stats.down_ahead == 4
+    r.finish_all()  # the graph ended (failed) before the down node
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any()
+    r.close()
+
+
+@pytest.mark.parametrize("expert", [0, 6])  # read ahead (the I/O threads), or at the down node
+def test_a_bad_down_part_of_a_part_by_part_layer_is_raised_and_nothing_stays_charged(expert: int) -> None:
+    r, _fills = _staged(fail=(0, expert, 1))
+    r.on_experts(0, np.arange(8).reshape(-1, 1))
+    with pytest.raises(OSError, match=f"layer 0 expert {expert}: bad down part"):
+        r.finish_layer(0)
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.fetcher.failed_down
+    r.finish_all()
+    assert r.used == 0
+    r.close()
