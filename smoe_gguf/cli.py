@@ -40,8 +40,9 @@ ChecksumsOpt = Annotated[str, typer.Option(help="Check leaf sha256 on: first (re
 # Options of every command that runs a model: how leaves are fetched and evicted.
 PolicyOpt = Annotated[str, typer.Option(help="Eviction policy: lfru (frequency-weighted LRU), lru or "
                                         "least-stale (layer order).")]
-NoSpeculateOpt = Annotated[bool, typer.Option("--no-speculate", help="Do not prefetch guessed experts: the "
-                                              "next layers', and a decoded token's first layer's.")]
+NoSpeculateOpt = Annotated[bool, typer.Option("--no-speculate", help="Do not prefetch: no guessed experts (the "
+                                              "next layers', a decoded token's first layer's), and no "
+                                              "down parts read ahead for a prompt taken part by part.")]
 ProfileOpt = Annotated[Path | None, typer.Option("--profile", help="The tree-map profile file (default: one per model "
                                                  "under ~/.cache/smoe-gguf/profiles).")]
 NoProfileOpt = Annotated[bool, typer.Option("--no-profile", help="Neither read nor write a profile.")]
