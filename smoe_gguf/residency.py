@@ -499,44 +499,30 @@ class Residency:
         self._early_down[layer] = early
         self.stats.down_ahead += n
         for key in early:
-            self.fetcher.down(key)
-            self.flight_table[key] = TABLE_OTHER  # in flight to every other path, as the rest are
+            self.fetcher.down(key)  # (its table byte stays TABLE_OTHER while queued or read)
 
     def _finish_split(self, layer: int) -> None:
         """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come
-        (those read ahead are waited for; those still queued are read here with the rest)."""
+        (those read ahead are waited for, or read here with the rest where still queued)."""
         keys, wanted = self._split.pop(layer)
         c0, c1 = self._stage_cost[layer]
         self._release_stage(keys, 0)
         self.used -= len(keys) * c0
         early = self._early_down.pop(layer, [])
-        queued = [key for key in early if self.fetcher.take_down(key)]  # not started: read here, at once
-        reading = [key for key in early if key not in queued]
+        rest = keys[len(early):]
         charged = len(early) * c1
         try:
-            rest = len(keys) - len(early)
-            if not self._make_room(rest * c1, layer, wanted, for_gate=True):
+            if not self._make_room(len(rest) * c1, layer, wanted, for_gate=True):
                 raise SmoeError(
                     f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves' down parts "
                     f"({len(keys)} x {c1} bytes): raise --budget or lower the micro-batch"
                 )
-            self._charge(rest * c1)
-            charged += rest * c1
+            self._charge(len(rest) * c1)
+            charged += len(rest) * c1
             with self.fetcher.gate_reads():
-                self._fill_many(queued + keys[len(early):], 1, True)
-            for key in queued:
-                self.fetcher.done(key)
-            queued = []
-            failed = None
-            for key in reading:
-                if (err := self.fetcher.await_down(key)) is not None and failed is None:
-                    failed = err
-                self.fetcher.done(key)
-            reading = []
-            if failed is not None:
-                raise failed
+                self._read_down(early, rest)
         except BaseException:
-            for key in reading + queued:
+            for key in early:  # (no room for the rest: still on the I/O threads)
                 self.fetcher.forget_down(key)
             self._release_stage(keys, 1)
             self.used -= charged
@@ -650,19 +636,13 @@ class Residency:
         if not keys:
             return
         t0 = time.perf_counter()
-        mine = [key for key in keys if self.fetcher.take_down(key)]  # still queued: read here, at once
         try:
-            if mine:
-                self._fill_many(mine, 1, True)
-            for key in keys:
-                if key not in mine and (err := self.fetcher.await_down(key)) is not None:
-                    raise err
+            self._read_down(keys)
         except BaseException:
             for key in keys:  # every leaf of this layer is dropped with it
-                self._await_down(key)
+                self._unload(key)
             raise
         for key in keys:
-            self.fetcher.done(key)
             self.state.resident[key] = 1
         dt = time.perf_counter() - t0
         self.stats.down_stall_seconds += dt
@@ -675,10 +655,24 @@ class Residency:
             self.finish_layer(layer)
         self._drop_split()
 
-    def _await_down(self, key: tuple[int, int]) -> None:
-        """Drop a half-loaded leaf after a failure in its layer (its charge and pages released)."""
-        self.fetcher.forget_down(key)
-        self._unload(key)
+    def _read_down(self, keys: list[Key], also: list[Key] | None = None) -> None:
+        """Bring in the down parts of ``keys``, queued on the I/O threads (:meth:`Fetcher.down`),
+        and of ``also`` (not queued): those still queued are taken back and read here with
+        ``also``, at once; those being read are waited for. Afterwards none of ``keys`` is in the
+        fetcher, on failure too (the first error is raised; the caller releases pages and charges)."""
+        mine = [key for key in keys if self.fetcher.take_down(key)]  # still queued: read here, at once
+        try:
+            if mine or also:
+                self._fill_many(mine + (also or []), 1, True)
+            for key in keys:
+                if key not in mine and (err := self.fetcher.await_down(key)) is not None:
+                    raise err
+        except BaseException:
+            for key in keys:  # waits out reads in progress
+                self.fetcher.forget_down(key)
+            raise
+        for key in keys:
+            self.fetcher.done(key)
 
     def _unload(self, key: Key) -> None:
         """A charged leaf that will not be resident: its pages and its charge go back."""
