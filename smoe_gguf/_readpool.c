@@ -12,7 +12,8 @@
  * thread is always free for an urgent job, which therefore never waits behind a prefetch read
  * already under way (with one worker, a gate's read would otherwise wait for a whole part).
  * Background jobs also hold at most n x SMOE_BACKGROUND_BYTES in flight (one entry always may
- * start): a disk serves the bytes it is asked for at once side by side, so with n whole-leaf
+ * start; while no urgent job is queued or read, as many as smoe_pool_set_background_entries
+ * allows, bytes aside): a disk serves the bytes it is asked for at once side by side, so with n whole-leaf
  * prefetches of MiBs under way a gate's own read would get a fraction of the disk, while small
  * parts need several reads at once to keep the disk busy at all.
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
@@ -83,6 +84,9 @@ struct smoe_pool {
     int32_t n_workers;                   /* jobs at once: the io depth */
     int64_t background_cap;              /* bytes background entries may read at once: n_workers x SMOE_BACKGROUND_BYTES */
     int64_t background_bytes;            /* ... being read now */
+    int32_t background_entries;          /* entries that may run at once whatever their bytes while no
+                                            urgent job is queued or read (>= 1; smoe_pool_set_background_entries) */
+    int32_t urgent_busy;                 /* threads inside an urgent entry, workers and callers */
     int32_t n_threads;                   /* n_workers + 1: the last one is kept for urgent jobs */
     int32_t closing;
     int32_t held;                        /* 1: background jobs do not start, 2: no job does (smoe_pool_hold) */
@@ -450,7 +454,9 @@ static int64_t entry_bytes(const struct smoe_job *j) {
 /* Whether a worker may start the first background entry now (lock held). */
 static int background_may_start(const struct smoe_pool *p) {
     if (p->head[1] == NULL || p->held || p->busy_background >= p->n_workers) return 0;
-    return p->busy_background == 0 || p->background_bytes + entry_bytes(p->head[1]) <= p->background_cap;
+    if (p->busy_background == 0) return 1;
+    if (p->busy_background < p->background_entries && p->urgent_busy == 0 && p->head[0] == NULL) return 1;
+    return p->background_bytes + entry_bytes(p->head[1]) <= p->background_cap;
 }
 
 static void *worker(void *arg) {
@@ -470,8 +476,11 @@ static void *worker(void *arg) {
         p->background_bytes += bytes;
         if (q == 1 && ++p->busy_background > p->peak_background) p->peak_background = p->busy_background;
         struct smoe_call *c = (struct smoe_call *)j->call;
+        if (q == 0) p->urgent_busy++;
         int64_t left = run_entry(p, j, &b);
         p->busy--;
+        if (q == 0 && --p->urgent_busy == 0 && p->head[0] == NULL && p->head[1] != NULL && p->background_entries > 1)
+            pthread_cond_signal(&p->work);  /* a second background entry may start now */
         if (q == 1) {  /* this thread takes the next background job itself; another may fit beside it */
             p->busy_background--;
             p->background_bytes -= bytes;
@@ -512,6 +521,7 @@ struct smoe_pool *smoe_pool_new(int32_t n_workers, int32_t use_library) {
     pthread_mutex_lock(&p->lock);  /* the workers read it under the lock */
     p->n_workers = p->n_threads > 1 ? p->n_threads - 1 : p->n_threads;  /* without its spare: as many as run */
     p->background_cap = (int64_t)p->n_workers * SMOE_BACKGROUND_BYTES;
+    p->background_entries = 1;
     pthread_mutex_unlock(&p->lock);
     if (p->n_threads == 0) {
         pthread_cond_destroy(&p->work);
@@ -526,6 +536,19 @@ int32_t smoe_pool_workers(const struct smoe_pool *p) { return p->n_workers; }
 
 /* Bytes background entries may read at once (one entry always may start). */
 int64_t smoe_pool_background_cap(const struct smoe_pool *p) { return p->background_cap; }
+
+/* Let up to n background entries (1..n_workers) run at once whatever their bytes while no urgent
+   job is queued or being read (beyond them, or while one is, the byte cap applies); returns the
+   number set. Entries already running are not stopped. */
+int32_t smoe_pool_set_background_entries(struct smoe_pool *p, int32_t n) {
+    pthread_mutex_lock(&p->lock);
+    if (n < 1) n = 1;
+    if (n > p->n_workers) n = p->n_workers;
+    p->background_entries = n;
+    if (p->head[1] != NULL) pthread_cond_broadcast(&p->work);
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
 
 /* Threads, the spare for urgent jobs included. */
 int32_t smoe_pool_threads(const struct smoe_pool *p) { return p->n_threads; }
@@ -694,7 +717,10 @@ int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
             continue;
         }
         p->caller_jobs += 1 + j->chain;
+        p->urgent_busy++;
         (void)run_entry(p, j, b);
+        if (--p->urgent_busy == 0 && p->head[0] == NULL && p->head[1] != NULL && p->background_entries > 1)
+            pthread_cond_signal(&p->work);
     }
     int64_t failed = call->failed;
     if (b == &p->caller_bounce) p->caller_bounce_busy = 0;

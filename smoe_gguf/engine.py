@@ -78,6 +78,9 @@ class Generation:
 
 PROMPT_UBATCH = 2048  # the prompt micro-batch while paging with a budget that holds a layer of experts
 WARM_PRIORITY = 0.05  # the profile's warm start: read only when nothing likelier is queued
+# prefetched leaves read at once, while no gate reads, when tokens are decoded with speculation (1
+# for prompts); beyond one, and while a gate reads, the reader pool's byte cap applies
+DECODE_PREFETCH_LEAVES = 2
 
 
 @dataclass
@@ -189,6 +192,7 @@ class Engine:
         self._model = None
         self._ctx = None
         self._unsettled = False  # the last decoded token's guesses not scored yet (_advance)
+        self._background_entries = 1  # prefetched leaves the reader pool reads at once (_prefetch_leaves)
         try:
             self._footprint = src.store.footprint(bdg.page_cost)  # what budgets resolve against
             self.budget = self._resolve_budget(budget)
@@ -446,6 +450,7 @@ class Engine:
             self.token_memo.start_prompt(tokens)
         if len(tokens) > 1 and self.gate.observers:
             self.gate.observing = True  # the prompt's branch is found by observing its first layers
+        self._prefetch_leaves(DECODE_PREFETCH_LEAVES if decoded and self.speculator is not None else 1)
         if len(tokens) > 1:
             if self.spec_native is not None:
                 self.spec_native.stop()  # a prompt is observed in Python
@@ -500,6 +505,12 @@ class Engine:
             stall = self.residency.stats.stall_seconds - stall0
             self.residency.stats.token_stalls.append(stall)
             self._adapt(time.perf_counter() - t0, stall)
+
+    def _prefetch_leaves(self, n: int) -> None:
+        """Let ``n`` prefetched leaves be read at once from now on (set only when it changes)."""
+        if n != self._background_entries and self.paging:
+            self.source.store.set_background_entries(n)
+            self._background_entries = n
 
     def _advance(self, token: int | None) -> None:
         """Between decodes: given the next decoded ``token``, queue the reads guessed from it

@@ -8,9 +8,10 @@ parts are read in parallel, in place where the destination and the file offset a
 The number of workers is the number of reads the disk sees at once (``--io-depth``); the pool
 keeps one thread more, which background batches never occupy, so an urgent read starts at once
 even while prefetches are read. Background reads also hold at most half a MiB per worker in
-flight (:attr:`ReadPool.background_cap`; one may always start): a disk serves the bytes it is
-asked for at once side by side, so a gate's read shares it with at most that many prefetch bytes,
-while small parts still get several readers.
+flight (:attr:`ReadPool.background_cap`; one may always start, and while no urgent read is
+queued or under way as many as :meth:`ReadPool.set_background_entries` allows): a disk serves the bytes it is asked for at once
+side by side, so a gate's read shares it with at most that many prefetch bytes, while small parts
+still get several readers.
 """
 
 from __future__ import annotations
@@ -105,6 +106,8 @@ def _lib() -> ctypes.CDLL:
             getattr(lib, name).argtypes = [c_void_p]
         lib.smoe_pool_background_cap.restype = c_int64
         lib.smoe_pool_background_cap.argtypes = [c_void_p]
+        lib.smoe_pool_set_background_entries.restype = c_int32
+        lib.smoe_pool_set_background_entries.argtypes = [c_void_p, c_int32]
         lib.smoe_pool_hold.restype = None
         lib.smoe_pool_hold.argtypes = [c_void_p, c_int32]
         for name in ("smoe_pool_chains", "smoe_pool_caller_jobs"):
@@ -194,6 +197,14 @@ class ReadPool:
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_caller_jobs(self._pool))
+
+    def set_background_entries(self, n: int) -> int:
+        """Let up to ``n`` background reads (whole entries: a leaf's parts) start whatever
+        :attr:`background_cap` says while no urgent read is queued or under way, at most
+        :attr:`workers` (1, the default: one always may); returns the number set."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        return int(self._lib.smoe_pool_set_background_entries(self._pool, n))
 
     def hold(self, held: bool, urgent: bool = False) -> None:
         """Keep background reads queued (True) or let them start (False); urgent ones run either

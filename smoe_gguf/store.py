@@ -107,6 +107,11 @@ class LeafStore:
     def parts(self, layer: int, expert: int) -> list[PartLoc]:
         return self.leaves[(layer, expert)]
 
+    def set_background_entries(self, n: int) -> int:
+        """How many prefetched leaves the reader pool may read at once whatever their bytes
+        (:meth:`ReadPool.set_background_entries`); the number set."""
+        return self._readers().set_background_entries(n)
+
     def close(self) -> None:
         with self._lock:
             if self._pool is not None:

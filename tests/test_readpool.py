@@ -105,7 +105,8 @@ def test_background_reads_leave_a_thread_and_most_of_the_disk_to_urgent_ones(tmp
     most half a MiB per worker together (one read always may start): a gate's urgent read neither
     waits behind prefetch reads under way nor shares the disk with more than that; all reads land.
     Each background call here is one 1 MiB read (its 16 parts follow each other: one chain), so a
-    pool of 2 (1 MiB) reads one at a time and a pool of 4 (2 MiB) two."""
+    pool of 2 (1 MiB) reads one at a time and a pool of 4 (2 MiB) two; a pool of 2 told to let two
+    entries run whatever their bytes reads at most two (the setting is clamped to the workers)."""
     import threading
 
     data, fd, _direct = _shard(tmp_path, 1, 1 << 20)
@@ -118,11 +119,14 @@ def test_background_reads_leave_a_thread_and_most_of_the_disk_to_urgent_ones(tmp
             failures.extend(o.status for o in pool.run(reads, urgent) if o.status)
 
     try:
-        for workers, most in ((2, 1), (4, 2)):
+        for workers, entries, most in ((2, 1, 1), (4, 1, 2), (2, 2, 2)):
             pool = ReadPool(workers)
             try:
                 assert (pool.workers, pool.threads, pool.peak_background, pool.background_cap) == (
                     workers, workers + 1, 0, workers << 19)
+                assert pool.set_background_entries(entries + 5) == workers  # at most one per worker
+                assert pool.set_background_entries(0) == 1
+                assert pool.set_background_entries(entries) == entries
                 failures: list[int] = []
                 threads = [threading.Thread(target=submit, args=(pool, failures, k, k == 0)) for k in range(4)]
                 for t in threads:
@@ -204,6 +208,24 @@ def test_the_fast_checksum_is_what_a_first_read_checks_where_the_pack_has_it(tmp
             store.read_parts([(0, 1, 0, base)])
     finally:
         store.close()
+
+
+def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_and_prompts_one(pack_of,
+                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """With speculation, the reader pool lets two prefetched leaves be read at once while tokens
+    are decoded (engine.DECODE_PREFETCH_LEAVES) and one while a prompt is, set only when that
+    changes; without speculation the pool keeps its default of one."""
+    calls: list[int] = []
+    real = LeafStore.set_background_entries
+    monkeypatch.setattr(LeafStore, "set_background_entries", lambda self, n: calls.append(n) or real(self, n))
+    pack = pack_of("qwen3moe", "q4_k")
+    for speculate, want in ((True, [2, 1, 2]), (False, [])):
+        calls.clear()
+        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=speculate) as eng:
+            assert eng.paging
+            for prompt in (PROMPT, " And then"):
+                eng.generate(prompt, 4)
+        assert calls == want
 
 
 def test_io_depth_out_of_range_is_refused() -> None:

@@ -564,7 +564,8 @@ static int lifecycle(uint64_t *s) {
 /* A native prefetch's shape (the pager's): a leaf's three parts started as one background call
    whose last job calls a hook, cancelled or promoted to urgent by another thread meanwhile, and
    started again once over. Background jobs are held now and then, so that cancels and promotes
-   find queued jobs. Each call must end exactly once: by its hook (bytes right) or by a cancel. */
+   find queued jobs, and one or two are let run at once whatever their bytes. Each call must end
+   exactly once: by its hook (bytes right) or by a cancel. */
 #define N_CALLS 24
 
 struct hooked {
@@ -622,6 +623,7 @@ static void background_calls(uint64_t *s, int rounds, int64_t *cancels, int64_t 
     }
     for (int r = 0; r < rounds * 40; r++) {
         if (below(s, 8) == 0) smoe_pool_hold(pool, (int32_t)below(s, 2));
+        if (below(s, 8) == 0) smoe_pool_set_background_entries(pool, 1 + (int32_t)below(s, 2));
         struct hooked *h = &g_calls[below(s, N_CALLS)];
         int idx = (int)(h - g_calls);
         pthread_mutex_lock(&g_hook_lock);
