@@ -13,9 +13,9 @@
  * already under way (with one worker, a gate's read would otherwise wait for a whole part).
  * Background jobs also hold at most n x SMOE_BACKGROUND_BYTES in flight (one entry always may
  * start; while no urgent job is queued or read, as many as smoe_pool_set_background_entries
- * allows, bytes aside): a disk serves the bytes it is asked for at once side by side, so with n whole-leaf
- * prefetches of MiBs under way a gate's own read would get a fraction of the disk, while small
- * parts need several reads at once to keep the disk busy at all.
+ * allows, bytes aside): a disk serves the bytes it is asked for at once side by side, so with n
+ * whole-leaf prefetches of MiBs under way a gate's own read would get a fraction of the disk,
+ * while small parts need several reads at once to keep the disk busy at all.
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
  * reads the call's urgent jobs that no worker has taken yet itself: a gate with one miss then
  * reads it on its own thread, with no worker to wake and no wake-up back.
