@@ -9,9 +9,9 @@ The number of workers is the number of reads the disk sees at once (``--io-depth
 keeps one thread more, which background batches never occupy, so an urgent read starts at once
 even while prefetches are read. Background reads also hold at most half a MiB per worker in
 flight (:attr:`ReadPool.background_cap`; one may always start, and while no urgent read is
-queued or under way as many as :meth:`ReadPool.set_background_entries` allows): a disk serves the bytes it is asked for at once
-side by side, so a gate's read shares it with at most that many prefetch bytes, while small parts
-still get several readers.
+queued or under way as many as :meth:`ReadPool.set_background_entries` allows): a disk serves
+the bytes it is asked for at once side by side, so a gate's read shares it with at most that many
+prefetch bytes, while small parts still get several readers.
 """
 
 from __future__ import annotations
