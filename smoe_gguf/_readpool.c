@@ -459,6 +459,13 @@ static int background_may_start(const struct smoe_pool *p) {
     return p->background_bytes + entry_bytes(p->head[1]) <= p->background_cap;
 }
 
+/* An urgent entry is done (lock held): once none is queued or being read, a background entry
+   beyond the byte cap may start (smoe_pool_set_background_entries), so a waiting worker is woken. */
+static void end_urgent(struct smoe_pool *p) {
+    if (--p->urgent_busy == 0 && p->head[0] == NULL && p->head[1] != NULL && p->background_entries > 1)
+        pthread_cond_signal(&p->work);
+}
+
 static void *worker(void *arg) {
     struct smoe_pool *p = (struct smoe_pool *)arg;
     struct bounce b = {NULL, 0};
@@ -479,8 +486,7 @@ static void *worker(void *arg) {
         if (q == 0) p->urgent_busy++;
         int64_t left = run_entry(p, j, &b);
         p->busy--;
-        if (q == 0 && --p->urgent_busy == 0 && p->head[0] == NULL && p->head[1] != NULL && p->background_entries > 1)
-            pthread_cond_signal(&p->work);  /* a second background entry may start now */
+        if (q == 0) end_urgent(p);
         if (q == 1) {  /* this thread takes the next background job itself; another may fit beside it */
             p->busy_background--;
             p->background_bytes -= bytes;
@@ -719,8 +725,7 @@ int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
         p->caller_jobs += 1 + j->chain;
         p->urgent_busy++;
         (void)run_entry(p, j, b);
-        if (--p->urgent_busy == 0 && p->head[0] == NULL && p->head[1] != NULL && p->background_entries > 1)
-            pthread_cond_signal(&p->work);
+        end_urgent(p);
     }
     int64_t failed = call->failed;
     if (b == &p->caller_bounce) p->caller_bounce_busy = 0;
