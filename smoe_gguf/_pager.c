@@ -562,14 +562,15 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     int64_t n_jobs = 0;
     pthread_mutex_lock(p->lock);
     for (int32_t i = 0; i < n_taken; i++) add_jobs(p, layer, queued[i], p->jobs, &n_jobs);
-    p->start(p->pool, &call, p->jobs, n_jobs, 1);
+    /* the last start is SMOE_URGENT_LAST: this thread finishes the call next and reads an entry itself */
+    p->start(p->pool, &call, p->jobs, n_jobs, n_miss ? 1 : SMOE_URGENT_LAST);
     if (n_victim > n_miss) evict_victims(p, victim + n_miss, n_victim - n_miss, layer, NULL, 0, now);
     for (int32_t i = 0; i < n_miss; i++) {
         int64_t first = n_jobs;
         if (i < n_victim) evict_victims(p, victim + i, 1, layer, miss + i, 1, now);
         p->ledger[0] += cost;
         add_jobs(p, layer, miss[i], p->jobs, &n_jobs);
-        p->start(p->pool, &call, p->jobs + first, n_jobs - first, 1);
+        p->start(p->pool, &call, p->jobs + first, n_jobs - first, i + 1 < n_miss ? 1 : SMOE_URGENT_LAST);
     }
     pthread_mutex_unlock(p->lock);
     if ((uint64_t)p->ledger[0] > p->peak) p->peak = (uint64_t)p->ledger[0];

@@ -17,8 +17,10 @@
  * whole-leaf prefetches of MiBs under way a gate's own read would get a fraction of the disk,
  * while small parts need several reads at once to keep the disk busy at all.
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
- * reads the call's urgent jobs that no worker has taken yet itself: a gate with one miss then
- * reads it on its own thread, with no worker to wake and no wake-up back.
+ * reads the call's urgent jobs that no worker has taken yet itself. A caller that finishes the
+ * call next (SMOE_URGENT_LAST: smoe_pool_run, the pager's gate) wakes a worker for each entry but
+ * one, which it reads itself: a gate with one miss reads it on its own thread, with no worker to
+ * wake, none woken to find it gone, and no wake-up back.
  *
  * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
  * block-aligned head of a part whose destination and file offset are block-aligned is read
@@ -97,6 +99,7 @@ struct smoe_pool {
     int64_t urgent_jobs, background_jobs;
     int64_t chains, chained_jobs;        /* chains read with one preadv, and their jobs */
     int64_t caller_jobs;                 /* urgent jobs read by the thread waiting for them */
+    int64_t idle_wakes;                  /* times a worker woke and found nothing it could start */
     struct bounce caller_bounce;         /* the bounce buffer of such a thread ... */
     int32_t caller_bounce_busy;          /* ... while one uses it (another then makes its own) */
 };
@@ -471,8 +474,12 @@ static void *worker(void *arg) {
     struct bounce b = {NULL, 0};
     pthread_mutex_lock(&p->lock);
     for (;;) {
-        while (!p->closing && (p->head[0] == NULL || p->held > 1) && !background_may_start(p))
+        int waited = 0;
+        while (!p->closing && (p->head[0] == NULL || p->held > 1) && !background_may_start(p)) {
+            p->idle_wakes += waited;
             pthread_cond_wait(&p->work, &p->lock);
+            waited = 1;
+        }
         if (p->closing) break;
         int q = p->head[0] != NULL && p->held < 2 ? 0 : 1;
         struct smoe_job *j = p->head[q];
@@ -575,6 +582,14 @@ int64_t smoe_pool_chains(struct smoe_pool *p) {
     return n;
 }
 
+/* Times a worker woke and found nothing it could start, since the pool started. */
+int64_t smoe_pool_idle_wakes(struct smoe_pool *p) {
+    pthread_mutex_lock(&p->lock);
+    int64_t n = p->idle_wakes;
+    pthread_mutex_unlock(&p->lock);
+    return n;
+}
+
 /* Urgent jobs read by the thread that waited for them (smoe_pool_finish) since the pool started. */
 int64_t smoe_pool_caller_jobs(struct smoe_pool *p) {
     pthread_mutex_lock(&p->lock);
@@ -587,7 +602,9 @@ int64_t smoe_pool_caller_jobs(struct smoe_pool *p) {
 int32_t smoe_pool_library_sha256(const struct smoe_pool *p) { return p->sha256 != NULL; }
 
 /* Queue n jobs as part of `call` (urgent: ahead of every background job) and return at once;
-   a call may be started several times before it is finished. The jobs must stay put until then. */
+   a call may be started several times before it is finished. The jobs must stay put until then.
+   urgent = SMOE_URGENT_LAST: urgent, and the caller finishes the call next (smoe_pool_finish),
+   where it reads the entries no worker has taken: one worker fewer is woken. */
 void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_job *jobs, int64_t n, int32_t urgent) {
     if (n <= 0) return;
     if (!call->started && call->on_done == NULL) {
@@ -616,8 +633,9 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
     }
     if (urgent) p->urgent_jobs += n;
     else p->background_jobs += n;
-    /* a worker per entry: waking them all would have every idle one find the queue empty but one */
-    for (int32_t i = 0; i < entries && i < p->n_threads; i++) pthread_cond_signal(&p->work);
+    /* a worker per entry (waking them all would have every idle one find the queue empty but one),
+       but the one its caller reads itself */
+    for (int32_t i = urgent == SMOE_URGENT_LAST; i < entries && i < p->n_threads; i++) pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -741,7 +759,7 @@ int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
 int64_t smoe_pool_run(struct smoe_pool *p, struct smoe_job *jobs, int64_t n, int32_t urgent) {
     struct smoe_call call;
     memset(&call, 0, sizeof call);
-    smoe_pool_start(p, &call, jobs, n, urgent);
+    smoe_pool_start(p, &call, jobs, n, urgent ? SMOE_URGENT_LAST : 0);
     return smoe_pool_finish(p, &call);
 }
 

@@ -40,6 +40,9 @@ struct smoe_call {
     void (*on_done)(struct smoe_call *call);
 };
 
+/* smoe_pool_start's `urgent`: urgent, and the caller calls smoe_pool_finish next (it reads an entry itself) */
+#define SMOE_URGENT_LAST 2
+
 /* smoe_pool_start's and smoe_pool_finish's signatures (the pager gets their addresses from Python) */
 typedef void (*smoe_pool_start_fn)(void *pool, struct smoe_call *call, struct smoe_job *jobs, int64_t n,
                                    int32_t urgent);

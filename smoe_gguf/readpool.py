@@ -110,7 +110,7 @@ def _lib() -> ctypes.CDLL:
         lib.smoe_pool_set_background_entries.argtypes = [c_void_p, c_int32]
         lib.smoe_pool_hold.restype = None
         lib.smoe_pool_hold.argtypes = [c_void_p, c_int32]
-        for name in ("smoe_pool_chains", "smoe_pool_caller_jobs"):
+        for name in ("smoe_pool_chains", "smoe_pool_caller_jobs", "smoe_pool_idle_wakes"):
             getattr(lib, name).restype = c_int64
             getattr(lib, name).argtypes = [c_void_p]
         lib.smoe_pool_library_sha256.restype = c_int32
@@ -197,6 +197,13 @@ class ReadPool:
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return int(self._lib.smoe_pool_caller_jobs(self._pool))
+
+    @property
+    def idle_wakes(self) -> int:
+        """Times a worker woke and found nothing it could start, so far."""
+        if self._pool is None:
+            raise SmoeError("the read pool is closed")
+        return int(self._lib.smoe_pool_idle_wakes(self._pool))
 
     def set_background_entries(self, n: int) -> int:
         """Let up to ``n`` background reads (whole entries: a leaf's parts) start whatever

@@ -167,6 +167,22 @@ def test_a_caller_reads_its_own_urgent_reads_that_no_worker_has_taken(tmp_path: 
         os.close(fd)
 
 
+def test_a_lone_urgent_read_wakes_no_worker(tmp_path: Path) -> None:
+    """A call of one urgent read (a gate's lone miss) is read by the thread that waits for it: no
+    worker is woken for it, so none wakes to find it gone."""
+    data, fd, _direct = _shard(tmp_path, 3, 1 << 16)
+    raw, base = _aligned(len(data))
+    pool = ReadPool(2)
+    try:
+        for _ in range(20):
+            assert [o.status for o in pool.run([Read(fd, False, 0, len(data), base, None)], urgent=True)] == [0]
+        assert ctypes.string_at(base, len(data)) == data
+        assert (pool.caller_jobs, pool.idle_wakes) == (20, 0)
+    finally:
+        pool.close()
+        os.close(fd)
+
+
 def test_a_batch_of_parts_is_read_at_once_and_the_failing_part_is_named(tmp_path: Path) -> None:
     blob = bytes(range(256)) * 64  # 16 KiB
     shard = tmp_path / "leaves.bin"
