@@ -79,7 +79,8 @@ class Generation:
 PROMPT_UBATCH = 2048  # the prompt micro-batch while paging with a budget that holds a layer of experts
 WARM_PRIORITY = 0.05  # the profile's warm start: read only when nothing likelier is queued
 # prefetched leaves read at once, while no gate reads, when tokens are decoded with speculation (1
-# for prompts); beyond one, and while a gate reads, the reader pool's byte cap applies
+# for prompts); beyond one, and while a gate reads, the reader pool's byte cap applies. A budget
+# that holds every leaf lets every reader read its fill (--io-depth leaves at once).
 DECODE_PREFETCH_LEAVES = 2
 
 
@@ -450,7 +451,8 @@ class Engine:
             self.token_memo.start_prompt(tokens)
         if len(tokens) > 1 and self.gate.observers:
             self.gate.observing = True  # the prompt's branch is found by observing its first layers
-        self._prefetch_leaves(DECODE_PREFETCH_LEAVES if decoded and self.speculator is not None else 1)
+        self._prefetch_leaves(self.source.store.io_depth if not self.paging
+                              else DECODE_PREFETCH_LEAVES if decoded and self.speculator is not None else 1)
         if len(tokens) > 1:
             if self.spec_native is not None:
                 self.spec_native.stop()  # a prompt is observed in Python
@@ -508,7 +510,7 @@ class Engine:
 
     def _prefetch_leaves(self, n: int) -> None:
         """Let ``n`` prefetched leaves be read at once from now on (set only when it changes)."""
-        if n != self._background_entries and self.paging:
+        if n != self._background_entries:
             self.source.store.set_background_entries(n)
             self._background_entries = n
 

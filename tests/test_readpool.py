@@ -226,19 +226,21 @@ def test_the_fast_checksum_is_what_a_first_read_checks_where_the_pack_has_it(tmp
         store.close()
 
 
-def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_and_prompts_one(pack_of,
+def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_prompts_one_and_a_fill_all(pack_of,
                                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
     """With speculation, the reader pool lets two prefetched leaves be read at once while tokens
     are decoded (engine.DECODE_PREFETCH_LEAVES) and one while a prompt is, set only when that
-    changes; without speculation the pool keeps its default of one."""
+    changes; without speculation the pool keeps its default of one. A budget that holds every
+    leaf lets every reader read its fill, from the first prompt on."""
     calls: list[int] = []
     real = LeafStore.set_background_entries
     monkeypatch.setattr(LeafStore, "set_background_entries", lambda self, n: calls.append(n) or real(self, n))
     pack = pack_of("qwen3moe", "q4_k")
-    for speculate, want in ((True, [2, 1, 2]), (False, [])):
+    for budget, speculate, want in (("25%", True, [2, 1, 2]), ("25%", False, []), ("100%", True, [3]),
+                                    ("100%", False, [3])):
         calls.clear()
-        with Engine(pack, budget="25%", n_ctx=256, n_threads=2, profile=None, speculate=speculate) as eng:
-            assert eng.paging
+        with Engine(pack, budget=budget, n_ctx=256, n_threads=2, profile=None, speculate=speculate, io_depth=3) as eng:
+            assert eng.paging == (budget != "100%")
             for prompt in (PROMPT, " And then"):
                 eng.generate(prompt, 4)
         assert calls == want
