@@ -164,66 +164,53 @@ class ReadPool:
         """Read every part of ``reads`` (urgent: ahead of queued background batches); their outcomes."""
         if not reads:
             return []
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
         jobs = (_Job * len(reads))()
         for j, r in zip(jobs, reads, strict=True):
             j.fd, j.direct, j.offset, j.length, j.dest = r.fd, int(r.direct), r.offset, r.length, r.dest
             j.sha256 = r.sha256
             if r.xxh64 is not None:
                 j.xxh64, j.check_xxh64 = r.xxh64, 1
-        self._lib.smoe_pool_run(self._pool, jobs, len(reads), 1 if urgent else 0)
+        self._lib.smoe_pool_run(self.address, jobs, len(reads), 1 if urgent else 0)
         return [Outcome(j.status, j.bytes_read, bool(j.in_place), j.read_seconds, j.hash_seconds) for j in jobs]
 
     @property
     def peak_background(self) -> int:
         """The most background reads that ran at once so far (never more than :attr:`workers`)."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        return int(self._lib.smoe_pool_peak_background(self._pool))
+        return int(self._lib.smoe_pool_peak_background(self.address))
 
     @property
     def chains(self) -> int:
         """Runs of reads that followed each other on disk (a leaf's parts) and were read with one
         ``preadv`` each, so far."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        return int(self._lib.smoe_pool_chains(self._pool))
+        return int(self._lib.smoe_pool_chains(self.address))
 
     @property
     def caller_jobs(self) -> int:
         """Urgent reads that the thread waiting for them read itself (no worker had taken them
         yet), so far."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        return int(self._lib.smoe_pool_caller_jobs(self._pool))
+        return int(self._lib.smoe_pool_caller_jobs(self.address))
 
     @property
     def idle_wakes(self) -> int:
         """Times a worker woke and found nothing it could start, so far."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        return int(self._lib.smoe_pool_idle_wakes(self._pool))
+        return int(self._lib.smoe_pool_idle_wakes(self.address))
 
     def set_background_entries(self, n: int) -> int:
         """Let up to ``n`` background reads (whole entries: a leaf's parts) start whatever
         :attr:`background_cap` says while no urgent read is queued or under way, at most
         :attr:`workers` (1, the default: one always may); returns the number set."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        return int(self._lib.smoe_pool_set_background_entries(self._pool, n))
+        return int(self._lib.smoe_pool_set_background_entries(self.address, n))
 
     def hold(self, held: bool, urgent: bool = False) -> None:
         """Keep background reads queued (True) or let them start (False); urgent ones run either
         way, read by the workers or, with ``urgent`` held too, only by the thread that waits for
         them."""
-        if self._pool is None:
-            raise SmoeError("the read pool is closed")
-        self._lib.smoe_pool_hold(self._pool, (2 if urgent else 1) if held else 0)
+        self._lib.smoe_pool_hold(self.address, (2 if urgent else 1) if held else 0)
 
     @property
     def address(self) -> int:
-        """The native pool (for native callers of ``smoe_pool_start``)."""
+        """The native pool (for native callers of ``smoe_pool_start``, and every call here); a
+        closed pool raises."""
         if self._pool is None:
             raise SmoeError("the read pool is closed")
         return self._pool

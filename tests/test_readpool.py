@@ -246,6 +246,22 @@ def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_prompts_one
         assert calls == want
 
 
+def test_a_closed_pool_says_so(tmp_path: Path) -> None:
+    """Every call on a closed pool raises the same error instead of touching freed memory."""
+    data, fd, _direct = _shard(tmp_path, 4, 4096)
+    raw, base = _aligned(len(data))
+    pool = ReadPool(1)
+    pool.close()
+    try:
+        for call in (lambda: pool.run([Read(fd, False, 0, len(data), base, None)], urgent=True),
+                     lambda: pool.hold(True), lambda: pool.set_background_entries(2),
+                     lambda: pool.caller_jobs, lambda: pool.idle_wakes, lambda: pool.address):
+            with pytest.raises(SmoeError, match="the read pool is closed"):
+                call()
+    finally:
+        os.close(fd)
+
+
 def test_io_depth_out_of_range_is_refused() -> None:
     with pytest.raises(SmoeError, match="io depth must be 1 to 64"):
         ReadPool(0)
