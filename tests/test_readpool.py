@@ -226,8 +226,8 @@ def test_the_fast_checksum_is_what_a_first_read_checks_where_the_pack_has_it(tmp
         store.close()
 
 
-def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_prompts_one_and_a_fill_all(pack_of,
-                                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+def test_decoded_tokens_prefetch_two_leaves_at_once_with_speculation_prompts_one_and_a_fill_all(
+        pack_of, monkeypatch: pytest.MonkeyPatch) -> None:
     """With speculation, the reader pool lets two prefetched leaves be read at once while tokens
     are decoded (engine.DECODE_PREFETCH_LEAVES) and one while a prompt is, set only when that
     changes; without speculation the pool keeps its default of one. A budget that holds every
