@@ -640,6 +640,80 @@ def make_cgroup(limit: int, name: str) -> tuple[Path | None, str]:
     return None, f"unavailable: {reason}"
 
 
+def parse_rate(text: str) -> int:
+    """Bytes a second from ``1G``, ``500M``, ``800000000`` (decimal units, as disks are rated)."""
+    t = text.strip().upper().removesuffix("/S").removesuffix("B")
+    scale = {"K": 10**3, "M": 10**6, "G": 10**9, "T": 10**12}.get(t[-1:], 1)
+    try:
+        rate = int(float(t[:-1] if scale > 1 else t) * scale)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}: give bytes a second, e.g. 1G or 500M") from None
+    if rate <= 0:
+        raise argparse.ArgumentTypeError(f"bad rate {text!r}: it must be above 0")
+    return rate
+
+
+def whole_disk(path: Path) -> str | None:
+    """``MAJ:MIN`` of the disk holding ``path`` (a partition's disk), or None where it is on none."""
+    dev = os.stat(path).st_dev
+    sysdir = Path(f"/sys/dev/block/{os.major(dev)}:{os.minor(dev)}")
+    try:
+        if (sysdir / "partition").exists():
+            sysdir = sysdir.resolve().parent
+        return (sysdir / "dev").read_text().strip() or None
+    except OSError:
+        return None
+
+
+def cap_reads(path: Path, rate: int, name: str) -> tuple[Path | None, Path | None, str]:
+    """Move this process, and so every row it spawns from now on, into a child block-I/O cgroup
+    whose reads from the disk holding ``path`` are throttled to ``rate`` bytes a second:
+    (the cgroup, the one this process came from, "") or (None, None, why not). A disk read at
+    a steady rate below its own makes rows compare without its drift (docs/bench.md);
+    :func:`uncap_reads` undoes it."""
+    if not sys.platform.startswith("linux"):
+        return None, None, f"unavailable: no block-I/O cgroups on {sys.platform}"
+    disk = whole_disk(path)
+    if disk is None:
+        return None, None, f"unavailable: {path} is not on a block device"
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError as e:
+        return None, None, f"unavailable: /proc/self/cgroup: {e.strerror}"
+    v1 = [ln.split(":", 2)[2] for ln in lines if "blkio" in ln.split(":", 2)[1].split(",")]
+    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    if v1 and Path("/sys/fs/cgroup/blkio").is_dir():
+        home, knob, value = Path("/sys/fs/cgroup/blkio") / v1[0].lstrip("/"), "blkio.throttle.read_bps_device", \
+            f"{disk} {rate}"
+    elif v2 and Path("/sys/fs/cgroup/cgroup.controllers").is_file():
+        home, knob, value = Path("/sys/fs/cgroup") / v2[0].lstrip("/"), "io.max", f"{disk} rbps={rate}"
+    else:
+        return None, None, "unavailable: no block-I/O cgroup controller mounted"
+    d = home / name
+    try:
+        if knob == "io.max" and "io" not in (home / "cgroup.subtree_control").read_text().split():
+            (home / "cgroup.subtree_control").write_text("+io\n")
+        d.mkdir()
+    except OSError as e:
+        return None, None, f"unavailable: cannot create {d}: {e.strerror}"
+    try:
+        (d / knob).write_text(f"{value}\n")
+        (d / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    except OSError as e:
+        d.rmdir()
+        return None, None, f"unavailable: cannot set {d / knob}: {e.strerror}"
+    return d, home, ""
+
+
+def uncap_reads(d: Path, home: Path) -> None:
+    """Move this process back to ``home`` and remove the cgroup :func:`cap_reads` made."""
+    try:
+        (home / "cgroup.procs").write_text(f"{os.getpid()}\n")
+    except OSError:
+        pass
+    remove_cgroup(d)
+
+
 def cgroup_peak(d: Path) -> int | None:
     for knob in ("memory.max_usage_in_bytes", "memory.peak"):
         try:
@@ -1314,6 +1388,22 @@ class Bench:
         for m in models:
             if not m.is_file():
                 raise SystemExit(f"no such model: {m}")
+        capped: tuple[Path, Path] | None = None
+        if a.read_cap:
+            d, home, why = cap_reads(models[0], a.read_cap, f"smoe-bench-io-{os.getpid()}")
+            if d is None or home is None:
+                raise SystemExit(f"--read-cap: {why}")
+            capped = (d, home)
+            self.notes.append(f"reads from the disk holding {models[0]} capped at {a.read_cap / 1e9:g} GB/s for every "
+                              "row and the disk probe (a block-I/O cgroup's throttle, --read-cap)")
+        try:
+            return self._run(models)
+        finally:
+            if capped is not None:
+                uncap_reads(*capped)
+
+    def _run(self, models: list[Path]) -> dict[str, Any]:
+        a = self.a
         load0 = os.getloadavg()
         print("measuring memory bandwidth", flush=True)
         mem_bw = measure_mem_bw()
@@ -1442,6 +1532,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                     help="row (b) where smoe-gguf's rows failed: bytes on top of budget + core")
     ap.add_argument("--drop", choices=("global", "files"), default="global", help="how to drop the page cache")
     ap.add_argument("--no-pack", action="store_true", help="run smoe-gguf on the GGUF even where a pack exists")
+    ap.add_argument("--read-cap", type=parse_rate, default=None,
+                    help="throttle reads from the models' disk to this many bytes a second (e.g. 1G) for every row, "
+                         "through a block-I/O cgroup (Linux, root): rows then compare at a steady disk")
     ap.add_argument("--row-timeout", type=int, default=900, help="kill a row's process after this many seconds")
     ap.add_argument("--row-seconds", type=float, default=60.0,
                     help="stop a row's decoding after this many seconds in all, split over its prompts, counted from "

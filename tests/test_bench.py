@@ -207,6 +207,49 @@ def test_cgroup_unavailable(monkeypatch: pytest.MonkeyPatch) -> None:
     assert d is None and why.startswith("unavailable:")
 
 
+@pytest.mark.parametrize(("text", "rate"), [("1G", 10**9), ("500M", 5 * 10**8), ("1.5GB/s", 15 * 10**8),
+                                             ("800000000", 8 * 10**8), ("64k", 64000)])
+def test_parse_rate(text: str, rate: int) -> None:
+    assert bench.parse_rate(text) == rate
+
+
+@pytest.mark.parametrize("text", ["fast", "0", "-1G", "G"])
+def test_parse_rate_refuses(text: str) -> None:
+    with pytest.raises(bench.argparse.ArgumentTypeError, match="bad rate"):
+        bench.parse_rate(text)
+
+
+def test_read_cap_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setattr(bench.sys, "platform", "darwin")
+    assert bench.cap_reads(tmp_path, 10**9, "smoe-bench-test") == (None, None, "unavailable: no block-I/O cgroups "
+                                                                               "on darwin")
+    monkeypatch.setattr(bench.sys, "platform", "linux")
+    monkeypatch.setattr(bench, "whole_disk", lambda path: None)
+    d, home, why = bench.cap_reads(tmp_path, 10**9, "smoe-bench-test")
+    assert d is None and why == f"unavailable: {tmp_path} is not on a block device"
+    monkeypatch.setattr(bench, "whole_disk", lambda path: "254:0")
+    monkeypatch.setattr(bench, "Path", _NoCgroupPath)
+    d, home, why = bench.cap_reads(tmp_path, 10**9, "smoe-bench-test")
+    assert d is None and why == "unavailable: no block-I/O cgroup controller mounted"
+
+
+def test_read_cap_moves_this_process_and_back(tmp_path: Path) -> None:
+    """Where this machine lets the test make a block-I/O cgroup: the process is in it, with the
+    throttle set for its disk (a rate no disk reaches), and back where it was afterwards."""
+    before = Path("/proc/self/cgroup").read_text() if sys.platform.startswith("linux") else ""
+    d, home, why = bench.cap_reads(tmp_path, 10**13, "smoe-bench-test-cap")
+    if d is None or home is None:
+        pytest.skip(why)
+    try:
+        assert "smoe-bench-test-cap" in Path("/proc/self/cgroup").read_text()
+        knob = d / ("io.max" if (d / "io.max").exists() else "blkio.throttle.read_bps_device")
+        assert bench.whole_disk(tmp_path) in knob.read_text() and "10000000000000" in knob.read_text()
+    finally:
+        bench.uncap_reads(d, home)
+    assert not d.exists()
+    assert Path("/proc/self/cgroup").read_text() == before
+
+
 class _NoCgroupPath(type(Path())):  # type: ignore[misc]
     """A Path under which no cgroup file system exists."""
 
