@@ -38,7 +38,7 @@ import numpy as np
 from .errors import SmoeError
 
 DEFAULT_POLICY = "lfru"
-LFRU_HALF_LIFE = 16.0  # passes over the layers (n_layer gates each)
+LFRU_HALF_LIFE = 32.0  # passes over the layers (n_layer gates each); measured live (docs/prediction.md)
 
 
 @dataclass
