@@ -338,8 +338,10 @@ def disk_curve_text(curve: dict[str, Any]) -> str:
     whole = curve.get("leaves")
     leaves = f"; whole {_span_size(whole)} leaves {_points(whole)}" if whole else ""
     of = " of whole leaves" if curve.get("best_of") == "leaves" else ""
-    rows = curve.get("rows_best")
-    uses = (f"{rows / 1e9:.2f} (a smoe-gguf run's decode; the fastest sweep{of} {curve['best'] / 1e9:.2f}, "
+    rows, cap = curve.get("rows_best"), curve.get("capped")
+    uses = (f"{cap / 1e9:g} (the read cap; the fastest sweep{of} {curve['best'] / 1e9:.2f}, "
+            f"{curve['best_readers']} readers)" if cap else
+            f"{rows / 1e9:.2f} (a smoe-gguf run's decode; the fastest sweep{of} {curve['best'] / 1e9:.2f}, "
             f"{curve['best_readers']} readers)" if rows else
             f"{curve['best'] / 1e9:.2f} (the fastest sweep{of}, {curve['best_readers']} readers)")
     return (f"{how} random reads of its {_span_size(curve)} parts, {curve['bytes_per_level'] / 2**20:.0f} MiB "
@@ -638,6 +640,13 @@ def make_cgroup(limit: int, name: str) -> tuple[Path | None, str]:
             reason = f"cannot set {d / knob}: {e.strerror}"
             remove_cgroup(d)
     return None, f"unavailable: {reason}"
+
+
+def disk_bound(probe: float, seen: float, cap: int | None) -> float:
+    """The disk bandwidth the limits use: the probe's best, or what a run read if faster, and never
+    more than a read cap (``--read-cap``), whose throttle lets bursts through faster than its rate."""
+    best = max(probe, seen)
+    return float(min(best, cap)) if cap else best
 
 
 def parse_rate(text: str) -> int:
@@ -1323,7 +1332,13 @@ class Bench:
             self.notes.append(f"{name}: a smoe-gguf run read the disk at {seen / 1e9:.2f} GB/s over its decode or while "
                               f"the disk was busy, faster than the probe's best {disk_bw / 1e9:.2f} GB/s; the limits "
                               f"use {seen / 1e9:.2f}")
-            disk_bw = self.disk[name]["rows_best"] = seen
+            self.disk[name]["rows_best"] = seen
+        bound = disk_bound(disk_bw, seen, a.read_cap)
+        if bound < max(disk_bw, seen):
+            self.disk[name]["capped"] = bound
+            self.notes.append(f"{name}: the limits use the read cap, {bound / 1e9:g} GB/s: the probe and the runs "
+                              "read faster in the throttle's bursts than it lets through over time")
+        disk_bw = bound
         # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
         def limit(missed: float) -> dict[str, Any]:
             return {"decode_tps": physical_limit_tps(active, missed, mem_bw, disk_bw), "bytes_per_token": missed,

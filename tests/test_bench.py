@@ -79,6 +79,8 @@ def test_the_disk_bound_is_at_least_what_a_run_read() -> None:
     assert "limit uses 1.20 (the fastest sweep" in bench.disk_curve_text(curve)
     assert "limit uses 2.00 (a smoe-gguf run's decode; the fastest sweep 1.20" in bench.disk_curve_text(
         {**curve, "rows_best": 2e9})
+    assert "limit uses 1 (the read cap; the fastest sweep 1.20" in bench.disk_curve_text(
+        {**curve, "rows_best": 2e9, "capped": 1e9})
 
 
 def test_same_tokens_compares_the_common_prefix() -> None:
@@ -217,6 +219,13 @@ def test_parse_rate(text: str, rate: int) -> None:
 def test_parse_rate_refuses(text: str) -> None:
     with pytest.raises(bench.argparse.ArgumentTypeError, match="bad rate"):
         bench.parse_rate(text)
+
+
+def test_disk_bound_is_the_fastest_seen_under_the_cap() -> None:
+    assert bench.disk_bound(1.4e9, 2.3e9, None) == 2.3e9
+    assert bench.disk_bound(2.6e9, 2.3e9, None) == 2.6e9
+    assert bench.disk_bound(1.4e9, 2.3e9, 10**9) == 1e9
+    assert bench.disk_bound(0.8e9, 0.5e9, 10**9) == 0.8e9
 
 
 def test_read_cap_unavailable(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
