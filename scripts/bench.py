@@ -599,6 +599,18 @@ class Energy:
 # ------------------------------------------------------------------------------ cgroups
 
 
+def own_cgroups(controller: str) -> tuple[list[str], list[str]] | str:
+    """This process's cgroup paths from ``/proc/self/cgroup``: in the v1 hierarchy of
+    ``controller``, and in the v2 one (each a list of at most one), or why they cannot be read."""
+    try:
+        lines = Path("/proc/self/cgroup").read_text().splitlines()
+    except OSError as e:
+        return f"unavailable: /proc/self/cgroup: {e.strerror}"
+    v1 = [ln.split(":", 2)[2] for ln in lines if controller in ln.split(":", 2)[1].split(",")]
+    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    return v1, v2
+
+
 def make_cgroup(limit: int, name: str) -> tuple[Path | None, str]:
     """A child memory cgroup of this process's own with ``limit`` bytes: (its directory, "") or
     (None, why not)."""
@@ -606,12 +618,10 @@ def make_cgroup(limit: int, name: str) -> tuple[Path | None, str]:
         return None, "unavailable: macOS has no memory cgroups"
     if not sys.platform.startswith("linux"):
         return None, f"unavailable: no memory cgroups on {sys.platform}"
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError as e:
-        return None, f"unavailable: /proc/self/cgroup: {e.strerror}"
-    v1 = [ln.split(":", 2)[2] for ln in lines if ln.split(":", 2)[1] == "memory"]
-    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    own = own_cgroups("memory")
+    if isinstance(own, str):
+        return None, own
+    v1, v2 = own
     candidates: list[tuple[Path, str]] = []
     if v1 and Path("/sys/fs/cgroup/memory").is_dir():
         candidates += [(Path("/sys/fs/cgroup/memory") / v1[0].lstrip("/"), "memory.limit_in_bytes"),
@@ -685,12 +695,10 @@ def cap_reads(path: Path, rate: int, name: str) -> tuple[Path | None, Path | Non
     disk = whole_disk(path)
     if disk is None:
         return None, None, f"unavailable: {path} is not on a block device"
-    try:
-        lines = Path("/proc/self/cgroup").read_text().splitlines()
-    except OSError as e:
-        return None, None, f"unavailable: /proc/self/cgroup: {e.strerror}"
-    v1 = [ln.split(":", 2)[2] for ln in lines if "blkio" in ln.split(":", 2)[1].split(",")]
-    v2 = [ln.split(":", 2)[2] for ln in lines if ln.startswith("0::")]
+    own = own_cgroups("blkio")
+    if isinstance(own, str):
+        return None, None, own
+    v1, v2 = own
     if v1 and Path("/sys/fs/cgroup/blkio").is_dir():
         home, knob, value = Path("/sys/fs/cgroup/blkio") / v1[0].lstrip("/"), "blkio.throttle.read_bps_device", \
             f"{disk} {rate}"
@@ -1328,16 +1336,16 @@ class Bench:
 
         # a bound must not fall below what the disk did: where a row read faster than the probe saw
         seen = rows_read_rate(smoe_rows)
-        if seen > disk_bw:
-            self.notes.append(f"{name}: a smoe-gguf run read the disk at {seen / 1e9:.2f} GB/s over its decode or while "
-                              f"the disk was busy, faster than the probe's best {disk_bw / 1e9:.2f} GB/s; the limits "
-                              f"use {seen / 1e9:.2f}")
-            self.disk[name]["rows_best"] = seen
         bound = disk_bound(disk_bw, seen, a.read_cap)
         if bound < max(disk_bw, seen):
             self.disk[name]["capped"] = bound
             self.notes.append(f"{name}: the limits use the read cap, {bound / 1e9:g} GB/s: the probe and the runs "
                               "read faster in the throttle's bursts than it lets through over time")
+        elif seen > disk_bw:
+            self.notes.append(f"{name}: a smoe-gguf run read the disk at {seen / 1e9:.2f} GB/s over its decode or while "
+                              f"the disk was busy, faster than the probe's best {disk_bw / 1e9:.2f} GB/s; the limits "
+                              f"use {seen / 1e9:.2f}")
+            self.disk[name]["rows_best"] = seen
         disk_bw = bound
         # physical limits: no misses; per budget, smoe-gguf's fewest missed bytes per token and Belady's
         def limit(missed: float) -> dict[str, Any]:
