@@ -50,6 +50,7 @@ struct smoe_gate {
     uint64_t *clock;         /* [1]: +1 per top-k gate (shared with Python's ticks) */
     double *freq;            /* [n_layer * n_expert]: lfru's score as of the last use (policy.py) */
     double half_life;        /* of that score, in gates */
+    double token_weight;     /* added to it per token beyond the first that picks a leaf in one gate */
     uint64_t fast_hits;      /* leaf hits served here (distinct per gate) */
     uint64_t fast_gates;     /* top-k gates served here */
     int32_t *ids;            /* scratch for the ids, ids_cap int32s */
@@ -157,6 +158,8 @@ bool smoe_gate_cb(void *t, bool ask, void *user_data) {
             if (g->last_use[k] != now) {
                 smoe_stamp_use(g->freq, g->last_use, g->uses, k, now, g->half_life);
                 hits++;
+            } else {  /* another token of the gate picked it */
+                g->freq[k] += g->token_weight;
             }
         }
     }

@@ -627,6 +627,17 @@ int smoe_pager_serve(struct smoe_pager *p, int32_t layer, const int32_t *ids, in
     for (int32_t i = 0; i < n_w; i++) {
         smoe_stamp_use(p->freq, p->last_use, p->uses, base + wanted[i], now, p->half_life);
     }
+    if (rows > 1) {  /* each token after the first that picked a leaf: mark 2 once its first is seen */
+        for (int64_t r = 0; r < rows; r++) {
+            for (int64_t c = 0; c < cols; c++) {
+                int64_t k = base + ids[r * row_stride + c];
+                if (mark[k] == 2)
+                    p->freq[k] += p->token_weight;
+                else
+                    mark[k] = 2;
+            }
+        }
+    }
     int32_t n_missed = n_miss + n_taken + n_loading;
     uint64_t hits = (uint64_t)(n_w - n_missed);
     *gate_hits += hits;

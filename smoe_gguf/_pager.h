@@ -55,6 +55,7 @@ struct smoe_pager {
     int32_t enabled;           /* 0: every miss goes to Python */
     int32_t policy;            /* SMOE_POLICY_* */
     double half_life;          /* lfru: in gates (the access state's) */
+    double token_weight;       /* lfru: per token beyond the first that picks a leaf in one gate */
     int32_t n_layer, n_expert, n_parts;  /* n_parts: the most parts a leaf has */
     int32_t can_move;          /* evicted pages may move to the incoming slice (mremap) */
     int32_t check_always;      /* 1: check every read; 0: a part's first read only */

@@ -72,6 +72,7 @@ class _GateStruct(Structure):
         ("clock", POINTER(c_uint64)),
         ("freq", POINTER(c_double)),
         ("half_life", c_double),
+        ("token_weight", c_double),
         ("fast_hits", c_uint64),
         ("fast_gates", c_uint64),
         ("ids", POINTER(c_int32)),
@@ -149,6 +150,7 @@ class Gate:
         st.off_name = abi.TENSOR_NAME_OFFSET
         st.n_layer, st.n_expert = s.n_layer, s.n_expert
         st.half_life = s.half_life
+        st.token_weight = s.token_weight
         for name in ("resident", "last_use", "uses", "clock", "freq", "node_wanted"):
             arr = getattr(s, name)
             if not arr.flags.c_contiguous:

@@ -84,6 +84,7 @@ class _PagerStruct(Structure):
         ("enabled", c_int32),
         ("policy", c_int32),
         ("half_life", c_double),
+        ("token_weight", c_double),
         ("n_layer", c_int32),
         ("n_expert", c_int32),
         ("n_parts", c_int32),
@@ -202,6 +203,7 @@ class NativePager:
         st = _PagerStruct()
         st.policy = POLICY_CODES[r.policy.name]
         st.half_life = s.half_life
+        st.token_weight = s.token_weight
         st.n_layer, st.n_expert, st.n_parts = L, E, P
         st.check_always = 1 if store.checksums == "always" else 0
         st.thp_advise = 1 if _MADV_NOHUGEPAGE is not None else 0  # as the X-Slot does for its own mappings

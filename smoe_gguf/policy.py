@@ -16,6 +16,9 @@ Policies:
     layers; evict the lowest score. A leaf used often survives a burst of one-off leaves that
     plain LRU would keep, and a burst of uses long ago fades. The score is kept as
     :attr:`AccessState.freq`, the sum as of the last use, and decayed to now when compared.
+    In a gate of several tokens (a prompt's micro-batch), each token after the first that picks
+    a leaf adds :data:`TOKEN_WEIGHT` more: the experts a prompt leans on are likely to serve
+    its continuation.
     Chosen over the others by replaying traces of sampled text (``smoe-gguf replay``, held-out
     prompts). While a prompt is gated in micro-batches of several tokens
     (:attr:`AccessState.scan`), least-stale's order instead:
@@ -39,6 +42,7 @@ from .errors import SmoeError
 
 DEFAULT_POLICY = "lfru"
 LFRU_HALF_LIFE = 32.0  # passes over the layers (n_layer gates each); measured live (docs/prediction.md)
+TOKEN_WEIGHT = 0.25  # lfru: added per token beyond the first that picks a leaf in one gate (replay, docs/prediction.md)
 
 
 @dataclass
@@ -56,6 +60,7 @@ class AccessState:
     node_wanted: np.ndarray  # uint8 [n_layer]: the gate stops at the layer's down node (parts in flight)
     protect: np.ndarray  # uint8: predicted for the next layers; kept while other leaves can go
     half_life: float  # of lfru's score, in gates
+    token_weight: float  # of lfru's score, per token beyond the first in a gate (TOKEN_WEIGHT)
     scan: np.ndarray  # uint8[1]: 1 while a prompt is gated in micro-batches of several tokens
 
     @classmethod
@@ -66,7 +71,7 @@ class AccessState:
             np.zeros(shape, np.uint8), np.zeros(shape, np.uint64), np.zeros(shape, np.uint32),
             np.zeros(shape, np.float64), np.zeros(1, np.uint64), np.zeros(shape, np.uint8),
             np.zeros(n_layer, np.uint8), np.zeros(shape, np.uint8), LFRU_HALF_LIFE * n_layer,
-            np.zeros(1, np.uint8),
+            TOKEN_WEIGHT, np.zeros(1, np.uint8),
         )
 
     def tick(self) -> int:
@@ -79,10 +84,14 @@ class AccessState:
         age = (now - self.last_use[index].astype(np.float64)) / self.half_life
         return self.freq[index] * np.exp2(-age)
 
-    def record(self, layer: int, experts: list[int], now: int) -> None:
-        """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate): the C gate's hit
-        path and the native pager stamp the same way (``smoe_stamp_use``)."""
-        self.freq[layer, experts] = self.decayed((layer, experts), now) + 1.0
+    def record(self, layer: int, experts: list[int], now: int, picks: np.ndarray | None = None) -> None:
+        """Stamp ``experts`` of ``layer`` as used at ``now`` (once per gate), ``picks[i]`` tokens
+        of the gate having picked ``experts[i]`` (None: one each): the C gate's hit path and the
+        native pager stamp the same way (``smoe_stamp_use``, then :attr:`token_weight` a token)."""
+        score = self.decayed((layer, experts), now) + 1.0
+        if picks is not None:
+            score += self.token_weight * (picks - 1)
+        self.freq[layer, experts] = score
         self.last_use[layer, experts] = now
         self.uses[layer, experts] += 1
 

@@ -368,7 +368,11 @@ class Residency:
         if self._down_pending:  # a layer whose down node was not gated (never expected): finish it now
             self.finish_all()
         self._drop_split()  # the layer before this one computed its down matmul
-        wanted = np.unique(ids).tolist() if ids.size > 1 else [int(ids.flat[0])]
+        if ids.size > 1:
+            uniq, picks = np.unique(ids, return_counts=True)
+            wanted = uniq.tolist()
+        else:
+            wanted, picks = [int(ids.flat[0])], None
         if self.native is not None and self.native.flying:
             awaited = [e for e in wanted if self.flight_table[layer, e] == TABLE_NATIVE]
             for e in awaited:  # native prefetches of these land (or fail: reaped) before this class reads them
@@ -417,7 +421,7 @@ class Residency:
             else:  # its read failed: the gate reads it (an error that persists is raised with its message)
                 self._charge_for_gate(key, wanted)
                 self._load(layer, [key])
-        s.record(layer, wanted, now)
+        s.record(layer, wanted, now, picks)
         if t0 is not None:
             dt = time.perf_counter() - t0
             self.stats.stall_seconds += dt

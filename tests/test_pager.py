@@ -204,19 +204,23 @@ def test_a_prompt_in_micro_batches_evicts_as_lfru_does_in_a_prompt_in_c_python_a
 
 def test_the_c_gate_and_the_pager_stamp_uses_as_the_access_state_records_them(pack_of, tmp_path: Path) -> None:
     """Last use, use count and lfru's score after a run (hits stamped by the C gate, misses by
-    the pager) equal those of the trace's gates recorded one by one in Python."""
+    the pager) equal those of the trace's gates recorded one by one in Python, a prompt's tokens
+    counted each (without them the scores differ)."""
     trace = tmp_path / "t.jsonl"
     eng, _tokens, _logits, _seen = _run(pack_of("qwen3moe", "q4_k"), "25%", "Once upon", trace=str(trace))
     with eng:
         live = eng.residency.state
         assert eng.stats().gates_with_misses_native > 0 and eng.stats().hits > 0
     data = load(trace)
-    ref = AccessState.new(live.n_layer, live.n_expert)
+    ref, once = (AccessState.new(live.n_layer, live.n_expert) for _ in range(2))
     for _pos, _n, layer, rows in data.events:
-        ref.record(layer, np.unique(rows).tolist(), ref.tick())
+        experts, picks = np.unique(rows, return_counts=True)
+        ref.record(layer, experts.tolist(), ref.tick(), picks)
+        once.record(layer, experts.tolist(), once.tick())
     assert ref.clock[0] == live.clock[0]
     assert np.array_equal(ref.last_use, live.last_use) and np.array_equal(ref.uses, live.uses)
     np.testing.assert_allclose(ref.freq, live.freq, rtol=1e-12)
+    assert not np.allclose(once.freq, live.freq, rtol=1e-6)
 
 
 def test_a_corrupt_part_read_by_the_native_pager_is_named(tiny_model, tmp_path: Path) -> None:

@@ -72,6 +72,19 @@ def test_lfru_lets_a_burst_of_uses_long_ago_fade() -> None:
     assert s.freq[0, B] == pytest.approx(1 + 2 ** (-1 / s.half_life))  # one gate between B's uses
 
 
+def test_lfru_counts_each_token_of_a_gate_that_picks_a_leaf() -> None:
+    # One gate of three tokens, two experts each: A picked by all three, D by two, B by one.
+    # Each token after the first adds TOKEN_WEIGHT, so C's miss evicts B, though all three were
+    # used at the same gate.
+    r = _books("lfru", budget_leaves=3)
+    r.on_experts(0, np.array([[A, B], [A, D], [D, A]], np.int32))
+    s = r.state
+    assert s.token_weight > 0
+    assert (s.freq[0, A], s.freq[0, D], s.freq[0, B]) == (1 + 2 * s.token_weight, 1 + s.token_weight, 1.0)
+    _gates(r, [(0, [C])])
+    assert _resident(r) == {A, C, D}
+
+
 def test_least_stale_evicts_what_layer_order_needs_last() -> None:
     # Layer 1 is being gated; layers 2 and 3 come next, layer 1 itself only after a full pass.
     s = _resident_at({(1, 0): 10, (2, 0): 3, (3, 0): 9})
