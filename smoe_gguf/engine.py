@@ -326,7 +326,8 @@ class Engine:
                     route_fit.routes_path(self.profile_path), src.model_id, src.n_expert, self.warnings.append))
             self.gate.observe(self.speculator)
         self.token_guess = TokenGuess(self.speculator) if self.speculator is not None else None
-        r.down_ahead = self.speculator is not None  # a part-by-part prompt's down parts read ahead
+        # a part-by-part prompt's down parts read ahead, and its next layer's guessed gate/up parts
+        r.down_ahead = r.up_ahead = self.speculator is not None
         self.spec_native: NativeSpeculation | None = None
         if self.speculator is not None and native and trace is None:
             self.spec_native = NativeSpeculation(self.speculator, self.gate)

@@ -111,7 +111,7 @@ class Fetcher:
     """Reads leaves with ``fill(layer, expert, stage)`` on ``workers`` background threads.
 
     ``on_landed(key, priority)`` is called (with the fetcher's lock held) when a prefetch is complete;
-    a failed read is kept in :attr:`failed` (prefetches) or :attr:`failed_down` (down parts) for the
+    a failed read is kept in :attr:`failed` (prefetches) or :attr:`failed_down` (part reads) for the
     gate thread to report or release."""
 
     def __init__(self, fill: Callable[[int, int, int | None], None],
@@ -132,6 +132,7 @@ class Fetcher:
         self._queued: dict[Key, tuple[float, int]] = {}  # key -> its live heap entry (priority, order)
         self._order = itertools.count()
         self._down_queue: deque[Key] = deque()  # down parts of leaves being gated (first)
+        self._part_stage: dict[Key, int] = {}  # a queued part read's stage where it is not 1 (down)
         self._workers: list[threading.Thread] = []
         self._closing = False
         self._gate_reading = 0  # > 0 while the gate's thread reads a miss (low prefetches wait)
@@ -172,10 +173,15 @@ class Fetcher:
                 self._gate_reading -= 1
                 self._wake.notify_all()  # the prefetches it held
 
-    def down(self, key: Key) -> None:
-        """Queue a leaf's down parts (stage 1), ahead of every prefetch."""
+    def down(self, key: Key, stage: int = 1) -> None:
+        """Queue a leaf's parts of ``stage``: its down parts (stage 1), or its gate/up parts read
+        ahead for the next layer of a prompt taken part by part (stage 0); ahead of every prefetch.
+        The other part reads' calls (:meth:`take_down`, :meth:`await_down`, :meth:`forget_down`)
+        take either."""
         with self.cv:
             self.flight[key] = DOWN
+            if stage != 1:
+                self._part_stage[key] = stage
             self._down_queue.append(key)
             self._wake.notify()
         self._ensure_worker()
@@ -208,6 +214,7 @@ class Fetcher:
         with self.cv:
             if key in self._down_queue:
                 self._down_queue.remove(key)
+                self._part_stage.pop(key, None)
                 return True
             return False
 
@@ -230,6 +237,7 @@ class Fetcher:
         with self.cv:
             if key in self._down_queue:
                 self._down_queue.remove(key)
+                self._part_stage.pop(key, None)
             while self.flight.get(key) == DOWN_LOADING:
                 self.cv.wait()
             self.flight.pop(key, None)
@@ -293,6 +301,7 @@ class Fetcher:
             self._queue.clear()
             self._queued.clear()
             self._down_queue.clear()
+            self._part_stage.clear()
             for key, st in list(self.flight.items()):
                 if st in (QUEUED, DOWN):
                     del self.flight[key]
@@ -330,8 +339,10 @@ class Fetcher:
                     return
                 down = bool(self._down_queue)
                 priority = 1.0
+                stage: int | None = None  # a prefetch: the whole leaf
                 if down:
                     key = self._down_queue.popleft()
+                    stage = self._part_stage.pop(key, 1)
                     self.flight[key] = DOWN_LOADING
                 else:
                     neg, _order, key = heapq.heappop(self._queue)
@@ -342,7 +353,7 @@ class Fetcher:
             layer, e = key
             err: BaseException | None = None
             try:
-                self._fill(layer, e, 1 if down else None)
+                self._fill(layer, e, stage)
             except BaseException as ex:  # noqa: BLE001 - reported to the gate that needs it
                 err = ex
             with self.cv:

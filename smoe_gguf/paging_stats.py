@@ -45,6 +45,8 @@ class ResidencyStats:
     split_loads: int = 0  # leaves a prompt micro-batch's gate read part by part (gate/up, then down)
     split_rereads: int = 0  # ... of which were resident, evicted to make room for the others' gate/up parts
     down_ahead: int = 0  # ... whose down parts were read ahead, during their gate/up matmuls
+    up_ahead: int = 0  # leaves whose gate/up parts were read ahead, during the layer before's down matmul
+    up_ahead_used: int = 0  # ... of which the gate then selected
     peak_bytes: int = 0  # peak of charged bytes (resident + in flight)
     gates: int = 0
     native_gates: int = 0  # ... with a miss, served by the native pager

@@ -119,8 +119,8 @@ class Residency:
         self._fill_many: FillMany = fill_many or each
         self._recycle = recycle
         self.total_cost = n_expert * sum(self._cost.values())
-        # the I/O threads and what is in flight; down parts are urgent (a layer's matmul waits for them)
-        self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage == 1),
+        # the I/O threads and what is in flight; part reads are urgent (a layer's matmul waits for them)
+        self.fetcher = Fetcher(lambda layer, e, stage: self._fill_many([(layer, e)], stage, stage is not None),
                                self._landed, workers=min(io_depth, MAX_IO_THREADS))
         self._down_pending: dict[int, list[tuple[int, int]]] = {}  # layer -> leaves awaiting their down parts
         self._stage_cost = dict(stage_cost or {})
@@ -134,6 +134,11 @@ class Residency:
         # parts are read by the I/O threads while the gate/up matmuls run, not at the down node
         self.down_ahead = False
         self._early_down: dict[int, list[Key]] = {}  # layer -> its leaves whose down parts are read ahead
+        # ... and the next layer's guessed leaves' gate/up parts that fit beside a layer's down parts
+        # are read while its down matmul runs (speculation's guesses, kept by prefetch)
+        self.up_ahead = False
+        self._guess_up: tuple[int, list[Key]] | None = None  # (layer, its guessed leaves) of a part-by-part prompt
+        self._early_up: dict[int, list[Key]] = {}  # layer -> its guessed leaves whose gate/up parts are read ahead
         self._unused_prefetch: dict[tuple[int, int], int] = {}  # landed, not yet used: clock at landing
         self._source: dict[tuple[int, int], str] = {}  # queued, in flight or landed unused: who asked
         self.evicted_at = np.zeros((self.n_layer, n_expert), np.uint64)  # clock of the last eviction
@@ -367,12 +372,19 @@ class Residency:
             return
         if self._down_pending:  # a layer whose down node was not gated (never expected): finish it now
             self.finish_all()
+        early_up = self._early_up.pop(layer, [])
         self._drop_split()  # the layer before this one computed its down matmul
         if ids.size > 1:
             uniq, picks = np.unique(ids, return_counts=True)
             wanted = uniq.tolist()
         else:
             wanted, picks = [int(ids.flat[0])], None
+        ahead: list[Key] = []  # misses whose gate/up parts were read ahead (charged for them)
+        if early_up:
+            picked = set(wanted)
+            ahead = [key for key in early_up if key[1] in picked]
+            self._drop_up_ahead([key for key in early_up if key[1] not in picked])
+            self.stats.up_ahead_used += len(ahead)
         if self.native is not None and self.native.flying:
             awaited = [e for e in wanted if self.flight_table[layer, e] == TABLE_NATIVE]
             for e in awaited:  # native prefetches of these land (or fail: reaped) before this class reads them
@@ -387,6 +399,8 @@ class Residency:
         loads: list[Key] = []  # misses read now, in one batch
         landing: list[Key] = []  # misses the I/O threads are reading: waited for after the batch
         fresh: list[Key] = []  # misses nothing is reading yet: charged below
+        completing: list[Key] = []  # of ahead, those made whole leaves (their down parts charged)
+        in_ahead = set(ahead)
         try:
             for e in wanted:
                 key = (layer, e)
@@ -399,6 +413,8 @@ class Residency:
                     t0 = time.perf_counter()
                 self.stats.misses += 1
                 self.stats.per_layer_misses[layer] = self.stats.per_layer_misses.get(layer, 0) + 1
+                if key in in_ahead:
+                    continue
                 if key in self.fetcher:
                     if not self._claim_queued(key):
                         landing.append(key)
@@ -406,14 +422,21 @@ class Residency:
                 elif self.evicted_at[key] and now - int(self.evicted_at[key]) <= self.regret_window:
                     self.stats.regrets += 1
                 fresh.append(key)
-            split = self._charge_fresh(layer, fresh, wanted, loads)
+            split = self._charge_fresh(layer, fresh, wanted, loads, ahead, completing)
         except BaseException:
             for key in loads:  # charged, not read
+                self._unload(key)
+            self._drop_up_ahead(ahead)  # (_charge_fresh charges no down part of them where it raises)
+            raise
+        try:
+            self._complete(layer, completing)
+        except BaseException:
+            for key in loads:
                 self._unload(key)
             raise
         self._load(layer, loads)
         if split:
-            self._load_split(layer, split, wanted)
+            self._load_split(layer, split, wanted, len(ahead))
         for key in landing:
             tw = time.perf_counter()
             if self._claim_or_wait(key):
@@ -427,30 +450,52 @@ class Residency:
             self.stats.stall_seconds += dt
             self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
 
-    def _charge_fresh(self, layer: int, fresh: list[Key], wanted: list[int], loads: list[Key]) -> list[Key]:
+    def _charge_fresh(self, layer: int, fresh: list[Key], wanted: list[int], loads: list[Key],
+                      ahead: list[Key], completing: list[Key]) -> list[Key]:
         """Charge the gate's misses whole (into ``loads``), or, where a prompt micro-batch's do not
-        all fit whole (:attr:`split_prompts`), their gate/up parts only: returns those leaves."""
-        if not fresh:
+        all fit whole (:attr:`split_prompts`), their gate/up parts only: returns those leaves.
+        ``ahead``: misses whose gate/up parts were read ahead (charged for those). Where the misses
+        go whole, their down parts are charged too and they go into ``completing``; else they lead
+        the returned leaves. The same leaves are evicted as where they were charged at the gate."""
+        if not fresh and not ahead:
             return []
         cost = self._cost[layer]
         if self.split_prompts and self._stage_cost and len(wanted) > 1:
             s = self.state
             hits = sum(1 for e in wanted if s.resident[layer, e])
             pinned = sum(int(np.count_nonzero(s.pinned[lay])) * c for lay, c in self._cost.items())
-            if (len(fresh) + hits) * cost + pinned <= self.budget:  # else they cannot fit whole
-                for key in fresh:
-                    if not self._try_charge_for_gate(key, wanted):
-                        for k in loads:
-                            self._unload(k)
-                        loads.clear()
-                        return self._charge_split(layer, fresh, wanted)
-                    loads.append(key)
-                return []
-            return self._charge_split(layer, fresh, wanted)
-        for key in fresh:
-            self._charge_for_gate(key, wanted)
-            loads.append(key)
+            if (len(fresh) + len(ahead) + hits) * cost + pinned <= self.budget:  # else they cannot fit whole
+                if self._charge_whole(layer, fresh, wanted, loads, ahead, completing):
+                    return []
+            return list(ahead) + self._charge_split(layer, fresh, wanted)
+        if not self._charge_whole(layer, fresh, wanted, loads, ahead, completing):
+            raise self._no_room(wanted, cost)
         return []
+
+    def _charge_whole(self, layer: int, fresh: list[Key], wanted: list[int], loads: list[Key],
+                      ahead: list[Key], completing: list[Key]) -> bool:
+        """Charge ``fresh`` whole (into ``loads``) and the down parts of ``ahead`` (into
+        ``completing``), making room; False, with none of it charged, where room cannot be made."""
+        for key in fresh:
+            if not self._try_charge_for_gate(key, wanted):
+                break
+            loads.append(key)
+        else:
+            c1 = self._stage_cost[layer][1] if ahead else 0
+            done: list[Key] = []
+            for key in ahead:
+                if not self._make_room(c1, layer, wanted, for_gate=True):
+                    break
+                self._charge(c1)
+                done.append(key)
+            else:
+                completing.extend(done)
+                return True
+            self.used -= len(done) * c1
+        for k in loads:
+            self._unload(k)
+        loads.clear()
+        return False
 
     def _charge_split(self, layer: int, fresh: list[Key], wanted: list[int]) -> list[Key]:
         """Make room for and charge the gate/up parts of ``fresh`` (leaves of ``layer``). Where even
@@ -472,11 +517,21 @@ class Residency:
         self._charge(len(split) * c0)
         return split
 
-    def _load_split(self, layer: int, keys: list[Key], wanted: list[int]) -> None:
-        """Read the gate/up parts of charged leaves of ``layer`` for the gate; their down parts
-        come at the layer's down node (:meth:`finish_layer`). Until they are dropped, they are in
-        flight to every other path (the native pager leaves gates that want them to Python)."""
-        self._read_stage(keys, 0, self._stage_cost[layer][0])
+    def _load_split(self, layer: int, keys: list[Key], wanted: list[int], n_ahead: int = 0) -> None:
+        """Read the gate/up parts of charged leaves of ``layer`` for the gate (the first
+        ``n_ahead`` were read ahead: awaited); their down parts come at the layer's down node
+        (:meth:`finish_layer`). Until they are dropped, they are in flight to every other path
+        (the native pager leaves gates that want them to Python)."""
+        ahead = keys[:n_ahead]
+        try:
+            with self.fetcher.gate_reads():
+                self._read_parts(ahead, 0, keys[n_ahead:])
+        except BaseException:
+            self._release_stage(keys, 0)
+            self.used -= len(keys) * self._stage_cost[layer][0]
+            for key in ahead:
+                self.flight_table[key] = 0
+            raise
         # (the gate's stall counts this; load_seconds does not: it prices a whole leaf's read)
         self.stats.split_loads += len(keys)
         for key in keys:
@@ -489,6 +544,55 @@ class Residency:
             self.native.enabled = False
         if self.down_ahead:
             self._read_down_ahead(layer, keys)
+
+    def _complete(self, layer: int, keys: list[Key]) -> None:
+        """Make whole leaves of ``keys`` (misses of ``layer`` whose gate/up parts were read ahead,
+        charged whole now): their gate/up reads are awaited and their down parts read (or, with
+        pipelining, queued for the down node)."""
+        if not keys:
+            return
+        try:
+            with self.fetcher.gate_reads():
+                self._read_parts(keys, 0)
+                if not self.pipeline:
+                    self._fill_many(keys, 1, True)
+        except BaseException:
+            for key in keys:
+                self._unload(key)
+                self.flight_table[key] = 0
+            raise
+        self._loaded(layer, keys)
+
+    def _read_up_ahead(self, layer: int) -> None:
+        """At ``layer``'s down node: queue the gate/up parts of the next layer's guessed leaves
+        (:meth:`prefetch` keeps a part-by-part prompt's guesses) that the budget's free room holds,
+        evicting nothing. The I/O threads read them while the down matmul runs; the next layer's
+        gate takes those it selects (:meth:`on_experts`) and lets the rest go."""
+        guess, self._guess_up = self._guess_up, None
+        nxt = min((lay for lay in self._stage_cost if lay > layer), default=None)
+        if guess is None or guess[0] != nxt:
+            return
+        s = self.state
+        keys = [key for key in guess[1] if not s.resident[key] and key not in self.fetcher
+                and not self.flight_table[key]]
+        c0 = self._stage_cost[nxt][0]
+        n = min(len(keys), max(0, self.budget - self.used) // c0)
+        if n <= 0:
+            return
+        early = keys[:n]
+        self._charge(n * c0)
+        self._early_up[nxt] = early
+        self.stats.up_ahead += n
+        for key in early:
+            self.fetcher.down(key, 0)  # (its table byte stays TABLE_OTHER while queued or read)
+
+    def _drop_up_ahead(self, keys: list[Key]) -> None:
+        """Let go of leaves whose gate/up parts were read ahead (waits out reads in progress)."""
+        for key in keys:
+            self.fetcher.forget_down(key)
+            self.flight_table[key] = 0
+            self.used -= self._stage_cost[key[0]][0]
+        self._release_stage(keys, 0)
 
     def _read_down_ahead(self, layer: int, keys: list[Key]) -> None:
         """Queue the down parts of as many of ``keys`` (part-by-part leaves of ``layer``, their
@@ -524,7 +628,7 @@ class Residency:
             self._charge(len(rest) * c1)
             charged += len(rest) * c1
             with self.fetcher.gate_reads():
-                self._read_down(early, rest)
+                self._read_parts(early, 1, rest)
         except BaseException:
             for key in early:  # (no room for the rest: still on the I/O threads)
                 self.fetcher.forget_down(key)
@@ -538,10 +642,16 @@ class Residency:
         for key in early:
             self.flight_table[key] = TABLE_OTHER  # (the fetcher cleared it) until dropped
         self._split_down.extend(keys)
+        if self.up_ahead:
+            self._read_up_ahead(layer)
 
     def _drop_split(self) -> None:
         """Release what part-by-part leaves hold once their layer is computed (or abandoned): down
-        parts, and gate/up parts of a layer whose down node never came."""
+        parts, gate/up parts of a layer whose down node never came, and gate/up parts read ahead
+        for a gate that did not ask for them."""
+        for keys in self._early_up.values():
+            self._drop_up_ahead(keys)
+        self._early_up.clear()
         if not self._split and not self._split_down:
             return
         for layer, (keys, _wanted) in list(self._split.items()):
@@ -566,10 +676,11 @@ class Residency:
     def _charge_for_gate(self, key: Key, wanted: list[int]) -> None:
         """Make room for a leaf the gate needs now (its pages may come from a victim) and charge it."""
         if not self._try_charge_for_gate(key, wanted):
-            raise SmoeError(
-                f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
-                f"({len(wanted)} x {self._cost[key[0]]} bytes): raise --budget or lower the micro-batch"
-            )
+            raise self._no_room(wanted, self._cost[key[0]])
+
+    def _no_room(self, wanted: list[int], cost: int) -> SmoeError:
+        return SmoeError(f"X-Slot budget {self.budget} bytes cannot hold one layer's selected leaves "
+                         f"({len(wanted)} x {cost} bytes): raise --budget or lower the micro-batch")
 
     def _try_charge_for_gate(self, key: Key, wanted: list[int]) -> bool:
         """:meth:`_charge_for_gate`, False (nothing charged) where no room can be made."""
@@ -585,16 +696,6 @@ class Residency:
         self.used += nbytes
         self.stats.peak_bytes = max(self.stats.peak_bytes, self.used)
 
-    def _read_stage(self, keys: list[Key], stage: int, cost: int) -> None:
-        """Read stage ``stage`` of leaves charged ``cost`` each for it, for the gate; on failure
-        their charge is released (and their slices, by the fill)."""
-        try:
-            with self.fetcher.gate_reads():
-                self._fill_many(keys, stage, True)
-        except BaseException:
-            self.used -= len(keys) * cost
-            raise
-
     def _load(self, layer: int, keys: list[Key]) -> None:
         """Read charged leaves of ``layer`` for the gate, all at once, ahead of every prefetch;
         on failure none of them stays (their charges are released)."""
@@ -609,6 +710,11 @@ class Residency:
                 self._unload(key)
             raise
         self.stats.load_seconds += time.perf_counter() - tl
+        self._loaded(layer, keys)
+
+    def _loaded(self, layer: int, keys: list[Key]) -> None:
+        """Charged leaves of ``layer`` whose parts are in (with pipelining, their gate/up parts,
+        their down parts queued here): resident."""
         self.stats.leaves_loaded += len(keys)
         if self.native is not None:
             for key in keys:
@@ -641,7 +747,7 @@ class Residency:
             return
         t0 = time.perf_counter()
         try:
-            self._read_down(keys)
+            self._read_parts(keys, 1)
         except BaseException:
             for key in keys:  # every leaf of this layer is dropped with it
                 self._unload(key)
@@ -658,16 +764,18 @@ class Residency:
         for layer in list(self._down_pending):
             self.finish_layer(layer)
         self._drop_split()
+        self._guess_up = None
 
-    def _read_down(self, keys: list[Key], also: list[Key] | None = None) -> None:
-        """Bring in the down parts of ``keys``, queued on the I/O threads (:meth:`Fetcher.down`),
-        and of ``also`` (not queued): those still queued are taken back and read here with
-        ``also``, at once; those being read are waited for. Afterwards none of ``keys`` is in the
-        fetcher, on failure too (the first error is raised; the caller releases pages and charges)."""
+    def _read_parts(self, keys: list[Key], stage: int, also: list[Key] | None = None) -> None:
+        """Bring in the parts of ``stage`` of ``keys``, queued on the I/O threads
+        (:meth:`Fetcher.down`), and of ``also`` (not queued): those still queued are taken back and
+        read here with ``also``, at once; those being read are waited for. Afterwards none of
+        ``keys`` is in the fetcher, on failure too (the first error is raised; the caller releases
+        pages and charges)."""
         mine = [key for key in keys if self.fetcher.take_down(key)]  # still queued: read here, at once
         try:
             if mine or also:
-                self._fill_many(mine + (also or []), 1, True)
+                self._fill_many(mine + (also or []), stage, True)
             for key in keys:
                 if key not in mine and (err := self.fetcher.await_down(key)) is not None:
                     raise err
@@ -887,8 +995,15 @@ class Residency:
         to the I/O threads, in priority order, which hold them while a gate reads. ``source``
         (one for all, or one per key) names the asker in the counts. Returns how many were
         queued."""
-        if not self.enabled or (self.split_prompts and self.state.scan[0]):
-            return 0  # a prompt whose micro-batches may not fit whole: every leaf goes to its gates
+        if not self.enabled:
+            return 0
+        if self.split_prompts and self.state.scan[0]:
+            # a prompt whose micro-batches may not fit whole: every leaf goes to its gates; the
+            # next layer's guesses have their gate/up parts read ahead at this one's down node
+            if self.up_ahead:
+                nxt = min((kl for kl, _e in keys if kl > layer), default=None)
+                self._guess_up = None if nxt is None else (nxt, [key for key in keys if key[0] == nxt])
+            return 0
         self.drain_native()
         s = self.state
         queued = 0

@@ -116,7 +116,7 @@ def test_below_one_layer_of_leaves_a_prompt_is_served_one_stage_at_a_time(tiny_m
                 read = eng.source.store.stats.bytes_read
             tokens.append(step.token)
             logits.append(step.logits)
-        assert r.stats.split_loads > 0 and r.stats.down_ahead > 0
+        assert r.stats.split_loads > 0 and r.stats.down_ahead > 0 and r.stats.up_ahead > 0
         assert r.stats.peak_bytes <= budget and eng.xslot.mincore_bytes() <= budget
         assert not r._split and not r._split_down and not r.flight_table.any()  # nothing left half-read
         assert r.used == sum(r.leaf_cost(lay) for lay, _e in zip(*np.nonzero(r.state.resident), strict=True))
@@ -178,10 +178,10 @@ def test_leaves_left_half_read_by_a_failed_graph_are_let_go_at_close(pack_of) ->
     assert not r.native.enabled
 
 
-def _staged(fail: tuple[int, int, int] | None = None):  # noqa: ANN202 - (residency, fills)
-    """A residency of one layer of 8 leaves (gate/up parts 2 bytes, down 1) under 20 bytes: a
-    micro-batch selecting all 8 is served part by part, with room for 4 down parts beside the
-    gate/up parts. ``fail``: the (layer, expert, stage) whose read raises."""
+def _staged(fail: tuple[int, int, int] | None = None, layers: int = 1):  # noqa: ANN202 - (residency, fills)
+    """A residency of ``layers`` layers of 8 leaves (gate/up parts 2 bytes, down 1) under 20
+    bytes: a micro-batch selecting all 8 is served part by part, with room for 4 down parts beside
+    the gate/up parts. ``fail``: the (layer, expert, stage) whose read raises."""
     import threading
 
     from smoe_gguf.residency import Residency
@@ -195,9 +195,9 @@ def _staged(fail: tuple[int, int, int] | None = None):  # noqa: ANN202 - (reside
         with lock:
             fills.append((layer, e, stage))
 
-    r = Residency({0: 3}, 8, budget=20, fill=fill, io_depth=2, stage_cost={0: (2, 1)},
-                  release_stage=lambda keys, stage: None)
-    r.split_prompts = r.down_ahead = True
+    r = Residency(dict.fromkeys(range(layers), 3), 8, budget=20, fill=fill, io_depth=2,
+                  stage_cost=dict.fromkeys(range(layers), (2, 1)), release_stage=lambda keys, stage: None)
+    r.split_prompts = r.down_ahead = r.up_ahead = True
     return r, fills
 
 
@@ -234,4 +234,81 @@ def test_a_bad_down_part_of_a_part_by_part_layer_is_raised_and_nothing_stays_cha
     assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.fetcher.failed_down
     r.finish_all()
     assert r.used == 0
+    r.close()
+
+
+def _guess_layer_1(r, experts: range) -> None:  # noqa: ANN001 - a Residency
+    """Layer 0's gate of a prompt guesses ``experts`` of layer 1 (as speculation would): a
+    part-by-part prompt keeps the guess and queues nothing yet."""
+    r.state.scan[0] = 1
+    assert r.prefetch([(1, e) for e in experts], layer=0) == 0 and not len(r.fetcher)
+
+
+def _ids(experts: range) -> np.ndarray:
+    return np.array(list(experts)).reshape(-1, 1)
+
+
+def test_the_next_layers_guessed_gate_up_parts_are_read_ahead_at_the_down_node_each_once() -> None:
+    """At a part-by-part layer's down node, the gate/up parts of the next layer's guessed leaves
+    that fit in the free room are queued (evicting nothing); the next gate takes those it selects
+    and reads the rest. Each part is read once and the budget holds throughout."""
+    r, fills = _staged(layers=2)
+    _guess_layer_1(r, range(8))
+    r.on_experts(0, _ids(range(8)))
+    r.finish_layer(0)  # layer 0's 8 down parts in: 12 bytes free, 6 gate/up parts of layer 1
+    assert r.stats.up_ahead == 6 and r.used == 20
+    r.on_experts(1, _ids(range(7)))  # selects 6 read ahead and 1 more
+    assert r.stats.up_ahead_used == 6 and r.stats.split_loads == 15 and r.stats.peak_bytes <= 20
+    r.finish_layer(1)
+    r.finish_all()
+    want = [(0, e, s) for e in range(8) for s in (0, 1)] + [(1, e, s) for e in range(7) for s in (0, 1)]
+    assert sorted(fills) == sorted(want)
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.state.resident.any()
+    r.close()
+
+
+def test_gate_up_parts_read_ahead_and_not_selected_are_let_go() -> None:
+    r, fills = _staged(layers=2)
+    _guess_layer_1(r, range(8))
+    r.on_experts(0, _ids(range(8)))
+    r.finish_layer(0)
+    r.on_experts(1, _ids(range(1, 8)))  # 5 of the 6 read ahead, and 2 more: part by part
+    assert r.stats.up_ahead == 6 and r.stats.up_ahead_used == 5 and r.stats.peak_bytes <= 20
+    r.finish_layer(1)
+    r.finish_all()
+    assert sorted(f for f in fills if f[0] == 1 and f[2] == 1) == [(1, e, 1) for e in range(1, 8)]
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any()
+    r.close()
+
+
+def test_gate_up_parts_read_ahead_for_a_layer_that_fits_whole_make_whole_leaves() -> None:
+    """Where the next gate's leaves fit whole after all, those read ahead get their down parts
+    and become resident, charged a whole leaf each; the unused ones go."""
+    r, fills = _staged(layers=2)
+    _guess_layer_1(r, range(8))
+    r.on_experts(0, _ids(range(8)))
+    r.finish_layer(0)
+    r.on_experts(1, _ids(range(2)))
+    assert r.state.resident[1, :2].all() and not r.state.resident[1, 2:].any()
+    assert r.used == 2 * 3 and not r.flight_table.any()
+    r.finish_all()
+    assert sorted(f for f in fills if f[0] == 1 and f[1] < 2) == [(1, 0, 0), (1, 0, 1), (1, 1, 0), (1, 1, 1)]
+    assert r.used == 2 * 3 and r.stats.peak_bytes <= 20
+    r.close()
+
+
+@pytest.mark.parametrize("graph_ends", [False, True])
+def test_gate_up_parts_read_ahead_for_a_gate_that_never_came_or_failed_leave_nothing_charged(graph_ends: bool) -> None:
+    r, _fills = _staged(fail=None if graph_ends else (1, 0, 0), layers=2)
+    _guess_layer_1(r, range(8))
+    r.on_experts(0, _ids(range(8)))
+    r.finish_layer(0)
+    assert r.stats.up_ahead == 6
+    if graph_ends:
+        r.finish_all()  # the graph ended before layer 1's gate
+    else:
+        with pytest.raises(OSError, match="layer 1 expert 0"):
+            r.on_experts(1, _ids(range(8)))
+        r.finish_all()
+    assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.fetcher.failed_down
     r.close()
