@@ -551,17 +551,18 @@ class Residency:
         pipelining, queued for the down node)."""
         if not keys:
             return
+        pipelined = self._pipelined()
         try:
             with self.fetcher.gate_reads():
                 self._read_parts(keys, 0)
-                if not self.pipeline:
+                if not pipelined:
                     self._fill_many(keys, 1, True)
         except BaseException:
             for key in keys:
                 self._unload(key)
                 self.flight_table[key] = 0
             raise
-        self._loaded(layer, keys)
+        self._loaded(layer, keys, pipelined)
 
     def _read_up_ahead(self, layer: int) -> None:
         """At ``layer``'s down node: queue the gate/up parts of the next layer's guessed leaves
@@ -585,6 +586,8 @@ class Residency:
         self.stats.up_ahead += n
         for key in early:
             self.fetcher.down(key, 0)  # (its table byte stays TABLE_OTHER while queued or read)
+        if self.native is not None:  # the next gate goes to Python, which takes them (or lets them go)
+            self.native.enabled = False
 
     def _drop_up_ahead(self, keys: list[Key]) -> None:
         """Let go of leaves whose gate/up parts were read ahead (waits out reads in progress)."""
@@ -642,17 +645,18 @@ class Residency:
         for key in early:
             self.flight_table[key] = TABLE_OTHER  # (the fetcher cleared it) until dropped
         self._split_down.extend(keys)
-        if self.up_ahead:
-            self._read_up_ahead(layer)
 
     def _drop_split(self) -> None:
         """Release what part-by-part leaves hold once their layer is computed (or abandoned): down
         parts, gate/up parts of a layer whose down node never came, and gate/up parts read ahead
         for a gate that did not ask for them."""
+        early_up = bool(self._early_up)
         for keys in self._early_up.values():
             self._drop_up_ahead(keys)
         self._early_up.clear()
         if not self._split and not self._split_down:
+            if early_up:
+                self._sync_native()
             return
         for layer, (keys, _wanted) in list(self._split.items()):
             del self._split[layer]
@@ -702,26 +706,34 @@ class Residency:
         if not keys:
             return
         tl = time.perf_counter()
+        pipelined = self._pipelined()
         try:
             with self.fetcher.gate_reads():
-                self._fill_many(keys, 0 if self.pipeline else None, True)
+                self._fill_many(keys, 0 if pipelined else None, True)
         except BaseException:
             for key in keys:
                 self._unload(key)
             raise
         self.stats.load_seconds += time.perf_counter() - tl
-        self._loaded(layer, keys)
+        self._loaded(layer, keys, pipelined)
 
-    def _loaded(self, layer: int, keys: list[Key]) -> None:
-        """Charged leaves of ``layer`` whose parts are in (with pipelining, their gate/up parts,
-        their down parts queued here): resident."""
+    def _pipelined(self) -> bool:
+        """Whether whole leaves read for a gate now come gate/up parts first, their down parts
+        read by the I/O threads while the gate/up matmuls run (awaited at the down node): with
+        pipelining, and (the orchestrator's read-ahead) while a prompt that may not fit whole is
+        gated, where a layer that does fit whole has compute to overlap."""
+        return self._pipeline or (self.down_ahead and self.split_prompts and bool(self.state.scan[0]))
+
+    def _loaded(self, layer: int, keys: list[Key], pipelined: bool) -> None:
+        """Charged leaves of ``layer`` whose parts are in (``pipelined``: their gate/up parts,
+        their down parts queued here): resident (once their down parts are in)."""
         self.stats.leaves_loaded += len(keys)
         if self.native is not None:
             for key in keys:
                 self.native.note_open(*key)
         s = self.state
         for key in keys:
-            if self.pipeline:  # resident once its down parts are in (finish_layer)
+            if pipelined:  # resident once its down parts are in (finish_layer)
                 self.fetcher.down(key)
                 self._down_pending.setdefault(layer, []).append(key)
                 if not s.node_wanted[layer]:
@@ -743,21 +755,22 @@ class Residency:
             self.stats.down_stall_seconds += dt
             self.stats.stall_seconds += dt
             self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
-        if not keys:
-            return
-        t0 = time.perf_counter()
-        try:
-            self._read_parts(keys, 1)
-        except BaseException:
-            for key in keys:  # every leaf of this layer is dropped with it
-                self._unload(key)
-            raise
-        for key in keys:
-            self.state.resident[key] = 1
-        dt = time.perf_counter() - t0
-        self.stats.down_stall_seconds += dt
-        self.stats.stall_seconds += dt
-        self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+        if keys:
+            t0 = time.perf_counter()
+            try:
+                self._read_parts(keys, 1)
+            except BaseException:
+                for key in keys:  # every leaf of this layer is dropped with it
+                    self._unload(key)
+                raise
+            for key in keys:
+                self.state.resident[key] = 1
+            dt = time.perf_counter() - t0
+            self.stats.down_stall_seconds += dt
+            self.stats.stall_seconds += dt
+            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+        if self.up_ahead:
+            self._read_up_ahead(layer)
 
     def finish_all(self) -> None:
         """After a graph: down parts still pending are read; part-by-part leaves are dropped."""

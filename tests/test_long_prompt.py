@@ -283,12 +283,15 @@ def test_gate_up_parts_read_ahead_and_not_selected_are_let_go() -> None:
 
 def test_gate_up_parts_read_ahead_for_a_layer_that_fits_whole_make_whole_leaves() -> None:
     """Where the next gate's leaves fit whole after all, those read ahead get their down parts
-    and become resident, charged a whole leaf each; the unused ones go."""
+    (read by the I/O threads during the gate/up matmuls, awaited at the down node) and become
+    resident, charged a whole leaf each; the unused ones go."""
     r, fills = _staged(layers=2)
     _guess_layer_1(r, range(8))
     r.on_experts(0, _ids(range(8)))
     r.finish_layer(0)
     r.on_experts(1, _ids(range(2)))
+    assert r.used == 2 * 3 and r.state.node_wanted[1]
+    r.finish_layer(1)
     assert r.state.resident[1, :2].all() and not r.state.resident[1, 2:].any()
     assert r.used == 2 * 3 and not r.flight_table.any()
     r.finish_all()
@@ -311,4 +314,21 @@ def test_gate_up_parts_read_ahead_for_a_gate_that_never_came_or_failed_leave_not
             r.on_experts(1, _ids(range(8)))
         r.finish_all()
     assert r.used == 0 and not len(r.fetcher) and not r.flight_table.any() and not r.fetcher.failed_down
+    r.close()
+
+
+def test_a_layer_that_fits_whole_in_a_part_by_part_prompt_reads_its_down_parts_during_its_matmuls() -> None:
+    """In a prompt that may not fit whole, a layer whose leaves do fit whole reads their gate/up
+    parts at the gate and their down parts on the I/O threads, awaited at its down node; then
+    they are resident. Decode (one token) reads whole leaves at the gate."""
+    r, fills = _staged(layers=2)
+    r.state.scan[0] = 1
+    r.on_experts(0, _ids(range(3)))  # 3 whole leaves fit
+    assert r.state.node_wanted[0] and not r.state.resident.any() and r.used == 9
+    r.finish_layer(0)
+    assert r.state.resident[0, :3].all() and sorted(fills) == [(0, e, s) for e in range(3) for s in (0, 1)]
+    r.finish_all()
+    r.state.scan[0] = 0
+    r.on_experts(1, _ids(range(1)))
+    assert r.state.resident[1, 0] and (1, 0, None) in fills and r.used == 12
     r.close()
