@@ -576,16 +576,11 @@ class Residency:
         s = self.state
         keys = [key for key in guess[1] if not s.resident[key] and key not in self.fetcher
                 and not self.flight_table[key]]
-        c0 = self._stage_cost[nxt][0]
-        n = min(len(keys), max(0, self.budget - self.used) // c0)
-        if n <= 0:
+        early = self._queue_parts_ahead(keys, nxt, 0)
+        if not early:
             return
-        early = keys[:n]
-        self._charge(n * c0)
         self._early_up[nxt] = early
-        self.stats.up_ahead += n
-        for key in early:
-            self.fetcher.down(key, 0)  # (its table byte stays TABLE_OTHER while queued or read)
+        self.stats.up_ahead += len(early)
         if self.native is not None:  # the next gate goes to Python, which takes them (or lets them go)
             self.native.enabled = False
 
@@ -601,16 +596,20 @@ class Residency:
         """Queue the down parts of as many of ``keys`` (part-by-part leaves of ``layer``, their
         gate/up parts in) as the budget's free room holds, evicting nothing: the I/O threads read
         them while the gate/up matmuls run, and the down node waits for them (:meth:`_finish_split`)."""
-        c1 = self._stage_cost[layer][1]
-        n = min(len(keys), max(0, self.budget - self.used) // c1)
-        if n <= 0:
-            return
-        early = keys[:n]
-        self._charge(n * c1)
-        self._early_down[layer] = early
-        self.stats.down_ahead += n
+        early = self._queue_parts_ahead(keys, layer, 1)
+        if early:
+            self._early_down[layer] = early
+            self.stats.down_ahead += len(early)
+
+    def _queue_parts_ahead(self, keys: list[Key], layer: int, stage: int) -> list[Key]:
+        """Charge, and queue on the I/O threads, the parts of ``stage`` of as many of ``keys``
+        (leaves of ``layer``) as the budget's free room holds, evicting nothing; returns them."""
+        cost = self._stage_cost[layer][stage]
+        early = keys[: max(0, self.budget - self.used) // cost]
+        self._charge(len(early) * cost)
         for key in early:
-            self.fetcher.down(key)  # (its table byte stays TABLE_OTHER while queued or read)
+            self.fetcher.down(key, stage)  # (its table byte stays TABLE_OTHER while queued or read)
+        return early
 
     def _finish_split(self, layer: int) -> None:
         """At ``layer``'s down node: its part-by-part leaves' gate/up parts go, their down parts come
