@@ -57,6 +57,13 @@ class ResidencyStats:
     token_stalls: list[float] = field(default_factory=list)  # stall of each single-token decode
     by_source: dict[str, PrefetchCounts] = field(default_factory=dict)
 
+    def stalled(self, layer: int, seconds: float, down: bool = False) -> None:
+        """Count ``seconds`` the gate's thread waited at ``layer`` (``down``: at its down node)."""
+        self.stall_seconds += seconds
+        self.per_layer_stall[layer] = self.per_layer_stall.get(layer, 0.0) + seconds
+        if down:
+            self.down_stall_seconds += seconds
+
     def source(self, name: str) -> PrefetchCounts:
         c = self.by_source.get(name)
         if c is None:

@@ -446,9 +446,7 @@ class Residency:
                 self._load(layer, [key])
         s.record(layer, wanted, now, picks)
         if t0 is not None:
-            dt = time.perf_counter() - t0
-            self.stats.stall_seconds += dt
-            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+            self.stats.stalled(layer, time.perf_counter() - t0)
 
     def _charge_fresh(self, layer: int, fresh: list[Key], wanted: list[int], loads: list[Key],
                       ahead: list[Key], completing: list[Key]) -> list[Key]:
@@ -750,10 +748,7 @@ class Residency:
         if layer in self._split:
             t0 = time.perf_counter()
             self._finish_split(layer)
-            dt = time.perf_counter() - t0
-            self.stats.down_stall_seconds += dt
-            self.stats.stall_seconds += dt
-            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+            self.stats.stalled(layer, time.perf_counter() - t0, down=True)
         if keys:
             t0 = time.perf_counter()
             try:
@@ -764,10 +759,7 @@ class Residency:
                 raise
             for key in keys:
                 self.state.resident[key] = 1
-            dt = time.perf_counter() - t0
-            self.stats.down_stall_seconds += dt
-            self.stats.stall_seconds += dt
-            self.stats.per_layer_stall[layer] = self.stats.per_layer_stall.get(layer, 0.0) + dt
+            self.stats.stalled(layer, time.perf_counter() - t0, down=True)
         if self.up_ahead:
             self._read_up_ahead(layer)
 
