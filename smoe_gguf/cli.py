@@ -35,6 +35,7 @@ def _global_options(
 ModelArg = Annotated[Path, typer.Argument(help="A pack directory (from `split`) or a plain MoE GGUF.")]
 BudgetOpt = Annotated[str | None, typer.Option(help="X-Slot bytes for experts: 512MiB, 4G, or 25% of all expert "
                                                "bytes. Default: what fits in available memory minus 1 GiB.")]
+THREADS_HELP = "CPU threads (default: cores, at most 8; decode uses one less while leaves are paged)."
 ChecksumsOpt = Annotated[str, typer.Option(help="Check leaf sha256 on: first (read), always, never (unsafe: a "
                                              "damaged pack then gives wrong output silently).")]
 # Options of every command that runs a model: how leaves are fetched and evicted.
@@ -208,7 +209,7 @@ def run(
     budget: BudgetOpt = None,
     seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8; less one while Python pages: --pipeline).")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
     checksums: ChecksumsOpt = "first",
     stats: Annotated[bool, typer.Option("--stats", help="Print speed, paging and memory figures.")] = False,
@@ -432,7 +433,7 @@ def chat(
     n_tokens: Annotated[int, typer.Option("-n", "--n-tokens", help="Most tokens per reply.")] = 256,
     seed: Annotated[int, typer.Option(help="Sampling seed (with --temp > 0).")] = 0,
     temp: Annotated[float, typer.Option(help="Temperature; 0 = greedy.")] = 0.0,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8; less one while Python pages: --pipeline).")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens.")] = 2048,
     checksums: ChecksumsOpt = "first",
     io_depth: IoDepthOpt = DEFAULT_IO_DEPTH,
@@ -467,7 +468,7 @@ def serve(
     queue: Annotated[int, typer.Option(help="Requests that may wait while one is answered; more get 503.")] = 16,
     max_tokens: Annotated[int, typer.Option(help="Reply tokens when a request does not set max_tokens.")] = 512,
     max_body: Annotated[int, typer.Option(help="Largest request body in bytes; larger ones get 413.")] = 8 << 20,
-    threads: Annotated[int | None, typer.Option(help="CPU threads (default: cores, at most 8; less one while Python pages: --pipeline).")] = None,
+    threads: Annotated[int | None, typer.Option(help=THREADS_HELP)] = None,
     ctx: Annotated[int, typer.Option("--ctx", help="Context length in tokens (prompt and reply together).")] = 4096,
     checksums: ChecksumsOpt = "first",
     policy: PolicyOpt = "lfru",

@@ -239,8 +239,7 @@ class Engine:
             if self.residency.native is not None:  # misses served in C where it can
                 self.gate.attach_pager(self.residency.native.address)
                 self.residency.native.open_shards()
-            native_pages = self.residency.native is not None and self.residency.native.enabled
-            self.n_threads = n_threads or _default_threads(self.paging and not native_pages)
+            self.n_threads = n_threads or _default_threads(self.paging)
             # a prompt micro-batch's matmuls are long: they keep every core (the readers wait on the disk)
             self.n_threads_batch = n_threads or _default_threads(False)
             cp = ls.context_params(n_ctx=n_ctx, n_threads=self.n_threads, n_threads_batch=self.n_threads_batch,
@@ -765,14 +764,13 @@ def _percentile(values: list[float], q: float) -> float:
     return round(float(np.percentile(values, q)), 4) if values else 0.0
 
 
-def _default_threads(python_pages: bool) -> int:
-    """Compute threads: the usable cores (at most 8), less one for decoding where Python serves
-    the gate's misses (part pipelining, a pack without XXH64). ggml's threads meet at spinning
-    barriers many times per token (more with the gate splitting the graph); when one of them
-    loses its core, to Python's I/O threads or to any other process, the others spin until it is
-    back. The native pager's readers wait on the disk, not on a core."""
+def _default_threads(paging: bool) -> int:
+    """Compute threads: the usable cores (at most 8), less one for decoding while leaves are paged.
+    The readers, their I/O completions and the orchestration take a core then; ggml's threads
+    meet at barriers many times per token (more with the gate splitting the graph), and one that
+    loses its core, or sleeps through a gate's wait, holds up the others until it is back."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, min(8, cores - 1 if python_pages else cores))
+    return max(1, min(8, cores - 1 if paging else cores))
 
 
 def peak_rss() -> int:
