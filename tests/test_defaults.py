@@ -163,3 +163,25 @@ def test_a_session_that_pages_warns_where_libgomp_spins_its_own_default(pack_of)
     assert not warned("import llama_cpp", "100%")
     assert not warned("import smoe_gguf, llama_cpp", "25%")
     assert not warned("import llama_cpp", "25%", GOMP_SPINCOUNT="7")
+
+
+def test_decode_keeps_a_core_free_while_leaves_are_paged(pack_of) -> None:
+    """Default compute threads: every usable core (at most 8) for prompts, and for decode where
+    the budget holds every leaf; one core less for decode while leaves are paged (readers and
+    orchestration take it). ``n_threads`` sets both; llama.cpp's context gets what the engine says."""
+    import llama_cpp
+
+    from smoe_gguf.engine import Engine
+
+    pack = pack_of("qwen2moe", "f16")
+    cores = min(8, len(os.sched_getaffinity(0)))
+
+    def threads(budget: str, **kw: int) -> tuple[bool, int, int]:
+        with Engine(pack, budget=budget, n_ctx=64, **kw) as e:
+            assert (llama_cpp.llama_n_threads(e._ctx), llama_cpp.llama_n_threads_batch(e._ctx)) == \
+                (e.n_threads, e.n_threads_batch)
+            return e.paging, e.n_threads, e.n_threads_batch
+
+    assert threads("25%") == (True, max(1, cores - 1), cores)
+    assert threads("100%") == (False, cores, cores)
+    assert threads("25%", n_threads=1) == (True, 1, 1)
