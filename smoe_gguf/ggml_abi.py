@@ -15,6 +15,7 @@ Because these are internals, the llama-cpp-python version is pinned (checked at 
 from __future__ import annotations
 
 import ctypes
+import sys
 from ctypes import (
     CFUNCTYPE,
     POINTER,
@@ -201,15 +202,21 @@ LIB_DIR = Path(str(llama_cpp.__file__)).resolve().parent / "lib"
 
 
 def _load(name: str) -> ctypes.CDLL:
-    path = LIB_DIR / name
+    """``lib<name>`` from llama-cpp-python's library folder: the file llama.cpp's own libraries
+    link to (``.so.0``, ``.0.dylib``) where it is there. The wheel holds each library as separate
+    copies under its names, and a second copy in the process has globals of its own: ggml's
+    tables that its CPU init fills, its backend registry."""
+    suffixes = (".0.dylib", ".dylib", ".so") if sys.platform == "darwin" else (".so.0", ".so")
+    paths = [LIB_DIR / f"lib{name}{suffix}" for suffix in suffixes]
+    path = next((p for p in paths if p.exists()), paths[0])
     try:
         return ctypes.CDLL(str(path))
     except OSError as e:
         raise SmoeError(f"cannot load {path} ({e}); reinstall llama-cpp-python=={PINNED_LLAMA_CPP_VERSION}") from e
 
 
-libggml_base = _load("libggml-base.so")
-libggml = _load("libggml.so")
+libggml_base = _load("ggml-base")
+libggml = _load("ggml")
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -280,6 +287,20 @@ def cpu_device() -> int:
     if not dev:
         raise SmoeError("llama.cpp has no CPU backend device; the llama-cpp-python build is broken")
     return int(dev)
+
+
+_PLAIN_CPU_BUFT: list[GgmlBackendBufferType] = []
+
+
+def plain_cpu_buffer_type() -> int:
+    """A buffer type that is llama.cpp's CPU one (its functions, device and context, copied) at an
+    address of its own. llama.cpp's loader gives weights overridden to its own CPU buffer type the
+    CPU's extra buffer types, which repack some quant types for the CPU's instructions; weights
+    overridden to this one stay in the plain layout, the layout the X-Slot holds."""
+    if not _PLAIN_CPU_BUFT:
+        cpu = GgmlBackendBufferType.from_address(ggml_backend_cpu_buffer_type())
+        _PLAIN_CPU_BUFT.append(GgmlBackendBufferType.from_buffer_copy(cpu))
+    return ctypes.addressof(_PLAIN_CPU_BUFT[0])
 
 
 def tensor_at(address: int) -> GgmlTensor:

@@ -75,7 +75,8 @@ _PLAIN_EXPERTS: list[object] = []  # keeps the override array of plain_experts a
 
 
 def _plain_expert_overrides() -> int:
-    """``-ot exps=CPU``: every routed-expert tensor in llama.cpp's plain CPU buffer type."""
+    """``-ot exps=CPU``, unrepacked: every routed-expert tensor in llama.cpp's CPU buffer, in the
+    plain layout (:func:`ggml_abi.plain_cpu_buffer_type`)."""
     if not _PLAIN_EXPERTS:
         from smoe_gguf import archs
         from smoe_gguf import ggml_abi as abi
@@ -83,7 +84,8 @@ def _plain_expert_overrides() -> int:
         pattern = archs.EXPERT_TENSOR_PATTERN.encode()
         arr = (abi.LlamaTensorBuftOverride * 2)()
         arr[0].pattern = pattern
-        arr[0].buft = abi.ggml_backend_cpu_buffer_type()
+        abi.ensure_layout()
+        arr[0].buft = abi.plain_cpu_buffer_type()
         _PLAIN_EXPERTS.extend([pattern, arr])
     return ctypes.addressof(_PLAIN_EXPERTS[1])  # type: ignore[arg-type]
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ctypes
+import subprocess
+import sys
 
 import pytest
 
@@ -88,3 +90,38 @@ def test_version_pin(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(llama_cpp, "__version__", "0.3.99")
     with pytest.raises(SmoeError, match=r"llama-cpp-python 0\.3\.99 .*==0\.3\.36"):
         abi._import_llama_cpp()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/maps")
+def test_one_copy_of_each_ggml_library(tiny_model) -> None:
+    """ggml_abi binds the library files llama.cpp links to: the wheel holds copies under several
+    names, and a second copy in the process has globals of its own."""
+    code = (
+        "import sys\n"
+        "from smoe_gguf import ggml_abi\n"
+        "from smoe_gguf.devtools import stock\n"
+        "stock.greedy(sys.argv[1], 'hi', n_tokens=1, n_ctx=64)\n"
+        "libs = {line.split()[-1] for line in open('/proc/self/maps') if '/libggml' in line}\n"
+        "print(' '.join(sorted(p.rsplit('/', 1)[-1] for p in libs)))\n"
+    )
+    names = subprocess.run([sys.executable, "-c", code, str(tiny_model("qwen3moe", "f16"))], capture_output=True,
+                           text=True, check=True).stdout.split()
+    for lib in ("libggml-base", "libggml", "libggml-cpu"):
+        copies = [n for n in names if n.split(".so")[0] == lib]
+        assert len(copies) == 1, f"{lib} is mapped from {copies}"
+
+
+def test_the_plain_cpu_buffer_type_is_llama_cpp_s_at_an_address_of_its_own() -> None:
+    """The reference's experts go to a buffer type that works as llama.cpp's CPU one (host memory,
+    the CPU device, the same functions) but is not that one, so llama.cpp's loader does not repack
+    the weights overridden to it."""
+    plain, cpu = abi.plain_cpu_buffer_type(), abi.ggml_backend_cpu_buffer_type()
+    assert plain != cpu and abi.plain_cpu_buffer_type() == plain
+    assert abi.ggml_backend_buft_name(plain) == abi.ggml_backend_buft_name(cpu)
+    assert abi.ggml_backend_buft_is_host(plain)
+    assert abi.ggml_backend_buft_get_device(plain) == abi.ggml_backend_buft_get_device(cpu)
+    buf = abi.ggml_backend_buft_alloc_buffer(plain, 1 << 12)
+    try:
+        assert buf and abi.ggml_backend_buffer_get_type(buf) == plain and abi.ggml_backend_buffer_is_host(buf)
+    finally:
+        abi.ggml_backend_buffer_free(buf)
