@@ -922,7 +922,7 @@ def _run_stock(spec: dict[str, Any]) -> dict[str, Any]:
             m.prompt_tokens_each.append(len(toks))
             m.tokens.append(gen)
     finally:
-        llama_cpp.llama_free(ctx)
+        stock.free_context(ctx)
         llama_cpp.llama_model_free(model)
     out.update(m.result())
     return out

@@ -62,7 +62,7 @@ def stock_steps(src: str, n: int, threads: int) -> tuple[list[float], list[int]]
         return _step_times((tok for tok, _ in loop), n)
     finally:
         sampler.free()
-        llama_cpp.llama_free(c)
+        stock.free_context(c)
         llama_cpp.llama_model_free(m)
 
 
@@ -115,7 +115,7 @@ def full_budget(src: str, pack: str, n: int, reps: int, threads: int) -> list[fl
                     print(f"rep {rep} prompt {i}: stock {st:.1f} tok/s, smoe {sm:.1f}, ratio {ratios[-1]:.3f}", flush=True)
             return ratios
     finally:
-        llama_cpp.llama_free(c)
+        stock.free_context(c)
         llama_cpp.llama_model_free(m)
 
 

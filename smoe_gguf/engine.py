@@ -405,7 +405,7 @@ class Engine:
             if self.residency.trace is not None:
                 self.residency.trace.close()
         if self._ctx is not None:
-            llama_cpp.llama_free(self._ctx)
+            ls.free_context(self._ctx)
             self._ctx = None
         if self._model is not None:
             llama_cpp.llama_model_free(self._model)

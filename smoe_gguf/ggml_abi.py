@@ -64,6 +64,7 @@ GGML_MAX_DIMS = 4
 GGML_MAX_SRC = 10
 GGML_MAX_OP_PARAMS = 64
 GGML_MAX_NAME = 64
+GGML_MAX_N_THREADS = 512
 GGML_OBJECT_SIZE = 32  # sizeof(struct ggml_object) in ggml.c: offs, size, next, type, padding[4]
 
 GGML_TYPE_F32 = 0
@@ -192,6 +193,20 @@ class LlamaTensorBuftOverride(Structure):
     _fields_ = [("pattern", c_char_p), ("buft", c_void_p)]
 
 
+class GgmlThreadpoolParams(Structure):
+    """``struct ggml_threadpool_params`` (ggml.h): a compute thread pool's size, and how long its
+    idle threads poll for the next graph before they sleep (``poll``: 0 none, 100 the most)."""
+
+    _fields_ = [
+        ("cpumask", c_bool * GGML_MAX_N_THREADS),
+        ("n_threads", c_int),
+        ("prio", c_int),
+        ("poll", ctypes.c_uint32),
+        ("strict_cpu", c_bool),
+        ("paused", c_bool),
+    ]
+
+
 # The eval callback type of llama_context_params.cb_eval (re-exported so callers use one name).
 EvalCallback = llama_cpp.ggml_backend_sched_eval_callback
 
@@ -217,6 +232,7 @@ def _load(name: str) -> ctypes.CDLL:
 
 libggml_base = _load("ggml-base")
 libggml = _load("ggml")
+libggml_cpu = _load("ggml-cpu")
 libc = ctypes.CDLL(None, use_errno=True)
 
 
@@ -273,6 +289,12 @@ ggml_backend_dev_name = _fn(_B, "ggml_backend_dev_name", c_char_p, c_void_p)
 ggml_backend_dev_type = _fn(_B, "ggml_backend_dev_type", c_int, c_void_p)
 # registry (libggml.so)
 ggml_backend_dev_by_type = _fn(libggml, "ggml_backend_dev_by_type", c_void_p, c_int)
+# compute thread pools (ggml.h, ggml-cpu.h)
+ggml_threadpool_params_init = _fn(_B, "ggml_threadpool_params_init", None, POINTER(GgmlThreadpoolParams), c_int)
+ggml_threadpool_params_match = _fn(_B, "ggml_threadpool_params_match", c_bool, POINTER(GgmlThreadpoolParams),
+                                   POINTER(GgmlThreadpoolParams))
+ggml_threadpool_new = _fn(libggml_cpu, "ggml_threadpool_new", c_void_p, POINTER(GgmlThreadpoolParams))
+ggml_threadpool_free = _fn(libggml_cpu, "ggml_threadpool_free", None, c_void_p)
 
 # libc
 libc_mmap = _fn(libc, "mmap", c_void_p, c_void_p, c_size_t, c_int, c_int, c_int, ctypes.c_long)
@@ -409,10 +431,30 @@ def check_layout(
 
         dev = cpu_device()
         _expect("type of the device ggml_backend_dev_by_type(CPU) returns", ggml_backend_dev_type(dev), GGML_BACKEND_DEVICE_TYPE_CPU)
+        _check_threadpool_params()
     finally:
         ggml_free(ctx)
         ggml_backend_buffer_free(cpu_buf)
 
+
+
+def _check_threadpool_params() -> None:
+    """``struct ggml_threadpool_params``: the library fills ours (guarded: it must not write past
+    it) and compares two through its own layout."""
+    size = ctypes.sizeof(GgmlThreadpoolParams)
+    guarded = (c_uint8 * (size + 64))(*([0xA5] * (size + 64)))
+    ggml_threadpool_params_init(ctypes.cast(guarded, POINTER(GgmlThreadpoolParams)), 3)
+    _expect("bytes ggml_threadpool_params_init writes past our struct", bytes(guarded[size:]), bytes([0xA5] * 64))
+    a = GgmlThreadpoolParams.from_buffer_copy(bytes(guarded[:size]))
+    _expect("ggml_threadpool_params.n_threads", a.n_threads, 3)
+    _expect("ggml_threadpool_params.poll (ggml's default)", a.poll, 50)
+    _expect("ggml_threadpool_params.paused", bool(a.paused), False)
+    b = GgmlThreadpoolParams.from_buffer_copy(bytes(a))
+    _expect("ggml_threadpool_params_match of a copy", bool(ggml_threadpool_params_match(a, b)), True)
+    b.poll = 7
+    _expect("ggml_threadpool_params_match after our poll changed", bool(ggml_threadpool_params_match(a, b)), False)
+    b.poll, b.n_threads = a.poll, 4
+    _expect("ggml_threadpool_params_match after our n_threads changed", bool(ggml_threadpool_params_match(a, b)), False)
 
 
 _layout_checked = False

@@ -153,12 +153,73 @@ def load_model(model_path: str | Path, params: llama_cpp.llama_model_params) -> 
 
 def new_context(model: llama_cpp.llama_model_p,
                 params: llama_cpp.llama_context_params) -> llama_cpp.llama_context_p:
-    """Create a context or raise SmoeError. Free with llama_free."""
+    """Create a context with its compute thread pools (:func:`_attach_threadpools`) or raise
+    SmoeError. Free with :func:`free_context`."""
     LOG.clear()
     ctx = llama_cpp.llama_init_from_model(model, params)
     if not ctx:
         raise SmoeError(f"llama.cpp could not create a context: {LOG.reason() or 'unknown error'}")
+    try:
+        _attach_threadpools(ctx, params.n_threads, params.n_threads_batch)
+    except BaseException:
+        free_context(ctx)
+        raise
     return ctx
+
+
+def free_context(ctx: llama_cpp.llama_context_p) -> None:
+    """Free a context from :func:`new_context`, then its thread pools."""
+    llama_cpp.llama_free(ctx)
+    from . import ggml_abi as abi
+
+    for pool in _POOLS.pop(_address(ctx), []):
+        abi.ggml_threadpool_free(pool)
+
+
+_POOLS: dict[int, list[int]] = {}  # a context's address: its thread pools
+
+
+def _address(ctx: llama_cpp.llama_context_p) -> int:
+    return ctx if isinstance(ctx, int) else int(ctypes.cast(ctx, ctypes.c_void_p).value or 0)
+
+
+def _attach_threadpools(ctx: llama_cpp.llama_context_p, n_threads: int, n_threads_batch: int) -> None:
+    """Give ``ctx`` persistent compute thread pools, one for one-token batches (decode) and one
+    for prompt micro-batches (one pool where their sizes match), as llama.cpp's own tools do,
+    with ggml's default polling. Without them, a llama.cpp built without OpenMP (Apple's
+    compiler) starts and joins a pool of threads for every graph computation, and the gate
+    splits a paged token's graph into pieces at every layer. With OpenMP the pools hold only
+    per-thread state."""
+    from . import ggml_abi as abi
+
+    abi.ensure_layout()
+    pools = _POOLS.setdefault(_address(ctx), [])
+
+    def pool(n: int, paused: bool) -> int:
+        p = abi.GgmlThreadpoolParams()
+        abi.ggml_threadpool_params_init(ctypes.byref(p), n)
+        p.paused = paused  # resumed by its first graph
+        tp = abi.ggml_threadpool_new(ctypes.byref(p))
+        if not tp:
+            raise SmoeError(f"ggml could not start a pool of {n} compute threads")
+        pools.append(tp)
+        return int(tp)
+
+    batch = pool(n_threads_batch, False)
+    decode = batch if n_threads == n_threads_batch else pool(n_threads, True)
+    _llama_attach_threadpool(ctx, decode, batch)
+
+
+@functools.cache
+def _attach_fn() -> Callable[..., None]:
+    f = llama_cpp.llama_cpp._lib.llama_attach_threadpool  # llama.h; llama-cpp-python does not bind it
+    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
+    f.restype = None
+    return f  # type: ignore[no-any-return]
+
+
+def _llama_attach_threadpool(ctx: llama_cpp.llama_context_p, decode: int, batch: int) -> None:
+    _attach_fn()(ctx, decode, batch)
 
 
 def tokenize_with(vocab: llama_cpp.llama_vocab_p, text: str) -> list[int]:

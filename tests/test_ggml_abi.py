@@ -125,3 +125,22 @@ def test_the_plain_cpu_buffer_type_is_llama_cpp_s_at_an_address_of_its_own() -> 
         assert buf and abi.ggml_backend_buffer_get_type(buf) == plain and abi.ggml_backend_buffer_is_host(buf)
     finally:
         abi.ggml_backend_buffer_free(buf)
+
+
+def test_a_context_holds_its_thread_pools_until_freed(tiny_model) -> None:
+    """new_context attaches persistent compute thread pools, one for decode and one for prompt
+    micro-batches where their sizes differ (one where they match); free_context frees them."""
+    import llama_cpp
+
+    from smoe_gguf import llama_session as ls
+    from smoe_gguf.devtools import stock
+
+    model = stock.load_model(tiny_model("qwen3moe", "f16"), stock.model_params())
+    try:
+        for threads, batch, pools in ((1, 2, 2), (2, 2, 1)):
+            ctx = stock.new_context(model, stock.context_params(n_ctx=64, n_threads=threads, n_threads_batch=batch))
+            assert len(ls._POOLS[ls._address(ctx)]) == pools
+            stock.free_context(ctx)
+            assert ls._address(ctx) not in ls._POOLS
+    finally:
+        llama_cpp.llama_model_free(model)

@@ -421,7 +421,7 @@ def run_xslot(model: Path, capacity: int | None, n_ubatch: int = 512, load: bool
         return run, pager, xs
     finally:
         if ctx is not None:
-            abi.llama_cpp.llama_free(ctx)
+            stock.free_context(ctx)
         abi.llama_cpp.llama_model_free(llm)
         pager.close()
 
@@ -496,7 +496,7 @@ def test_batch_without_outputs_gates_an_empty_last_layer(tiny_model: Path) -> No
     finally:
         L.llama_batch_free(batch)
         if ctx is not None:
-            L.llama_free(ctx)
+            stock.free_context(ctx)
         L.llama_model_free(llm)
 
 

@@ -955,7 +955,7 @@ class LlamaRunner:
     def close(self) -> None:
         llama_cpp = _llama()
         if getattr(self, "ctx", None):
-            llama_cpp.llama_free(self.ctx)
+            self._stock.free_context(self.ctx)
             self.ctx = None
         if getattr(self, "model", None):
             llama_cpp.llama_model_free(self.model)

@@ -21,6 +21,7 @@ from smoe_gguf.llama_session import (
     Sampling,
     context_params,
     decode,
+    free_context,
     last_logits,
     load_model,
     model_params,
@@ -29,8 +30,8 @@ from smoe_gguf.llama_session import (
     tokenize_with,
 )
 
-__all__ = ["LOG", "GreedyRun", "context_params", "greedy", "greedy_loop", "load_model", "model_params",
-           "new_context", "run_greedy", "tokenize", "tokenize_with"]
+__all__ = ["LOG", "GreedyRun", "context_params", "free_context", "greedy", "greedy_loop", "load_model",
+           "model_params", "new_context", "run_greedy", "tokenize", "tokenize_with"]
 
 
 @dataclass
@@ -86,7 +87,7 @@ def run_greedy(model_path: str | Path, prompt: str | list[int], n_tokens: int,
         return greedy_loop(ctx, llama_cpp.llama_vocab_n_tokens(vocab), tokens, n_tokens, cparams.n_batch)
     finally:
         if ctx is not None:
-            llama_cpp.llama_free(ctx)
+            free_context(ctx)
         llama_cpp.llama_model_free(model)
 
 

@@ -173,7 +173,7 @@ def _decode_all(path: str | os.PathLike[str], prompts: Sequence[str], n_tokens: 
                     runs.append(stock.greedy_loop(ctx, n_vocab, stock.tokenize_with(vocab, prompt), n_tokens, 512,
                                                   sampling=sampling))
                 finally:
-                    llama_cpp.llama_free(ctx)
+                    stock.free_context(ctx)
             out.append(runs)
         return out
     finally:
