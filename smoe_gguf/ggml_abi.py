@@ -295,6 +295,8 @@ ggml_threadpool_params_match = _fn(_B, "ggml_threadpool_params_match", c_bool, P
                                    POINTER(GgmlThreadpoolParams))
 ggml_threadpool_new = _fn(libggml_cpu, "ggml_threadpool_new", c_void_p, POINTER(GgmlThreadpoolParams))
 ggml_threadpool_free = _fn(libggml_cpu, "ggml_threadpool_free", None, c_void_p)
+# llama.h (llama-cpp-python does not bind it): a context's pools for decode and for prompt batches
+llama_attach_threadpool = _fn(llama_cpp.llama_cpp._lib, "llama_attach_threadpool", None, c_void_p, c_void_p, c_void_p)
 
 # libc
 libc_mmap = _fn(libc, "mmap", c_void_p, c_void_p, c_size_t, c_int, c_int, c_int, ctypes.c_long)

@@ -207,19 +207,7 @@ def _attach_threadpools(ctx: llama_cpp.llama_context_p, n_threads: int, n_thread
 
     batch = pool(n_threads_batch, False)
     decode = batch if n_threads == n_threads_batch else pool(n_threads, True)
-    _llama_attach_threadpool(ctx, decode, batch)
-
-
-@functools.cache
-def _attach_fn() -> Callable[..., None]:
-    f = llama_cpp.llama_cpp._lib.llama_attach_threadpool  # llama.h; llama-cpp-python does not bind it
-    f.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_void_p]
-    f.restype = None
-    return f  # type: ignore[no-any-return]
-
-
-def _llama_attach_threadpool(ctx: llama_cpp.llama_context_p, decode: int, batch: int) -> None:
-    _attach_fn()(ctx, decode, batch)
+    abi.llama_attach_threadpool(ctx, decode, batch)
 
 
 def tokenize_with(vocab: llama_cpp.llama_vocab_p, text: str) -> list[int]:
