@@ -18,9 +18,9 @@
  * while small parts need several reads at once to keep the disk busy at all.
  * Queuing wakes one worker per queued entry, not all of them; and a caller waiting for its call
  * reads the call's urgent jobs that no worker has taken yet itself. A caller that finishes the
- * call next (SMOE_URGENT_LAST: smoe_pool_run, the pager's gate) wakes a worker for each entry but
- * one, which it reads itself: a gate with one miss reads it on its own thread, with no worker to
- * wake, none woken to find it gone, and no wake-up back.
+ * call next (SMOE_URGENT_LAST: smoe_pool_run, the pager's gate) keeps the last entry off the queue
+ * and reads it itself: a gate with one miss reads it on its own thread, with no worker to wake,
+ * none able to take it (not even one awake already), and no wake-up back.
  *
  * A worker reads a part in place when it can: on a descriptor opened with O_DIRECT, the
  * block-aligned head of a part whose destination and file offset are block-aligned is read
@@ -626,6 +626,10 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
     call->remaining += n;
     int32_t entries = 0;
     for (int64_t i = 0; i < n; i += 1 + jobs[i].chain) {  /* a chain is queued as its first job */
+        if (urgent == SMOE_URGENT_LAST && i + 1 + jobs[i].chain >= n) {
+            call->own = &jobs[i];  /* the last entry: its caller reads it, no worker ever sees it */
+            break;
+        }
         if (p->tail[q] != NULL) p->tail[q]->next = &jobs[i];
         else p->head[q] = &jobs[i];
         p->tail[q] = &jobs[i];
@@ -633,9 +637,8 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
     }
     if (urgent) p->urgent_jobs += n;
     else p->background_jobs += n;
-    /* a worker per entry (waking them all would have every idle one find the queue empty but one),
-       but the one its caller reads itself */
-    for (int32_t i = urgent == SMOE_URGENT_LAST; i < entries && i < p->n_threads; i++) pthread_cond_signal(&p->work);
+    /* a worker per queued entry (waking them all would have every idle one find the queue empty but one) */
+    for (int32_t i = 0; i < entries && i < p->n_threads; i++) pthread_cond_signal(&p->work);
     pthread_mutex_unlock(&p->lock);
 }
 
@@ -735,7 +738,8 @@ int64_t smoe_pool_finish(struct smoe_pool *p, struct smoe_call *call) {
         b = &p->caller_bounce;
     }
     while (call->remaining > 0) {
-        struct smoe_job *j = take_queued(p, call);
+        struct smoe_job *j = call->own != NULL ? call->own : take_queued(p, call);
+        call->own = NULL;
         if (j == NULL) {
             pthread_cond_wait(&call->done, &p->lock);
             continue;

@@ -38,9 +38,11 @@ struct smoe_call {
     int32_t started;         /* `done` is initialized */
     pthread_cond_t done;
     void (*on_done)(struct smoe_call *call);
+    struct smoe_job *own;    /* SMOE_URGENT_LAST: the entry kept off the queue for the caller to read */
 };
 
-/* smoe_pool_start's `urgent`: urgent, and the caller calls smoe_pool_finish next (it reads an entry itself) */
+/* smoe_pool_start's `urgent`: urgent, and the caller calls smoe_pool_finish next (it reads the last entry
+   itself, which is never queued) */
 #define SMOE_URGENT_LAST 2
 
 /* smoe_pool_start's and smoe_pool_finish's signatures (the pager gets their addresses from Python) */
