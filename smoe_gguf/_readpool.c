@@ -626,7 +626,7 @@ void smoe_pool_start(struct smoe_pool *p, struct smoe_call *call, struct smoe_jo
     call->remaining += n;
     int32_t entries = 0;
     for (int64_t i = 0; i < n; i += 1 + jobs[i].chain) {  /* a chain is queued as its first job */
-        if (urgent == SMOE_URGENT_LAST && i + 1 + jobs[i].chain >= n) {
+        if (urgent == SMOE_URGENT_LAST && call->own == NULL && i + 1 + jobs[i].chain >= n) {
             call->own = &jobs[i];  /* the last entry: its caller reads it, no worker ever sees it */
             break;
         }
